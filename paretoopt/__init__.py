@@ -1,0 +1,32 @@
+"""paretoopt: automated Pareto search over pruning, quantization and distillation.
+
+    import paretoopt
+    results = paretoopt.search("search_spaces/conv.yaml")
+    results.pareto          # the feasible Pareto front as a DataFrame
+
+The heavy parts (torch, the pipeline) are imported only when a search runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .results import StudyResults, load_results
+    from .search import search
+    from .space import Space, load_space
+
+__all__ = ["Space", "StudyResults", "load_results", "load_space", "search", "__version__"]
+
+_LAZY = {"search": "search", "load_results": "results", "StudyResults": "results",
+         "load_space": "space", "Space": "space"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'paretoopt' has no attribute {name!r}")

@@ -1,0 +1,199 @@
+"""The compressed model file (``model.safetensors``): what the size objective counts.
+
+One safetensors file holds every tensor of the compressed model in its smallest honest
+form, plus JSON metadata (format version, plan, input shape, channel-pruning history):
+
+* integer-quantized weights (2-8 bits): codes bit-packed MSB-first, a float32 scale and a
+  uint8 zero point per channel (or per tensor);
+* float16 weights as float16, everything else (biases, BatchNorm) as stored;
+* a weight whose pruning mask pays for itself (n + nnz*b < n*b bits) is stored as a packed
+  1-bit mask followed by the kept values only.
+
+``load_compressed`` rebuilds the model from a fresh copy of the user's architecture: it
+replays the channel removal, then loads the decoded weights. A trial measures the model
+decoded from this file, so the file and the measured model cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+
+from .errors import ArtifactError
+from .plan import CompressionPlan
+from .techniques.bench import Workbench, prunable_layers
+from .techniques.quantize import QTensor, dequantize
+
+FORMAT = "paretoopt-compressed"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- bit packing
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the low `bits` bits of each code, most significant first, into bytes."""
+    codes = codes.astype(np.uint16).ravel()
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint16)
+    return np.packbits(((codes[:, None] >> shifts) & 1).astype(np.uint8).ravel())
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    flat = np.unpackbits(packed)[: count * bits].reshape(count, bits).astype(np.uint16)
+    return (flat << np.arange(bits - 1, -1, -1, dtype=np.uint16)).sum(axis=1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
+    """Write the compressed model atomically; return its size in bytes."""
+    tensors: dict[str, np.ndarray] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    weights = {f"{n}.weight" for n in prunable_layers(bench.model)}
+    for key, value in bench.model.state_dict().items():
+        if key in bench.quantized:
+            layout[key] = _put_codes(tensors, key, bench.quantized[key])
+        elif key in weights and plan.quant.bits == 16:
+            layout[key] = _put_float(tensors, key, value, np.float16)
+        elif key in weights:
+            layout[key] = _put_float(tensors, key, value, np.float32)
+        else:
+            tensors[key] = value.detach().cpu().numpy()
+            layout[key] = {"encoding": "raw"}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "plan": json.dumps(plan.to_dict()),
+        "input_shape": json.dumps(list(bench.example.shape[1:])),
+        "pruning_history": json.dumps(bench.pruning_history),
+        "layout": json.dumps(layout, separators=(",", ":")),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path.stat().st_size
+
+
+def _mask_pays(values: np.ndarray, bits: int) -> bool:
+    n, nnz = values.size, int(np.count_nonzero(values))
+    return n + nnz * bits < n * bits
+
+
+def _put_codes(out: dict[str, np.ndarray], key: str, q: QTensor) -> dict[str, Any]:
+    codes = q.codes.numpy()
+    zp = q.zero_point.numpy()
+    shape = list(codes.shape)
+    # a pruned weight's code equals its channel's zero point; a mask can drop it
+    zero_codes = np.broadcast_to(zp.reshape((-1,) + (1,) * (codes.ndim - 1)), codes.shape)
+    nonzero = codes != zero_codes
+    entry: dict[str, Any] = {"encoding": "int", "bits": q.bits, "shape": shape}
+    if _mask_pays(nonzero.astype(np.uint8), q.bits):
+        out[f"{key}::mask"] = np.packbits(nonzero.ravel())
+        codes = codes[nonzero]
+        entry["masked"] = True
+    out[f"{key}::codes"] = pack_bits(codes, q.bits)
+    out[f"{key}::scale"] = q.scale.numpy().astype(np.float32)
+    out[f"{key}::zero_point"] = zp.astype(np.uint8)
+    return entry
+
+
+def _put_float(out: dict[str, np.ndarray], key: str, value: torch.Tensor,
+               dtype: type) -> dict[str, Any]:
+    array = value.detach().cpu().numpy().astype(dtype)
+    entry: dict[str, Any] = {"encoding": "float", "shape": list(array.shape),
+                             "dtype": np.dtype(dtype).name}
+    bits = np.dtype(dtype).itemsize * 8
+    if _mask_pays(array, bits):
+        nonzero = array != 0
+        out[f"{key}::mask"] = np.packbits(nonzero.ravel())
+        array = array[nonzero]
+        entry["masked"] = True
+    out[f"{key}::values"] = np.ascontiguousarray(array)
+    return entry
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a readable compressed model: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a paretoopt compressed model "
+                            f"(format {meta.get('format')!r})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise ArtifactError(f"{path}: format version {meta.get('format_version')} is not "
+                            f"supported (this paretoopt reads {FORMAT_VERSION})")
+    return {k: (v if k in ("format", "format_version") else json.loads(v))
+            for k, v in meta.items()}
+
+
+def decode_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    meta = read_metadata(path)
+    arrays = load_file(str(path))
+    return {key: _decode(arrays, key, entry) for key, entry in meta["layout"].items()}
+
+
+def _decode(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> torch.Tensor:
+    if entry["encoding"] == "raw":
+        return torch.from_numpy(arrays[key].copy())
+    shape = tuple(entry["shape"])
+    n = int(np.prod(shape))
+    mask = (np.unpackbits(arrays[f"{key}::mask"])[:n].astype(bool)
+            if entry.get("masked") else None)
+    if entry["encoding"] == "float":
+        values = arrays[f"{key}::values"].astype(np.float32)
+        return torch.from_numpy(_scatter(values, mask, n, 0.0).reshape(shape))
+    zp = arrays[f"{key}::zero_point"].astype(np.int64)
+    count = int(mask.sum()) if mask is not None else n
+    codes = unpack_bits(arrays[f"{key}::codes"], entry["bits"], count)
+    if mask is not None:  # dropped codes are their channel's zero point
+        full = np.broadcast_to(zp.reshape(-1, 1), (shape[0], n // shape[0])).ravel().copy()
+        full[mask] = codes
+        codes = full
+    scale = torch.from_numpy(arrays[f"{key}::scale"].copy())
+    return dequantize(torch.from_numpy(codes.reshape(shape)), scale, torch.from_numpy(zp))
+
+
+def _scatter(values: np.ndarray, mask: np.ndarray | None, n: int, fill: float) -> np.ndarray:
+    if mask is None:
+        return values.ravel().copy()
+    full = np.full(n, fill, dtype=values.dtype)
+    full[mask] = values
+    return full
+
+
+def load_compressed(path: Path, build_model: Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild the compressed model on a fresh copy of the architecture."""
+    import torch_pruning as tp
+
+    meta = read_metadata(path)
+    model = build_model().eval()
+    if meta["pruning_history"]:
+        example = torch.zeros(1, *meta["input_shape"])
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        graph.load_pruning_history([tuple(h) for h in meta["pruning_history"]])
+    state = decode_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: does not fit the model: {exc}") from None
+    return model.eval()
+
+
+def artifact_plan(path: Path) -> CompressionPlan:
+    return CompressionPlan.from_dict(read_metadata(path)["plan"])

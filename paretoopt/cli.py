@@ -1,0 +1,101 @@
+"""The command line: one small function per subcommand.
+
+Deliberate errors (bad input) print one line and exit with code 2; ``--debug`` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import ParetoError
+
+EXIT_BAD_INPUT = 2
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .report import RichReporter
+    from .search import search
+
+    search(args.space, trials=args.trials, results_root=args.results,
+           reporter=RichReporter())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from .pipeline import check_inputs
+    from .space import dump_space, load_space
+
+    space = load_space(args.space)
+    check_inputs(space)
+    print(dump_space(space), end="")
+    print(f"# {args.space}: valid", file=sys.stderr)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .report import front_table
+    from .results import load_results
+
+    Console().print(front_table(load_results(Path(args.results) / args.study)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="paretoopt",
+        description="Automated Pareto search over pruning, quantization and distillation, "
+                    "measured on the target runtime.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("search", help="run or resume the study a space file describes")
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.add_argument("--trials", type=_positive_int, default=None,
+                   help="total trials (baseline included); overrides search.trials, "
+                        "so a finished study can be continued")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser("validate", help="check a space file and print its normalised form")
+    p.add_argument("--space", required=True, help="search-space YAML file")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("show", help="print the Pareto front of a study")
+    p.add_argument("--study", required=True, help="study name (folder under results/)")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.set_defaults(func=_show)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ParetoError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

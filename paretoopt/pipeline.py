@@ -1,0 +1,208 @@
+"""One study's fixed context (data, baseline, teacher) and one trial's pipeline.
+
+``prepare`` checks everything a space file names (model, data, checkpoint) before anything
+is written, then trains the baseline or takes it from the cache. ``run_trial`` copies the
+baseline, applies the plan's techniques, writes the compressed file, rebuilds the model
+from that file and measures the rebuilt model in the target runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .artifact import load_compressed, save_compressed
+from .data import Splits, create_data
+from .errors import SpaceError, TrialError
+from .measure import OrtRunner, Runner, TorchRunner, export_onnx, measure_latency, \
+    runtime_accuracy, runtime_logits
+from .models import create_model, load_checkpoint
+from .plan import CompressionPlan
+from .space import Space, space_to_dict
+from .techniques import Workbench, apply_plan
+from .techniques.bench import find_classifier, prunable_layers
+from .train import Recipe, accuracy, logits_of, train
+
+ARTIFACT = "model.safetensors"  # the compressed file: the size objective counts its bytes
+RUNTIME_FILE = "model.onnx"  # the file the onnxruntime target loads and times
+
+
+@dataclass
+class StudyContext:
+    space: Space
+    splits: Splits
+    baseline: nn.Module
+    teacher_logits: torch.Tensor
+    classifier: str
+    baseline_source: str  # "checkpoint", "trained" or "cache"
+
+    def build_model(self) -> nn.Module:
+        return create_model(self.space.model)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Layers that get their own budget in per-layer search (all but the classifier)."""
+        return [n for n in prunable_layers(self.baseline) if n != self.classifier]
+
+
+def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
+    """Build the model and data and run one forward pass; SpaceError on any fault."""
+    splits = create_data(space.data)
+    model = create_model(space.model)
+    if space.model.checkpoint:
+        load_checkpoint(model, space.model.checkpoint)
+    try:
+        with torch.no_grad():
+            out = model.eval()(splits.train.x[:2])
+    except Exception as exc:
+        raise SpaceError(f"model: a forward pass on the data's inputs of shape "
+                         f"{list(splits.input_shape)} failed: {type(exc).__name__}: {exc}"
+                         ) from None
+    classes = int(torch.cat([splits.train.y, splits.val.y, splits.test.y]).max()) + 1
+    if out.dim() != 2 or out.shape[1] < classes:
+        raise SpaceError(f"model: expected logits of shape (batch, {classes}) for the data's "
+                         f"{classes} classes, but got {list(out.shape)}")
+    if not prunable_layers(model):
+        raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
+    return model, splits
+
+
+def prepare(space: Space, cache_dir: Path, log: Callable[[str], None] = print,
+            ) -> StudyContext:
+    model, splits = check_inputs(space)
+    source = "checkpoint"
+    if not space.model.checkpoint:
+        source = _baseline_from_cache(model, space, splits, cache_dir, log)
+    model.eval()
+    teacher = logits_of(model, splits.train.x)
+    classifier = find_classifier(model, splits.train.x[:1])
+    return StudyContext(space, splits, model, teacher, classifier, source)
+
+
+def baseline_key(space: Space) -> str:
+    """Everything that decides the trained baseline, hashed: model, data, recipe, code."""
+    doc = space_to_dict(space)
+    parts: dict[str, Any] = {k: doc[k] for k in ("model", "data", "baseline")}
+    for key in ("model", "data"):
+        factory = doc[key].get("factory", "")
+        file = factory.rsplit(":", 1)[0] if factory else ""
+        if file.endswith(".py") and Path(file).is_file():
+            parts[f"{key}_source"] = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _baseline_from_cache(model: nn.Module, space: Space, splits: Splits, cache_dir: Path,
+                         log: Callable[[str], None]) -> str:
+    path = cache_dir / f"baseline-{baseline_key(space)}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log(f"baseline: reusing the trained model cached in {path}")
+        return "cache"
+    b = space.baseline
+    log(f"baseline: training {b.epochs} epochs (no checkpoint given; cached afterwards)")
+    torch.manual_seed(b.seed)
+    for m in model.modules():  # a seeded fresh init, so the cache key fully decides it
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    start = time.perf_counter()
+    train(model, splits.train, Recipe(b.epochs, b.lr, b.batch_size, b.seed))
+    val = accuracy(logits_of(model, splits.val.x), splits.val.y)
+    log(f"baseline: val accuracy {val:.2f} % after {time.perf_counter() - start:.0f} s")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return "trained"
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(ctx: StudyContext, plan: CompressionPlan, out_dir: Path, seed: int,
+              ) -> dict[str, Any]:
+    """Compress, write, rebuild from the file, measure. Writes out_dir atomically."""
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        record = _run(ctx, plan, work, seed)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        work.replace(out_dir)
+        return record
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
+    bench = Workbench(copy.deepcopy(ctx.baseline), ctx.splits, ctx.teacher_logits,
+                      ctx.classifier, seed=seed)
+    apply_plan(bench, plan)
+    torch_val = accuracy(logits_of(bench.model, ctx.splits.val.x), ctx.splits.val.y)
+    size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
+    deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
+    _check_reload(bench.model, deployed, ctx.splits.val.x[:64])
+    runner, runtime_bytes = bench.timed("export", _runner, ctx, deployed, work)
+    _check_runtime(runner, deployed, ctx.splits.val.x[:64])
+    target = ctx.space.target
+    val = runtime_accuracy(runner, ctx.splits.val)
+    test = runtime_accuracy(runner, ctx.splits.test)
+    latency = bench.timed("measure", measure_latency, runner, ctx.splits.val, target)
+    total = sum(p.numel() for p in deployed.parameters())
+    nonzero = sum(int((p != 0).sum()) for p in deployed.parameters())
+    return {
+        "plan": plan.to_dict(),
+        "accuracy": val,
+        "test_accuracy": test,
+        "torch_accuracy": torch_val,
+        "size_bytes": size,
+        "runtime_file_bytes": runtime_bytes,
+        "latency_ms": latency.median_ms,
+        "latency": latency.to_dict(),
+        "runtime": runner.name,
+        "int_kernels": False,  # weights run dequantized in float32 kernels
+        "params": total,
+        "nonzero_params": nonzero,
+        "layer_sparsity": bench.records.get("layer_sparsity", {}),
+        "layer_bits": bench.records.get("layer_bits", {}),
+        "finetune_loss": bench.records.get("finetune_loss", []),
+        "timings": {k: round(v, 4) for k, v in bench.timings.items()},
+    }
+
+
+def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> tuple[Runner, int]:
+    target = ctx.space.target
+    if target.runtime == "torch":
+        return TorchRunner(model, target.threads), (work / ARTIFACT).stat().st_size
+    export_onnx(model, ctx.splits.train.x[:1], work / RUNTIME_FILE)
+    return OrtRunner(work / RUNTIME_FILE, target.threads), (work / RUNTIME_FILE).stat().st_size
+
+
+def _check_reload(model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> None:
+    """The file must give back the very model that was compressed."""
+    a, b = logits_of(model, x), logits_of(deployed, x)
+    if not torch.allclose(a, b, rtol=1e-5, atol=1e-5):
+        raise TrialError(f"the compressed file does not reproduce the model: max logit "
+                         f"difference {float((a - b).abs().max()):.3g}")
+
+
+def _check_runtime(runner: Runner, deployed: nn.Module, x: torch.Tensor) -> None:
+    from .data import Split
+
+    ours = logits_of(deployed, x).numpy()
+    theirs = runtime_logits(runner, Split(x, torch.zeros(len(x), dtype=torch.long)))
+    if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
+        raise TrialError(f"the {runner.name} model disagrees with the compressed model: max "
+                         f"logit difference {float(np.abs(ours - theirs).max()):.3g}")

@@ -1,0 +1,137 @@
+"""A compression plan: the frozen, validated recipe one trial applies to the baseline.
+
+One config per technique; the plan is their composition. Plans hold names and numbers
+only, round-trip through JSON (``to_dict``/``from_dict``, versioned) and are stored with
+every trial and every artifact. No torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import PlanError
+from .space import GRANULARITIES, SCHEMES, STRUCTURES, SUPPORTED_BITS
+
+PLAN_VERSION = 1
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise PlanError(message)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    structure: str = "unstructured"
+    sparsity: float = 0.0
+    layer_scale: Mapping[str, float] = field(default_factory=dict)
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.structure in STRUCTURES, f"prune.structure: {self.structure!r} is not "
+                 f"supported; choose from {', '.join(STRUCTURES)}")
+        _require(0.0 <= self.sparsity < 1.0,
+                 f"prune.sparsity: 0 <= sparsity < 1 must hold, but got {self.sparsity}")
+        _require(self.round_to >= 1, f"prune.round_to: must be >= 1, got {self.round_to}")
+        for name, scale in self.layer_scale.items():
+            _require(scale >= 0.0, f"prune.layer_scale[{name!r}]: must be >= 0, got {scale}")
+
+    def layer_sparsity(self, layer: str) -> float:
+        """The budget of one layer: the global level scaled by its multiplier, capped."""
+        return min(self.sparsity * self.layer_scale.get(layer, 1.0), 0.99)
+
+    @property
+    def active(self) -> bool:
+        return self.sparsity > 0.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 32
+    granularity: str = "per_channel"
+    scheme: str = "affine"
+
+    def __post_init__(self) -> None:
+        _require(self.bits in SUPPORTED_BITS, f"quant.bits: {self.bits} is not supported; "
+                 f"choose from {', '.join(map(str, SUPPORTED_BITS))}")
+        _require(self.granularity in GRANULARITIES, f"quant.granularity: "
+                 f"{self.granularity!r} is not supported; choose from {', '.join(GRANULARITIES)}")
+        _require(self.scheme in SCHEMES, f"quant.scheme: {self.scheme!r} is not supported; "
+                 f"choose from {', '.join(SCHEMES)}")
+
+    @property
+    def integer(self) -> bool:
+        """Integer grid (2-8 bits); 16 means float16 and 32 means no quantization."""
+        return self.bits <= 8
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    temperature: float = 1.0
+    alpha: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, f"distill.temperature: must be > 0, "
+                 f"got {self.temperature}")
+        _require(0.0 <= self.alpha <= 1.0, f"distill.alpha: 0 <= alpha <= 1 must hold, "
+                 f"got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _require(self.epochs >= 0, f"finetune.epochs: must be >= 0, got {self.epochs}")
+        _require(self.lr > 0, f"finetune.lr: must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, f"finetune.batch_size: must be >= 1, "
+                 f"got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    @property
+    def is_identity(self) -> bool:
+        """The uncompressed baseline: nothing pruned, quantized or fine-tuned."""
+        return (not self.prune.active and self.quant.bits == 32
+                and self.finetune.epochs == 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["prune"]["layer_scale"] = dict(self.prune.layer_scale)
+        return {"version": PLAN_VERSION, **out}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> CompressionPlan:
+        version = raw.get("version")
+        _require(version == PLAN_VERSION, f"plan: version {version!r} is not supported "
+                 f"(this paretoopt reads version {PLAN_VERSION})")
+        parts = {"prune": PruneConfig, "quant": QuantConfig, "distill": DistillConfig,
+                 "finetune": FinetuneConfig}
+        unknown = sorted(set(raw) - set(parts) - {"version"})
+        _require(not unknown, f"plan: unknown key {unknown[:1]}; allowed: {', '.join(parts)}")
+        try:
+            return cls(**{k: c(**dict(raw.get(k, {}))) for k, c in parts.items()})
+        except TypeError as exc:
+            raise PlanError(f"plan: {exc}") from None
+
+    def summary(self) -> str:
+        """One short line for tables and progress output."""
+        bits = {32: "fp32", 16: "fp16"}.get(self.quant.bits, f"int{self.quant.bits}")
+        prune = (f"{self.prune.structure} {self.prune.sparsity:.2f}" if self.prune.active
+                 else "dense")
+        if self.prune.layer_scale and self.prune.active:
+            prune += " per-layer"
+        kd = (f"KD T={self.distill.temperature:.1f} a={self.distill.alpha:.2f}"
+              if self.distill.alpha > 0 and self.finetune.epochs else "")
+        ft = f"ft {self.finetune.epochs}ep" if self.finetune.epochs else ""
+        return ", ".join(p for p in (prune, bits, ft, kd) if p)

@@ -1,0 +1,167 @@
+"""The pure data layer over a study: trial frames, the Pareto front, baseline ratios.
+
+The CLI's tables, the CSV files and the explorer app all read from here. No torch: this
+module must stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import yaml
+
+from .errors import StudyError
+
+BASELINE_ATTR = "paretoopt.baseline"
+METRIC_COLUMNS = {"accuracy": "accuracy", "size": "size_bytes", "latency": "latency_ms"}
+SPACE_FILE = "space.yaml"
+RUN_FILE = "run.json"
+JOURNAL_FILE = "study.journal"
+TRIALS_DIR = "trials"
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    """What a study holds: every trial, the feasible Pareto front and the baseline."""
+
+    name: str
+    directory: Path
+    trials: pd.DataFrame
+    pareto: pd.DataFrame
+    baseline: dict[str, Any]
+    metadata: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return (f"StudyResults({self.name!r}: {len(self.trials)} trials, "
+                f"{len(self.pareto)} on the Pareto front)")
+
+
+def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Rows of `values` that no other row dominates (O(n^2); studies are small)."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=bool)
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    loss = values * signs  # every column minimised
+    keep = np.ones(len(loss), dtype=bool)
+    for i in range(len(loss)):
+        no_worse = (loss <= loss[i]).all(axis=1)
+        better = (loss < loss[i]).any(axis=1)
+        if (no_worse & better).any():
+            keep[i] = False
+    return keep
+
+
+def trials_frame(study: optuna.Study, baseline: dict[str, Any] | None) -> pd.DataFrame:
+    """One row per trial: state, measurements, ratios against the baseline, plan."""
+    rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False)]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values("number").reset_index(drop=True)
+
+
+def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[str, Any]:
+    a = t.user_attrs
+    latency = a.get("latency", {})
+    row: dict[str, Any] = {
+        "number": t.number,
+        "state": t.state.name,
+        "baseline": bool(a.get(BASELINE_ATTR, False)),
+        "feasible": bool(t.state.name == "COMPLETE"
+                         and all(v <= 0 for v in (t.constraints or {}).values())),
+        "accuracy": a.get("accuracy"),
+        "test_accuracy": a.get("test_accuracy"),
+        "torch_accuracy": a.get("torch_accuracy"),
+        "size_bytes": a.get("size_bytes"),
+        "latency_ms": a.get("latency_ms"),
+        "latency_p90_ms": latency.get("p90_ms"),
+        "latency_spread": latency.get("spread"),
+        "plan": a.get("plan_summary", ""),
+        "duration_s": t.duration.total_seconds() if t.duration else None,
+        "fail_reason": a.get("fail_reason", ""),
+        "artifact": a.get("artifact", ""),
+    }
+    if baseline and row["accuracy"] is not None:
+        row["accuracy_change"] = row["accuracy"] - baseline["accuracy"]
+        row["size_ratio"] = baseline["size_bytes"] / row["size_bytes"]
+        row["speedup"] = baseline["latency_ms"] / row["latency_ms"]
+    for key, value in t.params.items():
+        row[f"param.{key}"] = value
+    return row
+
+
+def front(frame: pd.DataFrame, metrics: Sequence[str], directions: Sequence[str],
+          ) -> pd.DataFrame:
+    """The feasible, completed trials that no other such trial dominates."""
+    if frame.empty:
+        return frame
+    ok = frame[frame["feasible"]]
+    columns = [METRIC_COLUMNS[m] for m in metrics]
+    mask = pareto_mask(ok[columns].to_numpy(dtype=float), directions)
+    return ok[mask].sort_values("size_bytes").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def journal_storage(directory: Path) -> optuna.storages.BaseStorage:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(directory / JOURNAL_FILE)
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def open_storage(url: str | None, directory: Path) -> optuna.storages.BaseStorage:
+    """The study's storage: an Optuna URL, or the embedded journal file by default."""
+    if url is None:
+        return journal_storage(directory)
+    return optuna.storages.get_storage(url)
+
+
+def load_results(directory: str | Path, storage: str | None = None) -> StudyResults:
+    """Open a study folder under results/ read-only and return its frames."""
+    directory = Path(directory)
+    space_file = directory / SPACE_FILE
+    if not space_file.is_file():
+        parent = directory.parent
+        found = sorted(p.name for p in parent.glob("*") if (p / SPACE_FILE).is_file())
+        listing = ", ".join(found) if found else "none"
+        raise StudyError(f"{directory}: not a paretoopt study folder (no {SPACE_FILE}); "
+                         f"studies in {parent}: {listing}")
+    space = yaml.safe_load(space_file.read_text())
+    metadata = read_json(directory / RUN_FILE)
+    url = storage or space.get("search", {}).get("storage")
+    study = optuna.load_study(study_name=space["study"], storage=open_storage(url, directory))
+    baseline = metadata.get("baseline") or {}
+    frame = trials_frame(study, baseline or None)
+    metrics = list(space["objectives"])
+    directions = [space["objectives"][m] for m in metrics]
+    return StudyResults(space["study"], directory, frame,
+                        front(frame, metrics, directions), baseline, metadata)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_tables(results: StudyResults) -> None:
+    """trials.csv and pareto.csv beside the study, written atomically."""
+    for name, frame in (("trials.csv", results.trials), ("pareto.csv", results.pareto)):
+        tmp = results.directory / f"{name}.tmp"
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, results.directory / name)

@@ -1,0 +1,431 @@
+"""The search-space file: one YAML document that describes a whole study.
+
+``load_space(path)`` reads, validates and normalises it into a frozen :class:`Space`.
+Every rule lives in the field declarations below, so the validation, the defaults, the
+normalised copy written to ``results/<study>/space.yaml`` and the README's reference all
+come from one place. Messages name the YAML path, the rule and the value.
+
+No torch here: the space is checked before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import SpaceError
+from .knobs import Choice, Fixed, Knob, KnobRule, Range, parse_knob
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+METRICS = {"accuracy": "maximize", "size": "minimize", "latency": "minimize"}
+SAMPLERS = ("tpe", "nsga2", "random", "gp")
+RUNTIMES = ("onnxruntime", "torch")
+DEVICES = ("cpu",)
+STRUCTURES = ("unstructured", "channel")
+GRANULARITIES = ("per_channel", "per_tensor")
+SCHEMES = ("affine", "symmetric")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    options: tuple[Any, ...] | None = None,
+    knob: bool = False,
+    nullable: bool = False,
+) -> Any:
+    """Declare one setting of a section: its type, bounds, default and documentation."""
+    rule = KnobRule(kind, low, high, options, searchable=knob)
+    meta = {"rule": rule, "knob": knob, "nullable": nullable, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"section": cls, "doc": doc})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    epochs: int = setting(15, "epochs to train the baseline when no checkpoint is given",
+                          kind=int, low=1, high=10_000)
+    lr: float = setting(0.002, "Adam learning rate of baseline training (cosine decay)",
+                        kind=float, low=1e-8, high=1.0)
+    batch_size: int = setting(64, "baseline training batch size", kind=int, low=1, high=65_536)
+    seed: int = setting(0, "seed of baseline training", kind=int, low=0)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    runtime: str = setting("onnxruntime", "runtime the deployed model is measured in",
+                           kind=str, options=RUNTIMES)
+    device: str = setting("cpu", "device latency is measured on", kind=str, options=DEVICES)
+    threads: int = setting(1, "intra-op threads of the runtime", kind=int, low=1, high=256)
+    batch_size: int = setting(1, "batch size of the latency measurement",
+                              kind=int, low=1, high=4096)
+    warmup: int = setting(10, "untimed runs before timing", kind=int, low=0, high=100_000)
+    repeats: int = setting(5, "timed rounds; the spread is taken across them",
+                           kind=int, low=1, high=1000)
+    iterations: int = setting(50, "timed runs per round", kind=int, low=1, high=100_000)
+
+
+@dataclass(frozen=True)
+class ConstraintsSpec:
+    max_accuracy_drop: float | None = setting(
+        1.0, "largest allowed drop in validation accuracy against the baseline, in points",
+        kind=float, low=0.0, high=100.0, nullable=True)
+    max_size_bytes: int | None = setting(
+        None, "largest allowed size of the compressed file, in bytes",
+        kind=int, low=1, nullable=True)
+    max_latency_ms: float | None = setting(
+        None, "largest allowed median latency, in milliseconds",
+        kind=float, low=0.0, nullable=True)
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    trials: int = setting(40, "trials in the study, the baseline trial included",
+                          kind=int, low=1, high=1_000_000)
+    sampler: str = setting("tpe", "Optuna sampler", kind=str, options=SAMPLERS)
+    seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
+    storage: str | None = setting(
+        None, "Optuna storage URL; default: a journal file in results/<study>/",
+        kind=str, nullable=True)
+
+
+@dataclass(frozen=True)
+class PruningSpace:
+    structure: Knob = setting(Choice(STRUCTURES), "unstructured (weights) or channel "
+                              "(whole channels, physically removed)",
+                              kind=str, options=STRUCTURES, knob=True)
+    sparsity: Knob = setting(Range(0.0, 0.9), "fraction of weights (or channels) removed",
+                             kind=float, low=0.0, high=0.99, knob=True)
+    per_layer: bool = setting(False, "give every prunable layer its own budget (a multiplier "
+                              "of the global sparsity, one Optuna parameter per layer)",
+                              kind=bool)
+    layer_scale: Knob = setting(Range(0.5, 1.5), "per-layer multiplier of the global "
+                                "sparsity, used when per_layer is true",
+                                kind=float, low=0.0, high=10.0, knob=True)
+    round_to: int = setting(1, "keep channel counts at multiples of this (channel pruning)",
+                            kind=int, low=1, high=1024)
+
+
+@dataclass(frozen=True)
+class QuantizationSpace:
+    bits: Knob = setting(Choice((2, 3, 4, 6, 8, 16, 32)),
+                         "weight bit-width: 2-8 integer, 16 float16, 32 unquantized",
+                         kind=int, options=SUPPORTED_BITS, knob=True)
+    granularity: Knob = setting(Fixed("per_channel"), "one scale per output channel or "
+                                "per tensor", kind=str, options=GRANULARITIES, knob=True)
+    scheme: Knob = setting(Fixed("affine"), "affine min-max (with zero point) or symmetric",
+                           kind=str, options=SCHEMES, knob=True)
+
+
+@dataclass(frozen=True)
+class DistillationSpace:
+    temperature: Knob = setting(Range(1.0, 8.0), "softmax temperature of the teacher",
+                                kind=float, low=0.1, high=100.0, knob=True)
+    alpha: Knob = setting(Range(0.0, 0.9), "weight of the distillation loss; 0 = plain "
+                          "fine-tuning", kind=float, low=0.0, high=1.0, knob=True)
+
+
+@dataclass(frozen=True)
+class FinetuneSpace:
+    epochs: Knob = setting(Fixed(2), "fine-tuning epochs after pruning",
+                           kind=int, low=0, high=10_000, knob=True)
+    lr: Knob = setting(Range(1e-4, 3e-3, log=True), "Adam learning rate of fine-tuning",
+                       kind=float, low=1e-8, high=1.0, knob=True)
+    batch_size: int = setting(64, "fine-tuning batch size", kind=int, low=1, high=65_536)
+
+
+@dataclass(frozen=True)
+class CompressionSpace:
+    pruning: PruningSpace = section(PruningSpace, "pruning knobs")
+    quantization: QuantizationSpace = section(QuantizationSpace, "quantization knobs")
+    distillation: DistillationSpace = section(DistillationSpace, "distillation knobs")
+    finetune: FinetuneSpace = section(FinetuneSpace, "fine-tuning knobs")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A built-in name or a user factory, with keyword arguments (model or data)."""
+
+    name: str | None = None
+    factory: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class Space:
+    study: str
+    model: ComponentSpec
+    data: ComponentSpec
+    objectives: tuple[Objective, ...]
+    baseline: BaselineSpec = field(default_factory=BaselineSpec)
+    target: TargetSpec = field(default_factory=TargetSpec)
+    constraints: ConstraintsSpec = field(default_factory=ConstraintsSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    space: CompressionSpace = field(default_factory=CompressionSpace)
+    source: str = ""  # the file it came from; relative paths are resolved against its folder
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def with_trials(self, trials: int) -> Space:
+        return replace(self, search=replace(self.search, trials=trials))
+
+
+TOP_LEVEL = ("study", "model", "data", "baseline", "target", "objectives", "constraints",
+             "search", "space")
+_SECTIONS: dict[str, type] = {"baseline": BaselineSpec, "target": TargetSpec,
+                              "constraints": ConstraintsSpec, "search": SearchSpec,
+                              "space": CompressionSpace}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a space file; raise SpaceError naming the YAML path on any fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"--space: file {str(path)!r} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpaceError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise SpaceError(f"{path}: not a text file") from None
+    return parse_space(doc, source=path)
+
+
+def parse_space(doc: Any, source: str | Path = "<space>") -> Space:
+    """Validate an already-parsed YAML document (a dict) into a Space."""
+    if not isinstance(doc, dict):
+        raise SpaceError(f"{source}: expected a mapping of top-level keys "
+                         f"({', '.join(TOP_LEVEL)}), but got {type(doc).__name__}")
+    _check_keys(doc, TOP_LEVEL, "")
+    root = Path(source).resolve().parent if str(source) != "<space>" else Path.cwd()
+    for key in ("model", "data"):
+        if key not in doc:
+            raise SpaceError(f"{key}: required; give a built-in 'name' or a 'factory'")
+    values: dict[str, Any] = {
+        "study": _parse_study_name(doc.get("study", _default_study_name(source))),
+        "model": _parse_component(doc["model"], "model", root, checkpoint=True),
+        "data": _parse_component(doc["data"], "data", root, checkpoint=False),
+        "objectives": _parse_objectives(doc.get("objectives")),
+        "source": str(source),
+    }
+    for key, cls in _SECTIONS.items():
+        values[key] = _parse_section(cls, doc.get(key), key)
+    return Space(**values)
+
+
+def _default_study_name(source: str | Path) -> str:
+    return "study" if str(source) == "<space>" else Path(source).stem
+
+
+def _parse_study_name(raw: Any) -> str:
+    if not isinstance(raw, str) or not _NAME_RE.match(raw):
+        raise SpaceError(f"study: {raw!r} is not a valid study name; use letters, digits, "
+                         "'.', '_' and '-' (it names the folder results/<study>/)")
+    return raw
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...] | list[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+            at = f"{where}." if where else ""
+            raise SpaceError(f"{at}{key}: unknown key{maybe}; allowed keys: "
+                             f"{', '.join(allowed)}")
+
+
+def _parse_section(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: expected a mapping of settings, but got {raw!r}")
+    _check_keys(raw, [f.name for f in fields(cls)], where)
+    values = {}
+    for f in fields(cls):
+        if f.name in raw:
+            values[f.name] = _parse_value(f.metadata, raw[f.name], f"{where}.{f.name}")
+    return cls(**values)
+
+
+def _parse_value(meta: Mapping[str, Any], raw: Any, where: str) -> Any:
+    if "section" in meta:
+        return _parse_section(meta["section"], raw, where)
+    if raw is None:
+        if meta["nullable"]:
+            return None
+        raise SpaceError(f"{where}: a value is required here (null is not allowed)")
+    if meta["knob"]:
+        return parse_knob(raw, meta["rule"], where)
+    if isinstance(raw, (list, dict)):
+        raise SpaceError(f"{where}: this setting cannot be searched; give a single value")
+    return meta["rule"].check(raw, where)
+
+
+def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> ComponentSpec:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: expected a built-in name or a mapping with 'name' or "
+                         f"'factory', but got {raw!r}")
+    keys = ["name", "factory", "kwargs"] + (["checkpoint"] if checkpoint else [])
+    _check_keys(raw, keys, where)
+    name, factory = raw.get("name"), raw.get("factory")
+    if (name is None) == (factory is None):
+        raise SpaceError(f"{where}: give exactly one of 'name' (built-in) or 'factory' "
+                         "('module.path:callable' or 'path/file.py:callable')")
+    if name is not None and not isinstance(name, str):
+        raise SpaceError(f"{where}.name: expected a string, but got {name!r}")
+    kwargs = raw.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise SpaceError(f"{where}.kwargs: expected a mapping of keyword arguments, "
+                         f"but got {raw.get('kwargs')!r}")
+    return ComponentSpec(
+        name=name,
+        factory=_parse_factory(factory, f"{where}.factory", root) if factory else None,
+        kwargs=dict(kwargs),
+        checkpoint=_parse_checkpoint(raw.get("checkpoint"), f"{where}.checkpoint", root),
+    )
+
+
+def _parse_factory(raw: Any, where: str, root: Path) -> str:
+    if not isinstance(raw, str) or raw.count(":") != 1 or not all(raw.split(":")):
+        raise SpaceError(f"{where}: expected 'module.path:callable' or "
+                         f"'path/to/file.py:callable', but got {raw!r}")
+    target, attr = raw.split(":")
+    if target.endswith(".py"):
+        file = (root / target).resolve()
+        if not file.is_file():
+            raise SpaceError(f"{where}: file {target!r} does not exist (looked in {root})")
+        return f"{file}:{attr}"
+    return raw
+
+
+def _parse_checkpoint(raw: Any, where: str, root: Path) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise SpaceError(f"{where}: expected a file path, but got {raw!r}")
+    file = (root / raw).resolve()
+    if not file.is_file():
+        raise SpaceError(f"{where}: file {raw!r} does not exist (looked in {root})")
+    return str(file)
+
+
+def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
+    if raw is None:
+        return tuple(Objective(m, d) for m, d in METRICS.items())
+    if isinstance(raw, list):
+        raw = {m: METRICS.get(m) if isinstance(m, str) else None for m in raw}
+    if not isinstance(raw, dict):
+        raise SpaceError(f"objectives: expected a list of metrics ({', '.join(METRICS)}) or "
+                         f"a mapping metric: direction, but got {raw!r}")
+    out = []
+    for metric, direction in raw.items():
+        if metric not in METRICS:
+            raise SpaceError(f"objectives: unknown metric {metric!r}; choose from "
+                             f"{', '.join(METRICS)}")
+        if direction != METRICS[metric]:
+            raise SpaceError(f"objectives.{metric}: must be {METRICS[metric]!r}, "
+                             f"but got {direction!r}")
+        out.append(Objective(metric, direction))
+    if len(out) < 2:
+        raise SpaceError(f"objectives: a Pareto search needs at least two metrics, but got "
+                         f"{[o.metric for o in out]}; choose from {', '.join(METRICS)}")
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- normal form
+
+
+def space_to_dict(space: Space) -> dict[str, Any]:
+    """The normalised document: every default filled in, paths resolved."""
+    return {
+        "study": space.study,
+        "model": _component_to_dict(space.model),
+        "data": _component_to_dict(space.data),
+        "objectives": {o.metric: o.direction for o in space.objectives},
+        **{key: _section_to_dict(getattr(space, key)) for key in _SECTIONS},
+    }
+
+
+def _component_to_dict(spec: ComponentSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": spec.name} if spec.name else {"factory": spec.factory}
+    out["kwargs"] = dict(spec.kwargs)
+    if spec.checkpoint:
+        out["checkpoint"] = spec.checkpoint
+    return out
+
+
+def _section_to_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, (Fixed, Choice, Range)):
+            out[f.name] = value.to_yaml()
+        elif is_dataclass(value):
+            out[f.name] = _section_to_dict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def dump_space(space: Space) -> str:
+    return yaml.safe_dump(space_to_dict(space), sort_keys=False)
+
+
+def reference_rows() -> list[tuple[str, str, str, str]]:
+    """(YAML path, default, searchable, description) for every setting: the README reference."""
+    rows: list[tuple[str, str, str, str]] = []
+    for key, cls in _SECTIONS.items():
+        rows.extend(_reference(cls, key))
+    return rows
+
+
+def _reference(cls: type, where: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for f in fields(cls):
+        path = f"{where}.{f.name}"
+        if "section" in f.metadata:
+            rows.extend(_reference(f.metadata["section"], path))
+            continue
+        default = f.default if f.default is not MISSING else None
+        shown = default.to_yaml() if isinstance(default, (Fixed, Choice, Range)) else default
+        rows.append((path, yaml.safe_dump(shown, default_flow_style=True).strip()
+                     .removesuffix("...").strip(), "yes" if f.metadata["knob"] else "no",
+                     f.metadata["doc"]))
+    return rows

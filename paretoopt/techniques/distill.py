@@ -1,0 +1,26 @@
+"""Fine-tuning with knowledge distillation from the uncompressed baseline.
+
+alpha weighs the distillation term against plain cross-entropy (alpha 0 = plain
+fine-tuning); temperature softens both distributions. Pruning masks are re-applied after
+every optimizer step, so fine-tuning cannot regrow pruned weights.
+"""
+
+from __future__ import annotations
+
+from ..plan import CompressionPlan
+from ..train import Recipe, train
+from . import register
+from .bench import Workbench
+
+
+@register("distill")
+def distill(bench: Workbench, plan: CompressionPlan) -> None:
+    ft = plan.finetune
+    if ft.epochs == 0:
+        return
+    recipe = Recipe(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, seed=bench.seed,
+                    temperature=plan.distill.temperature, alpha=plan.distill.alpha)
+    losses = train(bench.model, bench.splits.train, recipe,
+                   teacher_logits=bench.teacher_logits,
+                   after_step=lambda *_: bench.apply_masks())
+    bench.records["finetune_loss"] = [round(x, 5) for x in losses]

@@ -1,0 +1,88 @@
+"""Training: the baseline, and the fine-tuning loop every trial runs.
+
+Fine-tuning distils from the baseline when the plan asks for it. The teacher's logits are
+computed once per study over the training split (no augmentation is applied, so they do
+not change), which removes the teacher forward pass from every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from .data import Split
+from .errors import TrialError
+
+StepHook = Callable[[int, int], None]  # called after every optimizer step: (step, total)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    temperature: float = 1.0
+    alpha: float = 0.0  # weight of the distillation term; 0 = cross-entropy only
+
+
+def train(model: nn.Module, split: Split, recipe: Recipe, *,
+          teacher_logits: torch.Tensor | None = None, after_step: StepHook | None = None,
+          ) -> list[float]:
+    """Train in place with Adam and cosine decay; return the mean loss of every epoch."""
+    if recipe.epochs == 0:
+        return []
+    generator = torch.Generator().manual_seed(recipe.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    steps_per_epoch = math.ceil(len(split) / recipe.batch_size)
+    total = recipe.epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    distil = teacher_logits is not None and recipe.alpha > 0
+    model.train()
+    history, step = [], 0
+    for epoch in range(recipe.epochs):
+        running = 0.0
+        for idx in split.batch_indices(recipe.batch_size, generator):
+            logits = model(split.x[idx])
+            loss = F.cross_entropy(logits, split.y[idx])
+            if distil:
+                kd = distillation_loss(logits, teacher_logits[idx], recipe.temperature)
+                loss = recipe.alpha * kd + (1.0 - recipe.alpha) * loss
+            if not torch.isfinite(loss):
+                raise TrialError(f"fine-tuning diverged: loss is {loss.item()} at epoch "
+                                 f"{epoch + 1}, step {step + 1} (lr={recipe.lr:g})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if after_step is not None:
+                after_step(step, total)
+            running += loss.item() * len(idx)
+        history.append(running / len(split))
+    model.eval()
+    return history
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                      ) -> torch.Tensor:
+    """Hinton et al.: T^2 * KL(teacher_T || student_T), so gradients keep their scale."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
+                    log_target=True, reduction="batchmean") * (t * t)
+
+
+@torch.inference_mode()
+def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return float((logits.argmax(dim=1) == labels).float().mean().item() * 100.0)
