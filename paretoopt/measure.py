@@ -4,6 +4,8 @@ A runner wraps one deployed model in one runtime (ONNX Runtime or eager PyTorch)
 target's thread count. Latency follows one protocol everywhere: warm-up runs, then
 ``repeats`` rounds of ``iterations`` timed runs each; the median and p90 are taken over
 every timed run, the spread is the ratio of the slowest to the fastest round median.
+Candidates are timed in alternation with the baseline (``time_paired``), so that drift of
+the machine cancels out of the ratio between them.
 The search measures in the same process as training but never at the same time: each
 trial's fine-tuning has returned before its timing starts.
 """
@@ -46,18 +48,17 @@ class Runner(Protocol):
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
 
-def time_runner(run: Callable[[], Any], target: TargetSpec) -> LatencyStats:
-    for _ in range(target.warmup):
-        run()
-    rounds: list[list[float]] = []
+def _round(run: Callable[[], Any], iterations: int) -> list[float]:
     clock = time.perf_counter_ns
-    for _ in range(target.repeats):
-        times = []
-        for _ in range(target.iterations):
-            start = clock()
-            run()
-            times.append((clock() - start) / 1e6)
-        rounds.append(times)
+    times = []
+    for _ in range(iterations):
+        start = clock()
+        run()
+        times.append((clock() - start) / 1e6)
+    return times
+
+
+def _stats(rounds: list[list[float]], batch_size: int) -> LatencyStats:
     every = sorted(t for r in rounds for t in r)
     medians = [statistics.median(r) for r in rounds]
     return LatencyStats(
@@ -66,8 +67,35 @@ def time_runner(run: Callable[[], Any], target: TargetSpec) -> LatencyStats:
         min_ms=every[0],
         spread=max(medians) / min(medians),
         runs=len(every),
-        batch_size=target.batch_size,
+        batch_size=batch_size,
     )
+
+
+def time_runner(run: Callable[[], Any], target: TargetSpec) -> LatencyStats:
+    """The protocol for one model: warm-up, then `repeats` rounds of `iterations` runs."""
+    for _ in range(target.warmup):
+        run()
+    rounds = [_round(run, target.iterations) for _ in range(target.repeats)]
+    return _stats(rounds, target.batch_size)
+
+
+def time_paired(run: Callable[[], Any], reference: Callable[[], Any], target: TargetSpec,
+                ) -> tuple[LatencyStats, LatencyStats]:
+    """The same protocol with the reference model timed in alternating rounds.
+
+    The machine drifts (clock, caches, neighbours) by 10-30 % over minutes; alternating
+    rounds put the candidate and the baseline in the same conditions, so their ratio is
+    trustworthy even when the absolute figures move.
+    """
+    for _ in range(target.warmup):
+        reference()
+        run()
+    ours: list[list[float]] = []
+    theirs: list[list[float]] = []
+    for _ in range(target.repeats):
+        theirs.append(_round(reference, target.iterations))
+        ours.append(_round(run, target.iterations))
+    return _stats(ours, target.batch_size), _stats(theirs, target.batch_size)
 
 
 # --------------------------------------------------------------------------- runtimes
@@ -134,23 +162,25 @@ def runtime_accuracy(runner: Runner, split: Split) -> float:
     return float((logits.argmax(axis=1) == split.y.numpy()).mean() * 100.0)
 
 
-def measure_latency(runner: Runner, split: Split, target: TargetSpec) -> LatencyStats:
-    """Time the runner on a fixed batch of real inputs (repeated if the split is small)."""
+def timed_call(runner: Runner, split: Split, batch_size: int) -> Callable[[], Any]:
+    """A no-argument call that runs one batch of real inputs (repeated if the split is small)."""
     x = split.x.numpy()
-    reps = -(-target.batch_size // len(x))
-    batch = np.ascontiguousarray(np.concatenate([x] * reps)[: target.batch_size])
-    if isinstance(runner, TorchRunner):  # set threads once, outside the timed region
+    reps = -(-batch_size // len(x))
+    batch = np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])
+    if isinstance(runner, TorchRunner):  # threads are set once, outside the timed region
         torch.set_num_threads(runner.threads)
-        model = runner.model
-        tensor = torch.from_numpy(batch)
+        model, tensor = runner.model, torch.from_numpy(batch)
 
         def run() -> Any:
             with torch.inference_mode():
                 return model(tensor)
-    else:
-        def run() -> Any:
-            return runner(batch)
-    return time_runner(run, target)
+
+        return run
+    return lambda: runner(batch)
+
+
+def measure_latency(runner: Runner, split: Split, target: TargetSpec) -> LatencyStats:
+    return time_runner(timed_call(runner, split, target.batch_size), target)
 
 
 def hardware_fingerprint() -> dict[str, Any]:

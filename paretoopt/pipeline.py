@@ -25,8 +25,8 @@ from torch import nn
 from .artifact import load_compressed, save_compressed
 from .data import Splits, create_data
 from .errors import SpaceError, TrialError
-from .measure import OrtRunner, Runner, TorchRunner, export_onnx, measure_latency, \
-    runtime_accuracy, runtime_logits
+from .measure import OrtRunner, Runner, TorchRunner, export_onnx, runtime_accuracy, \
+    runtime_logits, time_paired, time_runner, timed_call
 from .models import create_model, load_checkpoint
 from .plan import CompressionPlan
 from .space import Space, space_to_dict
@@ -46,6 +46,8 @@ class StudyContext:
     teacher_logits: torch.Tensor
     classifier: str
     baseline_source: str  # "checkpoint", "trained" or "cache"
+    reference: Runner | None = None  # the baseline in the target runtime
+    calibration: dict[str, Any] | None = None
 
     def build_model(self) -> nn.Module:
         return create_model(self.space.model)
@@ -127,6 +129,25 @@ def _baseline_from_cache(model: nn.Module, space: Space, splits: Splits, cache_d
     return "trained"
 
 
+CALIBRATION_ROUNDS = 3
+
+
+def calibrate(ctx: StudyContext, work: Path) -> dict[str, Any]:
+    """Load the baseline into the target runtime and time it several times.
+
+    The median of these runs is the reference every candidate's latency is scaled from
+    (see ``time_paired``); their spread tells whether the machine is quiet enough to rank
+    candidates at all.
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    ctx.reference, _ = _runner(ctx, ctx.baseline, work)
+    call = timed_call(ctx.reference, ctx.splits.val, ctx.space.target.batch_size)
+    medians = [time_runner(call, ctx.space.target).median_ms for _ in range(CALIBRATION_ROUNDS)]
+    ctx.calibration = {"medians_ms": medians, "reference_ms": sorted(medians)[len(medians) // 2],
+                       "spread": max(medians) / min(medians)}
+    return ctx.calibration
+
+
 # --------------------------------------------------------------------------- one trial
 
 
@@ -159,7 +180,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     target = ctx.space.target
     val = runtime_accuracy(runner, ctx.splits.val)
     test = runtime_accuracy(runner, ctx.splits.test)
-    latency = bench.timed("measure", measure_latency, runner, ctx.splits.val, target)
+    latency = bench.timed("measure", _latency, ctx, runner)
     total = sum(p.numel() for p in deployed.parameters())
     nonzero = sum(int((p != 0).sum()) for p in deployed.parameters())
     return {
@@ -169,8 +190,8 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
         "torch_accuracy": torch_val,
         "size_bytes": size,
         "runtime_file_bytes": runtime_bytes,
-        "latency_ms": latency.median_ms,
-        "latency": latency.to_dict(),
+        "latency_ms": latency["latency_ms"],
+        "latency": latency,
         "runtime": runner.name,
         "int_kernels": False,  # weights run dequantized in float32 kernels
         "params": total,
@@ -188,6 +209,19 @@ def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> tuple[Runner, in
         return TorchRunner(model, target.threads), (work / ARTIFACT).stat().st_size
     export_onnx(model, ctx.splits.train.x[:1], work / RUNTIME_FILE)
     return OrtRunner(work / RUNTIME_FILE, target.threads), (work / RUNTIME_FILE).stat().st_size
+
+
+def _latency(ctx: StudyContext, runner: Runner) -> dict[str, Any]:
+    """Time the candidate against the baseline; scale the reference by their ratio."""
+    if ctx.reference is None or ctx.calibration is None:
+        raise TrialError("no calibrated baseline to measure against (call calibrate first)")
+    target, split = ctx.space.target, ctx.splits.val
+    ours, theirs = time_paired(timed_call(runner, split, target.batch_size),
+                               timed_call(ctx.reference, split, target.batch_size), target)
+    ratio = ours.median_ms / theirs.median_ms
+    return {**ours.to_dict(), "latency_ms": ctx.calibration["reference_ms"] * ratio,
+            "ratio_to_baseline": ratio, "baseline_median_ms": theirs.median_ms,
+            "reference_ms": ctx.calibration["reference_ms"]}
 
 
 def _check_reload(model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> None:

@@ -5,6 +5,7 @@ The search talks to a Reporter; the CLI uses the rich one, the Python API a sile
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
@@ -60,7 +61,8 @@ class RichReporter:
     """Progress bar with ETA and the best figure per objective, a line per trial."""
 
     def __init__(self, console: Console | None = None) -> None:
-        self.console = console or Console()
+        # piped output (CI logs, tee) gets a wide console instead of rich's 80 columns
+        self.console = console or Console(width=None if sys.stdout.isatty() else 160)
         self.progress: Progress | None = None
         self.task: Any = None
         self.best: dict[str, float] = {}
@@ -114,12 +116,13 @@ class RichReporter:
 def front_table(results: StudyResults) -> Table:
     table = Table(title=f"Pareto front of {results.name}: {len(results.pareto)} of "
                   f"{len(results.trials)} trials (feasible, non-dominated)")
-    for col in ("trial", "plan", "val acc %", "Δ pts", "test acc %", "size", "x smaller",
+    for col in ("trial", "val acc %", "Δ pts", "test acc %", "size", "x smaller",
                 "latency ms", "x faster"):
-        table.add_column(col, justify="left" if col == "plan" else "right")
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("plan", justify="left", no_wrap=True, overflow="ellipsis")
     for _, r in results.pareto.iterrows():
-        table.add_row(str(r["number"]), str(r["plan"]), f"{r['accuracy']:.2f}",
+        table.add_row(str(r["number"]), f"{r['accuracy']:.2f}",
                       f"{r.get('accuracy_change', 0):+.2f}", f"{r['test_accuracy']:.2f}",
                       human_bytes(r["size_bytes"]), f"{r.get('size_ratio', 1):.1f}",
-                      f"{r['latency_ms']:.4f}", f"{r.get('speedup', 1):.2f}")
+                      f"{r['latency_ms']:.4f}", f"{r.get('speedup', 1):.2f}", str(r["plan"]))
     return table

@@ -200,6 +200,8 @@ def search(space: Space | str | Path, *, trials: int | None = None,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ctx = prepare(space, results_root / ".cache", log=reporter.log)
     session = open_session(space, results_root)
+    if _finished(session.study) < space.search.trials:
+        _calibrate(session, ctx, reporter)
     _write_metadata(session, ctx)
     lost = _fail_interrupted(session)
     if lost:
@@ -207,6 +209,25 @@ def search(space: Space | str | Path, *, trials: int | None = None,
                      "will be replaced")
     _loop(session, ctx, reporter)
     return finish(session, reporter)
+
+
+SPREAD_WARNING = 1.10
+
+
+def _calibrate(session: Session, ctx: Any, reporter: Reporter) -> None:
+    import tempfile
+
+    from .pipeline import calibrate
+
+    with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
+        cal = calibrate(ctx, Path(tmp))
+    reporter.log(f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
+                 f"(rounds {', '.join(f'{m:.4f}' for m in cal['medians_ms'])}; "
+                 f"spread {cal['spread']:.2f})")
+    if cal["spread"] > SPREAD_WARNING:
+        reporter.log(f"[yellow]warning[/]: the baseline's latency varies by "
+                     f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
+                     "noisy. Stop other work on this machine for a fair comparison.")
 
 
 def _loop(session: Session, ctx: Any, reporter: Reporter) -> None:
@@ -299,6 +320,8 @@ def _write_metadata(session: Session, ctx: Any) -> None:
         "input_shape": list(ctx.splits.input_shape),
         "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
     })
+    if ctx.calibration:
+        meta.setdefault("calibrations", []).append(ctx.calibration)
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(path, meta)

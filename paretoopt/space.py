@@ -78,7 +78,7 @@ class TargetSpec:
     warmup: int = setting(10, "untimed runs before timing", kind=int, low=0, high=100_000)
     repeats: int = setting(5, "timed rounds; the spread is taken across them",
                            kind=int, low=1, high=1000)
-    iterations: int = setting(50, "timed runs per round", kind=int, low=1, high=100_000)
+    iterations: int = setting(100, "timed runs per round", kind=int, low=1, high=100_000)
 
 
 @dataclass(frozen=True)
