@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check paretoopt tests app.py
-	$(VENV)/bin/ruff format --check paretoopt tests app.py
+	$(VENV)/bin/ruff check paretoopt tests
+	$(VENV)/bin/ruff format --check paretoopt tests
 
 clean:
 	rm -rf $(VENV) results/*/ .pytest_cache

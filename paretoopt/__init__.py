@@ -20,8 +20,13 @@ if TYPE_CHECKING:
 
 __all__ = ["Space", "StudyResults", "load_results", "load_space", "search", "__version__"]
 
-_LAZY = {"search": "search", "load_results": "results", "StudyResults": "results",
-         "load_space": "space", "Space": "space"}
+_LAZY = {
+    "search": "search",
+    "load_results": "results",
+    "StudyResults": "results",
+    "load_space": "space",
+    "Space": "space",
+}
 
 
 def __getattr__(name: str) -> Any:

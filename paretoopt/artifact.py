@@ -106,11 +106,15 @@ def _put_codes(out: dict[str, np.ndarray], key: str, q: QTensor) -> dict[str, An
     return entry
 
 
-def _put_float(out: dict[str, np.ndarray], key: str, value: torch.Tensor,
-               dtype: type) -> dict[str, Any]:
+def _put_float(
+    out: dict[str, np.ndarray], key: str, value: torch.Tensor, dtype: type
+) -> dict[str, Any]:
     array = value.detach().cpu().numpy().astype(dtype)
-    entry: dict[str, Any] = {"encoding": "float", "shape": list(array.shape),
-                             "dtype": np.dtype(dtype).name}
+    entry: dict[str, Any] = {
+        "encoding": "float",
+        "shape": list(array.shape),
+        "dtype": np.dtype(dtype).name,
+    }
     bits = np.dtype(dtype).itemsize * 8
     if _mask_pays(array, bits):
         nonzero = array != 0
@@ -133,13 +137,15 @@ def read_metadata(path: Path) -> dict[str, Any]:
     except Exception as exc:
         raise ArtifactError(f"{path}: not a readable compressed model: {exc}") from None
     if meta.get("format") != FORMAT:
-        raise ArtifactError(f"{path}: not a paretoopt compressed model "
-                            f"(format {meta.get('format')!r})")
+        raise ArtifactError(
+            f"{path}: not a paretoopt compressed model (format {meta.get('format')!r})"
+        )
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ArtifactError(f"{path}: format version {meta.get('format_version')} is not "
-                            f"supported (this paretoopt reads {FORMAT_VERSION})")
-    return {k: (v if k in ("format", "format_version") else json.loads(v))
-            for k, v in meta.items()}
+        raise ArtifactError(
+            f"{path}: format version {meta.get('format_version')} is not "
+            f"supported (this paretoopt reads {FORMAT_VERSION})"
+        )
+    return {k: (v if k in ("format", "format_version") else json.loads(v)) for k, v in meta.items()}
 
 
 def decode_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -153,8 +159,7 @@ def _decode(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> t
         return torch.from_numpy(arrays[key].copy())
     shape = tuple(entry["shape"])
     n = int(np.prod(shape))
-    mask = (np.unpackbits(arrays[f"{key}::mask"])[:n].astype(bool)
-            if entry.get("masked") else None)
+    mask = np.unpackbits(arrays[f"{key}::mask"])[:n].astype(bool) if entry.get("masked") else None
     if entry["encoding"] == "float":
         values = arrays[f"{key}::values"].astype(np.float32)
         return torch.from_numpy(_scatter(values, mask, n, 0.0).reshape(shape))

@@ -20,8 +20,7 @@ def _search(args: argparse.Namespace) -> int:
     from .report import RichReporter
     from .search import search
 
-    search(args.space, trials=args.trials, results_root=args.results,
-           reporter=RichReporter())
+    search(args.space, trials=args.trials, results_root=args.results, reporter=RichReporter())
     return 0
 
 
@@ -50,15 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="paretoopt",
         description="Automated Pareto search over pruning, quantization and distillation, "
-                    "measured on the target runtime.")
+        "measured on the target runtime.",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("search", help="run or resume the study a space file describes")
     p.add_argument("--space", required=True, help="search-space YAML file")
-    p.add_argument("--trials", type=_positive_int, default=None,
-                   help="total trials (baseline included); overrides search.trials, "
-                        "so a finished study can be continued")
+    p.add_argument(
+        "--trials",
+        type=_positive_int,
+        default=None,
+        help="total trials (baseline included); overrides search.trials, "
+        "so a finished study can be continued",
+    )
     p.add_argument("--results", default="results", help="results root (default: results)")
     p.set_defaults(func=_search)
 
@@ -83,6 +87,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def one_line(message: str) -> str:
+    """Errors are one line: a user module's multi-line message is folded."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -90,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ParetoError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

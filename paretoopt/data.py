@@ -30,14 +30,20 @@ class Split:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def batch_indices(self, size: int, generator: torch.Generator | None = None,
-                      ) -> Iterator[torch.Tensor]:
+    def batch_indices(
+        self,
+        size: int,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Index tensors of mini-batches; shuffled when a generator is given."""
         n = len(self)
         order = torch.randperm(n, generator=generator) if generator is not None else None
         for start in range(0, n, size):
-            yield order[start:start + size] if order is not None else torch.arange(
-                start, min(start + size, n))
+            yield (
+                order[start : start + size]
+                if order is not None
+                else torch.arange(start, min(start + size, n))
+            )
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,7 @@ def digits(size: int = 16, seed: int = 0) -> tuple[Any, Any, Any]:
     y = torch.tensor(bunch.target, dtype=torch.long)
     idx = np.arange(len(y))
     train, rest = train_test_split(idx, test_size=0.3, stratify=y.numpy(), random_state=seed)
-    val, test = train_test_split(rest, test_size=0.5, stratify=y.numpy()[rest],
-                                 random_state=seed)
+    val, test = train_test_split(rest, test_size=0.5, stratify=y.numpy()[rest], random_state=seed)
     return tuple(torch.utils.data.TensorDataset(x[i], y[i]) for i in (train, val, test))
 
 
@@ -77,10 +82,12 @@ def create_data(spec: ComponentSpec) -> Splits:
         fn, where = load_callable(str(spec.factory), "data.factory"), "data.factory"
     out = call_factory(fn, dict(spec.kwargs), where)
     if not isinstance(out, (tuple, list)) or len(out) != 3:
-        raise SpaceError(f"{where}: the factory must return (train, val, test) datasets, "
-                         f"but returned {type(out).__name__}")
+        raise SpaceError(
+            f"{where}: the factory must return (train, val, test) datasets, "
+            f"but returned {type(out).__name__}"
+        )
     names = ("train", "val", "test")
-    splits = [_materialise(ds, f"{where} ({n} split)") for ds, n in zip(out, names)]
+    splits = [_materialise(ds, f"{where} ({n} split)") for ds, n in zip(out, names, strict=True)]
     shapes = {tuple(s.x.shape[1:]) for s in splits}
     if len(shapes) != 1:
         raise SpaceError(f"{where}: the splits have different input shapes {sorted(shapes)}")
@@ -91,8 +98,9 @@ def _materialise(dataset: Any, where: str) -> Split:
     try:
         n = len(dataset)
     except TypeError:
-        raise SpaceError(f"{where}: expected a map-style Dataset with len(), "
-                         f"got {type(dataset).__name__}") from None
+        raise SpaceError(
+            f"{where}: expected a map-style Dataset with len(), got {type(dataset).__name__}"
+        ) from None
     if n == 0:
         raise SpaceError(f"{where}: the split is empty")
     xs, ys = [], []

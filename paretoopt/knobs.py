@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .errors import SpaceError
 
-Scalar = Union[int, float, str, bool]
+Scalar = int | float | str | bool
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Range:
         return list(range(int(self.low), int(self.high) + 1, step))
 
 
-Knob = Union[Fixed, Choice, Range]
+Knob = Fixed | Choice | Range
 
 
 @dataclass(frozen=True)

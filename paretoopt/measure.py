@@ -79,8 +79,11 @@ def time_runner(run: Callable[[], Any], target: TargetSpec) -> LatencyStats:
     return _stats(rounds, target.batch_size)
 
 
-def time_paired(run: Callable[[], Any], reference: Callable[[], Any], target: TargetSpec,
-                ) -> tuple[LatencyStats, LatencyStats]:
+def time_paired(
+    run: Callable[[], Any],
+    reference: Callable[[], Any],
+    target: TargetSpec,
+) -> tuple[LatencyStats, LatencyStats]:
     """The same protocol with the reference model timed in alternating rounds.
 
     The machine drifts (clock, caches, neighbours) by 10-30 % over minutes; alternating
@@ -108,7 +111,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            model, (example,), dynamo=True, verbose=False, optimize=True,
+            model,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            optimize=True,
             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65_536)},),
         )
     tmp = path.with_name(path.name + ".tmp")
@@ -127,8 +134,7 @@ class OrtRunner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options,
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -154,7 +160,7 @@ class TorchRunner:
 
 def runtime_logits(runner: Runner, split: Split, batch_size: int = 256) -> np.ndarray:
     x = split.x.numpy()
-    return np.concatenate([runner(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return np.concatenate([runner(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def runtime_accuracy(runner: Runner, split: Split) -> float:
@@ -197,6 +203,12 @@ def hardware_fingerprint() -> dict[str, Any]:
         pass
     import onnxruntime
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(),
-            "system": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "system": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }

@@ -7,6 +7,7 @@ additions and depthwise convolutions.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +35,19 @@ class ResidualBlock(nn.Module):
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 @MODELS.register("conv")
-def conv(in_channels: int = 1, num_classes: int = 10, width: int = 32,
-         image_size: int = 16, hidden: int = 128) -> nn.Module:
+def conv(
+    in_channels: int = 1,
+    num_classes: int = 10,
+    width: int = 32,
+    image_size: int = 16,
+    hidden: int = 128,
+) -> nn.Module:
     """A small residual CNN: two conv stages, one residual block, a two-layer head."""
     side = image_size // 4
     return nn.Sequential(
@@ -57,8 +64,11 @@ def conv(in_channels: int = 1, num_classes: int = 10, width: int = 32,
 
 
 @MODELS.register("mlp")
-def mlp(in_features: int = 256, num_classes: int = 10, hidden: tuple[int, ...] = (256, 128),
-        ) -> nn.Module:
+def mlp(
+    in_features: int = 256,
+    num_classes: int = 10,
+    hidden: tuple[int, ...] = (256, 128),
+) -> nn.Module:
     """A multi-layer perceptron over the flattened input."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
@@ -85,8 +95,10 @@ def create_model(spec: ComponentSpec) -> nn.Module:
         where = "model.factory"
     model = call_factory(fn, dict(spec.kwargs), where)
     if not isinstance(model, nn.Module):
-        raise SpaceError(f"{where}: the factory must return a torch.nn.Module, "
-                         f"but returned {type(model).__name__}")
+        raise SpaceError(
+            f"{where}: the factory must return a torch.nn.Module, "
+            f"but returned {type(model).__name__}"
+        )
     return model
 
 
@@ -94,9 +106,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, where: str = "model.chec
     """Load a state_dict (never a pickle: weights_only=True) and check it fits the model."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SpaceError(
+            f"{where}: {str(path)!r} holds pickled Python objects (a whole module?), which are "
+            "never loaded; save model.state_dict() instead"
+        ) from None
     except Exception as exc:
-        raise SpaceError(f"{where}: cannot read {str(path)!r} as a state_dict "
-                         f"(weights_only=True): {type(exc).__name__}: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SpaceError(
+            f"{where}: cannot read {str(path)!r} as a state_dict: {type(exc).__name__}: {first}"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -111,8 +130,11 @@ def checkpoint_mismatch(model: nn.Module, state: dict[str, Any]) -> str:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape
+    ]
     parts = []
     if missing:
         parts.append(f"missing keys {_short(missing)}")

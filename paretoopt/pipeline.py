@@ -25,8 +25,17 @@ from torch import nn
 from .artifact import load_compressed, save_compressed
 from .data import Splits, create_data
 from .errors import SpaceError, TrialError
-from .measure import OrtRunner, Runner, TorchRunner, export_onnx, runtime_accuracy, \
-    runtime_logits, time_paired, time_runner, timed_call
+from .measure import (
+    OrtRunner,
+    Runner,
+    TorchRunner,
+    export_onnx,
+    runtime_accuracy,
+    runtime_logits,
+    time_paired,
+    time_runner,
+    timed_call,
+)
 from .models import create_model, load_checkpoint
 from .plan import CompressionPlan
 from .space import Space, space_to_dict
@@ -68,20 +77,26 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
         with torch.no_grad():
             out = model.eval()(splits.train.x[:2])
     except Exception as exc:
-        raise SpaceError(f"model: a forward pass on the data's inputs of shape "
-                         f"{list(splits.input_shape)} failed: {type(exc).__name__}: {exc}"
-                         ) from None
+        raise SpaceError(
+            f"model: a forward pass on the data's inputs of shape "
+            f"{list(splits.input_shape)} failed: {type(exc).__name__}: {exc}"
+        ) from None
     classes = int(torch.cat([splits.train.y, splits.val.y, splits.test.y]).max()) + 1
     if out.dim() != 2 or out.shape[1] < classes:
-        raise SpaceError(f"model: expected logits of shape (batch, {classes}) for the data's "
-                         f"{classes} classes, but got {list(out.shape)}")
+        raise SpaceError(
+            f"model: expected logits of shape (batch, {classes}) for the data's "
+            f"{classes} classes, but got {list(out.shape)}"
+        )
     if not prunable_layers(model):
         raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
     return model, splits
 
 
-def prepare(space: Space, cache_dir: Path, log: Callable[[str], None] = print,
-            ) -> StudyContext:
+def prepare(
+    space: Space,
+    cache_dir: Path,
+    log: Callable[[str], None] = print,
+) -> StudyContext:
     model, splits = check_inputs(space)
     source = "checkpoint"
     if not space.model.checkpoint:
@@ -105,8 +120,9 @@ def baseline_key(space: Space) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _baseline_from_cache(model: nn.Module, space: Space, splits: Splits, cache_dir: Path,
-                         log: Callable[[str], None]) -> str:
+def _baseline_from_cache(
+    model: nn.Module, space: Space, splits: Splits, cache_dir: Path, log: Callable[[str], None]
+) -> str:
     path = cache_dir / f"baseline-{baseline_key(space)}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -143,16 +159,23 @@ def calibrate(ctx: StudyContext, work: Path) -> dict[str, Any]:
     ctx.reference, _ = _runner(ctx, ctx.baseline, work)
     call = timed_call(ctx.reference, ctx.splits.val, ctx.space.target.batch_size)
     medians = [time_runner(call, ctx.space.target).median_ms for _ in range(CALIBRATION_ROUNDS)]
-    ctx.calibration = {"medians_ms": medians, "reference_ms": sorted(medians)[len(medians) // 2],
-                       "spread": max(medians) / min(medians)}
+    ctx.calibration = {
+        "medians_ms": medians,
+        "reference_ms": sorted(medians)[len(medians) // 2],
+        "spread": max(medians) / min(medians),
+    }
     return ctx.calibration
 
 
 # --------------------------------------------------------------------------- one trial
 
 
-def run_trial(ctx: StudyContext, plan: CompressionPlan, out_dir: Path, seed: int,
-              ) -> dict[str, Any]:
+def run_trial(
+    ctx: StudyContext,
+    plan: CompressionPlan,
+    out_dir: Path,
+    seed: int,
+) -> dict[str, Any]:
     """Compress, write, rebuild from the file, measure. Writes out_dir atomically."""
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
@@ -168,8 +191,9 @@ def run_trial(ctx: StudyContext, plan: CompressionPlan, out_dir: Path, seed: int
 
 def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
-    bench = Workbench(copy.deepcopy(ctx.baseline), ctx.splits, ctx.teacher_logits,
-                      ctx.classifier, seed=seed)
+    bench = Workbench(
+        copy.deepcopy(ctx.baseline), ctx.splits, ctx.teacher_logits, ctx.classifier, seed=seed
+    )
     apply_plan(bench, plan)
     torch_val = accuracy(logits_of(bench.model, ctx.splits.val.x), ctx.splits.val.y)
     size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
@@ -177,7 +201,6 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     _check_reload(bench.model, deployed, ctx.splits.val.x[:64])
     runner, runtime_bytes = bench.timed("export", _runner, ctx, deployed, work)
     _check_runtime(runner, deployed, ctx.splits.val.x[:64])
-    target = ctx.space.target
     val = runtime_accuracy(runner, ctx.splits.val)
     test = runtime_accuracy(runner, ctx.splits.test)
     latency = bench.timed("measure", _latency, ctx, runner)
@@ -216,20 +239,29 @@ def _latency(ctx: StudyContext, runner: Runner) -> dict[str, Any]:
     if ctx.reference is None or ctx.calibration is None:
         raise TrialError("no calibrated baseline to measure against (call calibrate first)")
     target, split = ctx.space.target, ctx.splits.val
-    ours, theirs = time_paired(timed_call(runner, split, target.batch_size),
-                               timed_call(ctx.reference, split, target.batch_size), target)
+    ours, theirs = time_paired(
+        timed_call(runner, split, target.batch_size),
+        timed_call(ctx.reference, split, target.batch_size),
+        target,
+    )
     ratio = ours.median_ms / theirs.median_ms
-    return {**ours.to_dict(), "latency_ms": ctx.calibration["reference_ms"] * ratio,
-            "ratio_to_baseline": ratio, "baseline_median_ms": theirs.median_ms,
-            "reference_ms": ctx.calibration["reference_ms"]}
+    return {
+        **ours.to_dict(),
+        "latency_ms": ctx.calibration["reference_ms"] * ratio,
+        "ratio_to_baseline": ratio,
+        "baseline_median_ms": theirs.median_ms,
+        "reference_ms": ctx.calibration["reference_ms"],
+    }
 
 
 def _check_reload(model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> None:
     """The file must give back the very model that was compressed."""
     a, b = logits_of(model, x), logits_of(deployed, x)
     if not torch.allclose(a, b, rtol=1e-5, atol=1e-5):
-        raise TrialError(f"the compressed file does not reproduce the model: max logit "
-                         f"difference {float((a - b).abs().max()):.3g}")
+        raise TrialError(
+            f"the compressed file does not reproduce the model: max logit "
+            f"difference {float((a - b).abs().max()):.3g}"
+        )
 
 
 def _check_runtime(runner: Runner, deployed: nn.Module, x: torch.Tensor) -> None:
@@ -238,5 +270,7 @@ def _check_runtime(runner: Runner, deployed: nn.Module, x: torch.Tensor) -> None
     ours = logits_of(deployed, x).numpy()
     theirs = runtime_logits(runner, Split(x, torch.zeros(len(x), dtype=torch.long)))
     if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
-        raise TrialError(f"the {runner.name} model disagrees with the compressed model: max "
-                         f"logit difference {float(np.abs(ours - theirs).max()):.3g}")
+        raise TrialError(
+            f"the {runner.name} model disagrees with the compressed model: max "
+            f"logit difference {float(np.abs(ours - theirs).max()):.3g}"
+        )

@@ -30,10 +30,15 @@ class PruneConfig:
     round_to: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.structure in STRUCTURES, f"prune.structure: {self.structure!r} is not "
-                 f"supported; choose from {', '.join(STRUCTURES)}")
-        _require(0.0 <= self.sparsity < 1.0,
-                 f"prune.sparsity: 0 <= sparsity < 1 must hold, but got {self.sparsity}")
+        _require(
+            self.structure in STRUCTURES,
+            f"prune.structure: {self.structure!r} is not "
+            f"supported; choose from {', '.join(STRUCTURES)}",
+        )
+        _require(
+            0.0 <= self.sparsity < 1.0,
+            f"prune.sparsity: 0 <= sparsity < 1 must hold, but got {self.sparsity}",
+        )
         _require(self.round_to >= 1, f"prune.round_to: must be >= 1, got {self.round_to}")
         for name, scale in self.layer_scale.items():
             _require(scale >= 0.0, f"prune.layer_scale[{name!r}]: must be >= 0, got {scale}")
@@ -54,12 +59,20 @@ class QuantConfig:
     scheme: str = "affine"
 
     def __post_init__(self) -> None:
-        _require(self.bits in SUPPORTED_BITS, f"quant.bits: {self.bits} is not supported; "
-                 f"choose from {', '.join(map(str, SUPPORTED_BITS))}")
-        _require(self.granularity in GRANULARITIES, f"quant.granularity: "
-                 f"{self.granularity!r} is not supported; choose from {', '.join(GRANULARITIES)}")
-        _require(self.scheme in SCHEMES, f"quant.scheme: {self.scheme!r} is not supported; "
-                 f"choose from {', '.join(SCHEMES)}")
+        _require(
+            self.bits in SUPPORTED_BITS,
+            f"quant.bits: {self.bits} is not supported; "
+            f"choose from {', '.join(map(str, SUPPORTED_BITS))}",
+        )
+        _require(
+            self.granularity in GRANULARITIES,
+            f"quant.granularity: "
+            f"{self.granularity!r} is not supported; choose from {', '.join(GRANULARITIES)}",
+        )
+        _require(
+            self.scheme in SCHEMES,
+            f"quant.scheme: {self.scheme!r} is not supported; choose from {', '.join(SCHEMES)}",
+        )
 
     @property
     def integer(self) -> bool:
@@ -73,10 +86,10 @@ class DistillConfig:
     alpha: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.temperature > 0, f"distill.temperature: must be > 0, "
-                 f"got {self.temperature}")
-        _require(0.0 <= self.alpha <= 1.0, f"distill.alpha: 0 <= alpha <= 1 must hold, "
-                 f"got {self.alpha}")
+        _require(self.temperature > 0, f"distill.temperature: must be > 0, got {self.temperature}")
+        _require(
+            0.0 <= self.alpha <= 1.0, f"distill.alpha: 0 <= alpha <= 1 must hold, got {self.alpha}"
+        )
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         _require(self.epochs >= 0, f"finetune.epochs: must be >= 0, got {self.epochs}")
         _require(self.lr > 0, f"finetune.lr: must be > 0, got {self.lr}")
-        _require(self.batch_size >= 1, f"finetune.batch_size: must be >= 1, "
-                 f"got {self.batch_size}")
+        _require(self.batch_size >= 1, f"finetune.batch_size: must be >= 1, got {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -102,8 +114,7 @@ class CompressionPlan:
     @property
     def is_identity(self) -> bool:
         """The uncompressed baseline: nothing pruned, quantized or fine-tuned."""
-        return (not self.prune.active and self.quant.bits == 32
-                and self.finetune.epochs == 0)
+        return not self.prune.active and self.quant.bits == 32 and self.finetune.epochs == 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -113,10 +124,17 @@ class CompressionPlan:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CompressionPlan:
         version = raw.get("version")
-        _require(version == PLAN_VERSION, f"plan: version {version!r} is not supported "
-                 f"(this paretoopt reads version {PLAN_VERSION})")
-        parts = {"prune": PruneConfig, "quant": QuantConfig, "distill": DistillConfig,
-                 "finetune": FinetuneConfig}
+        _require(
+            version == PLAN_VERSION,
+            f"plan: version {version!r} is not supported "
+            f"(this paretoopt reads version {PLAN_VERSION})",
+        )
+        parts = {
+            "prune": PruneConfig,
+            "quant": QuantConfig,
+            "distill": DistillConfig,
+            "finetune": FinetuneConfig,
+        }
         unknown = sorted(set(raw) - set(parts) - {"version"})
         _require(not unknown, f"plan: unknown key {unknown[:1]}; allowed: {', '.join(parts)}")
         try:
@@ -127,11 +145,15 @@ class CompressionPlan:
     def summary(self) -> str:
         """One short line for tables and progress output."""
         bits = {32: "fp32", 16: "fp16"}.get(self.quant.bits, f"int{self.quant.bits}")
-        prune = (f"{self.prune.structure} {self.prune.sparsity:.2f}" if self.prune.active
-                 else "dense")
+        prune = (
+            f"{self.prune.structure} {self.prune.sparsity:.2f}" if self.prune.active else "dense"
+        )
         if self.prune.layer_scale and self.prune.active:
             prune += " per-layer"
-        kd = (f"KD T={self.distill.temperature:.1f} a={self.distill.alpha:.2f}"
-              if self.distill.alpha > 0 and self.finetune.epochs else "")
+        kd = (
+            f"KD T={self.distill.temperature:.1f} a={self.distill.alpha:.2f}"
+            if self.distill.alpha > 0 and self.finetune.epochs
+            else ""
+        )
         ft = f"ft {self.finetune.epochs}ep" if self.finetune.epochs else ""
         return ", ".join(p for p in (prune, bits, ft, kd) if p)

@@ -37,8 +37,10 @@ class Registry(Generic[T]):
 
     def get(self, name: str, where: str) -> Callable[..., T]:
         if name not in self._items:
-            raise SpaceError(f"{where}: {name!r} is not a built-in {self.kind}; choose from "
-                             f"{', '.join(self.names())} or give a 'factory'")
+            raise SpaceError(
+                f"{where}: {name!r} is not a built-in {self.kind}; choose from "
+                f"{', '.join(self.names())} or give a 'factory'"
+            )
         return self._items[name]
 
 
@@ -84,5 +86,6 @@ def call_factory(fn: Callable[..., T], kwargs: dict[str, Any], where: str) -> T:
     try:
         return fn(**kwargs)
     except Exception as exc:
-        raise SpaceError(f"{where}: calling the factory with kwargs {kwargs} failed: "
-                         f"{type(exc).__name__}: {exc}") from exc
+        raise SpaceError(
+            f"{where}: calling the factory with kwargs {kwargs} failed: {type(exc).__name__}: {exc}"
+        ) from exc

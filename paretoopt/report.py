@@ -9,8 +9,14 @@ import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-    TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -21,8 +27,9 @@ if TYPE_CHECKING:
 class Reporter(Protocol):
     def log(self, message: str) -> None: ...
     def start(self, space: Space, done: int) -> None: ...
-    def trial_done(self, number: int, record: dict[str, Any], seconds: float,
-                   baseline: dict[str, Any]) -> None: ...
+    def trial_done(
+        self, number: int, record: dict[str, Any], seconds: float, baseline: dict[str, Any]
+    ) -> None: ...
     def trial_failed(self, number: int, reason: str) -> None: ...
     def advance(self, done: int) -> None: ...
     def finish(self, results: StudyResults) -> None: ...
@@ -35,8 +42,9 @@ class SilentReporter:
     def start(self, space: Space, done: int) -> None:
         pass
 
-    def trial_done(self, number: int, record: dict[str, Any], seconds: float,
-                   baseline: dict[str, Any]) -> None:
+    def trial_done(
+        self, number: int, record: dict[str, Any], seconds: float, baseline: dict[str, Any]
+    ) -> None:
         pass
 
     def trial_failed(self, number: int, reason: str) -> None:
@@ -71,58 +79,97 @@ class RichReporter:
         (self.progress.console if self.progress else self.console).print(message)
 
     def start(self, space: Space, done: int) -> None:
-        self.console.print(f"study [bold]{space.study}[/]: {done} of {space.search.trials} "
-                           f"trials done; sampler {space.search.sampler}, target "
-                           f"{space.target.runtime}/{space.target.device} "
-                           f"{space.target.threads} thread(s), batch {space.target.batch_size}")
+        self.console.print(
+            f"study [bold]{space.study}[/]: {done} of {space.search.trials} "
+            f"trials done; sampler {space.search.sampler}, target "
+            f"{space.target.runtime}/{space.target.device} "
+            f"{space.target.threads} thread(s), batch {space.target.batch_size}"
+        )
         self.progress = Progress(
-            TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            TextColumn("{task.fields[best]}"), console=self.console, transient=False)
+            TextColumn("[bold]trials"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[best]}"),
+            console=self.console,
+            transient=False,
+        )
         self.progress.start()
-        self.task = self.progress.add_task("search", total=space.search.trials,
-                                           completed=done, best="")
+        self.task = self.progress.add_task(
+            "search", total=space.search.trials, completed=done, best=""
+        )
 
-    def trial_done(self, number: int, record: dict[str, Any], seconds: float,
-                   baseline: dict[str, Any]) -> None:
+    def trial_done(
+        self, number: int, record: dict[str, Any], seconds: float, baseline: dict[str, Any]
+    ) -> None:
         acc, size, lat = record["accuracy"], record["size_bytes"], record["latency_ms"]
         self.best["accuracy"] = max(acc, self.best.get("accuracy", acc))
         self.best["size"] = min(size, self.best.get("size", size))
         self.best["latency"] = min(lat, self.best.get("latency", lat))
-        self.log(f"trial {number:>3} [green]ok[/] {seconds:5.1f} s  acc {acc:6.2f} % "
-                 f"({acc - baseline['accuracy']:+.2f})  size {human_bytes(size):>9} "
-                 f"({baseline['size_bytes'] / size:4.1f}x)  latency {lat:.4f} ms "
-                 f"({baseline['latency_ms'] / lat:4.2f}x)  {record['plan_summary']}"
-                 if "plan_summary" in record else f"trial {number} ok")
+        self.log(
+            f"trial {number:>3} [green]ok[/] {seconds:5.1f} s  acc {acc:6.2f} % "
+            f"({acc - baseline['accuracy']:+.2f})  size {human_bytes(size):>9} "
+            f"({baseline['size_bytes'] / size:4.1f}x)  latency {lat:.4f} ms "
+            f"({baseline['latency_ms'] / lat:4.2f}x)  {record['plan_summary']}"
+            if "plan_summary" in record
+            else f"trial {number} ok"
+        )
 
     def trial_failed(self, number: int, reason: str) -> None:
         self.log(f"trial {number:>3} [red]FAIL[/] {reason}")
 
     def advance(self, done: int) -> None:
         if self.progress is not None:
-            best = (f"best: {self.best.get('accuracy', 0):.2f} %, "
+            best = (
+                (
+                    f"best: {self.best.get('accuracy', 0):.2f} %, "
                     f"{human_bytes(self.best.get('size', 0))}, "
-                    f"{self.best.get('latency', 0):.4f} ms") if self.best else ""
+                    f"{self.best.get('latency', 0):.4f} ms"
+                )
+                if self.best
+                else ""
+            )
             self.progress.update(self.task, completed=done, best=best)
 
     def finish(self, results: StudyResults) -> None:
         if self.progress is not None:
             self.progress.stop()
         self.console.print(front_table(results))
-        self.console.print(f"results: {results.directory}/ (trials.csv, pareto.csv, "
-                           "space.yaml, run.json, trials/<n>/ artifacts of the front)")
+        self.console.print(
+            f"results: {results.directory}/ (trials.csv, pareto.csv, "
+            "space.yaml, run.json, trials/<n>/ artifacts of the front)"
+        )
 
 
 def front_table(results: StudyResults) -> Table:
-    table = Table(title=f"Pareto front of {results.name}: {len(results.pareto)} of "
-                  f"{len(results.trials)} trials (feasible, non-dominated)")
-    for col in ("trial", "val acc %", "Δ pts", "test acc %", "size", "x smaller",
-                "latency ms", "x faster"):
+    table = Table(
+        title=f"Pareto front of {results.name}: {len(results.pareto)} of "
+        f"{len(results.trials)} trials (feasible, non-dominated)"
+    )
+    for col in (
+        "trial",
+        "val acc %",
+        "Δ pts",
+        "test acc %",
+        "size",
+        "x smaller",
+        "latency ms",
+        "x faster",
+    ):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("plan", justify="left", no_wrap=True, overflow="ellipsis")
     for _, r in results.pareto.iterrows():
-        table.add_row(str(r["number"]), f"{r['accuracy']:.2f}",
-                      f"{r.get('accuracy_change', 0):+.2f}", f"{r['test_accuracy']:.2f}",
-                      human_bytes(r["size_bytes"]), f"{r.get('size_ratio', 1):.1f}",
-                      f"{r['latency_ms']:.4f}", f"{r.get('speedup', 1):.2f}", str(r["plan"]))
+        table.add_row(
+            str(r["number"]),
+            f"{r['accuracy']:.2f}",
+            f"{r.get('accuracy_change', 0):+.2f}",
+            f"{r['test_accuracy']:.2f}",
+            human_bytes(r["size_bytes"]),
+            f"{r.get('size_ratio', 1):.1f}",
+            f"{r['latency_ms']:.4f}",
+            f"{r.get('speedup', 1):.2f}",
+            str(r["plan"]),
+        )
     return table

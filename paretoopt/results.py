@@ -40,8 +40,10 @@ class StudyResults:
     metadata: dict[str, Any]
 
     def __repr__(self) -> str:
-        return (f"StudyResults({self.name!r}: {len(self.trials)} trials, "
-                f"{len(self.pareto)} on the Pareto front)")
+        return (
+            f"StudyResults({self.name!r}: {len(self.trials)} trials, "
+            f"{len(self.pareto)} on the Pareto front)"
+        )
 
 
 def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -75,8 +77,9 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "number": t.number,
         "state": t.state.name,
         "baseline": bool(a.get(BASELINE_ATTR, False)),
-        "feasible": bool(t.state.name == "COMPLETE"
-                         and all(v <= 0 for v in (t.constraints or {}).values())),
+        "feasible": bool(
+            t.state.name == "COMPLETE" and all(v <= 0 for v in (t.constraints or {}).values())
+        ),
         "accuracy": a.get("accuracy"),
         "test_accuracy": a.get("test_accuracy"),
         "torch_accuracy": a.get("torch_accuracy"),
@@ -98,8 +101,11 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
     return row
 
 
-def front(frame: pd.DataFrame, metrics: Sequence[str], directions: Sequence[str],
-          ) -> pd.DataFrame:
+def front(
+    frame: pd.DataFrame,
+    metrics: Sequence[str],
+    directions: Sequence[str],
+) -> pd.DataFrame:
     """The feasible, completed trials that no other such trial dominates."""
     if frame.empty:
         return frame
@@ -135,8 +141,10 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
         parent = directory.parent
         found = sorted(p.name for p in parent.glob("*") if (p / SPACE_FILE).is_file())
         listing = ", ".join(found) if found else "none"
-        raise StudyError(f"{directory}: not a paretoopt study folder (no {SPACE_FILE}); "
-                         f"studies in {parent}: {listing}")
+        raise StudyError(
+            f"{directory}: not a paretoopt study folder (no {SPACE_FILE}); "
+            f"studies in {parent}: {listing}"
+        )
     space = yaml.safe_load(space_file.read_text())
     metadata = read_json(directory / RUN_FILE)
     url = storage or space.get("search", {}).get("storage")
@@ -145,8 +153,9 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
     frame = trials_frame(study, baseline or None)
     metrics = list(space["objectives"])
     directions = [space["objectives"][m] for m in metrics]
-    return StudyResults(space["study"], directory, frame,
-                        front(frame, metrics, directions), baseline, metadata)
+    return StudyResults(
+        space["study"], directory, frame, front(frame, metrics, directions), baseline, metadata
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -23,9 +23,20 @@ from .errors import StudyError
 from .knobs import Choice, Fixed, Knob, Range, Scalar
 from .plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
 from .report import Reporter, SilentReporter
-from .results import (BASELINE_ATTR, JOURNAL_FILE, METRIC_COLUMNS, RUN_FILE, SPACE_FILE,
-                      TRIALS_DIR, StudyResults, load_results, open_storage, read_json,
-                      write_json, write_tables)
+from .results import (
+    BASELINE_ATTR,
+    JOURNAL_FILE,
+    METRIC_COLUMNS,
+    RUN_FILE,
+    SPACE_FILE,
+    TRIALS_DIR,
+    StudyResults,
+    load_results,
+    open_storage,
+    read_json,
+    write_json,
+    write_tables,
+)
 from .space import Space, dump_space, load_space, space_to_dict
 
 INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
@@ -44,8 +55,9 @@ def suggest(trial: optuna.Trial, name: str, knob: Knob) -> Scalar:
 
 def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
     if knob.integer:
-        return trial.suggest_int(name, int(knob.low), int(knob.high), step=int(knob.step or 1),
-                                 log=knob.log)
+        return trial.suggest_int(
+            name, int(knob.low), int(knob.high), step=int(knob.step or 1), log=knob.log
+        )
     return trial.suggest_float(name, knob.low, knob.high, step=knob.step, log=knob.log)
 
 
@@ -53,24 +65,34 @@ def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> Co
     """Turn one Optuna trial into a compression plan; fixed knobs are not parameters."""
     s = space.space
     sparsity = float(suggest(trial, "prune.sparsity", s.pruning.sparsity))
-    structure = str(suggest(trial, "prune.structure", s.pruning.structure)) if sparsity else \
-        "unstructured"
+    structure = (
+        str(suggest(trial, "prune.structure", s.pruning.structure)) if sparsity else "unstructured"
+    )
     scales = {}
     if s.pruning.per_layer and sparsity > 0:
-        scales = {n: float(suggest(trial, f"prune.layer.{n}", s.pruning.layer_scale))
-                  for n in layer_names}
+        scales = {
+            n: float(suggest(trial, f"prune.layer.{n}", s.pruning.layer_scale)) for n in layer_names
+        }
     epochs = int(suggest(trial, "finetune.epochs", s.finetune.epochs))
     alpha = float(suggest(trial, "distill.alpha", s.distillation.alpha)) if epochs else 0.0
-    temperature = (float(suggest(trial, "distill.temperature", s.distillation.temperature))
-                   if alpha > 0 else 1.0)
+    temperature = (
+        float(suggest(trial, "distill.temperature", s.distillation.temperature))
+        if alpha > 0
+        else 1.0
+    )
     return CompressionPlan(
         prune=PruneConfig(structure, sparsity, scales, s.pruning.round_to),
-        quant=QuantConfig(int(suggest(trial, "quant.bits", s.quantization.bits)),
-                          str(suggest(trial, "quant.granularity", s.quantization.granularity)),
-                          str(suggest(trial, "quant.scheme", s.quantization.scheme))),
+        quant=QuantConfig(
+            int(suggest(trial, "quant.bits", s.quantization.bits)),
+            str(suggest(trial, "quant.granularity", s.quantization.granularity)),
+            str(suggest(trial, "quant.scheme", s.quantization.scheme)),
+        ),
         distill=DistillConfig(temperature, alpha),
-        finetune=FinetuneConfig(epochs, float(suggest(trial, "finetune.lr", s.finetune.lr))
-                                if epochs else 1e-3, s.finetune.batch_size),
+        finetune=FinetuneConfig(
+            epochs,
+            float(suggest(trial, "finetune.lr", s.finetune.lr)) if epochs else 1e-3,
+            s.finetune.batch_size,
+        ),
     )
 
 
@@ -81,8 +103,9 @@ def make_sampler(space: Space, offset: int) -> optuna.samplers.BaseSampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if name == "tpe":  # multivariate: sparsity and bits interact
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                              n_startup_trials=10)
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, n_startup_trials=10
+            )
         if name == "nsga2":
             size = max(4, min(20, space.search.trials // 4))
             return optuna.samplers.NSGAIISampler(seed=seed, population_size=size)
@@ -110,8 +133,12 @@ def open_session(space: Space, results_root: Path) -> Session:
     storage = open_storage(space.search.storage, directory)
     existing = _count(storage, space.study)
     study = optuna.create_study(
-        study_name=space.study, storage=storage, load_if_exists=True,
-        directions=space.directions, sampler=make_sampler(space, existing))
+        study_name=space.study,
+        storage=storage,
+        load_if_exists=True,
+        directions=space.directions,
+        sampler=make_sampler(space, existing),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(space.metrics)
@@ -133,8 +160,10 @@ def _check_resumable(space: Space, directory: Path) -> None:
     stored = directory / SPACE_FILE
     if not stored.is_file():
         if directory.exists() and any(directory.iterdir()):
-            raise StudyError(f"{directory} exists and is not a paretoopt study; choose another "
-                             "study name or move the folder")
+            raise StudyError(
+                f"{directory} exists and is not a paretoopt study; choose another "
+                "study name or move the folder"
+            )
         return
     import yaml
 
@@ -144,9 +173,11 @@ def _check_resumable(space: Space, directory: Path) -> None:
         doc.get("search", {}).pop("trials", None)
     if before != now:
         diff = _first_difference(before, now)
-        raise StudyError(f"study {space.study!r} in {directory} was started with a different "
-                         f"space ({diff}); use another study name, or delete the folder to "
-                         "start over")
+        raise StudyError(
+            f"study {space.study!r} in {directory} was started with a different "
+            f"space ({diff}); use another study name, or delete the folder to "
+            "start over"
+        )
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
@@ -173,17 +204,24 @@ def _fail_interrupted(session: Session) -> int:
 
 def _finished(study: optuna.Study) -> int:
     """Trials that count towards the study's total: all finished but interrupted ones."""
-    return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state == TrialState.COMPLETE
-               or (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED))
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.COMPLETE
+        or (t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED)
+    )
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def search(space: Space | str | Path, *, trials: int | None = None,
-           results_root: str | Path = "results", reporter: Reporter | None = None,
-           ) -> StudyResults:
+def search(
+    space: Space | str | Path,
+    *,
+    trials: int | None = None,
+    results_root: str | Path = "results",
+    reporter: Reporter | None = None,
+) -> StudyResults:
     """Run (or resume) the study a space describes; return its results.
 
     ``trials`` overrides ``search.trials`` (the total, baseline included), so a finished
@@ -205,8 +243,9 @@ def search(space: Space | str | Path, *, trials: int | None = None,
     _write_metadata(session, ctx)
     lost = _fail_interrupted(session)
     if lost:
-        reporter.log(f"resume: {lost} trial(s) interrupted earlier are marked failed and "
-                     "will be replaced")
+        reporter.log(
+            f"resume: {lost} trial(s) interrupted earlier are marked failed and will be replaced"
+        )
     _loop(session, ctx, reporter)
     return finish(session, reporter)
 
@@ -221,13 +260,17 @@ def _calibrate(session: Session, ctx: Any, reporter: Reporter) -> None:
 
     with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
         cal = calibrate(ctx, Path(tmp))
-    reporter.log(f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
-                 f"(rounds {', '.join(f'{m:.4f}' for m in cal['medians_ms'])}; "
-                 f"spread {cal['spread']:.2f})")
+    reporter.log(
+        f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
+        f"(rounds {', '.join(f'{m:.4f}' for m in cal['medians_ms'])}; "
+        f"spread {cal['spread']:.2f})"
+    )
     if cal["spread"] > SPREAD_WARNING:
-        reporter.log(f"[yellow]warning[/]: the baseline's latency varies by "
-                     f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
-                     "noisy. Stop other work on this machine for a fair comparison.")
+        reporter.log(
+            f"[yellow]warning[/]: the baseline's latency varies by "
+            f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
+            "noisy. Stop other work on this machine for a fair comparison."
+        )
 
 
 def _loop(session: Session, ctx: Any, reporter: Reporter) -> None:
@@ -245,13 +288,15 @@ def _loop(session: Session, ctx: Any, reporter: Reporter) -> None:
             study.tell(trial, state=TrialState.FAIL)
             reporter.trial_failed(trial.number, reason)
             if trial.user_attrs.get(BASELINE_ATTR):
-                raise StudyError(f"the baseline trial failed, so no figure can be read "
-                                 f"against it: {reason}") from exc
+                raise StudyError(
+                    f"the baseline trial failed, so no figure can be read against it: {reason}"
+                ) from exc
         else:
             values = [record[METRIC_COLUMNS[m]] for m in space.metrics]
             study.tell(trial, values)
-            reporter.trial_done(trial.number, record, time.perf_counter() - start,
-                                _baseline(session))
+            reporter.trial_done(
+                trial.number, record, time.perf_counter() - start, _baseline(session)
+            )
         done = _finished(study)
         reporter.advance(done)
 
@@ -260,8 +305,7 @@ def _evaluate(session: Session, ctx: Any, trial: optuna.Trial) -> dict[str, Any]
     from .pipeline import run_trial
 
     is_baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
-    plan = CompressionPlan() if is_baseline else sample_plan(trial, session.space,
-                                                             ctx.layer_names)
+    plan = CompressionPlan() if is_baseline else sample_plan(trial, session.space, ctx.layer_names)
     trial.set_user_attr("plan_summary", plan.summary())
     out_dir = session.directory / TRIALS_DIR / str(trial.number)
     record = run_trial(ctx, plan, out_dir, session.space.search.seed + trial.number)
@@ -296,8 +340,16 @@ def _baseline(session: Session) -> dict[str, Any]:
 
 def _store_baseline(session: Session, record: dict[str, Any]) -> None:
     meta = read_json(session.directory / RUN_FILE)
-    keys = ("accuracy", "test_accuracy", "torch_accuracy", "size_bytes", "runtime_file_bytes",
-            "latency_ms", "latency", "params")
+    keys = (
+        "accuracy",
+        "test_accuracy",
+        "torch_accuracy",
+        "size_bytes",
+        "runtime_file_bytes",
+        "latency_ms",
+        "latency",
+        "params",
+    )
     meta["baseline"] = {k: record[k] for k in keys}
     write_json(session.directory / RUN_FILE, meta)
 
@@ -307,19 +359,21 @@ def _write_metadata(session: Session, ctx: Any) -> None:
 
     path = session.directory / RUN_FILE
     meta = read_json(path)
-    meta.update({
-        "study": session.space.study,
-        "paretoopt": __version__,
-        "versions": _versions(),
-        "hardware": hardware_fingerprint(),
-        "seed": session.space.search.seed,
-        "storage": session.space.search.storage or f"journal:{JOURNAL_FILE}",
-        "baseline_source": ctx.baseline_source,
-        "classifier": ctx.classifier,
-        "prunable_layers": ctx.layer_names,
-        "input_shape": list(ctx.splits.input_shape),
-        "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
-    })
+    meta.update(
+        {
+            "study": session.space.study,
+            "paretoopt": __version__,
+            "versions": _versions(),
+            "hardware": hardware_fingerprint(),
+            "seed": session.space.search.seed,
+            "storage": session.space.search.storage or f"journal:{JOURNAL_FILE}",
+            "baseline_source": ctx.baseline_source,
+            "classifier": ctx.classifier,
+            "prunable_layers": ctx.layer_names,
+            "input_shape": list(ctx.splits.input_shape),
+            "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
+        }
+    )
     if ctx.calibration:
         meta.setdefault("calibrations", []).append(ctx.calibration)
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -342,19 +396,26 @@ def _versions() -> dict[str, str]:
 def finish(session: Session, reporter: Reporter) -> StudyResults:
     """Write the tables, keep only the front's (and the baseline's) artifacts."""
     results = load_results(session.directory, session.space.search.storage)
-    keep = set(results.pareto["number"]) | set(
-        results.trials.loc[results.trials["baseline"], "number"]) if len(results.trials) else set()
+    keep = (
+        set(results.pareto["number"])
+        | set(results.trials.loc[results.trials["baseline"], "number"])
+        if len(results.trials)
+        else set()
+    )
     trials_dir = session.directory / TRIALS_DIR
     if trials_dir.is_dir():
         for child in trials_dir.iterdir():
             if not child.name.isdigit() or int(child.name) not in keep:
                 shutil.rmtree(child, ignore_errors=True)
     kept = results.trials["number"].isin(keep) if len(results.trials) else None
-    trials = results.trials.assign(artifact=results.trials["artifact"].where(kept, "")) \
-        if kept is not None else results.trials
-    results = StudyResults(results.name, results.directory, trials, results.pareto,
-                           results.baseline, results.metadata)
+    trials = (
+        results.trials.assign(artifact=results.trials["artifact"].where(kept, ""))
+        if kept is not None
+        else results.trials
+    )
+    results = StudyResults(
+        results.name, results.directory, trials, results.pareto, results.baseline, results.metadata
+    )
     write_tables(results)
     reporter.finish(results)
     return results
-

@@ -59,94 +59,168 @@ def section(cls: type, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class BaselineSpec:
-    epochs: int = setting(15, "epochs to train the baseline when no checkpoint is given",
-                          kind=int, low=1, high=10_000)
-    lr: float = setting(0.002, "Adam learning rate of baseline training (cosine decay)",
-                        kind=float, low=1e-8, high=1.0)
+    epochs: int = setting(
+        15, "epochs to train the baseline when no checkpoint is given", kind=int, low=1, high=10_000
+    )
+    lr: float = setting(
+        0.002,
+        "Adam learning rate of baseline training (cosine decay)",
+        kind=float,
+        low=1e-8,
+        high=1.0,
+    )
     batch_size: int = setting(64, "baseline training batch size", kind=int, low=1, high=65_536)
     seed: int = setting(0, "seed of baseline training", kind=int, low=0)
 
 
 @dataclass(frozen=True)
 class TargetSpec:
-    runtime: str = setting("onnxruntime", "runtime the deployed model is measured in",
-                           kind=str, options=RUNTIMES)
+    runtime: str = setting(
+        "onnxruntime", "runtime the deployed model is measured in", kind=str, options=RUNTIMES
+    )
     device: str = setting("cpu", "device latency is measured on", kind=str, options=DEVICES)
     threads: int = setting(1, "intra-op threads of the runtime", kind=int, low=1, high=256)
-    batch_size: int = setting(1, "batch size of the latency measurement",
-                              kind=int, low=1, high=4096)
+    batch_size: int = setting(
+        1, "batch size of the latency measurement", kind=int, low=1, high=4096
+    )
     warmup: int = setting(10, "untimed runs before timing", kind=int, low=0, high=100_000)
-    repeats: int = setting(5, "timed rounds; the spread is taken across them",
-                           kind=int, low=1, high=1000)
+    repeats: int = setting(
+        5, "timed rounds; the spread is taken across them", kind=int, low=1, high=1000
+    )
     iterations: int = setting(100, "timed runs per round", kind=int, low=1, high=100_000)
 
 
 @dataclass(frozen=True)
 class ConstraintsSpec:
     max_accuracy_drop: float | None = setting(
-        1.0, "largest allowed drop in validation accuracy against the baseline, in points",
-        kind=float, low=0.0, high=100.0, nullable=True)
+        1.0,
+        "largest allowed drop in validation accuracy against the baseline, in points",
+        kind=float,
+        low=0.0,
+        high=100.0,
+        nullable=True,
+    )
     max_size_bytes: int | None = setting(
-        None, "largest allowed size of the compressed file, in bytes",
-        kind=int, low=1, nullable=True)
+        None,
+        "largest allowed size of the compressed file, in bytes",
+        kind=int,
+        low=1,
+        nullable=True,
+    )
     max_latency_ms: float | None = setting(
-        None, "largest allowed median latency, in milliseconds",
-        kind=float, low=0.0, nullable=True)
+        None, "largest allowed median latency, in milliseconds", kind=float, low=0.0, nullable=True
+    )
 
 
 @dataclass(frozen=True)
 class SearchSpec:
-    trials: int = setting(40, "trials in the study, the baseline trial included",
-                          kind=int, low=1, high=1_000_000)
+    trials: int = setting(
+        40, "trials in the study, the baseline trial included", kind=int, low=1, high=1_000_000
+    )
     sampler: str = setting("tpe", "Optuna sampler", kind=str, options=SAMPLERS)
     seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
     storage: str | None = setting(
-        None, "Optuna storage URL; default: a journal file in results/<study>/",
-        kind=str, nullable=True)
+        None,
+        "Optuna storage URL; default: a journal file in results/<study>/",
+        kind=str,
+        nullable=True,
+    )
 
 
 @dataclass(frozen=True)
 class PruningSpace:
-    structure: Knob = setting(Choice(STRUCTURES), "unstructured (weights) or channel "
-                              "(whole channels, physically removed)",
-                              kind=str, options=STRUCTURES, knob=True)
-    sparsity: Knob = setting(Range(0.0, 0.9), "fraction of weights (or channels) removed",
-                             kind=float, low=0.0, high=0.99, knob=True)
-    per_layer: bool = setting(False, "give every prunable layer its own budget (a multiplier "
-                              "of the global sparsity, one Optuna parameter per layer)",
-                              kind=bool)
-    layer_scale: Knob = setting(Range(0.5, 1.5), "per-layer multiplier of the global "
-                                "sparsity, used when per_layer is true",
-                                kind=float, low=0.0, high=10.0, knob=True)
-    round_to: int = setting(1, "keep channel counts at multiples of this (channel pruning)",
-                            kind=int, low=1, high=1024)
+    structure: Knob = setting(
+        Choice(STRUCTURES),
+        "unstructured (weights) or channel (whole channels, physically removed)",
+        kind=str,
+        options=STRUCTURES,
+        knob=True,
+    )
+    sparsity: Knob = setting(
+        Range(0.0, 0.9),
+        "fraction of weights (or channels) removed",
+        kind=float,
+        low=0.0,
+        high=0.99,
+        knob=True,
+    )
+    per_layer: bool = setting(
+        False,
+        "give every prunable layer its own budget (a multiplier "
+        "of the global sparsity, one Optuna parameter per layer)",
+        kind=bool,
+    )
+    layer_scale: Knob = setting(
+        Range(0.5, 1.5),
+        "per-layer multiplier of the global sparsity, used when per_layer is true",
+        kind=float,
+        low=0.0,
+        high=10.0,
+        knob=True,
+    )
+    round_to: int = setting(
+        1, "keep channel counts at multiples of this (channel pruning)", kind=int, low=1, high=1024
+    )
 
 
 @dataclass(frozen=True)
 class QuantizationSpace:
-    bits: Knob = setting(Choice((2, 3, 4, 6, 8, 16, 32)),
-                         "weight bit-width: 2-8 integer, 16 float16, 32 unquantized",
-                         kind=int, options=SUPPORTED_BITS, knob=True)
-    granularity: Knob = setting(Fixed("per_channel"), "one scale per output channel or "
-                                "per tensor", kind=str, options=GRANULARITIES, knob=True)
-    scheme: Knob = setting(Fixed("affine"), "affine min-max (with zero point) or symmetric",
-                           kind=str, options=SCHEMES, knob=True)
+    bits: Knob = setting(
+        Choice((2, 3, 4, 6, 8, 16, 32)),
+        "weight bit-width: 2-8 integer, 16 float16, 32 unquantized",
+        kind=int,
+        options=SUPPORTED_BITS,
+        knob=True,
+    )
+    granularity: Knob = setting(
+        Fixed("per_channel"),
+        "one scale per output channel or per tensor",
+        kind=str,
+        options=GRANULARITIES,
+        knob=True,
+    )
+    scheme: Knob = setting(
+        Fixed("affine"),
+        "affine min-max (with zero point) or symmetric",
+        kind=str,
+        options=SCHEMES,
+        knob=True,
+    )
 
 
 @dataclass(frozen=True)
 class DistillationSpace:
-    temperature: Knob = setting(Range(1.0, 8.0), "softmax temperature of the teacher",
-                                kind=float, low=0.1, high=100.0, knob=True)
-    alpha: Knob = setting(Range(0.0, 0.9), "weight of the distillation loss; 0 = plain "
-                          "fine-tuning", kind=float, low=0.0, high=1.0, knob=True)
+    temperature: Knob = setting(
+        Range(1.0, 8.0),
+        "softmax temperature of the teacher",
+        kind=float,
+        low=0.1,
+        high=100.0,
+        knob=True,
+    )
+    alpha: Knob = setting(
+        Range(0.0, 0.9),
+        "weight of the distillation loss; 0 = plain fine-tuning",
+        kind=float,
+        low=0.0,
+        high=1.0,
+        knob=True,
+    )
 
 
 @dataclass(frozen=True)
 class FinetuneSpace:
-    epochs: Knob = setting(Fixed(2), "fine-tuning epochs after pruning",
-                           kind=int, low=0, high=10_000, knob=True)
-    lr: Knob = setting(Range(1e-4, 3e-3, log=True), "Adam learning rate of fine-tuning",
-                       kind=float, low=1e-8, high=1.0, knob=True)
+    epochs: Knob = setting(
+        Fixed(2), "fine-tuning epochs after pruning", kind=int, low=0, high=10_000, knob=True
+    )
+    lr: Knob = setting(
+        Range(1e-4, 3e-3, log=True),
+        "Adam learning rate of fine-tuning",
+        kind=float,
+        low=1e-8,
+        high=1.0,
+        knob=True,
+    )
     batch_size: int = setting(64, "fine-tuning batch size", kind=int, low=1, high=65_536)
 
 
@@ -199,11 +273,24 @@ class Space:
         return replace(self, search=replace(self.search, trials=trials))
 
 
-TOP_LEVEL = ("study", "model", "data", "baseline", "target", "objectives", "constraints",
-             "search", "space")
-_SECTIONS: dict[str, type] = {"baseline": BaselineSpec, "target": TargetSpec,
-                              "constraints": ConstraintsSpec, "search": SearchSpec,
-                              "space": CompressionSpace}
+TOP_LEVEL = (
+    "study",
+    "model",
+    "data",
+    "baseline",
+    "target",
+    "objectives",
+    "constraints",
+    "search",
+    "space",
+)
+_SECTIONS: dict[str, type] = {
+    "baseline": BaselineSpec,
+    "target": TargetSpec,
+    "constraints": ConstraintsSpec,
+    "search": SearchSpec,
+    "space": CompressionSpace,
+}
 
 
 # --------------------------------------------------------------------------- loading
@@ -229,8 +316,10 @@ def load_space(path: str | Path) -> Space:
 def parse_space(doc: Any, source: str | Path = "<space>") -> Space:
     """Validate an already-parsed YAML document (a dict) into a Space."""
     if not isinstance(doc, dict):
-        raise SpaceError(f"{source}: expected a mapping of top-level keys "
-                         f"({', '.join(TOP_LEVEL)}), but got {type(doc).__name__}")
+        raise SpaceError(
+            f"{source}: expected a mapping of top-level keys "
+            f"({', '.join(TOP_LEVEL)}), but got {type(doc).__name__}"
+        )
     _check_keys(doc, TOP_LEVEL, "")
     root = Path(source).resolve().parent if str(source) != "<space>" else Path.cwd()
     for key in ("model", "data"):
@@ -254,8 +343,10 @@ def _default_study_name(source: str | Path) -> str:
 
 def _parse_study_name(raw: Any) -> str:
     if not isinstance(raw, str) or not _NAME_RE.match(raw):
-        raise SpaceError(f"study: {raw!r} is not a valid study name; use letters, digits, "
-                         "'.', '_' and '-' (it names the folder results/<study>/)")
+        raise SpaceError(
+            f"study: {raw!r} is not a valid study name; use letters, digits, "
+            "'.', '_' and '-' (it names the folder results/<study>/)"
+        )
     return raw
 
 
@@ -265,8 +356,7 @@ def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...] | list[str], wh
             hint = difflib.get_close_matches(str(key), allowed, n=1)
             maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
             at = f"{where}." if where else ""
-            raise SpaceError(f"{at}{key}: unknown key{maybe}; allowed keys: "
-                             f"{', '.join(allowed)}")
+            raise SpaceError(f"{at}{key}: unknown key{maybe}; allowed keys: {', '.join(allowed)}")
 
 
 def _parse_section(cls: type, raw: Any, where: str) -> Any:
@@ -300,20 +390,26 @@ def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> C
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
-        raise SpaceError(f"{where}: expected a built-in name or a mapping with 'name' or "
-                         f"'factory', but got {raw!r}")
+        raise SpaceError(
+            f"{where}: expected a built-in name or a mapping with 'name' or "
+            f"'factory', but got {raw!r}"
+        )
     keys = ["name", "factory", "kwargs"] + (["checkpoint"] if checkpoint else [])
     _check_keys(raw, keys, where)
     name, factory = raw.get("name"), raw.get("factory")
     if (name is None) == (factory is None):
-        raise SpaceError(f"{where}: give exactly one of 'name' (built-in) or 'factory' "
-                         "('module.path:callable' or 'path/file.py:callable')")
+        raise SpaceError(
+            f"{where}: give exactly one of 'name' (built-in) or 'factory' "
+            "('module.path:callable' or 'path/file.py:callable')"
+        )
     if name is not None and not isinstance(name, str):
         raise SpaceError(f"{where}.name: expected a string, but got {name!r}")
     kwargs = raw.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
-        raise SpaceError(f"{where}.kwargs: expected a mapping of keyword arguments, "
-                         f"but got {raw.get('kwargs')!r}")
+        raise SpaceError(
+            f"{where}.kwargs: expected a mapping of keyword arguments, "
+            f"but got {raw.get('kwargs')!r}"
+        )
     return ComponentSpec(
         name=name,
         factory=_parse_factory(factory, f"{where}.factory", root) if factory else None,
@@ -324,8 +420,10 @@ def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> C
 
 def _parse_factory(raw: Any, where: str, root: Path) -> str:
     if not isinstance(raw, str) or raw.count(":") != 1 or not all(raw.split(":")):
-        raise SpaceError(f"{where}: expected 'module.path:callable' or "
-                         f"'path/to/file.py:callable', but got {raw!r}")
+        raise SpaceError(
+            f"{where}: expected 'module.path:callable' or "
+            f"'path/to/file.py:callable', but got {raw!r}"
+        )
     target, attr = raw.split(":")
     if target.endswith(".py"):
         file = (root / target).resolve()
@@ -352,20 +450,26 @@ def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
     if isinstance(raw, list):
         raw = {m: METRICS.get(m) if isinstance(m, str) else None for m in raw}
     if not isinstance(raw, dict):
-        raise SpaceError(f"objectives: expected a list of metrics ({', '.join(METRICS)}) or "
-                         f"a mapping metric: direction, but got {raw!r}")
+        raise SpaceError(
+            f"objectives: expected a list of metrics ({', '.join(METRICS)}) or "
+            f"a mapping metric: direction, but got {raw!r}"
+        )
     out = []
     for metric, direction in raw.items():
         if metric not in METRICS:
-            raise SpaceError(f"objectives: unknown metric {metric!r}; choose from "
-                             f"{', '.join(METRICS)}")
+            raise SpaceError(
+                f"objectives: unknown metric {metric!r}; choose from {', '.join(METRICS)}"
+            )
         if direction != METRICS[metric]:
-            raise SpaceError(f"objectives.{metric}: must be {METRICS[metric]!r}, "
-                             f"but got {direction!r}")
+            raise SpaceError(
+                f"objectives.{metric}: must be {METRICS[metric]!r}, but got {direction!r}"
+            )
         out.append(Objective(metric, direction))
     if len(out) < 2:
-        raise SpaceError(f"objectives: a Pareto search needs at least two metrics, but got "
-                         f"{[o.metric for o in out]}; choose from {', '.join(METRICS)}")
+        raise SpaceError(
+            f"objectives: a Pareto search needs at least two metrics, but got "
+            f"{[o.metric for o in out]}; choose from {', '.join(METRICS)}"
+        )
     return tuple(out)
 
 
@@ -425,7 +529,15 @@ def _reference(cls: type, where: str) -> list[tuple[str, str, str, str]]:
             continue
         default = f.default if f.default is not MISSING else None
         shown = default.to_yaml() if isinstance(default, (Fixed, Choice, Range)) else default
-        rows.append((path, yaml.safe_dump(shown, default_flow_style=True).strip()
-                     .removesuffix("...").strip(), "yes" if f.metadata["knob"] else "no",
-                     f.metadata["doc"]))
+        rows.append(
+            (
+                path,
+                yaml.safe_dump(shown, default_flow_style=True, sort_keys=False)
+                .strip()
+                .removesuffix("...")
+                .strip(),
+                "yes" if f.metadata["knob"] else "no",
+                f.metadata["doc"],
+            )
+        )
     return rows

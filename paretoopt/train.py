@@ -31,9 +31,14 @@ class Recipe:
     alpha: float = 0.0  # weight of the distillation term; 0 = cross-entropy only
 
 
-def train(model: nn.Module, split: Split, recipe: Recipe, *,
-          teacher_logits: torch.Tensor | None = None, after_step: StepHook | None = None,
-          ) -> list[float]:
+def train(
+    model: nn.Module,
+    split: Split,
+    recipe: Recipe,
+    *,
+    teacher_logits: torch.Tensor | None = None,
+    after_step: StepHook | None = None,
+) -> list[float]:
     """Train in place with Adam and cosine decay; return the mean loss of every epoch."""
     if recipe.epochs == 0:
         return []
@@ -54,8 +59,10 @@ def train(model: nn.Module, split: Split, recipe: Recipe, *,
                 kd = distillation_loss(logits, teacher_logits[idx], recipe.temperature)
                 loss = recipe.alpha * kd + (1.0 - recipe.alpha) * loss
             if not torch.isfinite(loss):
-                raise TrialError(f"fine-tuning diverged: loss is {loss.item()} at epoch "
-                                 f"{epoch + 1}, step {step + 1} (lr={recipe.lr:g})")
+                raise TrialError(
+                    f"fine-tuning diverged: loss is {loss.item()} at epoch "
+                    f"{epoch + 1}, step {step + 1} (lr={recipe.lr:g})"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -69,18 +76,25 @@ def train(model: nn.Module, split: Split, recipe: Recipe, *,
     return history
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-                      ) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
     """Hinton et al.: T^2 * KL(teacher_T || student_T), so gradients keep their scale."""
     t = temperature
-    return F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1),
-                    log_target=True, reduction="batchmean") * (t * t)
+    return F.kl_div(
+        F.log_softmax(student / t, dim=1),
+        F.log_softmax(teacher / t, dim=1),
+        log_target=True,
+        reduction="batchmean",
+    ) * (t * t)
 
 
 @torch.inference_mode()
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -61,8 +61,10 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
     (or a hidden layer that happens to have num_classes units) are handled.
     """
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda *_, n=n: order.append(n))
-             for n, m in prunable_layers(model).items()]
+    hooks = [
+        m.register_forward_hook(lambda *_, n=n: order.append(n))
+        for n, m in prunable_layers(model).items()
+    ]
     try:
         with torch.no_grad():
             model.eval()(example)

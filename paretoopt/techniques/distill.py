@@ -18,9 +18,19 @@ def distill(bench: Workbench, plan: CompressionPlan) -> None:
     ft = plan.finetune
     if ft.epochs == 0:
         return
-    recipe = Recipe(epochs=ft.epochs, lr=ft.lr, batch_size=ft.batch_size, seed=bench.seed,
-                    temperature=plan.distill.temperature, alpha=plan.distill.alpha)
-    losses = train(bench.model, bench.splits.train, recipe,
-                   teacher_logits=bench.teacher_logits,
-                   after_step=lambda *_: bench.apply_masks())
+    recipe = Recipe(
+        epochs=ft.epochs,
+        lr=ft.lr,
+        batch_size=ft.batch_size,
+        seed=bench.seed,
+        temperature=plan.distill.temperature,
+        alpha=plan.distill.alpha,
+    )
+    losses = train(
+        bench.model,
+        bench.splits.train,
+        recipe,
+        teacher_logits=bench.teacher_logits,
+        after_step=lambda *_: bench.apply_masks(),
+    )
     bench.records["finetune_loss"] = [round(x, 5) for x in losses]

@@ -34,8 +34,10 @@ def _unstructured(bench: Workbench, cfg: PruneConfig) -> None:
     layers = prunable_layers(bench.model)
     weights = {f"{n}.weight": m.weight for n, m in layers.items()}
     if cfg.layer_scale:
-        thresholds = {p: _threshold(w.detach().abs().flatten(), cfg.layer_sparsity(p[:-7]))
-                      for p, w in weights.items()}
+        thresholds = {
+            p: _threshold(w.detach().abs().flatten(), cfg.layer_sparsity(p[:-7]))
+            for p, w in weights.items()
+        }
     else:  # one global ranking: the budget flows to the layers with the smallest weights
         pooled = torch.cat([w.detach().abs().flatten() for w in weights.values()])
         level = _threshold(pooled, cfg.sparsity)
@@ -55,11 +57,15 @@ def _threshold(values: torch.Tensor, sparsity: float) -> float:
 def _channel(bench: Workbench, cfg: PruneConfig) -> None:
     model = bench.model.eval()
     layers = prunable_layers(model)
-    ratio_dict = ({m: cfg.layer_sparsity(n) for n, m in layers.items() if n != bench.classifier}
-                  if cfg.layer_scale else None)
+    ratio_dict = (
+        {m: cfg.layer_sparsity(n) for n, m in layers.items() if n != bench.classifier}
+        if cfg.layer_scale
+        else None
+    )
     try:
         pruner = tp.pruner.MetaPruner(
-            model, bench.example,
+            model,
+            bench.example,
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             pruning_ratio=cfg.sparsity,
             pruning_ratio_dict=ratio_dict,

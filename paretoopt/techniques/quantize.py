@@ -28,17 +28,23 @@ class QTensor:
         return dequantize(self.codes, self.scale, self.zero_point)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-               ) -> torch.Tensor:
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+) -> torch.Tensor:
     """The one decoding rule, shared by the technique and the artifact reader."""
     shape = (-1,) + (1,) * (codes.dim() - 1)
     return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
 
 
 def quantize_tensor(w: torch.Tensor, cfg: QuantConfig) -> QTensor:
-    levels = 2 ** cfg.bits - 1
-    flat = w.detach().reshape(w.shape[0], -1) if cfg.granularity == "per_channel" \
+    levels = 2**cfg.bits - 1
+    flat = (
+        w.detach().reshape(w.shape[0], -1)
+        if cfg.granularity == "per_channel"
         else w.detach().reshape(1, -1)
+    )
     if cfg.scheme == "affine":
         lo = flat.min(dim=1).values.clamp(max=0.0)
         hi = flat.max(dim=1).values.clamp(min=0.0)
@@ -52,8 +58,9 @@ def quantize_tensor(w: torch.Tensor, cfg: QuantConfig) -> QTensor:
         scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
         zp = torch.full_like(scale, float(2 ** (cfg.bits - 1)))
         codes = torch.round(flat / scale[:, None]).clamp(-qmax, qmax) + zp[:, None]
-    return QTensor(codes.reshape(w.shape).long(), scale.float().contiguous(),
-                   zp.long().contiguous(), cfg.bits)
+    return QTensor(
+        codes.reshape(w.shape).long(), scale.float().contiguous(), zp.long().contiguous(), cfg.bits
+    )
 
 
 @register("quantize")

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paretoopt.errors import PlanError
+from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
+
+
+def test_plan_round_trips_through_json():
+    plan = CompressionPlan(
+        PruneConfig("channel", 0.4, {"a.b": 1.2}, 8),
+        QuantConfig(4, "per_tensor", "symmetric"),
+        DistillConfig(3.0, 0.5),
+        FinetuneConfig(2, 1e-3, 32),
+    )
+    assert CompressionPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_identity_plan():
+    assert CompressionPlan().is_identity
+    assert not CompressionPlan(quant=QuantConfig(8)).is_identity
+    assert CompressionPlan().summary() == "dense, fp32"
+
+
+def test_layer_sparsity_is_scaled_and_capped():
+    cfg = PruneConfig("unstructured", 0.6, {"x": 2.0, "y": 0.5})
+    assert cfg.layer_sparsity("x") == 0.99
+    assert cfg.layer_sparsity("y") == pytest.approx(0.3)
+    assert cfg.layer_sparsity("other") == 0.6
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (
+            lambda: PruneConfig("filter", 0.5),
+            "prune.structure: 'filter' is not supported; choose from unstructured, channel",
+        ),
+        (
+            lambda: PruneConfig("channel", 1.0),
+            "prune.sparsity: 0 <= sparsity < 1 must hold, but got 1.0",
+        ),
+        (
+            lambda: QuantConfig(12),
+            "quant.bits: 12 is not supported; choose from 2, 3, 4, 5, 6, 7, 8, 16, 32",
+        ),
+        (lambda: DistillConfig(0.0, 0.5), "distill.temperature: must be > 0, got 0.0"),
+        (lambda: DistillConfig(1.0, 1.5), "distill.alpha: 0 <= alpha <= 1 must hold, got 1.5"),
+        (
+            lambda: CompressionPlan.from_dict({"version": 99}),
+            "plan: version 99 is not supported (this paretoopt reads version 1)",
+        ),
+    ],
+)
+def test_invalid_plans(build, message):
+    with pytest.raises(PlanError) as info:
+        build()
+    assert str(info.value) == message

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import optuna
+import pytest
+
+from paretoopt.results import pareto_mask
+
+
+def brute_force(values, directions):
+    signs = np.array([-1 if d == "maximize" else 1 for d in directions])
+    loss = values * signs
+    out = []
+    for i in range(len(loss)):
+        dominated = any(
+            np.all(loss[j] <= loss[i]) and np.any(loss[j] < loss[i])
+            for j in range(len(loss))
+            if j != i
+        )
+        out.append(not dominated)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_mask_matches_brute_force_and_ignores_order(seed):
+    rng = np.random.default_rng(seed)
+    values = rng.integers(0, 6, size=(40, 3)).astype(float)  # many ties on purpose
+    directions = ["maximize", "minimize", "minimize"]
+    mask = pareto_mask(values, directions)
+    assert np.array_equal(mask, brute_force(values, directions))
+    order = rng.permutation(len(values))
+    assert np.array_equal(pareto_mask(values[order], directions), mask[order])
+
+
+def test_pareto_mask_agrees_with_optuna():
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rng = np.random.default_rng(7)
+    values = rng.random((30, 2))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for v in values:
+        study.add_trial(optuna.trial.create_trial(values=list(v)))
+    ours = set(np.flatnonzero(pareto_mask(values, ["maximize", "minimize"])))
+    assert ours == {t.number for t in study.best_trials}
+
+
+def test_empty_input():
+    assert pareto_mask(np.zeros((0, 3)), ["maximize", "minimize", "minimize"]).size == 0
+
+
+def test_results_layer_does_not_import_torch():
+    code = (
+        "import sys, paretoopt, paretoopt.results, paretoopt.space, paretoopt.plan; "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
