@@ -22,8 +22,12 @@ def test_help_lists_the_subcommands(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "paretoopt.cli", "search", "--help"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "paretoopt.cli", "search", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--trials" in out.stdout and "--space" in out.stdout
 
 
@@ -47,7 +51,8 @@ def test_unknown_key(tmp_path, capsys, tiny_doc):
     tiny_doc["space"]["quantization"]["bit"] = 4
     assert bad_input(tmp_path, capsys, tiny_doc) == (
         "space.quantization.bit: unknown key (did you mean 'bits'?); allowed keys: bits, "
-        "granularity, scheme")
+        "granularity, scheme"
+    )
 
 
 def test_malformed_yaml(tmp_path, capsys):
@@ -58,65 +63,78 @@ def test_malformed_yaml(tmp_path, capsys):
 def test_missing_space_file(tmp_path, capsys):
     code = main(["search", "--space", str(tmp_path / "none.yaml")])
     assert code == 2
-    assert capsys.readouterr().err == f"error: --space: file '{tmp_path / 'none.yaml'}' does not exist\n"
+    expected = f"error: --space: file '{tmp_path / 'none.yaml'}' does not exist\n"
+    assert capsys.readouterr().err == expected
 
 
 def test_factory_that_does_not_import(tmp_path, capsys, tiny_doc):
     tiny_doc["model"] = {"factory": "no_such_package.nets:build"}
     assert bad_input(tmp_path, capsys, tiny_doc) == (
         "model.factory: cannot import 'no_such_package.nets': ModuleNotFoundError: "
-        "No module named 'no_such_package'")
+        "No module named 'no_such_package'"
+    )
 
 
 def test_factory_file_with_an_error(tmp_path, capsys, tiny_doc):
     (tmp_path / "net.py").write_text("import torch\nraise RuntimeError('broken on purpose')\n")
     tiny_doc["model"] = {"factory": "net.py:build"}
     assert bad_input(tmp_path, capsys, tiny_doc) == (
-        f"model.factory: cannot import '{tmp_path / 'net.py'}': RuntimeError: broken on purpose")
+        f"model.factory: cannot import '{tmp_path / 'net.py'}': RuntimeError: broken on purpose"
+    )
 
 
 def test_factory_with_bad_kwargs(tmp_path, capsys, tiny_doc):
     tiny_doc["model"] = {"name": "tiny_conv", "kwargs": {"depth": 3}}
     message = bad_input(tmp_path, capsys, tiny_doc)
-    assert message.startswith("model.name: calling the factory with kwargs {'depth': 3} failed: "
-                              "TypeError:")
+    assert message.startswith(
+        "model.name: calling the factory with kwargs {'depth': 3} failed: TypeError:"
+    )
 
 
 def test_unknown_builtin(tmp_path, capsys, tiny_doc):
     tiny_doc["data"] = {"name": "cifar10"}
     assert bad_input(tmp_path, capsys, tiny_doc) == (
-        "data.name: 'cifar10' is not a built-in dataset; choose from digits or give a 'factory'")
+        "data.name: 'cifar10' is not a built-in dataset; choose from digits or give a 'factory'"
+    )
 
 
 def test_checkpoint_that_does_not_match(tmp_path, capsys, tiny_doc):
     torch.save(tiny_conv(image_size=16).state_dict(), tmp_path / "w.pt")
     tiny_doc["model"] = {"name": "tiny_conv", "checkpoint": "w.pt"}
     message = bad_input(tmp_path, capsys, tiny_doc)
-    assert message == (f"model.checkpoint: '{tmp_path / 'w.pt'}' does not match the model: "
-                       "shape mismatch (checkpoint vs model) 6.weight (16, 128) vs (16, 32)")
+    assert message == (
+        f"model.checkpoint: '{tmp_path / 'w.pt'}' does not match the model: "
+        "shape mismatch (checkpoint vs model) 6.weight (16, 128) vs (16, 32)"
+    )
 
 
 def test_checkpoint_that_is_a_pickle(tmp_path, capsys, tiny_doc):
     torch.save(tiny_conv(), tmp_path / "whole.pt")  # a whole module: refused, never unpickled
     tiny_doc["model"] = {"name": "tiny_conv", "checkpoint": "whole.pt"}
     message = bad_input(tmp_path, capsys, tiny_doc)
-    assert message == (f"model.checkpoint: '{tmp_path / 'whole.pt'}' holds pickled Python "
-                       "objects (a whole module?), which are never loaded; save "
-                       "model.state_dict() instead")
+    assert message == (
+        f"model.checkpoint: '{tmp_path / 'whole.pt'}' holds pickled Python "
+        "objects (a whole module?), which are never loaded; save "
+        "model.state_dict() instead"
+    )
 
 
 def test_model_that_does_not_fit_the_data(tmp_path, capsys, tiny_doc):
     tiny_doc["model"] = {"name": "mlp"}  # expects 256 inputs, the data has 64
     message = bad_input(tmp_path, capsys, tiny_doc)
-    assert message.startswith("model: a forward pass on the data's inputs of shape [1, 8, 8] "
-                              "failed: RuntimeError:")
+    assert message.startswith(
+        "model: a forward pass on the data's inputs of shape [1, 8, 8] failed: RuntimeError:"
+    )
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_doc):
     tiny_doc["search"]["sampler"] = "bayes"
     space = write_space(tmp_path / "s.yaml", tiny_doc)
-    out = subprocess.run([sys.executable, "-m", "paretoopt.cli", "--debug", "search",
-                          "--space", str(space)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "paretoopt.cli", "--debug", "search", "--space", str(space)],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
