@@ -202,3 +202,24 @@ def test_loading_into_the_wrong_architecture_fails_clearly(splits, tmp_path):
     with pytest.raises(ArtifactError, match="does not fit the model"):
         load_compressed(tmp_path / "m.safetensors", lambda: mlp(in_features=64))
     assert copy.deepcopy(plan) == plan
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_channel_pruning_is_monotone_and_rounded(splits, round_to):
+    from paretoopt.models import conv
+
+    widths = []
+    for sparsity in (0.3, 0.8, 0.95):
+        torch.manual_seed(0)
+        model = conv(image_size=8).eval()
+        bench = Workbench(
+            model,
+            splits,
+            logits_of(model, splits.train.x),
+            find_classifier(model, splits.train.x[:1]),
+        )
+        apply_plan(bench, CompressionPlan(PruneConfig("channel", sparsity, round_to=round_to)))
+        convs = [m.out_channels for m in bench.model.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert all(c % round_to == 0 and c >= round_to for c in convs), convs
+        widths.append(sum(p.numel() for p in bench.model.parameters()))
+    assert widths == sorted(widths, reverse=True), widths

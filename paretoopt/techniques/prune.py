@@ -57,11 +57,11 @@ def _threshold(values: torch.Tensor, sparsity: float) -> float:
 def _channel(bench: Workbench, cfg: PruneConfig) -> None:
     model = bench.model.eval()
     layers = prunable_layers(model)
-    ratio_dict = (
-        {m: cfg.layer_sparsity(n) for n, m in layers.items() if n != bench.classifier}
-        if cfg.layer_scale
-        else None
-    )
+    ratio_dict = {
+        m: min(cfg.layer_sparsity(n), _keep_at_least(m, cfg.round_to))
+        for n, m in layers.items()
+        if n != bench.classifier
+    }
     try:
         pruner = tp.pruner.MetaPruner(
             model,
@@ -76,6 +76,17 @@ def _channel(bench: Workbench, cfg: PruneConfig) -> None:
     except Exception as exc:  # a model the dependency graph cannot take is a trial fault
         raise TrialError(f"channel pruning failed: {type(exc).__name__}: {exc}") from exc
     bench.pruning_history = [list(h) for h in pruner.pruning_history()]
+
+
+def _keep_at_least(layer: torch.nn.Module, round_to: int) -> float:
+    """The largest ratio that still leaves `round_to` channels.
+
+    Torch-Pruning rounds the kept count down to a multiple of round_to; where that would be
+    zero it leaves the whole layer unpruned, so a higher sparsity would give a *bigger*
+    model. Capping the ratio keeps sparsity monotone in the size of the result.
+    """
+    width = getattr(layer, "out_channels", None) or layer.out_features
+    return max(0.0, 1.0 - (round_to + 0.5) / width)
 
 
 def layer_sparsity(bench: Workbench, before: dict[str, int]) -> dict[str, float]:
