@@ -156,7 +156,7 @@ def calibrate(ctx: StudyContext, work: Path) -> dict[str, Any]:
     candidates at all.
     """
     work.mkdir(parents=True, exist_ok=True)
-    ctx.reference, _ = _runner(ctx, ctx.baseline, work)
+    ctx.reference = _runner(ctx, ctx.baseline, work)
     call = timed_call(ctx.reference, ctx.splits.val, ctx.space.target.batch_size)
     medians = [time_runner(call, ctx.space.target).median_ms for _ in range(CALIBRATION_ROUNDS)]
     ctx.calibration = {
@@ -199,7 +199,8 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
     deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
     _check_reload(bench.model, deployed, ctx.splits.val.x[:64])
-    runner, runtime_bytes = bench.timed("export", _runner, ctx, deployed, work)
+    runner = bench.timed("export", _runner, ctx, deployed, work)
+    runtime_file = work / (RUNTIME_FILE if (work / RUNTIME_FILE).exists() else ARTIFACT)
     _check_runtime(runner, deployed, ctx.splits.val.x[:64])
     val = runtime_accuracy(runner, ctx.splits.val)
     test = runtime_accuracy(runner, ctx.splits.test)
@@ -212,7 +213,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
         "test_accuracy": test,
         "torch_accuracy": torch_val,
         "size_bytes": size,
-        "runtime_file_bytes": runtime_bytes,
+        "runtime_file_bytes": runtime_file.stat().st_size,
         "latency_ms": latency["latency_ms"],
         "latency": latency,
         "runtime": runner.name,
@@ -226,12 +227,13 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     }
 
 
-def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> tuple[Runner, int]:
+def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> Runner:
+    """The model in the target runtime; for ONNX Runtime, exported to work/model.onnx."""
     target = ctx.space.target
     if target.runtime == "torch":
-        return TorchRunner(model, target.threads), (work / ARTIFACT).stat().st_size
+        return TorchRunner(model, target.threads)
     export_onnx(model, ctx.splits.train.x[:1], work / RUNTIME_FILE)
-    return OrtRunner(work / RUNTIME_FILE, target.threads), (work / RUNTIME_FILE).stat().st_size
+    return OrtRunner(work / RUNTIME_FILE, target.threads)
 
 
 def _latency(ctx: StudyContext, runner: Runner) -> dict[str, Any]:

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paretoopt.artifact import load_compressed
+from paretoopt.pipeline import ARTIFACT, RUNTIME_FILE, calibrate, check_inputs, prepare, run_trial
+from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
+from paretoopt.space import parse_space
+from paretoopt.train import accuracy, logits_of
+
+from .conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    space = parse_space(TINY)
+    context = prepare(space, tmp_path_factory.mktemp("cache"), log=lambda _: None)
+    calibrate(context, tmp_path_factory.mktemp("calibration"))
+    return context
+
+
+PLAN = CompressionPlan(
+    PruneConfig("channel", 0.5),
+    QuantConfig(4),
+    DistillConfig(2.0, 0.5),
+    FinetuneConfig(1, 1e-3),
+)
+
+
+def test_one_trial_measures_the_model_rebuilt_from_its_file(ctx, tmp_path):
+    record = run_trial(ctx, PLAN, tmp_path / "7", seed=0)
+    assert sorted(p.name for p in (tmp_path / "7").iterdir()) == sorted([ARTIFACT, RUNTIME_FILE])
+    assert not (tmp_path / "7.partial").exists()
+    assert record["size_bytes"] == (tmp_path / "7" / ARTIFACT).stat().st_size
+    assert record["runtime_file_bytes"] == (tmp_path / "7" / RUNTIME_FILE).stat().st_size
+    model = load_compressed(tmp_path / "7" / ARTIFACT, ctx.build_model)
+    val = accuracy(logits_of(model, ctx.splits.val.x), ctx.splits.val.y)
+    assert record["torch_accuracy"] == pytest.approx(val)
+    assert record["accuracy"] == pytest.approx(val, abs=100 / len(ctx.splits.val))
+    assert record["plan"] == PLAN.to_dict()
+    assert record["params"] < sum(p.numel() for p in ctx.baseline.parameters())
+    assert record["int_kernels"] is False and record["runtime"] == "onnxruntime"
+    latency = record["latency"]
+    assert latency["runs"] == 2 * 5 and latency["median_ms"] > 0
+    assert record["latency_ms"] == pytest.approx(
+        ctx.calibration["reference_ms"] * latency["ratio_to_baseline"]
+    )
+    assert set(record["layer_bits"].values()) == {4}
+    assert set(record["timings"]) >= {"prune", "distill", "quantize", "write", "export", "measure"}
+
+
+def test_the_baseline_trial_changes_nothing(ctx, tmp_path):
+    record = run_trial(ctx, CompressionPlan(), tmp_path / "0", seed=0)
+    base = accuracy(logits_of(ctx.baseline, ctx.splits.val.x), ctx.splits.val.y)
+    assert record["accuracy"] == pytest.approx(base)
+    fp32 = sum(
+        t.numel() * 4 for t in ctx.baseline.state_dict().values() if t.dtype == torch.float32
+    )
+    assert fp32 < record["size_bytes"] < fp32 + 4096  # the raw tensors plus a small header
+
+
+def test_torch_runtime(ctx, tmp_path):
+    import dataclasses
+
+    torch_ctx = dataclasses.replace(
+        ctx,
+        space=dataclasses.replace(
+            ctx.space, target=dataclasses.replace(ctx.space.target, runtime="torch")
+        ),
+    )
+    calibrate(torch_ctx, tmp_path / "cal")
+    record = run_trial(torch_ctx, PLAN, tmp_path / "1", seed=0)
+    assert record["runtime"] == "torch"
+    assert record["accuracy"] == pytest.approx(record["torch_accuracy"])
+    assert not (tmp_path / "1" / RUNTIME_FILE).exists()
+
+
+def test_the_baseline_cache_is_reused(tmp_path):
+    space = parse_space(TINY)
+    first = prepare(space, tmp_path, log=lambda _: None)
+    second = prepare(space, tmp_path, log=lambda _: None)
+    assert (first.baseline_source, second.baseline_source) == ("trained", "cache")
+    for a, b in zip(
+        first.baseline.state_dict().values(), second.baseline.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_check_inputs_finds_the_classes():
+    model, splits = check_inputs(parse_space(TINY))
+    assert splits.input_shape == (1, 8, 8)
+    assert model(splits.val.x[:2]).shape == (2, 10)
