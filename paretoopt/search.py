@@ -64,10 +64,10 @@ def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
 def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> CompressionPlan:
     """Turn one Optuna trial into a compression plan; fixed knobs are not parameters."""
     s = space.space
-    sparsity = float(suggest(trial, "prune.sparsity", s.pruning.sparsity))
-    structure = (
-        str(suggest(trial, "prune.structure", s.pruning.structure)) if sparsity else "unstructured"
-    )
+    structure = str(suggest(trial, "prune.structure", s.pruning.structure))
+    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
+    # weights, so the two levels mean different things and the sampler must learn them apart.
+    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", s.pruning.sparsity))
     scales = {}
     if s.pruning.per_layer and sparsity > 0:
         scales = {
