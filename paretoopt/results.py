@@ -151,6 +151,8 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
     study = optuna.load_study(study_name=space["study"], storage=open_storage(url, directory))
     baseline = metadata.get("baseline") or {}
     frame = trials_frame(study, baseline or None)
+    if len(frame):  # artifacts of trials off the front are removed when a search ends
+        frame["artifact"] = [a if a and (directory / a).is_dir() else "" for a in frame["artifact"]]
     metrics = list(space["objectives"])
     directions = [space["objectives"][m] for m in metrics]
     return StudyResults(

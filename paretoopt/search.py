@@ -122,6 +122,7 @@ class Session:
     space: Space
     directory: Path
     study: optuna.Study
+    storage: optuna.storages.BaseStorage
     embedded: bool
 
 
@@ -144,7 +145,7 @@ def open_session(space: Space, results_root: Path) -> Session:
         study.set_metric_names(space.metrics)
     if not study.trials:
         study.enqueue_trial({}, user_attrs={BASELINE_ATTR: True})
-    return Session(space, directory, study, space.search.storage is None)
+    return Session(space, directory, study, storage, space.search.storage is None)
 
 
 def _count(storage: optuna.storages.BaseStorage, name: str) -> int:
@@ -192,11 +193,13 @@ def _fail_interrupted(session: Session) -> int:
     """Trials left RUNNING in the embedded storage belong to a process that died."""
     if not session.embedded:
         return 0
-    storage = session.study._storage
+    storage = session.storage
+    study_id = storage.get_study_id_from_name(session.space.study)
     stale = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for t in stale:
-        storage.set_trial_user_attr(t._trial_id, "fail_reason", INTERRUPTED)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
         if t.user_attrs.get(BASELINE_ATTR):  # the baseline must run again
             session.study.enqueue_trial({}, user_attrs={BASELINE_ATTR: True})
     return len(stale)
@@ -394,28 +397,18 @@ def _versions() -> dict[str, str]:
 
 
 def finish(session: Session, reporter: Reporter) -> StudyResults:
-    """Write the tables, keep only the front's (and the baseline's) artifacts."""
+    """Keep only the front's (and the baseline's) artifacts, then write the tables."""
     results = load_results(session.directory, session.space.search.storage)
-    keep = (
-        set(results.pareto["number"])
-        | set(results.trials.loc[results.trials["baseline"], "number"])
-        if len(results.trials)
-        else set()
+    frame = results.trials
+    keep = set(results.pareto.get("number", [])) | set(
+        frame.loc[frame["baseline"], "number"] if len(frame) else []
     )
     trials_dir = session.directory / TRIALS_DIR
     if trials_dir.is_dir():
         for child in trials_dir.iterdir():
             if not child.name.isdigit() or int(child.name) not in keep:
                 shutil.rmtree(child, ignore_errors=True)
-    kept = results.trials["number"].isin(keep) if len(results.trials) else None
-    trials = (
-        results.trials.assign(artifact=results.trials["artifact"].where(kept, ""))
-        if kept is not None
-        else results.trials
-    )
-    results = StudyResults(
-        results.name, results.directory, trials, results.pareto, results.baseline, results.metadata
-    )
+    results = load_results(session.directory, session.space.search.storage)
     write_tables(results)
     reporter.finish(results)
     return results
