@@ -32,6 +32,7 @@ class Reporter(Protocol):
     ) -> None: ...
     def trial_failed(self, number: int, reason: str) -> None: ...
     def advance(self, done: int) -> None: ...
+    def stop(self) -> None: ...
     def finish(self, results: StudyResults) -> None: ...
 
 
@@ -51,6 +52,9 @@ class SilentReporter:
         pass
 
     def advance(self, done: int) -> None:
+        pass
+
+    def stop(self) -> None:
         pass
 
     def finish(self, results: StudyResults) -> None:
@@ -133,9 +137,12 @@ class RichReporter:
             )
             self.progress.update(self.task, completed=done, best=best)
 
-    def finish(self, results: StudyResults) -> None:
+    def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+            self.progress = None
+
+    def finish(self, results: StudyResults) -> None:
         self.console.print(front_table(results))
         self.console.print(
             f"results: {results.directory}/ (trials.csv, pareto.csv, "
@@ -144,10 +151,17 @@ class RichReporter:
 
 
 def front_table(results: StudyResults) -> Table:
-    table = Table(
-        title=f"Pareto front of {results.name}: {len(results.pareto)} of "
-        f"{len(results.trials)} trials (feasible, non-dominated)"
-    )
+    if len(results.pareto):
+        title = (
+            f"Pareto front of {results.name}: {len(results.pareto)} of "
+            f"{len(results.trials)} trials (feasible, non-dominated)"
+        )
+    else:
+        title = (
+            f"{results.name}: no feasible completed trial yet among "
+            f"{len(results.trials)}; see trials.csv for the reasons"
+        )
+    table = Table(title=title)
     for col in (
         "trial",
         "val acc %",

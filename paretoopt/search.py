@@ -249,7 +249,10 @@ def search(
         reporter.log(
             f"resume: {lost} trial(s) interrupted earlier are marked failed and will be replaced"
         )
-    _loop(session, ctx, reporter)
+    try:
+        _loop(session, ctx, reporter)
+    finally:  # an interrupt must not leave a live progress display behind
+        reporter.stop()
     return finish(session, reporter)
 
 
