@@ -54,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("search", help="run or resume the study a space file describes")
+    # --debug is accepted before or after the subcommand
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors"
+    )
+    p = sub.add_parser(
+        "search", parents=[debug], help="run or resume the study a space file describes"
+    )
     p.add_argument("--space", required=True, help="search-space YAML file")
     p.add_argument(
         "--trials",
@@ -66,11 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results", help="results root (default: results)")
     p.set_defaults(func=_search)
 
-    p = sub.add_parser("validate", help="check a space file and print its normalised form")
+    p = sub.add_parser(
+        "validate", parents=[debug], help="check a space file and print its normalised form"
+    )
     p.add_argument("--space", required=True, help="search-space YAML file")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("show", help="print the Pareto front of a study")
+    p = sub.add_parser("show", parents=[debug], help="print the Pareto front of a study")
     p.add_argument("--study", required=True, help="study name (folder under results/)")
     p.add_argument("--results", default="results", help="results root (default: results)")
     p.set_defaults(func=_show)

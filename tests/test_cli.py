@@ -130,12 +130,15 @@ def test_model_that_does_not_fit_the_data(tmp_path, capsys, tiny_doc):
 def test_debug_shows_the_traceback(tmp_path, tiny_doc):
     tiny_doc["search"]["sampler"] = "bayes"
     space = write_space(tmp_path / "s.yaml", tiny_doc)
-    out = subprocess.run(
-        [sys.executable, "-m", "paretoopt.cli", "--debug", "search", "--space", str(space)],
-        capture_output=True,
-        text=True,
-    )
-    assert out.returncode != 0 and "Traceback" in out.stderr
+    for args in (
+        ["--debug", "search", "--space", str(space)],
+        ["search", "--space", str(space), "--debug"],
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "paretoopt.cli", *args], capture_output=True, text=True
+        )
+        assert out.returncode != 0 and "Traceback" in out.stderr, args
+        assert "search.sampler: 'bayes' is not supported" in out.stderr
 
 
 def test_bad_flag_value(capsys):

@@ -1,0 +1,56 @@
+"""Contract tests every registered technique must pass."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from paretoopt.data import create_data
+from paretoopt.models import tiny_conv
+from paretoopt.plan import CompressionPlan
+from paretoopt.space import ComponentSpec
+from paretoopt.techniques import ORDER, TECHNIQUES, Workbench, apply_plan
+from paretoopt.techniques.bench import find_classifier
+from paretoopt.train import logits_of
+
+
+@pytest.fixture(scope="module")
+def bench_factory():
+    splits = create_data(ComponentSpec(name="digits", kwargs={"size": 8}))
+    torch.manual_seed(0)
+    model = tiny_conv().eval()
+    teacher = logits_of(model, splits.train.x)
+    classifier = find_classifier(model, splits.train.x[:1])
+    return lambda: Workbench(copy.deepcopy(model), splits, teacher, classifier)
+
+
+def test_every_technique_is_registered_and_ordered(bench_factory):
+    apply_plan(bench_factory(), CompressionPlan())  # registers the technique modules
+    assert set(ORDER) == set(TECHNIQUES)
+
+
+@pytest.mark.parametrize("name", ORDER)
+def test_identity_plan_changes_nothing(name, bench_factory):
+    apply_plan(bench_factory(), CompressionPlan())  # registers the technique modules
+    bench = bench_factory()
+    before = copy.deepcopy(bench.model.state_dict())
+    TECHNIQUES[name](bench, CompressionPlan())
+    after = bench.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not bench.masks and not bench.quantized and not bench.pruning_history
+
+
+def test_find_classifier_uses_execution_order():
+    class Reordered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 3)  # registered first, runs last
+            self.body = torch.nn.Linear(4, 8)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    assert find_classifier(Reordered(), torch.zeros(1, 4)) == "head"
