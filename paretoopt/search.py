@@ -266,11 +266,19 @@ def _calibrate(session: Session, ctx: Any, reporter: Reporter) -> None:
 
     with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
         cal = calibrate(ctx, Path(tmp))
-    reporter.log(
-        f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
-        f"(rounds {', '.join(f'{m:.4f}' for m in cal['medians_ms'])}; "
-        f"spread {cal['spread']:.2f})"
-    )
+    rounds = ", ".join(f"{m:.4f}" for m in cal["medians_ms"])
+    first = read_json(session.directory / RUN_FILE).get("reference_ms")
+    if first:  # a resumed study keeps one scale: every latency is first reference x ratio
+        cal["reference_ms"] = first
+        reporter.log(
+            f"calibration: baseline latency now {rounds} ms; the study's reference "
+            f"stays {first:.4f} ms (candidates are timed against the baseline)"
+        )
+    else:
+        reporter.log(
+            f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
+            f"(rounds {rounds}; spread {cal['spread']:.2f})"
+        )
     if cal["spread"] > SPREAD_WARNING:
         reporter.log(
             f"[yellow]warning[/]: the baseline's latency varies by "
@@ -382,6 +390,7 @@ def _write_metadata(session: Session, ctx: Any) -> None:
     )
     if ctx.calibration:
         meta.setdefault("calibrations", []).append(ctx.calibration)
+        meta.setdefault("reference_ms", ctx.calibration["reference_ms"])
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     meta["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     write_json(path, meta)

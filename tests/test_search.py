@@ -67,6 +67,10 @@ def test_resume_continues_to_the_new_total_and_reuses_the_baseline(finished, tmp
     assert list(trials["number"]) == [0, 1, 2, 3]
     meta = json.loads((results / "tiny" / "run.json").read_text())
     assert meta["baseline_source"] == "cache"
+    # one latency scale per study: the first calibration's reference is kept
+    assert len(meta["calibrations"]) == 2
+    assert meta["reference_ms"] == meta["calibrations"][0]["reference_ms"]
+    assert meta["calibrations"][1]["reference_ms"] == meta["reference_ms"]
     # the same command again has nothing left to do
     assert run_cli("search", "--space", str(space), "--results", str(results), "--trials", "4") == 0
     assert len(pd.read_csv(results / "tiny" / "trials.csv")) == 4

@@ -224,3 +224,8 @@ def test_reference_rows_cover_nested_sections():
     paths = [r[0] for r in reference_rows()]
     assert "space.pruning.sparsity" in paths and "target.threads" in paths
     assert all(re.match(r"^[a-z_.]+$", p) for p in paths)
+
+
+def test_readme_shows_conv_yaml_as_shipped():
+    readme = (ROOT / "README.md").read_text()
+    assert (ROOT / "search_spaces" / "conv.yaml").read_text() in readme
