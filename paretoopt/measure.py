@@ -83,22 +83,35 @@ def time_paired(
     run: Callable[[], Any],
     reference: Callable[[], Any],
     target: TargetSpec,
-) -> tuple[LatencyStats, LatencyStats]:
+) -> tuple[LatencyStats, LatencyStats, float]:
     """The same protocol with the reference model timed in alternating rounds.
 
-    The machine drifts (clock, caches, neighbours) by 10-30 % over minutes; alternating
-    rounds put the candidate and the baseline in the same conditions, so their ratio is
-    trustworthy even when the absolute figures move.
+    Returns both models' statistics and the candidate/reference latency ratio. The machine
+    drifts (clock, caches, neighbours) by 10-30 % over minutes, and now and then one round
+    runs several times slower. So each round of the candidate is paired with the adjacent
+    round of the reference (in ABBA order, which cancels a linear drift), and the ratio is
+    the median of the per-pair ratios: one disturbed round cannot move it.
     """
     for _ in range(target.warmup):
         reference()
         run()
     ours: list[list[float]] = []
     theirs: list[list[float]] = []
-    for _ in range(target.repeats):
-        theirs.append(_round(reference, target.iterations))
-        ours.append(_round(run, target.iterations))
-    return _stats(ours, target.batch_size), _stats(theirs, target.batch_size)
+    for i in range(target.repeats):
+        if i % 2 == 0:
+            theirs.append(_round(reference, target.iterations))
+            ours.append(_round(run, target.iterations))
+        else:
+            ours.append(_round(run, target.iterations))
+            theirs.append(_round(reference, target.iterations))
+    ratios = [
+        statistics.median(a) / statistics.median(b) for a, b in zip(ours, theirs, strict=True)
+    ]
+    return (
+        _stats(ours, target.batch_size),
+        _stats(theirs, target.batch_size),
+        statistics.median(ratios),
+    )
 
 
 # --------------------------------------------------------------------------- runtimes

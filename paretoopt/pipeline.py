@@ -241,12 +241,11 @@ def _latency(ctx: StudyContext, runner: Runner) -> dict[str, Any]:
     if ctx.reference is None or ctx.calibration is None:
         raise TrialError("no calibrated baseline to measure against (call calibrate first)")
     target, split = ctx.space.target, ctx.splits.val
-    ours, theirs = time_paired(
+    ours, theirs, ratio = time_paired(
         timed_call(runner, split, target.batch_size),
         timed_call(ctx.reference, split, target.batch_size),
         target,
     )
-    ratio = ours.median_ms / theirs.median_ms
     return {
         **ours.to_dict(),
         "latency_ms": ctx.calibration["reference_ms"] * ratio,

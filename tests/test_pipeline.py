@@ -91,3 +91,28 @@ def test_check_inputs_finds_the_classes():
     model, splits = check_inputs(parse_space(TINY))
     assert splits.input_shape == (1, 8, 8)
     assert model(splits.val.x[:2]).shape == (2, 10)
+
+
+def test_paired_timing_ignores_one_disturbed_round(monkeypatch):
+    import types
+
+    from paretoopt import measure
+    from paretoopt.space import TargetSpec
+
+    now = {"ns": 0, "calls": 0}  # a fake clock: the models advance it, nothing sleeps
+    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter_ns=lambda: now["ns"]))
+
+    def candidate():
+        now["calls"] += 1
+        disturbed = 2 * 20 < now["calls"] <= 3 * 20  # the third round runs 4x slower
+        now["ns"] += 4_000_000 if disturbed else 1_000_000
+
+    def reference():
+        now["ns"] += 2_000_000
+
+    target = TargetSpec(warmup=0, repeats=5, iterations=20)
+    ours, theirs, ratio = measure.time_paired(candidate, reference, target)
+    assert ours.runs == theirs.runs == 100
+    assert ratio == 0.5  # the per-round ratios are 0.5, 0.5, 2.0, 0.5, 0.5
+    assert theirs.median_ms == 2.0 and ours.median_ms == 1.0
+    assert ours.spread == 4.0  # the disturbed round still shows in the spread
