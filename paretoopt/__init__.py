@@ -15,13 +15,13 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .results import StudyResults, load_results
-    from .search import search
     from .space import Space, load_space
+    from .study import search
 
 __all__ = ["Space", "StudyResults", "load_results", "load_space", "search", "__version__"]
 
 _LAZY = {
-    "search": "search",
+    "search": "study",
     "load_results": "results",
     "StudyResults": "results",
     "load_space": "space",

@@ -145,13 +145,21 @@ def read_metadata(path: Path) -> dict[str, Any]:
             f"{path}: format version {meta.get('format_version')} is not "
             f"supported (this paretoopt reads {FORMAT_VERSION})"
         )
-    return {k: (v if k in ("format", "format_version") else json.loads(v)) for k, v in meta.items()}
+    try:
+        return {
+            k: (v if k in ("format", "format_version") else json.loads(v)) for k, v in meta.items()
+        }
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: damaged metadata: {exc}") from None
 
 
 def decode_state_dict(path: Path) -> dict[str, torch.Tensor]:
     meta = read_metadata(path)
     arrays = load_file(str(path))
-    return {key: _decode(arrays, key, entry) for key, entry in meta["layout"].items()}
+    try:
+        return {key: _decode(arrays, key, entry) for key, entry in meta["layout"].items()}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: damaged tensor data: {type(exc).__name__}: {exc}") from None
 
 
 def _decode(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> torch.Tensor:
@@ -190,15 +198,17 @@ def load_compressed(path: Path, build_model: Callable[[], nn.Module]) -> nn.Modu
     model = build_model().eval()
     if meta["pruning_history"]:
         example = torch.zeros(1, *meta["input_shape"])
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        graph.load_pruning_history([tuple(h) for h in meta["pruning_history"]])
+        try:
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+            graph.load_pruning_history([tuple(h) for h in meta["pruning_history"]])
+        except Exception as exc:  # the history names layers this architecture lacks
+            raise ArtifactError(
+                f"{path}: its channel removal does not replay on this model: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
     state = decode_state_dict(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ArtifactError(f"{path}: does not fit the model: {exc}") from None
     return model.eval()
-
-
-def artifact_plan(path: Path) -> CompressionPlan:
-    return CompressionPlan.from_dict(read_metadata(path)["plan"])

@@ -11,14 +11,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ParetoError
+from .errors import ParetoError, one_line
 
 EXIT_BAD_INPUT = 2
 
 
 def _search(args: argparse.Namespace) -> int:
     from .report import RichReporter
-    from .search import search
+    from .study import search
 
     search(args.space, trials=args.trials, results_root=args.results, reporter=RichReporter())
     return 0
@@ -96,11 +96,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def one_line(message: str) -> str:
-    """Errors are one line: a user module's multi-line message is folded."""
-    return " ".join(part.strip() for part in message.splitlines() if part.strip())
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -110,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # the disk or the file system, not the input
+        if args.debug:
+            raise
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130

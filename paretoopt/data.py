@@ -105,11 +105,21 @@ def _materialise(dataset: Any, where: str) -> Split:
         raise SpaceError(f"{where}: the split is empty")
     xs, ys = [], []
     for i in range(n):
-        item = dataset[i]
+        try:
+            item = dataset[i]
+        except Exception as exc:
+            raise SpaceError(
+                f"{where}: reading item {i} failed: {type(exc).__name__}: {exc}"
+            ) from None
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise SpaceError(f"{where}: item {i} must be (input, label), got {type(item).__name__}")
-        xs.append(torch.as_tensor(item[0], dtype=torch.float32))
-        ys.append(int(item[1]))
+        try:
+            xs.append(torch.as_tensor(item[0], dtype=torch.float32))
+            ys.append(int(item[1]))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise SpaceError(
+                f"{where}: item {i} is not (tensor-like input, integer label): {exc}"
+            ) from None
     try:
         x = torch.stack(xs)
     except RuntimeError as exc:

@@ -30,3 +30,8 @@ class TrialError(ParetoError):
 
 class StudyError(ParetoError):
     """A study in results/ cannot be opened or resumed as asked."""
+
+
+def one_line(message: str) -> str:
+    """Errors are shown on one line: a user module's multi-line message is folded."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())

@@ -11,7 +11,7 @@ This module does not import torch or optuna: it is pure, validated data.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,21 +153,3 @@ def _parse_range(raw: dict[str, Any], rule: KnobRule, where: str) -> Knob:
         for v in knob.values():  # every integer the range can produce must be allowed
             rule.check(v, where)
     return Fixed(low) if low == high else knob
-
-
-def knob_to_yaml(knob: Knob) -> Any:
-    return knob.to_yaml()
-
-
-def knob_values(knob: Knob) -> list[Scalar]:
-    """The values a knob can take, where that set is finite (Fixed, Choice, integer Range)."""
-    if isinstance(knob, Fixed):
-        return [knob.value]
-    if isinstance(knob, Choice):
-        return list(knob.options)
-    if knob.integer:
-        return list(knob.values())
-    return [knob.low, knob.high]
-
-
-Suggest = Callable[[str, Knob], Scalar]

@@ -16,7 +16,8 @@ import logging
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -186,8 +187,7 @@ def timed_call(runner: Runner, split: Split, batch_size: int) -> Callable[[], An
     x = split.x.numpy()
     reps = -(-batch_size // len(x))
     batch = np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])
-    if isinstance(runner, TorchRunner):  # threads are set once, outside the timed region
-        torch.set_num_threads(runner.threads)
+    if isinstance(runner, TorchRunner):  # threads: see runtime_threads, outside the timing
         model, tensor = runner.model, torch.from_numpy(batch)
 
         def run() -> Any:
@@ -198,8 +198,18 @@ def timed_call(runner: Runner, split: Split, batch_size: int) -> Callable[[], An
     return lambda: runner(batch)
 
 
-def measure_latency(runner: Runner, split: Split, target: TargetSpec) -> LatencyStats:
-    return time_runner(timed_call(runner, split, target.batch_size), target)
+@contextmanager
+def runtime_threads(runner: Runner) -> Iterator[None]:
+    """Eager PyTorch is timed with the target's thread count; training gets its own back."""
+    if not isinstance(runner, TorchRunner):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(runner.threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def hardware_fingerprint() -> dict[str, Any]:

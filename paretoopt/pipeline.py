@@ -32,6 +32,7 @@ from .measure import (
     export_onnx,
     runtime_accuracy,
     runtime_logits,
+    runtime_threads,
     time_paired,
     time_runner,
     timed_call,
@@ -109,15 +110,32 @@ def prepare(
 
 def baseline_key(space: Space) -> str:
     """Everything that decides the trained baseline, hashed: model, data, recipe, code."""
+    from . import __version__
+
     doc = space_to_dict(space)
     parts: dict[str, Any] = {k: doc[k] for k in ("model", "data", "baseline")}
+    parts["code"] = (__version__, torch.__version__)
     for key in ("model", "data"):
         factory = doc[key].get("factory", "")
-        file = factory.rsplit(":", 1)[0] if factory else ""
-        if file.endswith(".py") and Path(file).is_file():
-            parts[f"{key}_source"] = hashlib.sha256(Path(file).read_bytes()).hexdigest()
+        source = _factory_source(factory.rsplit(":", 1)[0]) if factory else None
+        if source is not None:  # an edited factory must not reuse a stale baseline
+            parts[f"{key}_source"] = hashlib.sha256(source.read_bytes()).hexdigest()
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _factory_source(target: str) -> Path | None:
+    """The file a factory lives in: a .py path, or the origin of an importable module."""
+    if target.endswith(".py"):
+        return Path(target) if Path(target).is_file() else None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None
 
 
 def _baseline_from_cache(
@@ -125,9 +143,16 @@ def _baseline_from_cache(
 ) -> str:
     path = cache_dir / f"baseline-{baseline_key(space)}.pt"
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        log(f"baseline: reusing the trained model cached in {path}")
-        return "cache"
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # a damaged cache entry is retrained, not trusted
+            log(
+                f"baseline: the cached model {path} cannot be used ({type(exc).__name__}); "
+                "training it again"
+            )
+        else:
+            log(f"baseline: reusing the trained model cached in {path}")
+            return "cache"
     b = space.baseline
     log(f"baseline: training {b.epochs} epochs (no checkpoint given; cached afterwards)")
     torch.manual_seed(b.seed)
@@ -148,20 +173,28 @@ def _baseline_from_cache(
 CALIBRATION_ROUNDS = 3
 
 
-def calibrate(ctx: StudyContext, work: Path) -> dict[str, Any]:
+def calibrate(
+    ctx: StudyContext,
+    work: Path,
+    reference_ms: float | None = None,
+) -> dict[str, Any]:
     """Load the baseline into the target runtime and time it several times.
 
-    The median of these runs is the reference every candidate's latency is scaled from
-    (see ``time_paired``); their spread tells whether the machine is quiet enough to rank
-    candidates at all.
+    The median of these runs (``measured_ms``) becomes the reference every candidate's
+    latency is scaled from (see ``time_paired``), unless the study already fixed one
+    (``reference_ms``, from its first session): a study keeps one latency scale. The
+    spread tells whether the machine is quiet enough to rank candidates at all.
     """
     work.mkdir(parents=True, exist_ok=True)
     ctx.reference = _runner(ctx, ctx.baseline, work)
     call = timed_call(ctx.reference, ctx.splits.val, ctx.space.target.batch_size)
-    medians = [time_runner(call, ctx.space.target).median_ms for _ in range(CALIBRATION_ROUNDS)]
+    with runtime_threads(ctx.reference):
+        medians = [time_runner(call, ctx.space.target).median_ms for _ in range(CALIBRATION_ROUNDS)]
+    measured = sorted(medians)[len(medians) // 2]
     ctx.calibration = {
         "medians_ms": medians,
-        "reference_ms": sorted(medians)[len(medians) // 2],
+        "measured_ms": measured,
+        "reference_ms": reference_ms or measured,
         "spread": max(medians) / min(medians),
     }
     return ctx.calibration
@@ -200,7 +233,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
     _check_reload(bench.model, deployed, ctx.splits.val.x[:64])
     runner = bench.timed("export", _runner, ctx, deployed, work)
-    runtime_file = work / (RUNTIME_FILE if (work / RUNTIME_FILE).exists() else ARTIFACT)
+    runtime_file = work / RUNTIME_FILE  # none for the torch runtime: it runs the module
     _check_runtime(runner, deployed, ctx.splits.val.x[:64])
     val = runtime_accuracy(runner, ctx.splits.val)
     test = runtime_accuracy(runner, ctx.splits.test)
@@ -213,7 +246,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
         "test_accuracy": test,
         "torch_accuracy": torch_val,
         "size_bytes": size,
-        "runtime_file_bytes": runtime_file.stat().st_size,
+        "runtime_file_bytes": runtime_file.stat().st_size if runtime_file.exists() else None,
         "latency_ms": latency["latency_ms"],
         "latency": latency,
         "runtime": runner.name,
@@ -241,11 +274,12 @@ def _latency(ctx: StudyContext, runner: Runner) -> dict[str, Any]:
     if ctx.reference is None or ctx.calibration is None:
         raise TrialError("no calibrated baseline to measure against (call calibrate first)")
     target, split = ctx.space.target, ctx.splits.val
-    ours, theirs, ratio = time_paired(
-        timed_call(runner, split, target.batch_size),
-        timed_call(ctx.reference, split, target.batch_size),
-        target,
-    )
+    with runtime_threads(runner):
+        ours, theirs, ratio = time_paired(
+            timed_call(runner, split, target.batch_size),
+            timed_call(ctx.reference, split, target.batch_size),
+            target,
+        )
     return {
         **ours.to_dict(),
         "latency_ms": ctx.calibration["reference_ms"] * ratio,

@@ -26,7 +26,8 @@ def _require(ok: bool, message: str) -> None:
 class PruneConfig:
     structure: str = "unstructured"
     sparsity: float = 0.0
-    layer_scale: Mapping[str, float] = field(default_factory=dict)
+    # per-layer multipliers; left out of the hash so that a plan stays hashable
+    layer_scale: Mapping[str, float] = field(default_factory=dict, hash=False)
     round_to: int = 1
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,7 +29,12 @@ class Reporter(Protocol):
     def log(self, message: str) -> None: ...
     def start(self, space: Space, done: int) -> None: ...
     def trial_done(
-        self, number: int, record: dict[str, Any], seconds: float, baseline: dict[str, Any]
+        self,
+        number: int,
+        record: dict[str, Any],
+        seconds: float,
+        baseline: dict[str, Any],
+        feasible: bool,
     ) -> None: ...
     def trial_failed(self, number: int, reason: str) -> None: ...
     def advance(self, done: int) -> None: ...
@@ -44,7 +50,12 @@ class SilentReporter:
         pass
 
     def trial_done(
-        self, number: int, record: dict[str, Any], seconds: float, baseline: dict[str, Any]
+        self,
+        number: int,
+        record: dict[str, Any],
+        seconds: float,
+        baseline: dict[str, Any],
+        feasible: bool,
     ) -> None:
         pass
 
@@ -77,7 +88,7 @@ class RichReporter:
         self.console = console or Console(width=None if sys.stdout.isatty() else 160)
         self.progress: Progress | None = None
         self.task: Any = None
-        self.best: dict[str, float] = {}
+        self.best: dict[str, float] = {}  # over feasible trials of this session
 
     def log(self, message: str) -> None:
         (self.progress.console if self.progress else self.console).print(message)
@@ -106,23 +117,28 @@ class RichReporter:
         )
 
     def trial_done(
-        self, number: int, record: dict[str, Any], seconds: float, baseline: dict[str, Any]
+        self,
+        number: int,
+        record: dict[str, Any],
+        seconds: float,
+        baseline: dict[str, Any],
+        feasible: bool,
     ) -> None:
         acc, size, lat = record["accuracy"], record["size_bytes"], record["latency_ms"]
-        self.best["accuracy"] = max(acc, self.best.get("accuracy", acc))
-        self.best["size"] = min(size, self.best.get("size", size))
-        self.best["latency"] = min(lat, self.best.get("latency", lat))
+        if feasible:  # the bar's "best" figures are those a user could ship
+            self.best["accuracy"] = max(acc, self.best.get("accuracy", acc))
+            self.best["size"] = min(size, self.best.get("size", size))
+            self.best["latency"] = min(lat, self.best.get("latency", lat))
+        status = "[green]ok[/]" if feasible else "[yellow]infeasible[/]"
         self.log(
-            f"trial {number:>3} [green]ok[/] {seconds:5.1f} s  acc {acc:6.2f} % "
+            f"trial {number:>3} {status} {seconds:5.1f} s  acc {acc:6.2f} % "
             f"({acc - baseline['accuracy']:+.2f})  size {human_bytes(size):>9} "
             f"({baseline['size_bytes'] / size:4.1f}x)  latency {lat:.4f} ms "
-            f"({baseline['latency_ms'] / lat:4.2f}x)  {record['plan_summary']}"
-            if "plan_summary" in record
-            else f"trial {number} ok"
+            f"({baseline['latency_ms'] / lat:4.2f}x)  {escape(record.get('plan_summary', ''))}"
         )
 
     def trial_failed(self, number: int, reason: str) -> None:
-        self.log(f"trial {number:>3} [red]FAIL[/] {reason}")
+        self.log(f"trial {number:>3} [red]FAIL[/] {escape(reason)}")
 
     def advance(self, done: int) -> None:
         if self.progress is not None:

@@ -85,14 +85,17 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "torch_accuracy": a.get("torch_accuracy"),
         "size_bytes": a.get("size_bytes"),
         "latency_ms": a.get("latency_ms"),
-        "latency_p90_ms": latency.get("p90_ms"),
+        # raw figures of the candidate's own rounds; latency_ms is drift-corrected
+        "latency_raw_median_ms": latency.get("median_ms"),
+        "latency_raw_p90_ms": latency.get("p90_ms"),
         "latency_spread": latency.get("spread"),
         "plan": a.get("plan_summary", ""),
         "duration_s": t.duration.total_seconds() if t.duration else None,
         "fail_reason": a.get("fail_reason", ""),
         "artifact": a.get("artifact", ""),
     }
-    if baseline and row["accuracy"] is not None:
+    measured = [row[k] for k in ("accuracy", "size_bytes", "latency_ms")]
+    if baseline and t.state.name == "COMPLETE" and None not in measured:
         row["accuracy_change"] = row["accuracy"] - baseline["accuracy"]
         row["size_ratio"] = baseline["size_bytes"] / row["size_bytes"]
         row["speedup"] = baseline["latency_ms"] / row["latency_ms"]
@@ -146,9 +149,18 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
             f"studies in {parent}: {listing}"
         )
     space = yaml.safe_load(space_file.read_text())
+    if not isinstance(space, dict) or "study" not in space:
+        raise StudyError(f"{space_file} is damaged; it does not name a study")
     metadata = read_json(directory / RUN_FILE)
     url = storage or space.get("search", {}).get("storage")
-    study = optuna.load_study(study_name=space["study"], storage=open_storage(url, directory))
+    if url is None and not (directory / JOURNAL_FILE).is_file():  # reading must not create it
+        raise StudyError(f"{directory}: the study has no storage yet ({JOURNAL_FILE} is missing)")
+    try:
+        study = optuna.load_study(study_name=space["study"], storage=open_storage(url, directory))
+    except Exception as exc:
+        raise StudyError(
+            f"{directory}: cannot open study {space['study']!r}: {type(exc).__name__}: {exc}"
+        ) from None
     baseline = metadata.get("baseline") or {}
     frame = trials_frame(study, baseline or None)
     if len(frame):  # artifacts of trials off the front are removed when a search ends

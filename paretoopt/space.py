@@ -448,7 +448,12 @@ def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
     if raw is None:
         return tuple(Objective(m, d) for m, d in METRICS.items())
     if isinstance(raw, list):
-        raw = {m: METRICS.get(m) if isinstance(m, str) else None for m in raw}
+        bad = [m for m in raw if not isinstance(m, str)]
+        if bad:
+            raise SpaceError(
+                f"objectives: expected metric names ({', '.join(METRICS)}), but got {bad[0]!r}"
+            )
+        raw = {m: METRICS.get(m) for m in raw}
     if not isinstance(raw, dict):
         raise SpaceError(
             f"objectives: expected a list of metrics ({', '.join(METRICS)}) or "

@@ -158,3 +158,9 @@ def test_validate_prints_the_normal_form(tiny_space_file, capsys):
 def test_show_of_a_missing_study(tmp_path, capsys):
     assert main(["show", "--study", "nothing", "--results", str(tmp_path)]) == 2
     assert "not a paretoopt study folder" in capsys.readouterr().err
+
+
+def test_bad_storage_url(tmp_path, capsys, tiny_doc):
+    tiny_doc["search"]["storage"] = "nosuchdb://localhost/x"
+    message = bad_input(tmp_path, capsys, tiny_doc)
+    assert message.startswith("search.storage: cannot open 'nosuchdb://localhost/x': ")

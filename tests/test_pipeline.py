@@ -69,8 +69,11 @@ def test_torch_runtime(ctx, tmp_path):
             ctx.space, target=dataclasses.replace(ctx.space.target, runtime="torch")
         ),
     )
+    torch.set_num_threads(2)
     calibrate(torch_ctx, tmp_path / "cal")
     record = run_trial(torch_ctx, PLAN, tmp_path / "1", seed=0)
+    assert torch.get_num_threads() == 2  # timing at 1 thread did not leak into training
+    assert record["runtime_file_bytes"] is None
     assert record["runtime"] == "torch"
     assert record["accuracy"] == pytest.approx(record["torch_accuracy"])
     assert not (tmp_path / "1" / RUNTIME_FILE).exists()

@@ -74,6 +74,9 @@ PLANS = {
     "dense-fp32": CompressionPlan(),
     "unstructured-int4": CompressionPlan(PruneConfig("unstructured", 0.7), QuantConfig(4)),
     "unstructured-fp32": CompressionPlan(PruneConfig("unstructured", 0.8)),
+    "unstructured-per-tensor-sym-3": CompressionPlan(
+        PruneConfig("unstructured", 0.8), QuantConfig(3, "per_tensor", "symmetric")
+    ),
     "unstructured-fp16": CompressionPlan(PruneConfig("unstructured", 0.5), QuantConfig(16)),
     "channel-residual-int3": CompressionPlan(PruneConfig("channel", 0.5), QuantConfig(3)),
     "channel-per-tensor-sym-8": CompressionPlan(

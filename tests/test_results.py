@@ -57,3 +57,12 @@ def test_results_layer_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_search_stays_a_function_after_its_module_is_imported():
+    code = (
+        "import paretoopt; f = paretoopt.search; import paretoopt.study; "
+        "import paretoopt.results; print(callable(paretoopt.search), paretoopt.search is f)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True True"

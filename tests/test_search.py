@@ -43,8 +43,10 @@ def test_search_writes_every_output(finished):
     meta = json.loads((study / "run.json").read_text())
     assert meta["baseline"]["accuracy"] == pytest.approx(trials.loc[0, "accuracy"])
     assert meta["hardware"]["cores"] >= 1 and meta["versions"]["optuna"]
-    assert meta["baseline_source"] == "trained"
-    assert meta["calibrations"][0]["reference_ms"] > 0
+    (session,) = meta["sessions"]
+    assert session["baseline_source"] == "trained"
+    assert session["calibration"]["measured_ms"] > 0
+    assert meta["reference_ms"] == session["calibration"]["measured_ms"]
 
 
 def test_size_is_the_byte_count_of_the_front_artifacts(finished):
@@ -66,11 +68,11 @@ def test_resume_continues_to_the_new_total_and_reuses_the_baseline(finished, tmp
     trials = pd.read_csv(results / "tiny" / "trials.csv")
     assert list(trials["number"]) == [0, 1, 2, 3]
     meta = json.loads((results / "tiny" / "run.json").read_text())
-    assert meta["baseline_source"] == "cache"
+    assert meta["sessions"][1]["baseline_source"] == "cache"
     # one latency scale per study: the first calibration's reference is kept
-    assert len(meta["calibrations"]) == 2
-    assert meta["reference_ms"] == meta["calibrations"][0]["reference_ms"]
-    assert meta["calibrations"][1]["reference_ms"] == meta["reference_ms"]
+    first, second = (s["calibration"] for s in meta["sessions"])
+    assert meta["reference_ms"] == first["measured_ms"] == second["reference_ms"]
+    assert second["measured_ms"] > 0
     # the same command again has nothing left to do
     assert run_cli("search", "--space", str(space), "--results", str(results), "--trials", "4") == 0
     assert len(pd.read_csv(results / "tiny" / "trials.csv")) == 4
@@ -159,3 +161,50 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     trials = pd.read_csv(tmp_path / "r" / "fragile" / "trials.csv")
     assert list(trials["state"]) == ["COMPLETE", "FAIL", "FAIL"]
     assert trials.loc[1, "fail_reason"] == ("ValueError: needs features in multiples of 8, has 11")
+
+
+def test_a_second_process_on_the_same_study_is_refused(finished, tmp_path, capsys):
+    from paretoopt.session import _lock
+
+    root, space = finished
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    held = _lock(results / "tiny", "tiny")  # as if another search were running
+    try:
+        code = run_cli("search", "--space", str(space), "--results", str(results), "--trials", "4")
+    finally:
+        held.close()
+    assert code == 2
+    assert "is in use by another paretoopt process" in capsys.readouterr().err
+    assert len(pd.read_csv(results / "tiny" / "trials.csv")) == 3
+
+
+def test_a_failed_baseline_is_queued_again_and_does_not_count():
+    import optuna
+    from optuna.trial import TrialState
+
+    from paretoopt.results import BASELINE_ATTR
+    from paretoopt.session import ensure_baseline, finished
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    ensure_baseline(study)
+    trial = study.ask()
+    assert trial.user_attrs[BASELINE_ATTR]
+    study.tell(trial, state=TrialState.FAIL)
+    assert finished(study) == 0
+    ensure_baseline(study)
+    ensure_baseline(study)  # queued once, not twice
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs[BASELINE_ATTR] for t in waiting] == [True]
+
+
+def test_show_prints_the_front_and_refuses_a_study_without_storage(finished, tmp_path, capsys):
+    root, _ = finished
+    assert run_cli("show", "--study", "tiny", "--results", str(root / "results")) == 0
+    assert "Pareto front of tiny" in capsys.readouterr().out
+    broken = tmp_path / "results" / "tiny"
+    broken.mkdir(parents=True)
+    shutil.copy(root / "results" / "tiny" / "space.yaml", broken / "space.yaml")
+    assert run_cli("show", "--study", "tiny", "--results", str(tmp_path / "results")) == 2
+    assert "study.journal is missing" in capsys.readouterr().err
+    assert not (broken / "study.journal").exists()

@@ -48,10 +48,11 @@ def _unstructured(bench: Workbench, cfg: PruneConfig) -> None:
 
 
 def _threshold(values: torch.Tensor, sparsity: float) -> float:
-    k = int(round(sparsity * values.numel()))
+    # never all of them: a layer with no weight left is not a compressed layer but a cut
+    k = min(int(round(sparsity * values.numel())), values.numel() - 1)
     if k <= 0:
         return -1.0  # keep everything, zeros included
-    return float(torch.kthvalue(values, min(k, values.numel())).values)
+    return float(torch.kthvalue(values, k).values)
 
 
 def _channel(bench: Workbench, cfg: PruneConfig) -> None:

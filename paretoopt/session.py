@@ -1,0 +1,281 @@
+"""A study's folder under results/: lock, storage, resume rules and run metadata.
+
+One search process owns a study folder at a time (an exclusive lock on
+``results/<study>/.lock``), so trials left RUNNING in the embedded storage can only belong
+to a process that died: they are marked failed and replaced. No torch here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from . import __version__
+from .errors import StudyError
+from .results import (
+    BASELINE_ATTR,
+    JOURNAL_FILE,
+    RUN_FILE,
+    SPACE_FILE,
+    open_storage,
+    read_json,
+    write_json,
+)
+from .space import Space, dump_space, space_to_dict
+
+if TYPE_CHECKING:
+    from .pipeline import StudyContext
+
+INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
+LOCK_FILE = ".lock"
+
+
+@dataclass
+class Session:
+    space: Space
+    directory: Path
+    study: optuna.Study
+    storage: optuna.storages.BaseStorage
+    embedded: bool  # the journal file in the study folder, owned by this process
+    lock: IO[str] | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the lock
+            self.lock = None
+
+
+def check_resumable(space: Space, directory: Path) -> None:
+    """A study folder may be resumed only with the same space (the trial count aside)."""
+    stored = directory / SPACE_FILE
+    if not stored.is_file():
+        if directory.exists() and any(p.name != LOCK_FILE for p in directory.iterdir()):
+            raise StudyError(
+                f"{directory} exists and is not a paretoopt study; choose another "
+                "study name or move the folder"
+            )
+        return
+    try:
+        before = yaml.safe_load(stored.read_text())
+    except yaml.YAMLError:
+        before = None
+    if not isinstance(before, dict):
+        raise StudyError(f"{stored} is damaged; delete the folder {directory} to start over")
+    now = space_to_dict(space)
+    for doc in (before, now):
+        doc.get("search", {}).pop("trials", None)
+    if before != now:
+        raise StudyError(
+            f"study {space.study!r} in {directory} was started with a different "
+            f"space ({_first_difference(before, now)}); use another study name, "
+            "or delete the folder to start over"
+        )
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}".lstrip("."))
+    return f"{path}: {a!r} then, {b!r} now"
+
+
+def open_session(space: Space, results_root: Path, sampler: optuna.samplers.BaseSampler) -> Session:
+    """Lock the study folder, open its storage and queue the baseline where it is missing."""
+    directory = results_root / space.study
+    check_resumable(space, directory)
+    embedded = space.search.storage is None
+    storage = None if embedded else _storage(space, directory)  # a bad URL writes nothing
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = _lock(directory, space.study)
+    try:
+        storage = storage or _storage(space, directory)
+        _write_text(directory / SPACE_FILE, dump_space(space))
+        study = optuna.create_study(
+            study_name=space.study,
+            storage=storage,
+            load_if_exists=True,
+            directions=space.directions,
+            sampler=sampler,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(space.metrics)
+    except BaseException:
+        lock.close()
+        raise
+    return Session(space, directory, study, storage, embedded, lock)
+
+
+def check_storage(space: Space) -> None:
+    """Open a storage URL once before any work, so a bad one fails first and writes nothing."""
+    if space.search.storage is not None:
+        _storage(space, Path("."))
+
+
+def _storage(space: Space, directory: Path) -> optuna.storages.BaseStorage:
+    try:
+        return open_storage(space.search.storage, directory)
+    except Exception as exc:
+        raise StudyError(
+            f"search.storage: cannot open {space.search.storage!r}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _lock(directory: Path, name: str) -> IO[str]:
+    import fcntl
+
+    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 (held for the session)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StudyError(
+            f"study {name!r} in {directory} is in use by another paretoopt "
+            "process; wait for it to finish or stop it"
+        ) from None
+    return handle
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def existing_trials(space: Space, results_root: Path) -> int:
+    """How many trials the study already holds (0 for a new one): seeds the sampler."""
+    directory = results_root / space.study
+    if space.search.storage is None and not (directory / JOURNAL_FILE).is_file():
+        return 0
+    storage = _storage(space, directory)
+    try:
+        study_id = storage.get_study_id_from_name(space.study)
+    except KeyError:
+        return 0
+    return len(storage.get_all_trials(study_id, deepcopy=False))
+
+
+def fail_interrupted(session: Session) -> int:
+    """Trials left RUNNING in the embedded storage belong to a process that died."""
+    if not session.embedded:
+        return 0
+    storage = session.storage
+    study_id = storage.get_study_id_from_name(session.space.study)
+    stale = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in stale:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return len(stale)
+
+
+def ensure_baseline(study: optuna.Study) -> None:
+    """Queue the uncompressed baseline unless one is done, queued or running."""
+    live = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    if not any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(states=live)):
+        study.enqueue_trial({}, user_attrs={BASELINE_ATTR: True})
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that count towards the study's total: interrupted ones and failed
+    baselines are replaced, so they do not count."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
+
+
+def _counts(t: optuna.trial.FrozenTrial) -> bool:
+    if t.state == TrialState.COMPLETE:
+        return True
+    return (
+        t.state == TrialState.FAIL
+        and t.user_attrs.get("fail_reason") != INTERRUPTED
+        and not t.user_attrs.get(BASELINE_ATTR)
+    )
+
+
+# --------------------------------------------------------------------------- run.json
+
+
+def baseline(session: Session) -> dict[str, Any]:
+    base = read_json(session.directory / RUN_FILE).get("baseline")
+    if not base:
+        raise StudyError("the study has no measured baseline yet")
+    return base
+
+
+def store_baseline(session: Session, record: dict[str, Any]) -> None:
+    meta = read_json(session.directory / RUN_FILE)
+    keys = (
+        "accuracy",
+        "test_accuracy",
+        "torch_accuracy",
+        "size_bytes",
+        "runtime_file_bytes",
+        "latency_ms",
+        "latency",
+        "params",
+    )
+    meta["baseline"] = {k: record[k] for k in keys}
+    write_json(session.directory / RUN_FILE, meta)
+
+
+def study_reference(session: Session) -> float | None:
+    """The latency scale fixed by the study's first calibration, if there was one."""
+    return read_json(session.directory / RUN_FILE).get("reference_ms")
+
+
+def write_metadata(session: Session, ctx: StudyContext) -> None:
+    """What the study ran on: fixed facts once, and one entry per session (a resume may
+    run on another machine, with other versions)."""
+    from .measure import hardware_fingerprint
+
+    path = session.directory / RUN_FILE
+    meta = read_json(path)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    hardware, versions = hardware_fingerprint(), _versions()
+    meta.setdefault("created", now)
+    for key, value in {
+        "study": session.space.study,
+        "seed": session.space.search.seed,
+        "storage": session.space.search.storage or f"journal:{JOURNAL_FILE}",
+        "classifier": ctx.classifier,
+        "prunable_layers": ctx.layer_names,
+        "input_shape": list(ctx.splits.input_shape),
+        "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
+        "hardware": hardware,
+        "versions": versions,
+    }.items():
+        meta.setdefault(key, value)
+    if ctx.calibration:
+        meta.setdefault("reference_ms", ctx.calibration["measured_ms"])
+    meta.setdefault("sessions", []).append(
+        {
+            "started": now,
+            "paretoopt": __version__,
+            "hardware": hardware,
+            "versions": versions,
+            "baseline_source": ctx.baseline_source,
+            "calibration": ctx.calibration,
+        }
+    )
+    write_json(path, meta)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "torch-pruning", "optuna", "onnx", "onnxruntime", "numpy", "pandas"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out

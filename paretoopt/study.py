@@ -1,0 +1,300 @@
+"""The search: thin glue between the space file, Optuna and the trial pipeline.
+
+``search`` validates the space, prepares the baseline, opens (or resumes) the study in
+``results/<study>/`` and runs trials until the study holds the requested number. Trial 0
+is the uncompressed baseline, so every figure can be read relative to it. Constraints go
+through Optuna 5's ``trial.set_constraint``, so infeasible trials never enter the front.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import optuna
+from optuna.trial import TrialState
+
+from .errors import StudyError, one_line
+from .knobs import Choice, Fixed, Knob, Range, Scalar
+from .plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
+from .report import Reporter, SilentReporter
+from .results import (
+    BASELINE_ATTR,
+    METRIC_COLUMNS,
+    TRIALS_DIR,
+    StudyResults,
+    load_results,
+    write_tables,
+)
+from .session import (
+    Session,
+    baseline,
+    check_resumable,
+    check_storage,
+    ensure_baseline,
+    existing_trials,
+    fail_interrupted,
+    finished,
+    open_session,
+    store_baseline,
+    study_reference,
+    write_metadata,
+)
+from .space import Space, load_space
+
+if TYPE_CHECKING:
+    from .pipeline import StudyContext
+
+SPREAD_WARNING = 1.10  # calibration rounds further apart than this cannot rank candidates
+REASON_LIMIT = 500  # characters of a failure reason kept in the study
+
+
+# --------------------------------------------------------------------------- plan sampling
+
+
+def suggest(trial: optuna.Trial, name: str, knob: Knob) -> Scalar:
+    if isinstance(knob, Fixed):
+        return knob.value
+    if isinstance(knob, Choice):
+        return trial.suggest_categorical(name, list(knob.options))
+    return _suggest_range(trial, name, knob)
+
+
+def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
+    if knob.integer:
+        return trial.suggest_int(
+            name, int(knob.low), int(knob.high), step=int(knob.step or 1), log=knob.log
+        )
+    return trial.suggest_float(name, knob.low, knob.high, step=knob.step, log=knob.log)
+
+
+def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> CompressionPlan:
+    """Turn one Optuna trial into a compression plan; fixed knobs are not parameters."""
+    s = space.space
+    structure = str(suggest(trial, "prune.structure", s.pruning.structure))
+    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
+    # weights, so the two levels mean different things and the sampler must learn them apart.
+    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", s.pruning.sparsity))
+    scales = {}
+    if s.pruning.per_layer and sparsity > 0:
+        scales = {
+            n: float(suggest(trial, f"prune.layer.{n}", s.pruning.layer_scale)) for n in layer_names
+        }
+    epochs = int(suggest(trial, "finetune.epochs", s.finetune.epochs))
+    alpha = float(suggest(trial, "distill.alpha", s.distillation.alpha)) if epochs else 0.0
+    temperature = (
+        float(suggest(trial, "distill.temperature", s.distillation.temperature))
+        if alpha > 0
+        else 1.0
+    )
+    return CompressionPlan(
+        prune=PruneConfig(structure, sparsity, scales, s.pruning.round_to),
+        quant=_sample_quant(trial, space),
+        distill=DistillConfig(temperature, alpha),
+        finetune=FinetuneConfig(
+            epochs,
+            float(suggest(trial, "finetune.lr", s.finetune.lr)) if epochs else 1e-3,
+            s.finetune.batch_size,
+        ),
+    )
+
+
+def _sample_quant(trial: optuna.Trial, space: Space) -> QuantConfig:
+    q = space.space.quantization
+    bits = int(suggest(trial, "quant.bits", q.bits))
+    if bits > 8:  # float16 and float32 have no grid: granularity and scheme cannot matter
+        return QuantConfig(bits)
+    return QuantConfig(
+        bits,
+        str(suggest(trial, "quant.granularity", q.granularity)),
+        str(suggest(trial, "quant.scheme", q.scheme)),
+    )
+
+
+def make_sampler(space: Space, offset: int) -> optuna.samplers.BaseSampler:
+    """The space's sampler, seeded so that a resumed study does not replay old draws."""
+    seed = space.search.seed + offset
+    name = space.search.sampler
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "tpe":  # multivariate: sparsity and bits interact
+            return optuna.samplers.TPESampler(
+                seed=seed, multivariate=True, group=True, n_startup_trials=10
+            )
+        if name == "nsga2":  # a fixed population: --trials must not change it mid-study
+            return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def search(
+    space: Space | str | Path,
+    *,
+    trials: int | None = None,
+    results_root: str | Path = "results",
+    reporter: Reporter | None = None,
+) -> StudyResults:
+    """Run (or resume) the study a space describes; return its results.
+
+    ``trials`` overrides ``search.trials`` (the total, baseline included), so a finished
+    study can be continued: ``search("conv.yaml", trials=60)``.
+    """
+    if not isinstance(space, Space):
+        space = load_space(space)
+    if trials is not None:
+        space = space.with_trials(trials)
+    reporter = reporter or SilentReporter()
+    results_root = Path(results_root)
+    check_resumable(space, results_root / space.study)  # refuse before training anything
+    check_storage(space)
+    from .pipeline import prepare  # torch is imported only once the space is valid
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ctx = prepare(space, results_root / ".cache", log=reporter.log)
+    sampler = make_sampler(space, existing_trials(space, results_root))
+    session = open_session(space, results_root, sampler)
+    try:
+        lost = fail_interrupted(session)
+        if lost:
+            reporter.log(
+                f"resume: {lost} trial(s) interrupted earlier are marked failed and "
+                "will be replaced"
+            )
+        ensure_baseline(session.study)
+        if finished(session.study) < space.search.trials:
+            _calibrate(session, ctx, reporter)
+        write_metadata(session, ctx)
+        try:
+            _loop(session, ctx, reporter)
+        finally:  # an interrupt must not leave a live progress display behind
+            reporter.stop()
+        return finish(session, reporter)
+    finally:
+        session.close()
+
+
+def _calibrate(session: Session, ctx: StudyContext, reporter: Reporter) -> None:
+    from .pipeline import calibrate
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
+            cal = calibrate(ctx, Path(tmp), study_reference(session))
+    except Exception as exc:
+        raise StudyError(
+            f"the baseline cannot be measured in the target runtime "
+            f"({session.space.target.runtime}): {type(exc).__name__}: "
+            f"{one_line(str(exc))[:REASON_LIMIT]}"
+        ) from exc
+    rounds = ", ".join(f"{m:.4f}" for m in cal["medians_ms"])
+    if cal["reference_ms"] != cal["measured_ms"]:
+        reporter.log(
+            f"calibration: baseline latency now {rounds} ms; the study's reference "
+            f"stays {cal['reference_ms']:.4f} ms (candidates are timed against the "
+            "baseline)"
+        )
+    else:
+        reporter.log(
+            f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
+            f"(rounds {rounds}; spread {cal['spread']:.2f})"
+        )
+    if cal["spread"] > SPREAD_WARNING:
+        reporter.log(
+            f"[yellow]warning[/]: the baseline's latency varies by "
+            f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
+            "noisy. Stop other work on this machine for a fair comparison."
+        )
+
+
+def _loop(session: Session, ctx: StudyContext, reporter: Reporter) -> None:
+    study, space = session.study, session.space
+    done = finished(study)
+    reporter.start(space, done)
+    while done < space.search.trials:
+        trial = study.ask()
+        start = time.perf_counter()
+        try:
+            record, feasible = _evaluate(session, ctx, trial)
+        except Exception as exc:  # a failed trial is data: record the reason, go on
+            reason = f"{type(exc).__name__}: {one_line(str(exc))}"[:REASON_LIMIT]
+            trial.set_user_attr("fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            reporter.trial_failed(trial.number, reason)
+            if trial.user_attrs.get(BASELINE_ATTR):
+                raise StudyError(
+                    f"the baseline trial failed, so no figure can be read against it: {reason}"
+                ) from exc
+        else:
+            study.tell(trial, [record[METRIC_COLUMNS[m]] for m in space.metrics])
+            reporter.trial_done(
+                trial.number, record, time.perf_counter() - start, baseline(session), feasible
+            )
+        done = finished(study)
+        reporter.advance(done)
+
+
+def _evaluate(
+    session: Session,
+    ctx: StudyContext,
+    trial: optuna.Trial,
+) -> tuple[dict[str, Any], bool]:
+    from .pipeline import run_trial
+
+    is_baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
+    plan = CompressionPlan() if is_baseline else sample_plan(trial, session.space, ctx.layer_names)
+    trial.set_user_attr("plan_summary", plan.summary())
+    out_dir = session.directory / TRIALS_DIR / str(trial.number)
+    record = run_trial(ctx, plan, out_dir, session.space.search.seed + trial.number)
+    record["artifact"] = str(out_dir.relative_to(session.directory))
+    record["plan_summary"] = plan.summary()
+    if is_baseline:
+        store_baseline(session, record)
+    for key, value in record.items():
+        trial.set_user_attr(key, value)
+    violations = _set_constraints(trial, session, record)
+    return record, all(v <= 0 for v in violations.values())
+
+
+def _set_constraints(
+    trial: optuna.Trial,
+    session: Session,
+    record: dict[str, Any],
+) -> dict[str, float]:
+    """Optuna 5 constraints: a value <= 0 is feasible."""
+    c = session.space.constraints
+    out = {}
+    if c.max_accuracy_drop is not None:
+        drop = baseline(session)["accuracy"] - record["accuracy"]
+        out["accuracy_drop"] = drop - c.max_accuracy_drop
+    if c.max_size_bytes is not None:
+        out["size"] = record["size_bytes"] - c.max_size_bytes
+    if c.max_latency_ms is not None:
+        out["latency"] = record["latency_ms"] - c.max_latency_ms
+    for key, value in out.items():
+        trial.set_constraint(key, float(value))
+    return out
+
+
+def finish(session: Session, reporter: Reporter) -> StudyResults:
+    """Keep only the front's (and the baseline's) artifacts, then write the tables."""
+    results = load_results(session.directory, session.space.search.storage)
+    frame = results.trials
+    keep = set(results.pareto.get("number", [])) | set(
+        frame.loc[frame["baseline"], "number"] if len(frame) else []
+    )
+    trials_dir = session.directory / TRIALS_DIR
+    if trials_dir.is_dir():
+        for child in trials_dir.iterdir():
+            if not child.name.isdigit() or int(child.name) not in keep:
+                shutil.rmtree(child, ignore_errors=True)
+    results = load_results(session.directory, session.space.search.storage)
+    write_tables(results)
+    reporter.finish(results)
+    return results
