@@ -146,6 +146,10 @@ class CompressionPlan:
     def summary(self) -> str:
         """One short line for tables and progress output."""
         bits = {32: "fp32", 16: "fp16"}.get(self.quant.bits, f"int{self.quant.bits}")
+        if self.quant.integer and self.quant.granularity != "per_channel":
+            bits += " per-tensor"
+        if self.quant.integer and self.quant.scheme != "affine":
+            bits += " sym"
         prune = (
             f"{self.prune.structure} {self.prune.sparsity:.2f}" if self.prune.active else "dense"
         )

@@ -22,6 +22,8 @@ def test_identity_plan():
     assert CompressionPlan().is_identity
     assert not CompressionPlan(quant=QuantConfig(8)).is_identity
     assert CompressionPlan().summary() == "dense, fp32"
+    plan = CompressionPlan(PruneConfig("channel", 0.5), QuantConfig(4, "per_tensor", "symmetric"))
+    assert plan.summary() == "channel 0.50, int4 per-tensor sym"
 
 
 def test_layer_sparsity_is_scaled_and_capped():

@@ -5,12 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..data import Splits
+
+if TYPE_CHECKING:
+    from .quantize import QTensor
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 
@@ -23,8 +26,9 @@ class Workbench:
     classifier: str  # module name of the output layer: its outputs are never pruned
     seed: int = 0
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # param name -> keep mask
-    pruning_history: list[Any] = field(default_factory=list)  # replayable channel removal
-    quantized: dict[str, Any] = field(default_factory=dict)  # param name -> QTensor
+    # Torch-Pruning's replayable removal: (module name, output side?, channel indices)
+    pruning_history: list[list[Any]] = field(default_factory=list)
+    quantized: dict[str, QTensor] = field(default_factory=dict)  # param name -> codes
     records: dict[str, Any] = field(default_factory=dict)  # per-technique facts to store
     timings: dict[str, float] = field(default_factory=dict)
 
