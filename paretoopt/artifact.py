@@ -30,7 +30,7 @@ from torch import nn
 from .errors import ArtifactError
 from .plan import CompressionPlan
 from .techniques.bench import Workbench, prunable_layers
-from .techniques.quantize import QTensor, dequantize
+from .techniques.qtensor import QTensor, dequantize
 
 FORMAT = "paretoopt-compressed"
 FORMAT_VERSION = 1

@@ -13,7 +13,7 @@ from torch import nn
 from ..data import Splits
 
 if TYPE_CHECKING:
-    from .quantize import QTensor
+    from .qtensor import QTensor
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 

@@ -8,34 +8,12 @@ the codes go to the artifact, packed. 16 bits: float16 rounding. 32 bits: untouc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..plan import CompressionPlan, QuantConfig
 from . import register
 from .bench import Workbench, prunable_layers
-
-
-@dataclass(frozen=True)
-class QTensor:
-    codes: torch.Tensor  # int64 codes in [0, 2**bits - 1], same shape as the weight
-    scale: torch.Tensor  # float32, one per output channel, or a single one per tensor
-    zero_point: torch.Tensor  # int64, same shape as scale
-    bits: int
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self.codes, self.scale, self.zero_point)
-
-
-def dequantize(
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    zero_point: torch.Tensor,
-) -> torch.Tensor:
-    """The one decoding rule, shared by the technique and the artifact reader."""
-    shape = (-1,) + (1,) * (codes.dim() - 1)
-    return (codes.float() - zero_point.float().view(shape)) * scale.view(shape)
+from .qtensor import QTensor
 
 
 def quantize_tensor(w: torch.Tensor, cfg: QuantConfig) -> QTensor:
