@@ -208,3 +208,48 @@ def test_show_prints_the_front_and_refuses_a_study_without_storage(finished, tmp
     assert run_cli("show", "--study", "tiny", "--results", str(tmp_path / "results")) == 2
     assert "study.journal is missing" in capsys.readouterr().err
     assert not (broken / "study.journal").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_to_the_requested_count(tmp_path, tiny_doc):
+    """SIGKILL a real search process mid-study, rerun the same command, lose nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    from paretoopt.results import journal_storage
+
+    tiny_doc["search"]["trials"] = 6
+    space = write_space(tmp_path / "tiny.yaml", tiny_doc)
+    command = [
+        sys.executable,
+        "-m",
+        "paretoopt.cli",
+        "search",
+        "--space",
+        str(space),
+        "--results",
+        str(tmp_path / "r"),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = tmp_path / "r" / "tiny" / "study.journal"
+    deadline = time.monotonic() + 120
+    complete = 0
+    while complete < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+        if journal.is_file():
+            study = optuna.load_study(study_name="tiny", storage=journal_storage(journal.parent))
+            complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+    assert process.poll() is None, "the search ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    trials = pd.read_csv(tmp_path / "r" / "tiny" / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() == 6
+    failed = trials[trials["state"] == "FAIL"]
+    assert all(reason.startswith("interrupted") for reason in failed["fail_reason"])
+    assert not list((tmp_path / "r" / "tiny" / "trials").glob("*.partial"))
