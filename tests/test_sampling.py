@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from paretoopt.plan import CompressionPlan
+from paretoopt.space import parse_space
+from paretoopt.study import make_sampler, sample_plan
+
+from .conftest import TINY
+
+SAMPLERS = {
+    "tpe": optuna.samplers.TPESampler,
+    "nsga2": optuna.samplers.NSGAIISampler,
+    "random": optuna.samplers.RandomSampler,
+    "gp": optuna.samplers.GPSampler,
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_drives_plan_sampling(name):
+    doc = {**TINY, "search": {"sampler": name, "seed": 3}}
+    doc["space"] = {
+        **TINY["space"],
+        "pruning": {**TINY["space"]["pruning"], "per_layer": True},
+        "quantization": {"bits": {"low": 2, "high": 8}},
+    }
+    space = parse_space(doc)
+    sampler = make_sampler(space, offset=0)
+    assert isinstance(sampler, SAMPLERS[name])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=space.directions, sampler=sampler)
+    plans = []
+    for _ in range(12):
+        trial = study.ask()
+        plan = sample_plan(trial, space, ["conv1", "fc"])
+        trial.set_constraint("accuracy_drop", plan.prune.sparsity - 0.5)
+        study.tell(
+            trial, [100 - 50 * plan.prune.sparsity, plan.quant.bits, 1.0 - plan.prune.sparsity]
+        )
+        plans.append(plan)
+    assert all(isinstance(p, CompressionPlan) for p in plans)
+    assert all(0.1 <= p.prune.sparsity <= 0.6 and 2 <= p.quant.bits <= 8 for p in plans)
+    assert all(set(p.prune.layer_scale) == {"conv1", "fc"} for p in plans)
+    params = set().union(*(t.params for t in study.trials))
+    assert {"prune.structure", "quant.bits", "finetune.lr", "prune.layer.fc"} <= params
+    assert "finetune.epochs" not in params  # a fixed knob is not a parameter
+
+
+def test_parameters_that_cannot_matter_are_not_sampled():
+    doc = {
+        **TINY,
+        "space": {
+            "quantization": {"bits": [16, 32]},
+            "distillation": {"alpha": 0.0},
+            "finetune": {"epochs": 1},
+        },
+    }
+    space = parse_space(doc)
+    study = optuna.create_study(directions=space.directions)
+    trial = study.ask()
+    plan = sample_plan(trial, space, [])
+    assert plan.distill.alpha == 0.0 and plan.distill.temperature == 1.0
+    assert "quant.granularity" not in trial.params and "distill.temperature" not in trial.params
+
+
+def test_a_resumed_study_draws_new_points():
+    space = parse_space({**TINY, "search": {"sampler": "random", "seed": 0}})
+    first, later = make_sampler(space, 0), make_sampler(space, 5)
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    study = optuna.create_study()
+    a = first.sample_independent(study, optuna.trial.create_trial(value=0.0), "x", dist)
+    b = later.sample_independent(study, optuna.trial.create_trial(value=0.0), "x", dist)
+    assert a != b
