@@ -12,7 +12,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import PlanError
-from .space import GRANULARITIES, SCHEMES, STRUCTURES, SUPPORTED_BITS
+from .space import (
+    DISTRIBUTIONS,
+    GRANULARITIES,
+    SALIENCIES,
+    SCHEDULES,
+    SCHEMES,
+    STRUCTURES,
+    SUPPORTED_BITS,
+)
 
 PLAN_VERSION = 1
 
@@ -26,21 +34,48 @@ def _require(ok: bool, message: str) -> None:
 class PruneConfig:
     structure: str = "unstructured"
     sparsity: float = 0.0
-    # per-layer multipliers; left out of the hash so that a plan stays hashable
+    saliency: str = "l2"
+    distribution: str = "uniform"
+    # per-layer multipliers (distribution per_layer); out of the hash so a plan stays hashable
     layer_scale: Mapping[str, float] = field(default_factory=dict, hash=False)
+    schedule: str = "one_shot"
+    gradual_steps: int = 4
+    regrowth: bool = False
+    regrowth_interval: int = 10
+    saliency_batches: int = 4
     round_to: int = 1
 
     def __post_init__(self) -> None:
-        _require(
-            self.structure in STRUCTURES,
-            f"prune.structure: {self.structure!r} is not "
-            f"supported; choose from {', '.join(STRUCTURES)}",
-        )
+        for name, value, options in (
+            ("structure", self.structure, STRUCTURES),
+            ("saliency", self.saliency, SALIENCIES),
+            ("distribution", self.distribution, DISTRIBUTIONS),
+            ("schedule", self.schedule, SCHEDULES),
+        ):
+            _require(
+                value in options,
+                f"prune.{name}: {value!r} is not supported; choose from {', '.join(options)}",
+            )
         _require(
             0.0 <= self.sparsity < 1.0,
             f"prune.sparsity: 0 <= sparsity < 1 must hold, but got {self.sparsity}",
         )
-        _require(self.round_to >= 1, f"prune.round_to: must be >= 1, got {self.round_to}")
+        for name in ("round_to", "gradual_steps", "regrowth_interval", "saliency_batches"):
+            _require(
+                getattr(self, name) >= 1, f"prune.{name}: must be >= 1, got {getattr(self, name)}"
+            )
+        _require(
+            not self.regrowth or (self.structure == "unstructured" and self.schedule == "one_shot"),
+            "prune.regrowth: needs structure 'unstructured' and schedule 'one_shot' "
+            f"(sparsity stays constant), but got {self.structure!r}, {self.schedule!r}",
+        )
+        _require(
+            bool(self.layer_scale) == (self.distribution == "per_layer" and self.active)
+            or not self.active,
+            "prune.layer_scale: given exactly when the distribution "
+            f"is per_layer, but got {self.distribution!r} with "
+            f"{len(self.layer_scale)} multipliers",
+        )
         for name, scale in self.layer_scale.items():
             _require(scale >= 0.0, f"prune.layer_scale[{name!r}]: must be >= 0, got {scale}")
 
@@ -150,11 +185,13 @@ class CompressionPlan:
             bits += " per-tensor"
         if self.quant.integer and self.quant.scheme != "affine":
             bits += " sym"
-        prune = (
-            f"{self.prune.structure} {self.prune.sparsity:.2f}" if self.prune.active else "dense"
-        )
-        if self.prune.layer_scale and self.prune.active:
-            prune += " per-layer"
+        p = self.prune
+        prune = "dense"
+        if p.active:  # e.g. "channel 0.50 l2 uniform", "unstructured 0.80 taylor global gradual"
+            parts = [p.structure, f"{p.sparsity:.2f}", p.saliency, p.distribution.replace("_", "-")]
+            parts += ["gradual"] if p.schedule == "gradual" else []
+            parts += ["regrow"] if p.regrowth else []
+            prune = " ".join(parts)
         kd = (
             f"KD T={self.distill.temperature:.1f} a={self.distill.alpha:.2f}"
             if self.distill.alpha > 0 and self.finetune.epochs

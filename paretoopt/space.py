@@ -28,6 +28,9 @@ SAMPLERS = ("tpe", "nsga2", "random", "gp")
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu",)
 STRUCTURES = ("unstructured", "channel")
+SALIENCIES = ("l1", "l2", "taylor", "hessian")
+DISTRIBUTIONS = ("uniform", "global", "per_layer")
+SCHEDULES = ("one_shot", "gradual")
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("affine", "symmetric")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -144,19 +147,65 @@ class PruningSpace:
         high=0.99,
         knob=True,
     )
-    per_layer: bool = setting(
-        False,
-        "give every prunable layer its own budget (a multiplier "
-        "of the global sparsity, one Optuna parameter per layer)",
-        kind=bool,
+    saliency: Knob = setting(
+        Fixed("l2"),
+        "which weights or channels go: l1 or l2 magnitude, taylor (|w x grad|), "
+        "hessian (OBD: w^2 x diagonal Fisher)",
+        kind=str,
+        options=SALIENCIES,
+        knob=True,
+    )
+    distribution: Knob = setting(
+        Fixed("uniform"),
+        "how the budget spreads over layers: uniform, global (one ranking across layers) "
+        "or per_layer (a searched multiplier per layer group)",
+        kind=str,
+        options=DISTRIBUTIONS,
+        knob=True,
     )
     layer_scale: Knob = setting(
         Range(0.5, 1.5),
-        "per-layer multiplier of the global sparsity, used when per_layer is true",
+        "per-layer multiplier of the global sparsity (distribution per_layer)",
         kind=float,
         low=0.0,
         high=10.0,
         knob=True,
+    )
+    layer_groups: int = setting(
+        8,
+        "most per-layer parameters: more prunable layers than this are split into this many "
+        "groups of consecutive layers, one multiplier each",
+        kind=int,
+        low=1,
+        high=1024,
+    )
+    schedule: Knob = setting(
+        Fixed("one_shot"),
+        "one_shot (prune, then fine-tune) or gradual (cubic schedule over fine-tuning)",
+        kind=str,
+        options=SCHEDULES,
+        knob=True,
+    )
+    gradual_steps: int = setting(
+        4, "pruning events of the gradual schedule", kind=int, low=1, high=1000
+    )
+    regrowth: Knob = setting(
+        Fixed(False),
+        "RigL-style drop-and-regrow at constant sparsity during fine-tuning (unstructured, "
+        "one-shot)",
+        kind=bool,
+        options=(False, True),
+        knob=True,
+    )
+    regrowth_interval: int = setting(
+        10, "optimizer steps between regrowth events", kind=int, low=1, high=1_000_000
+    )
+    saliency_batches: int = setting(
+        4,
+        "batches used to estimate gradients for taylor and hessian",
+        kind=int,
+        low=1,
+        high=10_000,
     )
     round_to: int = setting(
         1, "keep channel counts at multiples of this (channel pruning)", kind=int, low=1, high=1024

@@ -73,17 +73,10 @@ def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
 
 
 def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> CompressionPlan:
-    """Turn one Optuna trial into a compression plan; fixed knobs are not parameters."""
+    """Turn one Optuna trial into a compression plan. Fixed knobs are not parameters, and
+    neither is a knob that cannot matter for this plan (no saliency without pruning, no
+    temperature without distillation)."""
     s = space.space
-    structure = str(suggest(trial, "prune.structure", s.pruning.structure))
-    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
-    # weights, so the two levels mean different things and the sampler must learn them apart.
-    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", s.pruning.sparsity))
-    scales = {}
-    if s.pruning.per_layer and sparsity > 0:
-        scales = {
-            n: float(suggest(trial, f"prune.layer.{n}", s.pruning.layer_scale)) for n in layer_names
-        }
     epochs = int(suggest(trial, "finetune.epochs", s.finetune.epochs))
     alpha = float(suggest(trial, "distill.alpha", s.distillation.alpha)) if epochs else 0.0
     temperature = (
@@ -92,7 +85,7 @@ def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> Co
         else 1.0
     )
     return CompressionPlan(
-        prune=PruneConfig(structure, sparsity, scales, s.pruning.round_to),
+        prune=_sample_prune(trial, space, layer_names, epochs),
         quant=_sample_quant(trial, space),
         distill=DistillConfig(temperature, alpha),
         finetune=FinetuneConfig(
@@ -101,6 +94,73 @@ def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> Co
             s.finetune.batch_size,
         ),
     )
+
+
+def _sample_prune(
+    trial: optuna.Trial,
+    space: Space,
+    layer_names: list[str],
+    epochs: int,
+) -> PruneConfig:
+    p = space.space.pruning
+    structure = str(suggest(trial, "prune.structure", p.structure))
+    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
+    # weights, so the two levels mean different things and the sampler must learn them apart.
+    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
+    fixed = {
+        "round_to": p.round_to,
+        "gradual_steps": p.gradual_steps,
+        "regrowth_interval": p.regrowth_interval,
+        "saliency_batches": p.saliency_batches,
+    }
+    if sparsity == 0.0:
+        return PruneConfig(structure, 0.0, **fixed)
+    distribution = str(suggest(trial, "prune.distribution", p.distribution))
+    scales = layer_multipliers(trial, space, layer_names) if distribution == "per_layer" else {}
+    schedule = str(suggest(trial, "prune.schedule", p.schedule)) if epochs else "one_shot"
+    regrowth = (
+        bool(suggest(trial, "prune.regrowth", p.regrowth))
+        if epochs and structure == "unstructured" and schedule == "one_shot"
+        else False
+    )
+    return PruneConfig(
+        structure,
+        sparsity,
+        str(suggest(trial, "prune.saliency", p.saliency)),
+        distribution,
+        scales,
+        schedule,
+        regrowth=regrowth,
+        **fixed,
+    )
+
+
+def layer_groups(layer_names: list[str], groups: int) -> list[list[str]]:
+    """Consecutive layers in at most `groups` groups of near-equal size (depth order)."""
+    n = len(layer_names)
+    count = min(groups, n)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [layer_names[bounds[i] : bounds[i + 1]] for i in range(count)]
+
+
+def layer_multipliers(
+    trial: optuna.Trial,
+    space: Space,
+    layer_names: list[str],
+) -> dict[str, float]:
+    """One multiplier per layer group: `prune.layer.<name>` for a group of one layer,
+    `prune.layers.<first>..<last>` for several."""
+    p = space.space.pruning
+    out = {}
+    for group in layer_groups(layer_names, p.layer_groups):
+        name = (
+            f"prune.layer.{group[0]}"
+            if len(group) == 1
+            else f"prune.layers.{group[0]}..{group[-1]}"
+        )
+        scale = float(suggest(trial, name, p.layer_scale))
+        out.update(dict.fromkeys(group, scale))
+    return out
 
 
 def _sample_quant(trial: optuna.Trial, space: Space) -> QuantConfig:

@@ -18,7 +18,9 @@ from torch import nn
 from .data import Split
 from .errors import TrialError
 
-StepHook = Callable[[int, int], None]  # called after every optimizer step: (step, total)
+# called after every optimizer step with (step, total); True = the parameters were replaced
+# (channels removed mid-training), so the optimizer must be rebuilt
+StepHook = Callable[[int, int], bool]
 
 
 @dataclass(frozen=True)
@@ -68,12 +70,22 @@ def train(
             optimizer.step()
             schedule.step()
             step += 1
-            if after_step is not None:
-                after_step(step, total)
+            if after_step is not None and after_step(step, total) and step < total:
+                optimizer, schedule = _rebuild(model, schedule.get_last_lr()[0], total - step)
             running += loss.item() * len(idx)
         history.append(running / len(split))
     model.eval()
     return history
+
+
+def _rebuild(
+    model: nn.Module,
+    lr: float,
+    remaining: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """A fresh optimizer over the new parameters, continuing the cosine decay from `lr`."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=remaining)
 
 
 def distillation_loss(

@@ -10,7 +10,7 @@ from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, Prune
 
 def test_plan_round_trips_through_json():
     plan = CompressionPlan(
-        PruneConfig("channel", 0.4, {"a.b": 1.2}, 8),
+        PruneConfig("channel", 0.4, "hessian", "per_layer", {"a.b": 1.2}, "gradual", 3, round_to=8),
         QuantConfig(4, "per_tensor", "symmetric"),
         DistillConfig(3.0, 0.5),
         FinetuneConfig(2, 1e-3, 32),
@@ -23,11 +23,15 @@ def test_identity_plan():
     assert not CompressionPlan(quant=QuantConfig(8)).is_identity
     assert CompressionPlan().summary() == "dense, fp32"
     plan = CompressionPlan(PruneConfig("channel", 0.5), QuantConfig(4, "per_tensor", "symmetric"))
-    assert plan.summary() == "channel 0.50, int4 per-tensor sym"
+    assert plan.summary() == "channel 0.50 l2 uniform, int4 per-tensor sym"
+    gradual = PruneConfig("unstructured", 0.8, "taylor", "global", schedule="gradual")
+    assert CompressionPlan(gradual).summary() == "unstructured 0.80 taylor global gradual, fp32"
 
 
 def test_layer_sparsity_is_scaled_and_capped():
-    cfg = PruneConfig("unstructured", 0.6, {"x": 2.0, "y": 0.5})
+    cfg = PruneConfig(
+        "unstructured", 0.6, distribution="per_layer", layer_scale={"x": 2.0, "y": 0.5}
+    )
     assert cfg.layer_sparsity("x") == 0.99
     assert cfg.layer_sparsity("y") == pytest.approx(0.3)
     assert cfg.layer_sparsity("other") == 0.6
@@ -47,6 +51,20 @@ def test_layer_sparsity_is_scaled_and_capped():
         (
             lambda: QuantConfig(12),
             "quant.bits: 12 is not supported; choose from 2, 3, 4, 5, 6, 7, 8, 16, 32",
+        ),
+        (
+            lambda: PruneConfig("channel", 0.5, regrowth=True),
+            "prune.regrowth: needs structure 'unstructured' and schedule 'one_shot' "
+            "(sparsity stays constant), but got 'channel', 'one_shot'",
+        ),
+        (
+            lambda: PruneConfig("channel", 0.5, saliency="random"),
+            "prune.saliency: 'random' is not supported; choose from l1, l2, taylor, hessian",
+        ),
+        (
+            lambda: PruneConfig("channel", 0.5, layer_scale={"a": 1.0}),
+            "prune.layer_scale: given exactly when the distribution is per_layer, but got "
+            "'uniform' with 1 multipliers",
         ),
         (lambda: DistillConfig(0.0, 0.5), "distill.temperature: must be > 0, got 0.0"),
         (lambda: DistillConfig(1.0, 1.5), "distill.alpha: 0 <= alpha <= 1 must hold, got 1.5"),

@@ -136,7 +136,7 @@ def test_sparse_weights_store_a_mask_and_the_kept_values_only(splits, tmp_path):
 
 def test_unstructured_global_sparsity_is_exact(splits):
     bench = _bench(splits)
-    apply_plan(bench, CompressionPlan(PruneConfig("unstructured", 0.6)))
+    apply_plan(bench, CompressionPlan(PruneConfig("unstructured", 0.6, distribution="global")))
     weights = [
         m.weight
         for m in bench.model.modules()
@@ -162,7 +162,8 @@ def test_channel_pruning_keeps_classifier_and_shrinks_model(splits):
 def test_per_layer_budgets_differ_by_layer(splits):
     bench = _bench(splits)
     scales = {"0.0": 0.0, "6": 1.5}
-    apply_plan(bench, CompressionPlan(PruneConfig("unstructured", 0.5, scales)))
+    plan = PruneConfig("unstructured", 0.5, distribution="per_layer", layer_scale=scales)
+    apply_plan(bench, CompressionPlan(plan))
     sparsity = bench.records["layer_sparsity"]
     assert sparsity["0.0"] == 0.0
     assert sparsity["6"] == pytest.approx(0.75, abs=0.01)

@@ -22,7 +22,7 @@ def test_every_sampler_drives_plan_sampling(name):
     doc = {**TINY, "search": {"sampler": name, "seed": 3}}
     doc["space"] = {
         **TINY["space"],
-        "pruning": {**TINY["space"]["pruning"], "per_layer": True},
+        "pruning": {**TINY["space"]["pruning"], "distribution": "per_layer"},
         "quantization": {"bits": {"low": 2, "high": 8}},
     }
     space = parse_space(doc)

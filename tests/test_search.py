@@ -123,7 +123,7 @@ def test_user_model_and_dataset_factories(tmp_path):
             "pruning": {
                 "structure": "channel",
                 "sparsity": {"low": 0.3, "high": 0.5},
-                "per_layer": True,
+                "distribution": "per_layer",
             },
             "quantization": {"bits": [4]},
             "finetune": {"epochs": 1},

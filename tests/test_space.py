@@ -72,7 +72,8 @@ def test_knob_forms():
         (
             {**BASE, "space": {"pruning": {"sparsty": 0.5}}},
             "space.pruning.sparsty: unknown key (did you mean 'sparsity'?); allowed keys: "
-            "structure, sparsity, per_layer, layer_scale, round_to",
+            "structure, sparsity, saliency, distribution, layer_scale, layer_groups, schedule, "
+            "gradual_steps, regrowth, regrowth_interval, saliency_batches, round_to",
         ),
         (
             {**BASE, "serch": {}},
@@ -163,8 +164,8 @@ def test_knob_forms():
             "(it names the folder results/<study>/)",
         ),
         (
-            {**BASE, "space": {"pruning": {"per_layer": "yes"}}},
-            "space.pruning.per_layer: expected true or false, but got 'yes'",
+            {**BASE, "space": {"pruning": {"regrowth": "yes"}}},
+            "space.pruning.regrowth: expected true or false, but got 'yes'",
         ),
         ({**BASE, "space": "pruning"}, "space: expected a mapping of settings, but got 'pruning'"),
         (

@@ -34,6 +34,7 @@ def apply_plan(bench: Workbench, plan: CompressionPlan) -> None:
 
     for name in ORDER:
         bench.timed(name, TECHNIQUES[name], bench, plan)
+    prune.layer_report(bench, plan)
 
 
 __all__ = ["ORDER", "TECHNIQUES", "Workbench", "apply_plan", "register"]

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from .qtensor import QTensor
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
+# called after every fine-tuning step with (step, total); True = parameters were replaced
+StepHook = Callable[[int, int], bool]
 
 
 @dataclass
@@ -31,6 +33,15 @@ class Workbench:
     quantized: dict[str, QTensor] = field(default_factory=dict)  # param name -> codes
     records: dict[str, Any] = field(default_factory=dict)  # per-technique facts to store
     timings: dict[str, float] = field(default_factory=dict)
+    step_hooks: list[StepHook] = field(default_factory=list)  # run during fine-tuning
+    original: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (width, numel)
+
+    def __post_init__(self) -> None:
+        if not self.original:
+            self.original = {
+                n: (int(m.weight.shape[0]), m.weight.numel())
+                for n, m in prunable_layers(self.model).items()
+            }
 
     @property
     def example(self) -> torch.Tensor:

@@ -26,11 +26,16 @@ def distill(bench: Workbench, plan: CompressionPlan) -> None:
         temperature=plan.distill.temperature,
         alpha=plan.distill.alpha,
     )
+
+    def after_step(step: int, total: int) -> bool:
+        bench.apply_masks()  # fine-tuning must not regrow pruned weights on its own
+        return any([hook(step, total) for hook in bench.step_hooks])
+
     losses = train(
         bench.model,
         bench.splits.train,
         recipe,
         teacher_logits=bench.teacher_logits,
-        after_step=lambda *_: bench.apply_masks(),
+        after_step=after_step,
     )
     bench.records["finetune_loss"] = [round(x, 5) for x in losses]

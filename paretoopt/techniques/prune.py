@@ -1,12 +1,19 @@
-"""Magnitude pruning: unstructured (weight masks) or channel (channels physically removed).
+"""Pruning: unstructured (weight masks) or channel (channels physically removed).
+
+Every dimension is a plan setting: the saliency (see ``saliency.py``), the distribution of
+the budget over layers (uniform, one global ranking, or searched per-layer budgets), the
+schedule (one-shot before fine-tuning, or gradual along the cubic schedule of Zhu & Gupta
+2018 during it) and RigL-style regrowth at constant sparsity.
 
 Channel pruning goes through Torch-Pruning's dependency graph, so residual additions,
-BatchNorms, depthwise convolutions and a flatten into a Linear layer stay consistent; the
-removal is recorded as a replayable history so a fresh model can be rebuilt from the
-artifact without pickling modules.
+BatchNorms, depthwise convolutions and a flatten into a Linear layer stay consistent. The
+removal is recorded as a replayable history, so a fresh copy of the architecture can be
+rebuilt from the artifact without pickling modules.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch_pruning as tp
@@ -14,7 +21,11 @@ import torch_pruning as tp
 from ..errors import TrialError
 from ..plan import CompressionPlan, PruneConfig
 from . import register
-from .bench import Workbench, prunable_layers
+from .bench import StepHook, Workbench, prunable_layers
+from .saliency import SALIENCIES, fill_gradients, gradient_stats
+
+GRADUAL_END = 0.75  # gradual pruning and regrowth stop here; the rest of fine-tuning recovers
+REGROWTH_FRACTION = 0.3  # RigL's alpha: share of active weights moved at the first event
 
 
 @register("prune")
@@ -22,29 +33,62 @@ def prune(bench: Workbench, plan: CompressionPlan) -> None:
     cfg = plan.prune
     if not cfg.active:
         return
-    before = {n: m.weight.numel() for n, m in prunable_layers(bench.model).items()}
+    fine_tunes = plan.finetune.epochs > 0
+    if cfg.schedule == "gradual" and fine_tunes:
+        bench.step_hooks.append(_gradual(bench, cfg))
+        return
+    prune_to(bench, cfg, cfg.sparsity)
+    if cfg.regrowth and fine_tunes:
+        bench.step_hooks.append(_regrowth(bench, cfg))
+
+
+def prune_to(
+    bench: Workbench, cfg: PruneConfig, level: float, pruner: tp.pruner.MetaPruner | None = None
+) -> None:
+    """Bring the model to `level` (scaled per layer by the distribution)."""
+    saliency = SALIENCIES[cfg.saliency]
+    stats = None
+    if saliency.gradients is not None:
+        stats = gradient_stats(
+            bench.model, bench.splits.train, saliency.gradients, cfg.saliency_batches, bench.seed
+        )
     if cfg.structure == "unstructured":
-        _unstructured(bench, cfg)
+        _mask(bench, cfg, level, stats)
     else:
-        _channel(bench, cfg)
-    bench.records["layer_sparsity"] = layer_sparsity(bench, before)
+        if stats is not None:
+            fill_gradients(bench.model, stats)
+        _remove_channels(bench, pruner or _pruner(bench, cfg, level))
 
 
-def _unstructured(bench: Workbench, cfg: PruneConfig) -> None:
-    layers = prunable_layers(bench.model)
-    weights = {f"{n}.weight": m.weight for n, m in layers.items()}
-    if cfg.layer_scale:
+# --------------------------------------------------------------------------- unstructured
+
+
+def _mask(
+    bench: Workbench, cfg: PruneConfig, level: float, stats: dict[str, torch.Tensor] | None
+) -> None:
+    score = SALIENCIES[cfg.saliency].score
+    scores = {}
+    for name, layer in prunable_layers(bench.model).items():
+        param = f"{name}.weight"
+        w = layer.weight.detach()
+        scores[param] = score(w, stats[param] if stats is not None else None)
+        if param in bench.masks:  # weights pruned earlier stay pruned (gradual schedule)
+            scores[param] = scores[param] * bench.masks[param]
+    if cfg.distribution == "global":  # one ranking: the budget flows to the least salient
+        pooled = _threshold(torch.cat([s.flatten() for s in scores.values()]), level)
+        thresholds = dict.fromkeys(scores, pooled)
+    else:
         thresholds = {
-            p: _threshold(w.detach().abs().flatten(), cfg.layer_sparsity(p[:-7]))
-            for p, w in weights.items()
+            p: _threshold(s.flatten(), _layer_level(cfg, p[: -len(".weight")], level))
+            for p, s in scores.items()
         }
-    else:  # one global ranking: the budget flows to the layers with the smallest weights
-        pooled = torch.cat([w.detach().abs().flatten() for w in weights.values()])
-        level = _threshold(pooled, cfg.sparsity)
-        thresholds = dict.fromkeys(weights, level)
-    for p, w in weights.items():
-        bench.masks[p] = (w.detach().abs() > thresholds[p]).to(w.dtype)
+    for param, s in scores.items():
+        bench.masks[param] = (s > thresholds[param]).float()
     bench.apply_masks()
+
+
+def _layer_level(cfg: PruneConfig, layer: str, level: float) -> float:
+    return min(level * cfg.layer_scale.get(layer, 1.0), 0.99)
 
 
 def _threshold(values: torch.Tensor, sparsity: float) -> float:
@@ -55,27 +99,46 @@ def _threshold(values: torch.Tensor, sparsity: float) -> float:
     return float(torch.kthvalue(values, k).values)
 
 
-def _channel(bench: Workbench, cfg: PruneConfig) -> None:
+# --------------------------------------------------------------------------- channels
+
+
+def _pruner(
+    bench: Workbench,
+    cfg: PruneConfig,
+    level: float,
+    steps: int = 1,
+) -> tp.pruner.MetaPruner:
     model = bench.model.eval()
     layers = prunable_layers(model)
-    ratio_dict = {
-        m: min(cfg.layer_sparsity(n), _keep_at_least(m, cfg.round_to))
+    ratios = {
+        m: min(_layer_level(cfg, n, level), _keep_at_least(m, cfg.round_to))
         for n, m in layers.items()
         if n != bench.classifier
     }
     try:
-        pruner = tp.pruner.MetaPruner(
+        return tp.pruner.MetaPruner(
             model,
             bench.example,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=cfg.sparsity,
-            pruning_ratio_dict=ratio_dict,
+            importance=SALIENCIES[cfg.saliency].importance(),
+            pruning_ratio=level,
+            pruning_ratio_dict=None if cfg.distribution == "global" else ratios,
+            global_pruning=cfg.distribution == "global",
+            max_pruning_ratio=max(ratios.values(), default=0.9),
             ignored_layers=[layers[bench.classifier]],
             round_to=cfg.round_to if cfg.round_to > 1 else None,
+            iterative_steps=steps,
+            iterative_pruning_ratio_scheduler=cubic_ratios,
         )
-        pruner.step()
     except Exception as exc:  # a model the dependency graph cannot take is a trial fault
         raise TrialError(f"channel pruning failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _remove_channels(bench: Workbench, pruner: tp.pruner.MetaPruner) -> None:
+    try:
+        pruner.step()
+    except Exception as exc:
+        raise TrialError(f"channel pruning failed: {type(exc).__name__}: {exc}") from exc
+    bench.model.zero_grad(set_to_none=True)
     bench.pruning_history = [list(h) for h in pruner.pruning_history()]
 
 
@@ -90,10 +153,90 @@ def _keep_at_least(layer: torch.nn.Module, round_to: int) -> float:
     return max(0.0, 1.0 - (round_to + 0.5) / width)
 
 
-def layer_sparsity(bench: Workbench, before: dict[str, int]) -> dict[str, float]:
-    """Fraction of each layer's original weights that are zero (masked) or gone (removed)."""
-    out = {}
+# --------------------------------------------------------------------------- schedules
+
+
+def cubic_ratios(final: float, steps: int) -> list[float]:
+    """Zhu & Gupta 2018: s_k = s_f (1 - (1 - k/n)^3), fast early, slow late; s_0 = 0."""
+    return [final * (1.0 - (1.0 - k / steps) ** 3) for k in range(steps + 1)]
+
+
+def _events(total: int, steps: int) -> dict[int, int]:
+    """Optimizer step -> pruning event (1..steps), spread over the first 75 % of training."""
+    end = max(1, int(GRADUAL_END * total))
+    return {max(1, round(k * end / steps)): k for k in range(1, steps + 1)}
+
+
+def _gradual(bench: Workbench, cfg: PruneConfig) -> StepHook:
+    """Prune at evenly spaced steps, to the cubic schedule's level at each."""
+    levels = cubic_ratios(cfg.sparsity, cfg.gradual_steps)
+    state: dict[str, object] = {}
+
+    def hook(step: int, total: int) -> bool:
+        events = state.setdefault("events", _events(total, cfg.gradual_steps))
+        event = events.get(step)  # type: ignore[union-attr]
+        if event is None:
+            return False
+        if cfg.structure == "unstructured":
+            prune_to(bench, cfg, levels[event])
+            return False
+        if "pruner" not in state:
+            state["pruner"] = _pruner(bench, cfg, cfg.sparsity, cfg.gradual_steps)
+        pruner = state["pruner"]
+        for _ in range(event - state.get("done", 0)):  # type: ignore[operator]
+            prune_to(bench, cfg, levels[event], pruner)  # type: ignore[arg-type]
+        state["done"] = event
+        return True  # parameters were replaced: the optimizer must be rebuilt
+
+    return hook
+
+
+def _regrowth(bench: Workbench, cfg: PruneConfig) -> StepHook:
+    """RigL (Evci et al. 2020): drop the weakest active weights, regrow as many inactive
+    ones where the gradient is largest, at constant sparsity; the share moved decays along
+    a cosine to 0 at 75 % of training."""
+
+    def hook(step: int, total: int) -> bool:
+        end = max(1, int(GRADUAL_END * total))
+        if step % cfg.regrowth_interval or step > end:
+            return False
+        share = REGROWTH_FRACTION / 2 * (1 + math.cos(math.pi * step / end))
+        params = dict(bench.model.named_parameters())
+        for name, mask in bench.masks.items():
+            _drop_and_grow(params[name], mask, share)
+        bench.apply_masks()
+        return False
+
+    return hook
+
+
+def _drop_and_grow(weight: torch.nn.Parameter, mask: torch.Tensor, share: float) -> None:
+    if weight.grad is None:
+        return
+    active = mask.bool()
+    k = int(share * int(active.sum()))
+    if k == 0 or int((~active).sum()) < k:
+        return
+    flat_mask = mask.view(-1)
+    weakest = torch.where(active, weight.detach().abs(), torch.inf).view(-1).topk(k, largest=False)
+    growth = torch.where(active, -torch.inf, weight.grad.abs()).view(-1).topk(k)
+    flat_mask[weakest.indices] = 0.0
+    flat_mask[growth.indices] = 1.0
+    with torch.no_grad():
+        weight.view(-1)[growth.indices] = 0.0  # regrown connections start from zero
+
+
+# --------------------------------------------------------------------------- records
+
+
+def layer_report(bench: Workbench, plan: CompressionPlan) -> None:
+    """Per layer: sparsity reached, channels kept of the original, saliency used."""
+    sparsity, channels = {}, {}
     for name, m in prunable_layers(bench.model).items():
+        width, numel = bench.original[name]
         kept = int((m.weight != 0).sum())
-        out[name] = round(1.0 - kept / before[name], 4)
-    return out
+        sparsity[name] = round(1.0 - kept / numel, 4)
+        channels[name] = [int(m.weight.shape[0]), width]
+    bench.records["layer_sparsity"] = sparsity
+    bench.records["layer_channels"] = channels
+    bench.records["saliency"] = plan.prune.saliency if plan.prune.active else None
