@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint bench clean
 
 venv: $(STAMP)
 
@@ -22,9 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+bench: $(STAMP)
+	$(PY) benchmarks/pruning.py
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check paretoopt tests
-	$(VENV)/bin/ruff format --check paretoopt tests
+	$(VENV)/bin/ruff check paretoopt tests benchmarks
+	$(VENV)/bin/ruff format --check paretoopt tests benchmarks
 
 clean:
 	rm -rf $(VENV) results/*/ .pytest_cache
