@@ -252,6 +252,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
         "runtime": runner.name,
         "int_kernels": False,  # weights run dequantized in float32 kernels
         "params": total,
+        "macs": _macs(deployed, ctx.splits.train.x[:1]),
         "nonzero_params": nonzero,
         "layer_sparsity": bench.records.get("layer_sparsity", {}),
         "layer_bits": bench.records.get("layer_bits", {}),
@@ -267,6 +268,15 @@ def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> Runner:
         return TorchRunner(model, target.threads)
     export_onnx(model, ctx.splits.train.x[:1], work / RUNTIME_FILE)
     return OrtRunner(work / RUNTIME_FILE, target.threads)
+
+
+def _macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one sample through the deployed model (dense count: masked
+    weights still cost a MAC in a dense kernel)."""
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(model, example)
+    return int(macs)
 
 
 def _latency(ctx: StudyContext, runner: Runner) -> dict[str, Any]:

@@ -89,6 +89,8 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "latency_raw_median_ms": latency.get("median_ms"),
         "latency_raw_p90_ms": latency.get("p90_ms"),
         "latency_spread": latency.get("spread"),
+        "params": a.get("params"),
+        "macs": a.get("macs"),
         "plan": a.get("plan_summary", ""),
         "duration_s": t.duration.total_seconds() if t.duration else None,
         "fail_reason": a.get("fail_reason", ""),

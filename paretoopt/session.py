@@ -222,6 +222,7 @@ def store_baseline(session: Session, record: dict[str, Any]) -> None:
         "latency_ms",
         "latency",
         "params",
+        "macs",
     )
     meta["baseline"] = {k: record[k] for k in keys}
     write_json(session.directory / RUN_FILE, meta)

@@ -40,6 +40,8 @@ def test_one_trial_measures_the_model_rebuilt_from_its_file(ctx, tmp_path):
     assert record["accuracy"] == pytest.approx(val, abs=100 / len(ctx.splits.val))
     assert record["plan"] == PLAN.to_dict()
     assert record["params"] < sum(p.numel() for p in ctx.baseline.parameters())
+    base = run_trial(ctx, CompressionPlan(), tmp_path / "0", seed=0)
+    assert 0 < record["macs"] < base["macs"]  # removed channels cost no multiply-adds
     assert record["int_kernels"] is False and record["runtime"] == "onnxruntime"
     latency = record["latency"]
     assert latency["runs"] == 2 * 5 and latency["median_ms"] > 0
