@@ -6,7 +6,7 @@ The search talks to a Reporter; the CLI uses the rich one, the Python API a sile
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -25,24 +25,10 @@ if TYPE_CHECKING:
     from .space import Space
 
 
-class Reporter(Protocol):
-    def log(self, message: str) -> None: ...
-    def start(self, space: Space, done: int) -> None: ...
-    def trial_done(
-        self,
-        number: int,
-        record: dict[str, Any],
-        seconds: float,
-        baseline: dict[str, Any],
-        feasible: bool,
-    ) -> None: ...
-    def trial_failed(self, number: int, reason: str) -> None: ...
-    def advance(self, done: int) -> None: ...
-    def stop(self) -> None: ...
-    def finish(self, results: StudyResults) -> None: ...
+class Reporter:
+    """What a search reports, in order: start, then per trial done or failed and advance,
+    then stop and finish. This base class reports nothing (the Python API's default)."""
 
-
-class SilentReporter:
     def log(self, message: str) -> None:
         pass
 
@@ -72,6 +58,9 @@ class SilentReporter:
         pass
 
 
+SilentReporter = Reporter
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -80,7 +69,7 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-class RichReporter:
+class RichReporter(Reporter):
     """Progress bar with ETA and the best figure per objective, a line per trial."""
 
     def __init__(self, console: Console | None = None) -> None:
