@@ -22,7 +22,7 @@ from .space import (
     SUPPORTED_BITS,
 )
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: saliency, distribution, schedule and regrowth
 
 
 def _require(ok: bool, message: str) -> None:
@@ -140,6 +140,17 @@ class FinetuneConfig:
         _require(self.batch_size >= 1, f"finetune.batch_size: must be >= 1, got {self.batch_size}")
 
 
+def _from_version_1(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Version 1 had no distribution: per-layer multipliers meant per_layer, and
+    unstructured pruning ranked weights globally."""
+    prune = dict(raw.get("prune", {}))
+    if prune.get("layer_scale"):
+        prune["distribution"] = "per_layer"
+    elif prune.get("structure", "unstructured") == "unstructured":
+        prune["distribution"] = "global"
+    return {**raw, "prune": prune}
+
+
 @dataclass(frozen=True)
 class CompressionPlan:
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -161,10 +172,12 @@ class CompressionPlan:
     def from_dict(cls, raw: Mapping[str, Any]) -> CompressionPlan:
         version = raw.get("version")
         _require(
-            version == PLAN_VERSION,
+            version in (1, PLAN_VERSION),
             f"plan: version {version!r} is not supported "
-            f"(this paretoopt reads version {PLAN_VERSION})",
+            f"(this paretoopt reads versions 1 to {PLAN_VERSION})",
         )
+        if version == 1:
+            raw = _from_version_1(raw)
         parts = {
             "prune": PruneConfig,
             "quant": QuantConfig,

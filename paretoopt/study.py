@@ -116,6 +116,8 @@ def _sample_prune(
     if sparsity == 0.0:
         return PruneConfig(structure, 0.0, **fixed)
     distribution = str(suggest(trial, "prune.distribution", p.distribution))
+    if distribution == "per_layer" and not layer_names:  # only the classifier is prunable
+        distribution = "uniform"
     scales = layer_multipliers(trial, space, layer_names) if distribution == "per_layer" else {}
     schedule = str(suggest(trial, "prune.schedule", p.schedule)) if epochs else "one_shot"
     regrowth = (
@@ -138,6 +140,8 @@ def _sample_prune(
 def layer_groups(layer_names: list[str], groups: int) -> list[list[str]]:
     """Consecutive layers in at most `groups` groups of near-equal size (depth order)."""
     n = len(layer_names)
+    if n == 0:
+        return []
     count = min(groups, n)
     bounds = [round(i * n / count) for i in range(count + 1)]
     return [layer_names[bounds[i] : bounds[i + 1]] for i in range(count)]

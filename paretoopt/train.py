@@ -48,7 +48,7 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     steps_per_epoch = math.ceil(len(split) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    schedule = _cosine(optimizer, total, start=0)
     distil = teacher_logits is not None and recipe.alpha > 0
     model.train()
     history, step = [], 0
@@ -71,21 +71,26 @@ def train(
             schedule.step()
             step += 1
             if after_step is not None and after_step(step, total) and step < total:
-                optimizer, schedule = _rebuild(model, schedule.get_last_lr()[0], total - step)
+                # channels were removed: new parameters need a new optimizer (Adam's moments
+                # restart), on the same cosine curve, and the model back in training mode
+                optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+                schedule = _cosine(optimizer, total, start=step)
+                model.train()
             running += loss.item() * len(idx)
         history.append(running / len(split))
     model.eval()
     return history
 
 
-def _rebuild(
-    model: nn.Module,
-    lr: float,
-    remaining: int,
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """A fresh optimizer over the new parameters, continuing the cosine decay from `lr`."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=remaining)
+def _cosine(
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    start: int,
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine decay from the base learning rate to 0 over `total` steps, from step `start`."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s + start, total) / total))
+    )
 
 
 def distillation_loss(

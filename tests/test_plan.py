@@ -70,7 +70,7 @@ def test_layer_sparsity_is_scaled_and_capped():
         (lambda: DistillConfig(1.0, 1.5), "distill.alpha: 0 <= alpha <= 1 must hold, got 1.5"),
         (
             lambda: CompressionPlan.from_dict({"version": 99}),
-            "plan: version 99 is not supported (this paretoopt reads version 1)",
+            "plan: version 99 is not supported (this paretoopt reads versions 1 to 2)",
         ),
     ],
 )
@@ -78,3 +78,13 @@ def test_invalid_plans(build, message):
     with pytest.raises(PlanError) as info:
         build()
     assert str(info.value) == message
+
+
+def test_version_1_plans_keep_their_meaning():
+    v1 = {"version": 1, "prune": {"structure": "unstructured", "sparsity": 0.5}}
+    assert CompressionPlan.from_dict(v1).prune.distribution == "global"
+    v1 = {
+        "version": 1,
+        "prune": {"structure": "channel", "sparsity": 0.5, "layer_scale": {"a": 1.2}},
+    }
+    assert CompressionPlan.from_dict(v1).prune.distribution == "per_layer"

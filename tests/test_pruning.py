@@ -149,3 +149,28 @@ def test_residual_batchnorm_depthwise_model_is_pruned_and_exports(waves, tmp_pat
     ours = logits_of(bench.model, waves.val.x[:8]).numpy()
     theirs = OrtRunner(tmp_path / "m.onnx", 1)(waves.val.x[:8].numpy())
     assert abs(ours - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+@pytest.mark.parametrize("saliency", ["l2", "taylor"])
+def test_global_channel_pruning_keeps_every_layer_and_reaches_the_level(digits, round_to, saliency):
+    bench = bench_for(conv(image_size=8, width=16, hidden=32), digits)
+    before = sum(p.numel() for p in bench.model.parameters())
+    plan = plan_of(
+        "channel", saliency, sparsity=0.6, epochs=0, distribution="global", round_to=round_to
+    )
+    apply_plan(bench, plan)
+    for name, (kept, _) in bench.records["layer_channels"].items():
+        if name != bench.classifier:
+            assert kept >= round_to and kept % round_to == 0, (name, kept)
+    assert sum(p.numel() for p in bench.model.parameters()) < 0.6 * before
+
+
+def test_gradual_channel_pruning_trains_in_training_mode(digits):
+    bench = bench_for(conv(image_size=8, width=16, hidden=32), digits)
+    modes = []
+    bench.step_hooks.append(lambda step, total: modes.append(bench.model.training) or False)
+    apply_plan(bench, plan_of("channel", "l2", "gradual", sparsity=0.5, epochs=2))
+    assert modes and all(modes[1:])  # after every removal the model trains again
+    widths = [kept for kept, _ in bench.records["layer_channels"].values()]
+    assert sum(widths) < sum(w for w, _ in bench.original.values())

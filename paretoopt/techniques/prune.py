@@ -76,7 +76,9 @@ def _mask(
             scores[param] = scores[param] * bench.masks[param]
     if cfg.distribution == "global":  # one ranking: the budget flows to the least salient
         pooled = _threshold(torch.cat([s.flatten() for s in scores.values()]), level)
-        thresholds = dict.fromkeys(scores, pooled)
+        # ... but no layer loses more than 99 %: scores of different layers can differ by
+        # orders of magnitude, and a layer with no weight left cuts the network
+        thresholds = {p: min(pooled, _threshold(s.flatten(), 0.99)) for p, s in scores.items()}
     else:
         thresholds = {
             p: _threshold(s.flatten(), _layer_level(cfg, p[: -len(".weight")], level))
@@ -108,29 +110,69 @@ def _pruner(
     level: float,
     steps: int = 1,
 ) -> tp.pruner.MetaPruner:
-    model = bench.model.eval()
-    layers = prunable_layers(model)
+    """A Torch-Pruning pruner with one ratio per layer, each capped so that the layer keeps
+    at least `round_to` channels. A global distribution is turned into such ratios by
+    `_global_ratios` first: Torch-Pruning's own global mode has no per-layer floor."""
+    layers = prunable_layers(bench.model)
+    if cfg.distribution == "global":
+        wanted = _global_ratios(bench, cfg, level)
+    else:
+        wanted = {m: _layer_level(cfg, n, level) for n, m in layers.items()}
     ratios = {
-        m: min(_layer_level(cfg, n, level), _keep_at_least(m, cfg.round_to))
-        for n, m in layers.items()
-        if n != bench.classifier
+        m: min(r, _keep_at_least(m, cfg.round_to))
+        for m, r in wanted.items()
+        if m is not layers[bench.classifier]
     }
+    return _meta_pruner(bench, cfg, level, ratios, steps)
+
+
+def _meta_pruner(
+    bench: Workbench,
+    cfg: PruneConfig,
+    level: float,
+    ratios: dict[torch.nn.Module, float] | None,
+    steps: int = 1,
+) -> tp.pruner.MetaPruner:
+    model = bench.model.eval()
+    classifier = prunable_layers(model)[bench.classifier]
     try:
         return tp.pruner.MetaPruner(
             model,
             bench.example,
             importance=SALIENCIES[cfg.saliency].importance(),
             pruning_ratio=level,
-            pruning_ratio_dict=None if cfg.distribution == "global" else ratios,
-            global_pruning=cfg.distribution == "global",
-            max_pruning_ratio=max(ratios.values(), default=0.9),
-            ignored_layers=[layers[bench.classifier]],
+            pruning_ratio_dict=ratios,
+            ignored_layers=[classifier],
             round_to=cfg.round_to if cfg.round_to > 1 else None,
             iterative_steps=steps,
             iterative_pruning_ratio_scheduler=cubic_ratios,
         )
     except Exception as exc:  # a model the dependency graph cannot take is a trial fault
         raise TrialError(f"channel pruning failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _global_ratios(
+    bench: Workbench,
+    cfg: PruneConfig,
+    level: float,
+) -> dict[torch.nn.Module, float]:
+    """One ranking across layers: every group's channel scores (mean-normalised by the
+    importance) are pooled, and each group's ratio is its share below the pooled
+    threshold."""
+    probe = _meta_pruner(bench, cfg, level, None)
+    scores = []
+    for group in probe.DG.get_all_groups(
+        ignored_layers=probe.ignored_layers, root_module_types=probe.root_module_types
+    ):
+        imp = probe.estimate_importance(group)
+        if imp is not None and len(imp):
+            scores.append((group[0][0].target.module, imp.detach().float()))
+    if not scores:
+        return {}
+    pooled = torch.cat([s for _, s in scores])
+    k = min(max(int(round(level * pooled.numel())), 1), pooled.numel())
+    threshold = float(torch.kthvalue(pooled, k).values)
+    return {module: float((s <= threshold).float().mean()) for module, s in scores}
 
 
 def _remove_channels(bench: Workbench, pruner: tp.pruner.MetaPruner) -> None:
@@ -219,8 +261,10 @@ def _drop_and_grow(weight: torch.nn.Parameter, mask: torch.Tensor, share: float)
         return
     flat_mask = mask.view(-1)
     weakest = torch.where(active, weight.detach().abs(), torch.inf).view(-1).topk(k, largest=False)
-    growth = torch.where(active, -torch.inf, weight.grad.abs()).view(-1).topk(k)
     flat_mask[weakest.indices] = 0.0
+    # grown among all inactive weights, the just-dropped included (as in RigL)
+    growth = torch.where(flat_mask.view_as(mask).bool(), -torch.inf, weight.grad.abs())
+    growth = growth.view(-1).topk(k)
     flat_mask[growth.indices] = 1.0
     with torch.no_grad():
         weight.view(-1)[growth.indices] = 0.0  # regrown connections start from zero

@@ -4,8 +4,8 @@ Four registered, interchangeable choices:
 
 * ``l1``, ``l2``: magnitude. For single weights the two rank alike; for channels the group
   norm differs (sum of |w| vs sum of w^2).
-* ``taylor``: first order, |w x dL/dw| with the gradient averaged over a few batches
-  (Molchanov et al. 2019).
+* ``taylor``: first order, |w| x mean |dL/dw| over a few batches, i.e. the mean of
+  |w x g| per batch (Molchanov et al. 2019).
 * ``hessian``: second order, Optimal Brain Damage's 1/2 w^2 H_ii, with the diagonal
   Hessian estimated by the empirical Fisher (mean squared gradient of small batches).
 
@@ -64,7 +64,7 @@ SALIENCIES: dict[str, Saliency] = {
 def gradient_stats(
     model: nn.Module, split: Split, kind: str, batches: int, seed: int, batch_size: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Mean gradient ("mean") or mean squared gradient ("fisher") of the loss, per
+    """Mean gradient magnitude ("mean") or mean squared gradient ("fisher") of the loss, per
     parameter, over `batches` seeded batches of the training split. BatchNorm runs in eval
     mode, so estimating leaves the model exactly as it was."""
     was_training = model.training
@@ -81,7 +81,8 @@ def gradient_stats(
         F.cross_entropy(model(split.x[idx]), split.y[idx]).backward()
         for n, p in params.items():
             if p.grad is not None:
-                total[n] += p.grad * p.grad if kind == "fisher" else p.grad
+                # per-batch magnitudes: signed gradients of a converged model cancel out
+                total[n] += p.grad * p.grad if kind == "fisher" else p.grad.abs()
         count += 1
     model.zero_grad(set_to_none=True)
     model.train(was_training)
