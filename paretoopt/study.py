@@ -11,7 +11,6 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +18,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .errors import StudyError, one_line
-from .knobs import Choice, Fixed, Knob, Range, Scalar
-from .plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
+from .plan import CompressionPlan
 from .report import Reporter, SilentReporter
 from .results import (
     BASELINE_ATTR,
@@ -30,6 +28,7 @@ from .results import (
     load_results,
     write_tables,
 )
+from .sampling import make_sampler, sample_plan
 from .session import (
     Session,
     baseline,
@@ -51,149 +50,6 @@ if TYPE_CHECKING:
 
 SPREAD_WARNING = 1.10  # calibration rounds further apart than this cannot rank candidates
 REASON_LIMIT = 500  # characters of a failure reason kept in the study
-
-
-# --------------------------------------------------------------------------- plan sampling
-
-
-def suggest(trial: optuna.Trial, name: str, knob: Knob) -> Scalar:
-    if isinstance(knob, Fixed):
-        return knob.value
-    if isinstance(knob, Choice):
-        return trial.suggest_categorical(name, list(knob.options))
-    return _suggest_range(trial, name, knob)
-
-
-def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
-    if knob.integer:
-        return trial.suggest_int(
-            name, int(knob.low), int(knob.high), step=int(knob.step or 1), log=knob.log
-        )
-    return trial.suggest_float(name, knob.low, knob.high, step=knob.step, log=knob.log)
-
-
-def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> CompressionPlan:
-    """Turn one Optuna trial into a compression plan. Fixed knobs are not parameters, and
-    neither is a knob that cannot matter for this plan (no saliency without pruning, no
-    temperature without distillation)."""
-    s = space.space
-    epochs = int(suggest(trial, "finetune.epochs", s.finetune.epochs))
-    alpha = float(suggest(trial, "distill.alpha", s.distillation.alpha)) if epochs else 0.0
-    temperature = (
-        float(suggest(trial, "distill.temperature", s.distillation.temperature))
-        if alpha > 0
-        else 1.0
-    )
-    return CompressionPlan(
-        prune=_sample_prune(trial, space, layer_names, epochs),
-        quant=_sample_quant(trial, space),
-        distill=DistillConfig(temperature, alpha),
-        finetune=FinetuneConfig(
-            epochs,
-            float(suggest(trial, "finetune.lr", s.finetune.lr)) if epochs else 1e-3,
-            s.finetune.batch_size,
-        ),
-    )
-
-
-def _sample_prune(
-    trial: optuna.Trial,
-    space: Space,
-    layer_names: list[str],
-    epochs: int,
-) -> PruneConfig:
-    p = space.space.pruning
-    structure = str(suggest(trial, "prune.structure", p.structure))
-    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
-    # weights, so the two levels mean different things and the sampler must learn them apart.
-    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
-    fixed = {
-        "round_to": p.round_to,
-        "gradual_steps": p.gradual_steps,
-        "regrowth_interval": p.regrowth_interval,
-        "saliency_batches": p.saliency_batches,
-    }
-    if sparsity == 0.0:
-        return PruneConfig(structure, 0.0, **fixed)
-    distribution = str(suggest(trial, "prune.distribution", p.distribution))
-    if distribution == "per_layer" and not layer_names:  # only the classifier is prunable
-        distribution = "uniform"
-    scales = layer_multipliers(trial, space, layer_names) if distribution == "per_layer" else {}
-    schedule = str(suggest(trial, "prune.schedule", p.schedule)) if epochs else "one_shot"
-    regrowth = (
-        bool(suggest(trial, "prune.regrowth", p.regrowth))
-        if epochs and structure == "unstructured" and schedule == "one_shot"
-        else False
-    )
-    return PruneConfig(
-        structure,
-        sparsity,
-        str(suggest(trial, "prune.saliency", p.saliency)),
-        distribution,
-        scales,
-        schedule,
-        regrowth=regrowth,
-        **fixed,
-    )
-
-
-def layer_groups(layer_names: list[str], groups: int) -> list[list[str]]:
-    """Consecutive layers in at most `groups` groups of near-equal size (depth order)."""
-    n = len(layer_names)
-    if n == 0:
-        return []
-    count = min(groups, n)
-    bounds = [round(i * n / count) for i in range(count + 1)]
-    return [layer_names[bounds[i] : bounds[i + 1]] for i in range(count)]
-
-
-def layer_multipliers(
-    trial: optuna.Trial,
-    space: Space,
-    layer_names: list[str],
-) -> dict[str, float]:
-    """One multiplier per layer group: `prune.layer.<name>` for a group of one layer,
-    `prune.layers.<first>..<last>` for several."""
-    p = space.space.pruning
-    out = {}
-    for group in layer_groups(layer_names, p.layer_groups):
-        name = (
-            f"prune.layer.{group[0]}"
-            if len(group) == 1
-            else f"prune.layers.{group[0]}..{group[-1]}"
-        )
-        scale = float(suggest(trial, name, p.layer_scale))
-        out.update(dict.fromkeys(group, scale))
-    return out
-
-
-def _sample_quant(trial: optuna.Trial, space: Space) -> QuantConfig:
-    q = space.space.quantization
-    bits = int(suggest(trial, "quant.bits", q.bits))
-    if bits > 8:  # float16 and float32 have no grid: granularity and scheme cannot matter
-        return QuantConfig(bits)
-    return QuantConfig(
-        bits,
-        str(suggest(trial, "quant.granularity", q.granularity)),
-        str(suggest(trial, "quant.scheme", q.scheme)),
-    )
-
-
-def make_sampler(space: Space, offset: int) -> optuna.samplers.BaseSampler:
-    """The space's sampler, seeded so that a resumed study does not replay old draws."""
-    seed = space.search.seed + offset
-    name = space.search.sampler
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if name == "tpe":  # multivariate: sparsity and bits interact
-            return optuna.samplers.TPESampler(
-                seed=seed, multivariate=True, group=True, n_startup_trials=10
-            )
-        if name == "nsga2":  # a fixed population: --trials must not change it mid-study
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed)
-        return optuna.samplers.RandomSampler(seed=seed)
 
 
 # --------------------------------------------------------------------------- the loop

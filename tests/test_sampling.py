@@ -4,8 +4,8 @@ import optuna
 import pytest
 
 from paretoopt.plan import CompressionPlan
+from paretoopt.sampling import make_sampler, sample_plan
 from paretoopt.space import parse_space
-from paretoopt.study import make_sampler, sample_plan
 
 from .conftest import TINY
 
