@@ -228,9 +228,9 @@ def store_baseline(session: Session, record: dict[str, Any]) -> None:
     write_json(session.directory / RUN_FILE, meta)
 
 
-def study_reference(session: Session) -> float | None:
+def study_reference(directory: Path) -> float | None:
     """The latency scale fixed by the study's first calibration, if there was one."""
-    return read_json(session.directory / RUN_FILE).get("reference_ms")
+    return read_json(directory / RUN_FILE).get("reference_ms")
 
 
 def write_metadata(session: Session, ctx: StudyContext) -> None:

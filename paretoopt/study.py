@@ -79,6 +79,9 @@ def search(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ctx = prepare(space, results_root / ".cache", log=reporter.log)
+    # measured before the study folder is touched: a model the runtime cannot take fails
+    # here with one line and leaves nothing behind
+    _calibrate(space, results_root / space.study, ctx, reporter)
     sampler = make_sampler(space, existing_trials(space, results_root))
     session = open_session(space, results_root, sampler)
     try:
@@ -89,8 +92,6 @@ def search(
                 "will be replaced"
             )
         ensure_baseline(session.study)
-        if finished(session.study) < space.search.trials:
-            _calibrate(session, ctx, reporter)
         write_metadata(session, ctx)
         try:
             _loop(session, ctx, reporter)
@@ -101,16 +102,16 @@ def search(
         session.close()
 
 
-def _calibrate(session: Session, ctx: StudyContext, reporter: Reporter) -> None:
+def _calibrate(space: Space, directory: Path, ctx: StudyContext, reporter: Reporter) -> None:
     from .pipeline import calibrate
 
     try:
         with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
-            cal = calibrate(ctx, Path(tmp), study_reference(session))
+            cal = calibrate(ctx, Path(tmp), study_reference(directory))
     except Exception as exc:
         raise StudyError(
             f"the baseline cannot be measured in the target runtime "
-            f"({session.space.target.runtime}): {type(exc).__name__}: "
+            f"({space.target.runtime}): {type(exc).__name__}: "
             f"{one_line(str(exc))[:REASON_LIMIT]}"
         ) from exc
     rounds = ", ".join(f"{m:.4f}" for m in cal["medians_ms"])

@@ -164,3 +164,25 @@ def test_bad_storage_url(tmp_path, capsys, tiny_doc):
     tiny_doc["search"]["storage"] = "nosuchdb://localhost/x"
     message = bad_input(tmp_path, capsys, tiny_doc)
     assert message.startswith("search.storage: cannot open 'nosuchdb://localhost/x': ")
+
+
+def test_a_model_the_runtime_cannot_take_fails_before_the_study_folder(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "user_model.py", tmp_path / "user_model.py")
+    doc = {
+        "study": "moody",
+        "model": {"factory": "user_model.py:build_moody"},
+        "data": {"factory": "user_model.py:signals"},
+        "baseline": {"epochs": 1},
+        "search": {"trials": 2},
+    }
+    space = write_space(tmp_path / "moody.yaml", doc)
+    code = main(["search", "--space", str(space), "--results", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith(
+        "error: the baseline cannot be measured in the target runtime (onnxruntime): "
+    )
+    assert not (tmp_path / "r" / "moody").exists()

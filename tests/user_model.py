@@ -57,3 +57,16 @@ class Fragile(SignalNet):
 
 def build_fragile():
     return Fragile(channels=8)
+
+
+class Moody(SignalNet):
+    """Runs in PyTorch, but branches on a tensor's value, which torch.export cannot trace."""
+
+    def forward(self, x):
+        if x.mean() > 100.0:
+            return super().forward(-x)
+        return super().forward(x)
+
+
+def build_moody():
+    return Moody(channels=8)
