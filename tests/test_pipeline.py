@@ -49,6 +49,10 @@ def test_one_trial_measures_the_model_rebuilt_from_its_file(ctx, tmp_path):
         ctx.calibration["reference_ms"] * latency["ratio_to_baseline"]
     )
     assert set(record["layer_bits"].values()) == {4}
+    assert record["saliency"] == "l2"
+    channels = record["layer_channels"]  # kept of the original, per layer
+    assert channels[ctx.classifier][0] == channels[ctx.classifier][1]
+    assert any(kept < original for kept, original in channels.values())
     assert set(record["timings"]) >= {"prune", "distill", "quantize", "write", "export", "measure"}
 
 
