@@ -142,7 +142,7 @@ def _loop(session: Session, ctx: StudyContext, reporter: Reporter) -> None:
         trial = study.ask()
         start = time.perf_counter()
         try:
-            record, feasible = _evaluate(session, ctx, trial)
+            record, base, feasible = _evaluate(session, ctx, trial)
         except Exception as exc:  # a failed trial is data: record the reason, go on
             reason = f"{type(exc).__name__}: {one_line(str(exc))}"[:REASON_LIMIT]
             trial.set_user_attr("fail_reason", reason)
@@ -154,9 +154,7 @@ def _loop(session: Session, ctx: StudyContext, reporter: Reporter) -> None:
                 ) from exc
         else:
             study.tell(trial, [record[METRIC_COLUMNS[m]] for m in space.metrics])
-            reporter.trial_done(
-                trial.number, record, time.perf_counter() - start, baseline(session), feasible
-            )
+            reporter.trial_done(trial.number, record, time.perf_counter() - start, base, feasible)
         done = finished(study)
         reporter.advance(done)
 
@@ -165,7 +163,8 @@ def _evaluate(
     session: Session,
     ctx: StudyContext,
     trial: optuna.Trial,
-) -> tuple[dict[str, Any], bool]:
+) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """Run one trial; return its record, the baseline's, and whether it is feasible."""
     from .pipeline import run_trial
 
     is_baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
@@ -177,22 +176,24 @@ def _evaluate(
     record["plan_summary"] = plan.summary()
     if is_baseline:
         store_baseline(session, record)
+    base = baseline(session)  # read once: the constraints and the report both need it
     for key, value in record.items():
         trial.set_user_attr(key, value)
-    violations = _set_constraints(trial, session, record)
-    return record, all(v <= 0 for v in violations.values())
+    violations = _set_constraints(trial, session.space, record, base)
+    return record, base, all(v <= 0 for v in violations.values())
 
 
 def _set_constraints(
     trial: optuna.Trial,
-    session: Session,
+    space: Space,
     record: dict[str, Any],
+    base: dict[str, Any],
 ) -> dict[str, float]:
     """Optuna 5 constraints: a value <= 0 is feasible."""
-    c = session.space.constraints
+    c = space.constraints
     out = {}
     if c.max_accuracy_drop is not None:
-        drop = baseline(session)["accuracy"] - record["accuracy"]
+        drop = base["accuracy"] - record["accuracy"]
         out["accuracy_drop"] = drop - c.max_accuracy_drop
     if c.max_size_bytes is not None:
         out["size"] = record["size_bytes"] - c.max_size_bytes
