@@ -210,27 +210,34 @@ def _events(total: int, steps: int) -> dict[int, int]:
 
 
 def _gradual(bench: Workbench, cfg: PruneConfig) -> StepHook:
-    """Prune at evenly spaced steps, to the cubic schedule's level at each."""
-    levels = cubic_ratios(cfg.sparsity, cfg.gradual_steps)
-    state: dict[str, object] = {}
+    return _Gradual(bench, cfg)
 
-    def hook(step: int, total: int) -> bool:
-        events = state.setdefault("events", _events(total, cfg.gradual_steps))
-        event = events.get(step)  # type: ignore[union-attr]
+
+class _Gradual:
+    """Prune at evenly spaced steps, to the cubic schedule's level at each (a step hook)."""
+
+    def __init__(self, bench: Workbench, cfg: PruneConfig) -> None:
+        self.bench, self.cfg = bench, cfg
+        self.levels = cubic_ratios(cfg.sparsity, cfg.gradual_steps)
+        self.events: dict[int, int] | None = None  # known once the step count is
+        self.pruner: tp.pruner.MetaPruner | None = None  # channels: one iterative pruner
+        self.done = 0  # events applied
+
+    def __call__(self, step: int, total: int) -> bool:
+        if self.events is None:
+            self.events = _events(total, self.cfg.gradual_steps)
+        event = self.events.get(step)
         if event is None:
             return False
-        if cfg.structure == "unstructured":
-            prune_to(bench, cfg, levels[event])
+        if self.cfg.structure == "unstructured":
+            prune_to(self.bench, self.cfg, self.levels[event])
             return False
-        if "pruner" not in state:
-            state["pruner"] = _pruner(bench, cfg, cfg.sparsity, cfg.gradual_steps)
-        pruner = state["pruner"]
-        for _ in range(event - state.get("done", 0)):  # type: ignore[operator]
-            prune_to(bench, cfg, levels[event], pruner)  # type: ignore[arg-type]
-        state["done"] = event
+        if self.pruner is None:
+            self.pruner = _pruner(self.bench, self.cfg, self.cfg.sparsity, self.cfg.gradual_steps)
+        for _ in range(event - self.done):  # each pruner step advances the schedule by one
+            prune_to(self.bench, self.cfg, self.levels[event], self.pruner)
+        self.done = event
         return True  # parameters were replaced: the optimizer must be rebuilt
-
-    return hook
 
 
 def _regrowth(bench: Workbench, cfg: PruneConfig) -> StepHook:
