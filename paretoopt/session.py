@@ -44,8 +44,12 @@ class Session:
     directory: Path
     study: optuna.Study
     storage: optuna.storages.BaseStorage
-    embedded: bool  # the journal file in the study folder, owned by this process
     lock: IO[str] | None = field(default=None, repr=False)
+
+    @property
+    def embedded(self) -> bool:
+        """The journal file in the study folder, owned by this process."""
+        return self.space.search.storage is None
 
     def close(self) -> None:
         if self.lock is not None:
@@ -112,7 +116,7 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
     except BaseException:
         lock.close()
         raise
-    return Session(space, directory, study, storage, embedded, lock)
+    return Session(space, directory, study, storage, lock)
 
 
 def check_storage(space: Space) -> None:
