@@ -5,7 +5,8 @@ form, plus JSON metadata (format version, plan, input shape, channel-pruning his
 
 * integer-quantized weights (2-8 bits): codes bit-packed MSB-first, a float32 scale and a
   uint8 zero point per channel (or per tensor);
-* float16 weights as float16, everything else (biases, BatchNorm) as stored;
+* 16-bit weights as float16, or as bfloat16 (the top half of each float32, kept as
+  uint16 since numpy has no bfloat16); everything else (biases, BatchNorm) as stored;
 * a weight whose pruning mask pays for itself (n + nnz*b < n*b bits) is stored as a packed
   1-bit mask followed by the kept values only.
 
@@ -62,10 +63,10 @@ def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
     for key, value in bench.model.state_dict().items():
         if key in bench.quantized:
             layout[key] = _put_codes(tensors, key, bench.quantized[key])
-        elif key in weights and plan.quant.bits == 16:
-            layout[key] = _put_float(tensors, key, value, np.float16)
+        elif key in bench.halved:
+            layout[key] = _put_float(tensors, key, value, bench.halved[key])
         elif key in weights:
-            layout[key] = _put_float(tensors, key, value, np.float32)
+            layout[key] = _put_float(tensors, key, value, "float32")
         else:
             tensors[key] = value.detach().cpu().numpy()
             layout[key] = {"encoding": "raw"}
@@ -107,15 +108,15 @@ def _put_codes(out: dict[str, np.ndarray], key: str, q: QTensor) -> dict[str, An
 
 
 def _put_float(
-    out: dict[str, np.ndarray], key: str, value: torch.Tensor, dtype: type
+    out: dict[str, np.ndarray], key: str, value: torch.Tensor, dtype: str
 ) -> dict[str, Any]:
-    array = value.detach().cpu().numpy().astype(dtype)
-    entry: dict[str, Any] = {
-        "encoding": "float",
-        "shape": list(array.shape),
-        "dtype": np.dtype(dtype).name,
-    }
-    bits = np.dtype(dtype).itemsize * 8
+    array = value.detach().cpu().float().numpy()
+    if dtype == "bfloat16":  # exact: the quantize technique already rounded to bfloat16
+        array = (array.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        array = array.astype(dtype)
+    entry: dict[str, Any] = {"encoding": "float", "shape": list(array.shape), "dtype": dtype}
+    bits = array.dtype.itemsize * 8
     if _mask_pays(array, bits):
         nonzero = array != 0
         out[f"{key}::mask"] = np.packbits(nonzero.ravel())
@@ -169,7 +170,10 @@ def _decode(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> t
     n = int(np.prod(shape))
     mask = np.unpackbits(arrays[f"{key}::mask"])[:n].astype(bool) if entry.get("masked") else None
     if entry["encoding"] == "float":
-        values = arrays[f"{key}::values"].astype(np.float32)
+        values = arrays[f"{key}::values"]
+        if entry.get("dtype") == "bfloat16":
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        values = values.astype(np.float32)
         return torch.from_numpy(_scatter(values, mask, n, 0.0).reshape(shape))
     zp = arrays[f"{key}::zero_point"].astype(np.int64)
     count = int(mask.sum()) if mask is not None else n

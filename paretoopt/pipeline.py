@@ -25,6 +25,7 @@ from torch import nn
 from .artifact import load_compressed, save_compressed
 from .data import Splits, create_data
 from .errors import SpaceError, TrialError
+from .int8 import integer_initializers, quantize_model
 from .measure import (
     OrtRunner,
     Runner,
@@ -41,10 +42,12 @@ from .plan import CompressionPlan
 from .space import Space, space_to_dict
 from .techniques import Workbench, apply_plan
 from .techniques.bench import find_classifier, prunable_layers
+from .techniques.quantize import is_symmetric
 from .train import Recipe, accuracy, logits_of, train
 
 ARTIFACT = "model.safetensors"  # the compressed file: the size objective counts its bytes
 RUNTIME_FILE = "model.onnx"  # the file the onnxruntime target loads and times
+FLOAT_FILE = "model.float.onnx"  # the float graph an int8 model is made from (not kept)
 
 
 @dataclass
@@ -65,6 +68,11 @@ class StudyContext:
     def layer_names(self) -> list[str]:
         """Layers that get their own budget in per-layer search (all but the classifier)."""
         return [n for n in prunable_layers(self.baseline) if n != self.classifier]
+
+    @property
+    def quant_layers(self) -> list[str]:
+        """Layers that get their own bit-width under mixed precision (all of them)."""
+        return list(prunable_layers(self.baseline))
 
 
 def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
@@ -170,6 +178,7 @@ def _baseline_from_cache(
 
 
 CALIBRATION_ROUNDS = 3
+INT8_TOLERANCE = 0.25  # relative logit error of an int8 model; measured 0.01-0.05 on digits
 
 
 def calibrate(
@@ -232,25 +241,35 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
     deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
     _check_reload(bench.model, deployed, ctx.splits.val.x[:64])
-    runner = bench.timed("export", _runner, ctx, deployed, work)
+    int8 = plan.quant.activations == "int8"
+    runner, exact = (
+        bench.timed("export", _int8_runner, ctx, deployed, work, plan, bench)
+        if int8
+        else (bench.timed("export", _runner, ctx, deployed, work), {})
+    )
     runtime_file = work / RUNTIME_FILE  # none for the torch runtime: it runs the module
-    _check_runtime(runner, deployed, ctx.splits.val.x[:64])
+    _check_runtime(runner, deployed, ctx.splits.val.x[:64], int8)
     val = runtime_accuracy(runner, ctx.splits.val)
     test = runtime_accuracy(runner, ctx.splits.test)
     latency = bench.timed("measure", _latency, ctx, runner)
+    layers = _layer_quant(plan, bench, runtime_file, exact)
     total = sum(p.numel() for p in deployed.parameters())
     nonzero = sum(int((p != 0).sum()) for p in deployed.parameters())
+    integer = [n for n, e in layers.items() if e["format"] == "int"]
     return {
         "plan": plan.to_dict(),
         "accuracy": val,
         "test_accuracy": test,
-        "torch_accuracy": torch_val,
+        "torch_accuracy": torch_val,  # the PyTorch model: weights quantized, float activations
+        "deploy_gap": val - torch_val,  # what the runtime (int8 activations) costs or gains
         "size_bytes": size,
         "runtime_file_bytes": runtime_file.stat().st_size if runtime_file.exists() else None,
         "latency_ms": latency["latency_ms"],
         "latency": latency,
         "runtime": runner.name,
-        "int_kernels": False,  # weights run dequantized in float32 kernels
+        # every integer-quantized layer ran in an integer kernel (not dequantized to float)
+        "int_kernels": bool(integer) and all(layers[n]["kernel"] == "int8" for n in integer),
+        "layer_quant": layers,
         "params": total,
         "macs": _macs(deployed, ctx.splits.train.x[:1]),
         "nonzero_params": nonzero,
@@ -262,6 +281,30 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     }
 
 
+def _layer_quant(
+    plan: CompressionPlan, bench: Workbench, runtime_file: Path, exact: dict[str, bool]
+) -> dict[str, Any]:
+    """Per layer: bit-width, number format, grid, and the kernel it really ran in."""
+    cfg = plan.quant
+    integer = integer_initializers(runtime_file) if exact else set()
+    out: dict[str, Any] = {}
+    for name in prunable_layers(bench.model):
+        bits, param = cfg.layer(name), f"{name}.weight"
+        entry: dict[str, Any] = {
+            "bits": bits,
+            "format": {32: "float32", 16: cfg.half_type}.get(bits, "int"),
+        }
+        if param in bench.quantized:
+            entry["granularity"] = cfg.granularity
+            entry["scheme"] = "symmetric" if is_symmetric(cfg, bits) else "affine"
+        # on this target, float32 kernels also run 16-bit and dequantized integer weights
+        entry["kernel"] = "int8" if f"{param}_quantized" in integer else "float32"
+        if param in exact:  # the int8 model holds the trial's own codes, not re-rounded ones
+            entry["exact_weights"] = exact[param]
+        out[name] = entry
+    return out
+
+
 def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> Runner:
     """The model in the target runtime; for ONNX Runtime, exported to work/model.onnx."""
     target = ctx.space.target
@@ -269,6 +312,21 @@ def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> Runner:
         return TorchRunner(model, target.threads)
     export_onnx(model, ctx.splits.train.x[:1], work / RUNTIME_FILE)
     return OrtRunner(work / RUNTIME_FILE, target.threads)
+
+
+def _int8_runner(
+    ctx: StudyContext, model: nn.Module, work: Path, plan: CompressionPlan, bench: Workbench
+) -> tuple[Runner, dict[str, bool]]:
+    """The model in ONNX Runtime with int8 activations (calibrated on training samples) and
+    the trial's exact weight codes; also says, per weight, whether the codes were kept."""
+    export_onnx(model, ctx.splits.train.x[:1], work / FLOAT_FILE)
+    calibration = ctx.splits.train.x[: plan.quant.calibration_samples].numpy()
+    floats = [f"{n}.weight" for n in prunable_layers(model) if plan.quant.layer(n) > 8]
+    exact = quantize_model(
+        work / FLOAT_FILE, work / RUNTIME_FILE, calibration, bench.quantized, floats
+    )
+    (work / FLOAT_FILE).unlink()
+    return OrtRunner(work / RUNTIME_FILE, ctx.space.target.threads), exact
 
 
 def _macs(model: nn.Module, example: torch.Tensor) -> int:
@@ -310,9 +368,20 @@ def _check_reload(model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> Non
         )
 
 
-def _check_runtime(runner: Runner, deployed: nn.Module, x: torch.Tensor) -> None:
+def _check_runtime(runner: Runner, deployed: nn.Module, x: torch.Tensor, int8: bool) -> None:
+    """The runtime model must compute what the compressed model computes: to float
+    rounding, or, with int8 activations, to within their rounding (a broken conversion
+    is off by the size of the logits themselves)."""
     ours = logits_of(deployed, x).numpy()
     theirs = runner(x.numpy())
+    if int8:
+        error = float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(ours), 1e-12))
+        if error > INT8_TOLERANCE:
+            raise TrialError(
+                f"the int8 {runner.name} model disagrees with the compressed model: "
+                f"relative logit error {error:.3g} (at most {INT8_TOLERANCE} expected)"
+            )
+        return
     if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
         raise TrialError(
             f"the {runner.name} model disagrees with the compressed model: max "

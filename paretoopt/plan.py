@@ -13,8 +13,11 @@ from typing import Any
 
 from .errors import PlanError
 from .space import (
+    ACTIVATIONS,
     DISTRIBUTIONS,
     GRANULARITIES,
+    HALF_TYPES,
+    QUANT_METHODS,
     SALIENCIES,
     SCHEDULES,
     SCHEMES,
@@ -22,7 +25,7 @@ from .space import (
     SUPPORTED_BITS,
 )
 
-PLAN_VERSION = 2  # 2: saliency, distribution, schedule and regrowth
+PLAN_VERSION = 3  # 2: saliency, distribution, schedule, regrowth; 3: activations, qat, mixed
 
 
 def _require(ok: bool, message: str) -> None:
@@ -90,30 +93,79 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    bits: int = 32
+    bits: int = 32  # every layer's bit-width, unless layer_bits names the layer
     granularity: str = "per_channel"
     scheme: str = "affine"
+    half_type: str = "float16"  # the format of 16-bit weights
+    activations: str = "float"  # or "int8": static, calibrated, run in int8 kernels
+    method: str = "ptq"  # or "qat": fake-quantized weights during fine-tuning
+    # mixed precision: layer name -> bit-width; out of the hash so a plan stays hashable
+    layer_bits: Mapping[str, int] = field(default_factory=dict, hash=False)
+    calibration_samples: int = 256
 
     def __post_init__(self) -> None:
+        for where, bits in [("bits", self.bits)] + [
+            (f"layer_bits[{n!r}]", b) for n, b in self.layer_bits.items()
+        ]:
+            _require(
+                bits in SUPPORTED_BITS,
+                f"quant.{where}: {bits} is not supported; "
+                f"choose from {', '.join(map(str, SUPPORTED_BITS))}",
+            )
+        for name, value, options in (
+            ("granularity", self.granularity, GRANULARITIES),
+            ("scheme", self.scheme, SCHEMES),
+            ("half_type", self.half_type, HALF_TYPES),
+            ("activations", self.activations, ACTIVATIONS),
+            ("method", self.method, QUANT_METHODS),
+        ):
+            _require(
+                value in options,
+                f"quant.{name}: {value!r} is not supported; choose from {', '.join(options)}",
+            )
         _require(
-            self.bits in SUPPORTED_BITS,
-            f"quant.bits: {self.bits} is not supported; "
-            f"choose from {', '.join(map(str, SUPPORTED_BITS))}",
+            self.calibration_samples >= 1,
+            f"quant.calibration_samples: must be >= 1, got {self.calibration_samples}",
         )
-        _require(
-            self.granularity in GRANULARITIES,
-            f"quant.granularity: "
-            f"{self.granularity!r} is not supported; choose from {', '.join(GRANULARITIES)}",
-        )
-        _require(
-            self.scheme in SCHEMES,
-            f"quant.scheme: {self.scheme!r} is not supported; choose from {', '.join(SCHEMES)}",
-        )
+        for name, value in (("activations", self.activations), ("method", self.method)):
+            _require(
+                value in ("float", "ptq") or self.integer,
+                f"quant.{name}: {value!r} needs integer weights (2-8 bits), "
+                f"but every layer has {sorted(self.widths)} bits",
+            )
+
+    def layer(self, name: str) -> int:
+        """The bit-width of one layer."""
+        return self.layer_bits.get(name, self.bits)
+
+    @property
+    def widths(self) -> set[int]:
+        """Every bit-width the plan uses."""
+        return set(self.layer_bits.values()) if self.layer_bits else {self.bits}
 
     @property
     def integer(self) -> bool:
-        """Integer grid (2-8 bits); 16 means float16 and 32 means no quantization."""
-        return self.bits <= 8
+        """Some layer is on an integer grid (2-8 bits)."""
+        return min(self.widths) <= 8
+
+    @property
+    def active(self) -> bool:
+        return min(self.widths) < 32
+
+    def describe(self) -> str:
+        """e.g. "fp32", "bf16", "int4 per-tensor sym", "int2-8 mixed int8-act qat"."""
+        widths = sorted(self.widths)
+        names = {32: "fp32", 16: "bf16" if self.half_type == "bfloat16" else "fp16"}
+        if len(widths) > 1:
+            text = f"int{widths[0]}-{widths[-1]} mixed"
+        else:
+            text = names.get(widths[0], f"int{widths[0]}")
+        if self.integer:
+            text += " per-tensor" if self.granularity != "per_channel" else ""
+            text += " sym" if self.scheme != "affine" else ""
+            text += " int8-act" if self.activations == "int8" else ""
+            text += " qat" if self.method == "qat" else ""
+        return text
 
 
 @dataclass(frozen=True)
@@ -158,21 +210,29 @@ class CompressionPlan:
     distill: DistillConfig = field(default_factory=DistillConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
+    def __post_init__(self) -> None:
+        _require(
+            self.quant.method != "qat" or self.finetune.epochs > 0,
+            "quant.method: 'qat' trains with fake-quantized weights, so it needs "
+            "finetune.epochs > 0, but got 0",
+        )
+
     @property
     def is_identity(self) -> bool:
         """The uncompressed baseline: nothing pruned, quantized or fine-tuned."""
-        return not self.prune.active and self.quant.bits == 32 and self.finetune.epochs == 0
+        return not self.prune.active and not self.quant.active and self.finetune.epochs == 0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["prune"]["layer_scale"] = dict(self.prune.layer_scale)
+        out["quant"]["layer_bits"] = dict(self.quant.layer_bits)
         return {"version": PLAN_VERSION, **out}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CompressionPlan:
         version = raw.get("version")
         _require(
-            version in (1, PLAN_VERSION),
+            version in (1, 2, PLAN_VERSION),
             f"plan: version {version!r} is not supported "
             f"(this paretoopt reads versions 1 to {PLAN_VERSION})",
         )
@@ -193,11 +253,7 @@ class CompressionPlan:
 
     def summary(self) -> str:
         """One short line for tables and progress output."""
-        bits = {32: "fp32", 16: "fp16"}.get(self.quant.bits, f"int{self.quant.bits}")
-        if self.quant.integer and self.quant.granularity != "per_channel":
-            bits += " per-tensor"
-        if self.quant.integer and self.quant.scheme != "affine":
-            bits += " sym"
+        bits = self.quant.describe()
         p = self.prune
         prune = "dense"
         if p.active:  # e.g. "channel 0.50 l2 uniform", "unstructured 0.80 taylor global gradual"

@@ -83,6 +83,8 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "accuracy": a.get("accuracy"),
         "test_accuracy": a.get("test_accuracy"),
         "torch_accuracy": a.get("torch_accuracy"),
+        "deploy_gap": a.get("deploy_gap"),
+        "int_kernels": a.get("int_kernels"),
         "size_bytes": a.get("size_bytes"),
         "latency_ms": a.get("latency_ms"),
         # raw figures of the candidate's own rounds; latency_ms is drift-corrected

@@ -32,10 +32,16 @@ def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
     return trial.suggest_float(name, knob.low, knob.high, step=knob.step, log=knob.log)
 
 
-def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> CompressionPlan:
+def sample_plan(
+    trial: optuna.Trial,
+    space: Space,
+    layer_names: list[str],
+    quant_layers: list[str] | None = None,
+) -> CompressionPlan:
     """Turn one Optuna trial into a compression plan. Fixed knobs are not parameters, and
     neither is a knob that cannot matter for this plan (no saliency without pruning, no
-    temperature without distillation)."""
+    temperature without distillation). `layer_names` get per-layer pruning budgets,
+    `quant_layers` (by default the same) per-layer bit-widths."""
     s = space.space
     epochs = int(suggest(trial, "finetune.epochs", s.finetune.epochs))
     alpha = float(suggest(trial, "distill.alpha", s.distillation.alpha)) if epochs else 0.0
@@ -46,7 +52,9 @@ def sample_plan(trial: optuna.Trial, space: Space, layer_names: list[str]) -> Co
     )
     return CompressionPlan(
         prune=_sample_prune(trial, space, layer_names, epochs),
-        quant=_sample_quant(trial, space),
+        quant=_sample_quant(
+            trial, space, layer_names if quant_layers is None else quant_layers, epochs
+        ),
         distill=DistillConfig(temperature, alpha),
         finetune=FinetuneConfig(
             epochs,
@@ -107,35 +115,60 @@ def layer_groups(layer_names: list[str], groups: int) -> list[list[str]]:
     return [layer_names[bounds[i] : bounds[i + 1]] for i in range(count)]
 
 
+def group_parameters(
+    layer_names: list[str], groups: int, prefix: str
+) -> list[tuple[str, list[str]]]:
+    """One Optuna parameter per layer group: `<prefix>.layer.<name>` for a group of one
+    layer, `<prefix>.layers.<first>..<last>` for several."""
+    return [
+        (
+            f"{prefix}.layer.{group[0]}"
+            if len(group) == 1
+            else f"{prefix}.layers.{group[0]}..{group[-1]}",
+            group,
+        )
+        for group in layer_groups(layer_names, groups)
+    ]
+
+
 def layer_multipliers(
     trial: optuna.Trial,
     space: Space,
     layer_names: list[str],
 ) -> dict[str, float]:
-    """One multiplier per layer group: `prune.layer.<name>` for a group of one layer,
-    `prune.layers.<first>..<last>` for several."""
+    """One pruning multiplier per layer group."""
     p = space.space.pruning
     out = {}
-    for group in layer_groups(layer_names, p.layer_groups):
-        name = (
-            f"prune.layer.{group[0]}"
-            if len(group) == 1
-            else f"prune.layers.{group[0]}..{group[-1]}"
-        )
-        scale = float(suggest(trial, name, p.layer_scale))
-        out.update(dict.fromkeys(group, scale))
+    for name, group in group_parameters(layer_names, p.layer_groups, "prune"):
+        out.update(dict.fromkeys(group, float(suggest(trial, name, p.layer_scale))))
     return out
 
 
-def _sample_quant(trial: optuna.Trial, space: Space) -> QuantConfig:
+def _sample_quant(
+    trial: optuna.Trial, space: Space, layer_names: list[str], epochs: int
+) -> QuantConfig:
     q = space.space.quantization
-    bits = int(suggest(trial, "quant.bits", q.bits))
-    if bits > 8:  # float16 and float32 have no grid: granularity and scheme cannot matter
-        return QuantConfig(bits)
+    distribution = str(suggest(trial, "quant.distribution", q.distribution))
+    layer_bits: dict[str, int] = {}
+    if distribution == "per_layer" and layer_names:  # mixed precision, HAQ-style
+        for name, group in group_parameters(layer_names, q.layer_groups, "quant.bits"):
+            layer_bits.update(dict.fromkeys(group, int(suggest(trial, name, q.bits))))
+        bits = max(layer_bits.values())
+    else:
+        bits = int(suggest(trial, "quant.bits", q.bits))
+    widths = set(layer_bits.values()) or {bits}
+    fixed = {"layer_bits": layer_bits, "calibration_samples": q.calibration_samples}
+    half = str(suggest(trial, "quant.half_type", q.half_type)) if 16 in widths else "float16"
+    if min(widths) > 8:  # no integer grid: granularity, scheme, activations cannot matter
+        return QuantConfig(bits, half_type=half, **fixed)
     return QuantConfig(
         bits,
         str(suggest(trial, "quant.granularity", q.granularity)),
         str(suggest(trial, "quant.scheme", q.scheme)),
+        half,
+        str(suggest(trial, "quant.activations", q.activations)),
+        str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
+        **fixed,
     )
 
 

@@ -33,6 +33,10 @@ DISTRIBUTIONS = ("uniform", "global", "per_layer")
 SCHEDULES = ("one_shot", "gradual")
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("affine", "symmetric")
+ACTIVATIONS = ("float", "int8")
+QUANT_METHODS = ("ptq", "qat")
+HALF_TYPES = ("float16", "bfloat16")
+QUANT_DISTRIBUTIONS = ("uniform", "per_layer")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -230,10 +234,57 @@ class QuantizationSpace:
     )
     scheme: Knob = setting(
         Fixed("affine"),
-        "affine min-max (with zero point) or symmetric",
+        "affine min-max (with zero point) or symmetric; 8-bit weights with int8 "
+        "activations are always symmetric (int8 kernels take no weight zero point)",
         kind=str,
         options=SCHEMES,
         knob=True,
+    )
+    half_type: Knob = setting(
+        Fixed("float16"),
+        "the 16-bit format: float16 or bfloat16",
+        kind=str,
+        options=HALF_TYPES,
+        knob=True,
+    )
+    activations: Knob = setting(
+        Fixed("float"),
+        "float, or int8 (static: scales calibrated on training samples; the model runs in "
+        "ONNX Runtime's int8 kernels)",
+        kind=str,
+        options=ACTIVATIONS,
+        knob=True,
+    )
+    method: Knob = setting(
+        Fixed("ptq"),
+        "ptq (quantize after fine-tuning) or qat (fake-quantized weights with a "
+        "straight-through gradient during fine-tuning)",
+        kind=str,
+        options=QUANT_METHODS,
+        knob=True,
+    )
+    distribution: Knob = setting(
+        Fixed("uniform"),
+        "uniform (one bit-width for every layer) or per_layer (mixed precision: a searched "
+        "bit-width per layer group, drawn from bits)",
+        kind=str,
+        options=QUANT_DISTRIBUTIONS,
+        knob=True,
+    )
+    layer_groups: int = setting(
+        8,
+        "most per-layer bit-widths: more layers than this are split into this many groups "
+        "of consecutive layers, one bit-width each",
+        kind=int,
+        low=1,
+        high=1024,
+    )
+    calibration_samples: int = setting(
+        256,
+        "training samples that calibrate int8 activation scales",
+        kind=int,
+        low=1,
+        high=1_000_000,
     )
 
 
@@ -383,7 +434,29 @@ def parse_space(doc: Any, source: str | Path = "<space>") -> Space:
     }
     for key, cls in _SECTIONS.items():
         values[key] = _parse_section(cls, doc.get(key), key)
-    return Space(**values)
+    space = Space(**values)
+    _check_combinations(space)
+    return space
+
+
+def knob_values(knob: Knob) -> tuple[Any, ...]:
+    """Every value a discrete knob can take (an integer range counts as discrete)."""
+    if isinstance(knob, Fixed):
+        return (knob.value,)
+    if isinstance(knob, Choice):
+        return knob.options
+    return tuple(knob.values()) if knob.integer else ()
+
+
+def _check_combinations(space: Space) -> None:
+    """Rules that span sections (each section has already checked its own values)."""
+    q = space.space.quantization
+    if "int8" in knob_values(q.activations) and space.target.runtime != "onnxruntime":
+        raise SpaceError(
+            "space.quantization.activations: int8 needs target.runtime onnxruntime (the only "
+            f"runtime here with maintained int8 kernels), but target.runtime is "
+            f"{space.target.runtime!r}"
+        )
 
 
 def _default_study_name(source: str | Path) -> str:

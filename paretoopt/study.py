@@ -168,7 +168,11 @@ def _evaluate(
     from .pipeline import run_trial
 
     is_baseline = bool(trial.user_attrs.get(BASELINE_ATTR))
-    plan = CompressionPlan() if is_baseline else sample_plan(trial, session.space, ctx.layer_names)
+    plan = (
+        CompressionPlan()
+        if is_baseline
+        else sample_plan(trial, session.space, ctx.layer_names, ctx.quant_layers)
+    )
     trial.set_user_attr("plan_summary", plan.summary())
     out_dir = session.directory / TRIALS_DIR / str(trial.number)
     record = run_trial(ctx, plan, out_dir, session.space.search.seed + trial.number)

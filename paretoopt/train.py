@@ -21,6 +21,8 @@ from .errors import TrialError
 # called after every optimizer step with (step, total); True = the parameters were replaced
 # (channels removed mid-training), so the optimizer must be rebuilt
 StepHook = Callable[[int, int], bool]
+# the tensors the forward pass uses in place of some parameters (quantization-aware training)
+WeightView = Callable[[nn.Module], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ def train(
     *,
     teacher_logits: torch.Tensor | None = None,
     after_step: StepHook | None = None,
+    weight_view: WeightView | None = None,
 ) -> list[float]:
     """Train in place with Adam and cosine decay; return the mean loss of every epoch."""
     if recipe.epochs == 0:
@@ -55,7 +58,11 @@ def train(
     for epoch in range(recipe.epochs):
         running = 0.0
         for idx in split.batch_indices(recipe.batch_size, generator):
-            logits = model(split.x[idx])
+            logits = (
+                torch.func.functional_call(model, weight_view(model), (split.x[idx],))
+                if weight_view is not None
+                else model(split.x[idx])
+            )
             loss = F.cross_entropy(logits, split.y[idx])
             if distil:
                 kd = distillation_loss(logits, teacher_logits[idx], recipe.temperature)
@@ -116,4 +123,5 @@ def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
-    return float((logits.argmax(dim=1) == labels).float().mean().item() * 100.0)
+    # counted in integers, so it equals the runtime's figure exactly when predictions agree
+    return int((logits.argmax(dim=1) == labels).sum()) * 100.0 / len(labels)

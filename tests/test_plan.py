@@ -70,7 +70,7 @@ def test_layer_sparsity_is_scaled_and_capped():
         (lambda: DistillConfig(1.0, 1.5), "distill.alpha: 0 <= alpha <= 1 must hold, got 1.5"),
         (
             lambda: CompressionPlan.from_dict({"version": 99}),
-            "plan: version 99 is not supported (this paretoopt reads versions 1 to 2)",
+            "plan: version 99 is not supported (this paretoopt reads versions 1 to 3)",
         ),
     ],
 )

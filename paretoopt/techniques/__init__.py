@@ -2,8 +2,9 @@
 
 A technique is a function ``apply(bench, plan)`` registered under a name. The pipeline
 runs them in ``ORDER``: structure changes first (pruning), then fine-tuning with
-distillation (which repairs what pruning broke while masks hold), then weight
-quantization (post-training, on the fine-tuned weights).
+distillation (which repairs what pruning broke while masks hold; with quantization-aware
+training the forward pass sees quantized weights, installed by ``qat`` just before), then
+weight quantization (on the fine-tuned weights).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from .bench import Workbench
 
 Technique = Callable[[Workbench, CompressionPlan], None]
 TECHNIQUES: dict[str, Technique] = {}
-ORDER = ("prune", "distill", "quantize")
+ORDER = ("prune", "qat", "distill", "quantize")
 
 
 def register(name: str) -> Callable[[Technique], Technique]:
@@ -30,7 +31,7 @@ def register(name: str) -> Callable[[Technique], Technique]:
 
 def apply_plan(bench: Workbench, plan: CompressionPlan) -> None:
     """Run every technique of the plan on the bench's model, in order."""
-    from . import distill, prune, quantize  # noqa: F401  (registration side effect)
+    from . import distill, prune, qat, quantize  # noqa: F401  (registration side effect)
 
     for name in ORDER:
         bench.timed(name, TECHNIQUES[name], bench, plan)

@@ -31,6 +31,9 @@ class Workbench:
     # Torch-Pruning's replayable removal: (module name, output side?, channel indices)
     pruning_history: list[list[Any]] = field(default_factory=list)
     quantized: dict[str, QTensor] = field(default_factory=dict)  # param name -> codes
+    halved: dict[str, str] = field(default_factory=dict)  # param name -> float16 / bfloat16
+    # QAT: the weights the forward pass uses instead of the parameters (straight-through)
+    weight_view: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
     records: dict[str, Any] = field(default_factory=dict)  # per-technique facts to store
     timings: dict[str, float] = field(default_factory=dict)
     step_hooks: list[StepHook] = field(default_factory=list)  # run during fine-tuning

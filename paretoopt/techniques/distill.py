@@ -37,5 +37,6 @@ def distill(bench: Workbench, plan: CompressionPlan) -> None:
         recipe,
         teacher_logits=bench.teacher_logits,
         after_step=after_step,
+        weight_view=bench.weight_view,
     )
     bench.records["finetune_loss"] = [round(x, 5) for x in losses]
