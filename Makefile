@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/quantization.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check paretoopt tests benchmarks
