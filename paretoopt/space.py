@@ -220,7 +220,7 @@ class PruningSpace:
 class QuantizationSpace:
     bits: Knob = setting(
         Choice((2, 3, 4, 6, 8, 16, 32)),
-        "weight bit-width: 2-8 integer, 16 float16, 32 unquantized",
+        "weight bit-width: 2-8 integer, 16 float16 or bfloat16 (half_type), 32 unquantized",
         kind=int,
         options=SUPPORTED_BITS,
         knob=True,
