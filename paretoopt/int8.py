@@ -47,12 +47,12 @@ CALIBRATION_BATCH = 64
 
 
 @dataclass(frozen=True)
-class LayerMapping:
-    """How one layer's weight sits in the exported graph."""
+class Int8Weight:
+    """One layer's weight as the int8 graph will hold it."""
 
-    initializer: str
+    ints: np.ndarray  # int8 codes in the ONNX tensor's own layout
+    scale: np.ndarray  # float32, one per output channel
     axis: int  # the output-channel axis of the ONNX tensor (1 for a transposed MatMul weight)
-    factor: np.ndarray  # per output channel: ONNX weight / PyTorch weight (BatchNorm folding)
 
 
 def quantize_model(
@@ -108,8 +108,8 @@ def quantize_model(
     staging.unlink()
     exact = {}
     for param, q in codes.items():
-        mapping = _map_layer(param, q, weights)
-        exact[param] = mapping is not None and _write_weight(model, q, mapping, weights)
+        weight = _int8_weight(q, weights.get(param))
+        exact[param] = weight is not None and _write_weight(model, param, weight, weights)
     tmp = out_path.with_name(out_path.name + ".tmp")
     onnx.save(model, str(tmp))
     tmp.replace(out_path)
@@ -118,7 +118,8 @@ def quantize_model(
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """The quantizer logs advice (pre-processing) to the root logger on every call."""
+    """The quantizer logs advice (pre-processing) to the root logger on every call.
+    (A process-wide setting: trials run one at a time in a process.)"""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -128,64 +129,57 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _map_layer(param: str, q: QTensor, weights: dict[str, np.ndarray]) -> LayerMapping | None:
-    """Find the layer's weight among the initializers and the per-channel factor that
-    BatchNorm folding put on it; None if the graph does not hold it recognisably."""
-    ours = q.dequantize().numpy().astype(np.float64)
-    theirs = weights.get(param)
+def _int8_weight(q: QTensor, theirs: np.ndarray | None) -> Int8Weight | None:
+    """The plan's codes laid out as the exported tensor `theirs`, which may be transposed
+    and scaled per output channel by a folded BatchNorm; None unless the result, decoded,
+    reproduces `theirs` (so a layer is never called exact on faith)."""
     if theirs is None:
         return None
-    if theirs.shape == ours.shape:
-        axis = 0
-    elif ours.ndim == 2 and theirs.shape == ours.T.shape:
-        axis, theirs = 1, theirs.T
-    else:
-        return None
-    a = ours.reshape(ours.shape[0], -1)
-    b = theirs.reshape(theirs.shape[0], -1).astype(np.float64)
-    norm = (a * a).sum(axis=1)
-    factor = np.where(norm > 0, (a * b).sum(axis=1) / np.where(norm > 0, norm, 1.0), 1.0)
-    error = np.abs(b - factor[:, None] * a).max()
-    if error > 1e-4 * max(np.abs(b).max(), 1e-12):
-        return None  # not a per-channel multiple of our weight: some other rewrite
-    return LayerMapping(param, axis, factor)
+    codes = q.codes - q.zero_point.view((-1,) + (1,) * (q.codes.dim() - 1))
+    ints = codes.numpy().reshape(codes.shape[0], -1).astype(np.int64)
+    scale = np.broadcast_to(q.scale.numpy().astype(np.float64), (ints.shape[0],))
+    layouts = [(0, theirs)] if theirs.shape == tuple(codes.shape) else []
+    if codes.dim() == 2 and theirs.shape == tuple(codes.shape)[::-1]:
+        layouts.append((1, theirs.T))  # a square Linear weight may be either way round
+    for axis, target in layouts:
+        b = target.reshape(ints.shape[0], -1).astype(np.float64)
+        a = ints * scale[:, None]
+        norm = (a * a).sum(axis=1)
+        factor = (a * b).sum(axis=1) / np.where(norm > 0, norm, 1.0)  # BatchNorm's gamma/std
+        signed = ints * np.where(factor < 0, -1, 1)[:, None] * (factor != 0)[:, None]
+        step = np.where(scale * np.abs(factor) > 0, scale * np.abs(factor), 1.0).astype(np.float32)
+        if np.abs(signed).max(initial=0) > 127:
+            return None  # an 8-bit affine grid: its codes do not fit int8
+        decoded = signed * step[:, None].astype(np.float64)
+        if np.abs(decoded - b).max(initial=0) <= 1e-5 * max(np.abs(b).max(initial=0), 1e-12):
+            shaped = signed.reshape(tuple(codes.shape)).astype(np.int8)
+            return Int8Weight(shaped.T if axis == 1 else shaped, step, axis)
+    return None
 
 
 def _write_weight(
     model: onnx.ModelProto,
-    q: QTensor,
-    mapping: LayerMapping,
+    param: str,
+    weight: Int8Weight,
     weights: dict[str, np.ndarray],
 ) -> bool:
+    """Put the weight in the graph in place of the quantizer's; False (and the graph
+    untouched) where the quantizer left the layer in float."""
     inits = {i.name: i for i in model.graph.initializer}
-    name = mapping.initializer
-    if f"{name}_quantized" not in inits:
-        return False  # the quantizer left this layer in float
-    channels = q.codes.shape[0]
-    ints = (q.codes - q.zero_point.view((-1,) + (1,) * (q.codes.dim() - 1))).numpy()
-    sign = np.where(mapping.factor < 0, -1, 1)
-    ints = ints * sign.reshape((-1,) + (1,) * (ints.ndim - 1))
-    if np.abs(ints).max(initial=0) > 127:
-        raise TrialError(f"{name}: codes do not fit int8 (an 8-bit affine grid)")
-    scale = np.broadcast_to(q.scale.numpy().astype(np.float64), (channels,)) * np.abs(
-        mapping.factor
-    )
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    stored = ints.T if mapping.axis == 1 else ints
-    _replace(model, inits[f"{name}_quantized"], stored.astype(np.int8))
-    _replace(model, inits[f"{name}_scale"], scale)
-    _replace(model, inits[f"{name}_zero_point"], np.zeros(channels, np.int8))
-    dq = _weight_dequantizer(model, f"{name}_quantized")
-    if dq is None:
+    names = [f"{param}_quantized", f"{param}_scale", f"{param}_zero_point"]
+    dq = _weight_dequantizer(model, names[0])
+    if dq is None or not all(n in inits for n in names):
         return False
-    _set_axis(dq, mapping.axis)
-    _requantize_bias(model, dq.output[0], scale, weights, inits)
+    _replace(inits[names[0]], weight.ints)
+    _replace(inits[names[1]], weight.scale)
+    _replace(inits[names[2]], np.zeros(len(weight.scale), np.int8))
+    _set_axis(dq, weight.axis)
+    _requantize_bias(model, dq.output[0], weight.scale, weights, inits)
     return True
 
 
-def _replace(model: onnx.ModelProto, old: onnx.TensorProto, value: np.ndarray) -> None:
-    new = numpy_helper.from_array(value, old.name)
-    old.CopyFrom(new)
+def _replace(old: onnx.TensorProto, value: np.ndarray) -> None:
+    old.CopyFrom(numpy_helper.from_array(value, old.name))
 
 
 def _weight_dequantizer(model: onnx.ModelProto, quantized: str) -> onnx.NodeProto | None:
@@ -221,16 +215,20 @@ def _requantize_bias(
         bias = weights.get(node.input[2])
         if bias is None or bias_dq.op_type != "DequantizeLinear":
             continue
+        if input_dq.input[1] not in inits or bias_dq.input[0] not in inits:
+            raise TrialError(f"{node.name}: the int8 graph has no constant scale for its bias")
         x_scale = numpy_helper.to_array(inits[input_dq.input[1]]).astype(np.float64)
         scale = (x_scale * weight_scale.astype(np.float64)).astype(np.float32)
-        ints = np.round(bias.astype(np.float64) / scale).clip(-(2**31), 2**31 - 1)
-        _replace(model, inits[bias_dq.input[0]], ints.astype(np.int32))
-        _replace(model, inits[bias_dq.input[1]], scale)
+        ints = np.round(bias.astype(np.float64) / scale)
+        if np.abs(ints).max(initial=0) >= 2**31:
+            raise TrialError(f"{node.name}: the bias does not fit int32 on its int8 scale")
+        _replace(inits[bias_dq.input[0]], ints.astype(np.int32))
+        _replace(inits[bias_dq.input[1]], scale)
 
 
 def integer_initializers(path: Path) -> set[str]:
-    """Initializers that feed an integer kernel once ONNX Runtime has optimized the graph:
-    the honest answer to "did this layer run in int8?"."""
+    """Constant inputs (weights) of integer kernels once ONNX Runtime has optimized the
+    graph: the honest answer to "did this layer run in int8?"."""
     import onnxruntime as ort
 
     optimized = path.with_name(path.name + ".optimized")
@@ -242,4 +240,5 @@ def integer_initializers(path: Path) -> set[str]:
         graph = onnx.load(str(optimized)).graph
     finally:
         optimized.unlink(missing_ok=True)
-    return {i for n in graph.node if n.op_type in INTEGER_OPS for i in n.input}
+    constants = {i.name for i in graph.initializer}
+    return {i for n in graph.node if n.op_type in INTEGER_OPS for i in n.input if i in constants}

@@ -124,7 +124,7 @@ class QuantConfig:
                 f"quant.{name}: {value!r} is not supported; choose from {', '.join(options)}",
             )
         _require(
-            self.calibration_samples >= 1,
+            isinstance(self.calibration_samples, int) and self.calibration_samples >= 1,
             f"quant.calibration_samples: must be >= 1, got {self.calibration_samples}",
         )
         for name, value in (("activations", self.activations), ("method", self.method)):
@@ -141,7 +141,8 @@ class QuantConfig:
     @property
     def widths(self) -> set[int]:
         """Every bit-width the plan uses."""
-        return set(self.layer_bits.values()) if self.layer_bits else {self.bits}
+        # `bits` counts too: it is the width of every layer that layer_bits does not name
+        return set(self.layer_bits.values()) | {self.bits}
 
     @property
     def integer(self) -> bool:
@@ -156,7 +157,9 @@ class QuantConfig:
         """e.g. "fp32", "bf16", "int4 per-tensor sym", "int2-8 mixed int8-act qat"."""
         widths = sorted(self.widths)
         names = {32: "fp32", 16: "bf16" if self.half_type == "bfloat16" else "fp16"}
-        if len(widths) > 1:
+        if len(widths) > 1 and widths[0] > 8:
+            text = "fp16/fp32 mixed"
+        elif len(widths) > 1:
             text = f"int{widths[0]}-{widths[-1]} mixed"
         else:
             text = names.get(widths[0], f"int{widths[0]}")
@@ -248,7 +251,7 @@ class CompressionPlan:
         _require(not unknown, f"plan: unknown key {unknown[:1]}; allowed: {', '.join(parts)}")
         try:
             return cls(**{k: c(**dict(raw.get(k, {}))) for k, c in parts.items()})
-        except TypeError as exc:
+        except (TypeError, AttributeError, ValueError) as exc:
             raise PlanError(f"plan: {exc}") from None
 
     def summary(self) -> str:

@@ -85,6 +85,7 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "torch_accuracy": a.get("torch_accuracy"),
         "deploy_gap": a.get("deploy_gap"),
         "int_kernels": a.get("int_kernels"),
+        "exact_weights": a.get("exact_weights"),
         "size_bytes": a.get("size_bytes"),
         "latency_ms": a.get("latency_ms"),
         # raw figures of the candidate's own rounds; latency_ms is drift-corrected

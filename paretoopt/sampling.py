@@ -161,13 +161,18 @@ def _sample_quant(
     half = str(suggest(trial, "quant.half_type", q.half_type)) if 16 in widths else "float16"
     if min(widths) > 8:  # no integer grid: granularity, scheme, activations cannot matter
         return QuantConfig(bits, half_type=half, **fixed)
+    activations = str(suggest(trial, "quant.activations", q.activations))
+    only_8 = {w for w in widths if w <= 8} == {8}
     return QuantConfig(
         bits,
-        str(suggest(trial, "quant.granularity", q.granularity)),
-        str(suggest(trial, "quant.scheme", q.scheme)),
-        half,
-        str(suggest(trial, "quant.activations", q.activations)),
-        str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
+        granularity=str(suggest(trial, "quant.granularity", q.granularity)),
+        # 8-bit weights with int8 activations are always symmetric: nothing to choose
+        scheme="symmetric"
+        if activations == "int8" and only_8
+        else str(suggest(trial, "quant.scheme", q.scheme)),
+        half_type=half,
+        activations=activations,
+        method=str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
         **fixed,
     )
 

@@ -449,14 +449,39 @@ def knob_values(knob: Knob) -> tuple[Any, ...]:
 
 
 def _check_combinations(space: Space) -> None:
-    """Rules that span sections (each section has already checked its own values)."""
-    q = space.space.quantization
-    if "int8" in knob_values(q.activations) and space.target.runtime != "onnxruntime":
-        raise SpaceError(
-            "space.quantization.activations: int8 needs target.runtime onnxruntime (the only "
-            f"runtime here with maintained int8 kernels), but target.runtime is "
-            f"{space.target.runtime!r}"
-        )
+    """Rules that span settings (each setting has already checked its own value): a
+    choice that could never take effect is an error, not a silent no-op."""
+    q, epochs = space.space.quantization, knob_values(space.space.finetune.epochs)
+    bits = set(knob_values(q.bits))
+    at = "space.quantization"
+    rules = [
+        (
+            "int8" in knob_values(q.activations) and space.target.runtime != "onnxruntime",
+            f"{at}.activations: int8 needs target.runtime onnxruntime (the only runtime here "
+            f"with maintained int8 kernels), but target.runtime is {space.target.runtime!r}",
+        ),
+        (
+            "int8" in knob_values(q.activations) and not bits & set(range(2, 9)),
+            f"{at}.activations: int8 needs integer weights, but bits allows only "
+            f"{sorted(bits)}; add a width of 2-8",
+        ),
+        (
+            "qat" in knob_values(q.method) and set(epochs) == {0},
+            f"{at}.method: qat trains through the quantizer, but finetune.epochs is always 0",
+        ),
+        (
+            not isinstance(q.half_type, Fixed) and 16 not in bits,
+            f"{at}.half_type: searched, but bits never takes 16 ({sorted(bits)})",
+        ),
+        (
+            "per_layer" in knob_values(q.distribution) and isinstance(q.bits, Fixed),
+            f"{at}.distribution: per_layer draws each layer's width from bits, but bits is "
+            f"fixed at {sorted(bits)[0] if bits else q.bits}; give bits a list or a range",
+        ),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise SpaceError(message)
 
 
 def _default_study_name(source: str | Path) -> str:

@@ -14,8 +14,8 @@ from onnx import numpy_helper
 from paretoopt.artifact import load_compressed, save_compressed
 from paretoopt.data import create_data
 from paretoopt.errors import PlanError, SpaceError
-from paretoopt.int8 import integer_initializers, quantize_model
-from paretoopt.measure import export_onnx
+from paretoopt.int8 import _int8_weight, integer_initializers, quantize_model
+from paretoopt.measure import OrtRunner, export_onnx
 from paretoopt.models import mlp, tiny_conv
 from paretoopt.pipeline import RUNTIME_FILE, calibrate, prepare, run_trial
 from paretoopt.plan import CompressionPlan, FinetuneConfig, PruneConfig, QuantConfig
@@ -220,6 +220,59 @@ def test_invalid_quant_plans(build, message):
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize(
+    ("quantization", "finetune", "message"),
+    [
+        (
+            {"bits": [16, 32], "activations": "int8"},
+            1,
+            "space.quantization.activations: int8 needs integer weights, but bits allows only "
+            "[16, 32]; add a width of 2-8",
+        ),
+        (
+            {"bits": 4, "method": ["ptq", "qat"]},
+            0,
+            "space.quantization.method: qat trains through the quantizer, but "
+            "finetune.epochs is always 0",
+        ),
+        (
+            {"bits": [4, 8], "half_type": ["float16", "bfloat16"]},
+            1,
+            "space.quantization.half_type: searched, but bits never takes 16 ([4, 8])",
+        ),
+        (
+            {"bits": 4, "distribution": "per_layer"},
+            1,
+            "space.quantization.distribution: per_layer draws each layer's width from bits, "
+            "but bits is fixed at 4; give bits a list or a range",
+        ),
+    ],
+)
+def test_quantization_choices_that_cannot_take_effect_are_refused(quantization, finetune, message):
+    doc = copy.deepcopy(TINY)
+    doc["space"]["quantization"] = quantization
+    doc["space"]["finetune"] = {"epochs": finetune}
+    with pytest.raises(SpaceError) as info:
+        parse_space(doc)
+    assert str(info.value) == message
+
+
+def test_a_plan_naming_layers_the_model_lacks_fails_clearly(trained, splits):
+    plan = CompressionPlan(quant=QuantConfig(4, layer_bits={"nope": 2}))
+    with pytest.raises(PlanError) as info:
+        _apply(trained, splits, plan)
+    assert str(info.value).startswith(
+        "quant.layer_bits: names ['nope'] that the model does not have; its layers: "
+    )
+
+
+def test_widths_count_the_default_for_unnamed_layers():
+    cfg = QuantConfig(4, layer_bits={"x": 32})
+    assert cfg.widths == {4, 32} and cfg.active and cfg.integer
+    assert cfg.layer("x") == 32 and cfg.layer("y") == 4
+    assert QuantConfig(16, layer_bits={"x": 32}).describe() == "fp16/fp32 mixed"
+
+
 def test_int8_activations_need_onnxruntime():
     doc = copy.deepcopy(TINY)
     doc["target"]["runtime"] = "torch"
@@ -300,7 +353,7 @@ def test_int8_runtime_model_matches_its_fake_quantized_twin(digits_ctx, tmp_path
     plan = CompressionPlan(PruneConfig("channel", 0.25, round_to=8), quant)
     record = run_trial(digits_ctx, plan, tmp_path / "1", seed=0)
     assert abs(record["deploy_gap"]) <= 0.5, record["deploy_gap"]
-    assert record["accuracy"] - record["torch_accuracy"] == record["deploy_gap"]
+    assert record["exact_weights"] is True
     assert record["int_kernels"] is True
     for entry in record["layer_quant"].values():
         assert entry["kernel"] == "int8" and entry["exact_weights"] is True
@@ -330,3 +383,68 @@ def test_float_activations_run_dequantized_and_say_so(digits_ctx, tmp_path):
     assert record["int_kernels"] is False
     assert {e["kernel"] for e in record["layer_quant"].values()} == {"float32"}
     assert record["deploy_gap"] == pytest.approx(0.0, abs=100 / len(digits_ctx.splits.val))
+
+
+class _FoldedConv(torch.nn.Module):
+    """Conv -> BatchNorm with negative and zero gammas, so folding flips signs and
+    silences a channel; then a biased Linear whose int32 bias must be requantized."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+        with torch.no_grad():
+            self.bn.weight.copy_(torch.tensor([1.5, -0.7, 0.0, 2.0, -1.2, 0.3, 1.0, -2.5]))
+            self.bn.bias.uniform_(-0.5, 0.5)
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_int8_weights_survive_batchnorm_folding_with_any_gamma(splits, tmp_path):
+    torch.manual_seed(0)
+    model = _FoldedConv().eval()
+    bench = _apply(model, splits, CompressionPlan(quant=QuantConfig(4, "per_tensor")))
+    export_onnx(bench.model, splits.train.x[:1], tmp_path / "f.onnx")
+    exact = quantize_model(
+        tmp_path / "f.onnx", tmp_path / "q.onnx", splits.train.x[:128].numpy(), bench.quantized, []
+    )
+    assert exact == {"conv.weight": True, "fc.weight": True}
+    floats = {
+        i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "f.onnx").graph.initializer
+    }
+    graph = onnx.load(tmp_path / "q.onnx").graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for param in ("conv.weight", "fc.weight"):
+        ints, scale = inits[f"{param}_quantized"], inits[f"{param}_scale"]
+        decoded = ints.astype(np.float64) * scale.reshape((-1,) + (1,) * (ints.ndim - 1))
+        np.testing.assert_allclose(decoded, floats[param], rtol=1e-5, atol=1e-6)
+    assert np.all(inits["conv.weight_quantized"][2] == 0)  # gamma 0: the channel is silent
+    # every int32 bias sits on input_scale x weight_scale, within half a step of the float
+    producers = {o: n for n in graph.node for o in n.output}
+    biased = [n for n in graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+    assert len(biased) == 2
+    for node in biased:
+        x_dq, w_dq, b_dq = (producers[i] for i in node.input)
+        x_scale, w_scale = inits[x_dq.input[1]], inits[w_dq.input[1]]
+        b_ints, b_scale = inits[b_dq.input[0]], inits[b_dq.input[1]]
+        np.testing.assert_allclose(b_scale, x_scale * w_scale, rtol=1e-6)
+        error = np.abs(b_ints * b_scale.astype(np.float64) - floats[node.input[2]])
+        assert np.all(error <= b_scale / 2 + 1e-9)
+    ours = logits_of(bench.model, splits.val.x[:64]).numpy()
+    theirs = OrtRunner(tmp_path / "q.onnx", 1)(splits.val.x[:64].numpy())
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(ours) < 0.05
+
+
+def test_a_transposed_square_weight_is_matched_either_way_round():
+    torch.manual_seed(0)
+    q = quantize_tensor(torch.randn(6, 6), QuantConfig(3))
+    straight = q.dequantize().numpy() * np.linspace(0.5, 2.0, 6)[:, None]
+    weight = _int8_weight(q, straight.T.astype(np.float32))
+    assert weight is not None and weight.axis == 1
+    decoded = weight.ints.T.astype(np.float64) * weight.scale[:, None]
+    np.testing.assert_allclose(decoded, straight, rtol=1e-5, atol=1e-6)
+    assert _int8_weight(q, np.random.default_rng(0).normal(size=(6, 6))) is None

@@ -34,6 +34,6 @@ def straight_through(model: nn.Module, cfg: QuantConfig) -> dict[str, torch.Tens
 
 @register("qat")
 def qat(bench: Workbench, plan: CompressionPlan) -> None:
-    if plan.quant.method != "qat" or plan.finetune.epochs == 0:
+    if plan.quant.method != "qat":  # the plan has checked that fine-tuning follows
         return
     bench.weight_view = lambda model: straight_through(model, plan.quant)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import PlanError
 from ..plan import CompressionPlan, QuantConfig
 from . import register
 from .bench import Workbench, prunable_layers
@@ -70,8 +71,15 @@ def quantize(bench: Workbench, plan: CompressionPlan) -> None:
     cfg = plan.quant
     if not cfg.active:
         return
+    layers = prunable_layers(bench.model)
+    unknown = sorted(set(cfg.layer_bits) - set(layers))
+    if unknown:
+        raise PlanError(
+            f"quant.layer_bits: names {unknown} that the model does not have; its layers: "
+            f"{', '.join(layers)}"
+        )
     with torch.no_grad():
-        for name, layer in prunable_layers(bench.model).items():
+        for name, layer in layers.items():
             param, bits = f"{name}.weight", cfg.layer(name)
             if bits <= 8:
                 q = quantize_tensor(layer.weight, cfg, bits)
@@ -80,4 +88,4 @@ def quantize(bench: Workbench, plan: CompressionPlan) -> None:
             elif bits == 16:
                 bench.halved[param] = cfg.half_type
                 layer.weight.copy_(fake_quantize(layer.weight, cfg, bits))
-    bench.records["layer_bits"] = {n: cfg.layer(n) for n in prunable_layers(bench.model)}
+    bench.records["layer_bits"] = {n: cfg.layer(n) for n in layers}
