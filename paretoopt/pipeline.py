@@ -25,7 +25,6 @@ from torch import nn
 from .artifact import load_compressed, save_compressed
 from .data import Splits, create_data
 from .errors import SpaceError, TrialError
-from .int8 import integer_initializers, quantize_model
 from .measure import (
     OrtRunner,
     Runner,
@@ -37,6 +36,7 @@ from .measure import (
     time_runner,
     timed_call,
 )
+from .measure.int8 import integer_initializers, quantize_model
 from .models import create_model, load_checkpoint
 from .plan import CompressionPlan
 from .space import Space, space_to_dict

@@ -106,11 +106,11 @@ def test_check_inputs_finds_the_classes():
 def test_paired_timing_ignores_one_disturbed_round(monkeypatch):
     import types
 
-    from paretoopt import measure
+    from paretoopt.measure import protocol
     from paretoopt.space import TargetSpec
 
     now = {"ns": 0, "calls": 0}  # a fake clock: the models advance it, nothing sleeps
-    monkeypatch.setattr(measure, "time", types.SimpleNamespace(perf_counter_ns=lambda: now["ns"]))
+    monkeypatch.setattr(protocol, "time", types.SimpleNamespace(perf_counter_ns=lambda: now["ns"]))
 
     def candidate():
         now["calls"] += 1
@@ -121,7 +121,7 @@ def test_paired_timing_ignores_one_disturbed_round(monkeypatch):
         now["ns"] += 2_000_000
 
     target = TargetSpec(warmup=0, repeats=5, iterations=20)
-    ours, theirs, ratio = measure.time_paired(candidate, reference, target)
+    ours, theirs, ratio = protocol.time_paired(candidate, reference, target)
     assert ours.runs == theirs.runs == 100
     assert ratio == 0.5  # the per-round ratios are 0.5, 0.5, 2.0, 0.5, 0.5
     assert theirs.median_ms == 2.0 and ours.median_ms == 1.0

@@ -14,8 +14,8 @@ from onnx import numpy_helper
 from paretoopt.artifact import load_compressed, save_compressed
 from paretoopt.data import create_data
 from paretoopt.errors import PlanError, SpaceError
-from paretoopt.int8 import _int8_weight, integer_initializers, quantize_model
 from paretoopt.measure import OrtRunner, export_onnx
+from paretoopt.measure.int8 import _int8_weight, integer_initializers, quantize_model
 from paretoopt.models import mlp, tiny_conv
 from paretoopt.pipeline import RUNTIME_FILE, calibrate, prepare, run_trial
 from paretoopt.plan import CompressionPlan, FinetuneConfig, PruneConfig, QuantConfig

@@ -7,7 +7,7 @@ the codes go to the artifact, packed. 16 bits: float16 or bfloat16 rounding. 32 
 untouched. Each layer takes its own width under mixed precision (``layer_bits``).
 
 Activations are not touched here: int8 activations are calibrated when the model is
-converted for its runtime (``paretoopt.int8``), because their scales belong to the
+converted for its runtime (``paretoopt.measure.int8``), because their scales belong to the
 deployed graph, not to the weights.
 """
 

@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import TrialError
-from .techniques.qtensor import QTensor
+from ..errors import TrialError
+from ..techniques.qtensor import QTensor
 
 # fused operators that compute in integers (what ORT's CPU graph optimizer produces)
 INTEGER_OPS = frozenset(

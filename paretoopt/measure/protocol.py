@@ -1,0 +1,104 @@
+"""The latency protocol, the same for every runtime and target.
+
+Warm-up runs, then ``repeats`` rounds of ``iterations`` timed runs each; the median and
+p90 are taken over every timed run, the spread is the ratio of the slowest to the fastest
+round median. Candidates are timed in alternation with the baseline (``time_paired``), so
+that drift of the machine cancels out of the ratio between them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..space import TargetSpec
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    median_ms: float
+    p90_ms: float
+    min_ms: float
+    spread: float  # slowest round median / fastest round median
+    runs: int
+    batch_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Runner(Protocol):
+    name: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _round(run: Callable[[], Any], iterations: int) -> list[float]:
+    clock = time.perf_counter_ns
+    times = []
+    for _ in range(iterations):
+        start = clock()
+        run()
+        times.append((clock() - start) / 1e6)
+    return times
+
+
+def _stats(rounds: list[list[float]], batch_size: int) -> LatencyStats:
+    every = sorted(t for r in rounds for t in r)
+    medians = [statistics.median(r) for r in rounds]
+    return LatencyStats(
+        median_ms=statistics.median(every),
+        p90_ms=every[min(len(every) - 1, int(0.9 * len(every)))],
+        min_ms=every[0],
+        spread=max(medians) / min(medians),
+        runs=len(every),
+        batch_size=batch_size,
+    )
+
+
+def time_runner(run: Callable[[], Any], target: TargetSpec) -> LatencyStats:
+    """The protocol for one model: warm-up, then `repeats` rounds of `iterations` runs."""
+    for _ in range(target.warmup):
+        run()
+    rounds = [_round(run, target.iterations) for _ in range(target.repeats)]
+    return _stats(rounds, target.batch_size)
+
+
+def time_paired(
+    run: Callable[[], Any],
+    reference: Callable[[], Any],
+    target: TargetSpec,
+) -> tuple[LatencyStats, LatencyStats, float]:
+    """The same protocol with the reference model timed in alternating rounds.
+
+    Returns both models' statistics and the candidate/reference latency ratio. The machine
+    drifts (clock, caches, neighbours) by 10-30 % over minutes, and now and then one round
+    runs several times slower. So each round of the candidate is paired with the adjacent
+    round of the reference (in ABBA order, which cancels a linear drift), and the ratio is
+    the median of the per-pair ratios: one disturbed round cannot move it.
+    """
+    for _ in range(target.warmup):
+        reference()
+        run()
+    ours: list[list[float]] = []
+    theirs: list[list[float]] = []
+    for i in range(target.repeats):
+        if i % 2 == 0:
+            theirs.append(_round(reference, target.iterations))
+            ours.append(_round(run, target.iterations))
+        else:
+            ours.append(_round(run, target.iterations))
+            theirs.append(_round(reference, target.iterations))
+    ratios = [
+        statistics.median(a) / statistics.median(b) for a, b in zip(ours, theirs, strict=True)
+    ]
+    return (
+        _stats(ours, target.batch_size),
+        _stats(theirs, target.batch_size),
+        statistics.median(ratios),
+    )
