@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import ParetoError, one_line
 
 EXIT_BAD_INPUT = 2
+MIN_TOKEN = 16  # characters of the agent's shared token
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -42,6 +43,31 @@ def _show(args: argparse.Namespace) -> int:
     from .results import load_results
 
     Console().print(front_table(load_results(Path(args.results) / args.study)))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    import os
+
+    from .measure.agent import Agent, make_server
+
+    token = os.environ.get(args.token_env, "")
+    if len(token) < MIN_TOKEN:
+        raise ParetoError(
+            f"--token-env: the environment variable {args.token_env} must hold the shared "
+            f"token (at least {MIN_TOKEN} characters); it is "
+            f"{'unset' if not token else f'{len(token)} characters'}"
+        )
+    server = make_server(Agent(token, args.max_bytes), args.host, args.port)
+    print(
+        f"paretoopt agent on {args.host}:{server.server_port} (ONNX models up to "
+        f"{args.max_bytes} bytes); Ctrl-C stops it",
+        file=sys.stderr,
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
     return 0
 
 
@@ -83,6 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, help="study name (folder under results/)")
     p.add_argument("--results", default="results", help="results root (default: results)")
     p.set_defaults(func=_show)
+
+    p = sub.add_parser(
+        "agent", parents=[debug], help="time ONNX models on this machine for a remote search"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")
+    p.add_argument(
+        "--token-env",
+        default="PARETOOPT_AGENT_TOKEN",
+        help="environment variable holding the shared token (default: PARETOOPT_AGENT_TOKEN)",
+    )
+    p.add_argument(
+        "--max-bytes",
+        type=_positive_int,
+        default=256 * 1024 * 1024,
+        help="largest model upload accepted, in bytes (default: 256 MiB)",
+    )
+    p.set_defaults(func=_agent)
     return parser
 
 

@@ -22,21 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifact import load_compressed, save_compressed
+from .artifact import load_compressed, read_metadata, save_compressed
 from .data import Splits, create_data
 from .errors import SpaceError, TrialError
-from .measure import (
-    OrtRunner,
-    Runner,
-    TorchRunner,
-    export_onnx,
-    runtime_accuracy,
-    runtime_threads,
-    time_paired,
-    time_runner,
-    timed_call,
-)
+from .measure import OrtRunner, Runner, runtime_accuracy
+from .measure.gate import MeasurementGate
 from .measure.int8 import integer_initializers, quantize_model
+from .measure.runtimes import export_onnx
+from .measure.target import Target
 from .models import create_model, load_checkpoint
 from .plan import CompressionPlan
 from .space import Space, space_to_dict
@@ -58,8 +51,11 @@ class StudyContext:
     teacher_logits: torch.Tensor
     classifier: str
     baseline_source: str  # "checkpoint", "trained" or "cache"
-    reference: Runner | None = None  # the baseline in the target runtime
-    calibration: dict[str, Any] | None = None
+    target: Target  # the runtime, the gate, the reference and the calibration
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        return self.target.calibration
 
     def build_model(self) -> nn.Module:
         return create_model(self.space.model)
@@ -97,6 +93,8 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
         )
     if not prunable_layers(model):
         raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
+    if space.target.device == "cuda" and not torch.cuda.is_available():
+        raise SpaceError("target.device: cuda, but this machine has no usable CUDA device")
     return model, splits
 
 
@@ -106,13 +104,14 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> StudyContext:
     model, splits = check_inputs(space)
+    target = Target(space.target, splits.val, splits.train.x[:1])
     source = "checkpoint"
     if not space.model.checkpoint:
-        source = _baseline_from_cache(model, space, splits, cache_dir, log)
+        source = _baseline_from_cache(model, space, splits, cache_dir, log, target.gate)
     model.eval()
     teacher = logits_of(model, splits.train.x)
     classifier = find_classifier(model, splits.train.x[:1])
-    return StudyContext(space, splits, model, teacher, classifier, source)
+    return StudyContext(space, splits, model, teacher, classifier, source, target)
 
 
 def baseline_key(space: Space) -> str:
@@ -146,7 +145,12 @@ def _factory_source(target: str) -> Path | None:
 
 
 def _baseline_from_cache(
-    model: nn.Module, space: Space, splits: Splits, cache_dir: Path, log: Callable[[str], None]
+    model: nn.Module,
+    space: Space,
+    splits: Splits,
+    cache_dir: Path,
+    log: Callable[[str], None],
+    gate: MeasurementGate,
 ) -> str:
     path = cache_dir / f"baseline-{baseline_key(space)}.pt"
     if path.is_file():
@@ -167,7 +171,9 @@ def _baseline_from_cache(
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
     start = time.perf_counter()
-    train(model, splits.train, Recipe(b.epochs, b.lr, b.batch_size, b.seed))
+    train(
+        model, splits.train, Recipe(b.epochs, b.lr, b.batch_size, b.seed), step_guard=gate.computing
+    )
     val = accuracy(logits_of(model, splits.val.x), splits.val.y)
     log(f"baseline: val accuracy {val:.2f} % after {time.perf_counter() - start:.0f} s")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +183,6 @@ def _baseline_from_cache(
     return "trained"
 
 
-CALIBRATION_ROUNDS = 3
 INT8_TOLERANCE = 0.15  # relative logit error of an int8 model; measured 0.01-0.05 on digits
 
 
@@ -186,27 +191,8 @@ def calibrate(
     work: Path,
     reference_ms: float | None = None,
 ) -> dict[str, Any]:
-    """Load the baseline into the target runtime and time it several times.
-
-    The median of these runs (``measured_ms``) becomes the reference every candidate's
-    latency is scaled from (see ``time_paired``), unless the study already fixed one
-    (``reference_ms``, from its first session): a study keeps one latency scale. The
-    spread tells whether the machine is quiet enough to rank candidates at all.
-    """
-    work.mkdir(parents=True, exist_ok=True)
-    ctx.reference = _runner(ctx, ctx.baseline, work)
-    call = timed_call(ctx.reference, ctx.splits.val, ctx.space.target.batch_size)
-    with runtime_threads(ctx.reference):
-        time_runner(call, ctx.space.target)  # a fresh session's first round runs slow
-        medians = [time_runner(call, ctx.space.target).median_ms for _ in range(CALIBRATION_ROUNDS)]
-    measured = sorted(medians)[len(medians) // 2]
-    ctx.calibration = {
-        "medians_ms": medians,
-        "measured_ms": measured,
-        "reference_ms": reference_ms or measured,
-        "spread": max(medians) / min(medians),
-    }
-    return ctx.calibration
+    """Time the baseline in the target runtime; see Target.calibrate."""
+    return ctx.target.calibrate(ctx.baseline, work, reference_ms)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -231,10 +217,24 @@ def run_trial(
         shutil.rmtree(work, ignore_errors=True)
 
 
+STAGES = {  # what each stage of a trial's time is made of (bench.timings keys)
+    "train": ("distill",),  # fine-tuning, with gradual pruning and QAT inside it
+    "compress": ("prune", "qat", "quantize", "write", "reload"),
+    "export": ("export",),
+    "calibrate": ("calibrate",),  # int8 activation ranges
+    "measure": ("evaluate", "measure"),  # accuracy in the runtime, then latency
+}
+
+
 def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dict[str, Any]:
     torch.manual_seed(seed)
     bench = Workbench(
-        copy.deepcopy(ctx.baseline), ctx.splits, ctx.teacher_logits, ctx.classifier, seed=seed
+        copy.deepcopy(ctx.baseline),
+        ctx.splits,
+        ctx.teacher_logits,
+        ctx.classifier,
+        seed=seed,
+        step_guard=ctx.target.gate.computing,
     )
     apply_plan(bench, plan)
     torch_val = accuracy(logits_of(bench.model, ctx.splits.val.x), ctx.splits.val.y)
@@ -242,19 +242,15 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
     _check_reload(bench.model, deployed, ctx.splits.val.x[:64])
     int8 = plan.quant.activations == "int8"
-    runner, exact = (
-        bench.timed("export", _int8_runner, ctx, deployed, work, plan, bench)
-        if int8
-        else (bench.timed("export", _runner, ctx, deployed, work), {})
-    )
+    with ctx.target.gate.computing():  # export and evaluation load the CPU too
+        runner, exact = _deploy(ctx, deployed, work, plan, bench)
+        _check_runtime(runner, deployed, ctx.splits.val.x[:64], int8)
+        val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits)
     runtime_file = work / RUNTIME_FILE  # none for the torch runtime: it runs the module
-    _check_runtime(runner, deployed, ctx.splits.val.x[:64], int8)
-    val = runtime_accuracy(runner, ctx.splits.val)
-    test = runtime_accuracy(runner, ctx.splits.test)
-    latency = bench.timed("measure", _latency, ctx, runner)
+    latency = bench.timed(
+        "measure", ctx.target.latency, runner, runtime_file if runtime_file.exists() else None
+    )
     layers = _layer_quant(plan, bench, runtime_file, exact)
-    total = sum(p.numel() for p in deployed.parameters())
-    nonzero = sum(int((p != 0).sum()) for p in deployed.parameters())
     integer = [n for n, e in layers.items() if e["format"] == "int"]
     return {
         "plan": plan.to_dict(),
@@ -273,15 +269,47 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
         # re-rounded by the int8 converter, so the runtime model is not the file's model)
         "exact_weights": all(exact.values()),
         "layer_quant": layers,
-        "params": total,
+        "params": sum(p.numel() for p in deployed.parameters()),
         "macs": _macs(deployed, ctx.splits.train.x[:1]),
-        "nonzero_params": nonzero,
+        "nonzero_params": sum(int((p != 0).sum()) for p in deployed.parameters()),
         "layer_bits": {},  # empty when weights stay float32
         "finetune_loss": [],  # empty without fine-tuning
         # what the techniques recorded: per-layer sparsity, channels kept, saliency, ...
         **bench.records,
         "timings": {k: round(v, 4) for k, v in bench.timings.items()},
+        "stages": {
+            stage: round(sum(bench.timings.get(k, 0.0) for k in keys), 4)
+            for stage, keys in STAGES.items()
+        },
     }
+
+
+def _evaluate(runner: Runner, splits: Splits) -> tuple[float, float]:
+    return runtime_accuracy(runner, splits.val), runtime_accuracy(runner, splits.test)
+
+
+def _deploy(
+    ctx: StudyContext, model: nn.Module, work: Path, plan: CompressionPlan, bench: Workbench
+) -> tuple[Runner, dict[str, bool]]:
+    """The model in the target runtime, and, for an int8 plan, whether each layer kept its
+    exact codes. Int8: activations calibrated on training samples, the plan's weights."""
+    cfg = plan.quant
+    if cfg.activations != "int8":
+        half = cfg.half_type if cfg.widths == {16} else None  # a CUDA target runs it in 16 bits
+        return bench.timed("export", ctx.target.runner, model, work, half), {}
+    bench.timed("export", export_onnx, model, ctx.splits.train.x[:1], work / FLOAT_FILE)
+    floats = [f"{n}.weight" for n in prunable_layers(model) if cfg.layer(n) > 8]
+    exact = bench.timed(
+        "calibrate",
+        quantize_model,
+        work / FLOAT_FILE,
+        work / RUNTIME_FILE,
+        ctx.splits.train.x[: cfg.calibration_samples].numpy(),
+        bench.quantized,
+        floats,
+    )
+    (work / FLOAT_FILE).unlink()
+    return OrtRunner(work / RUNTIME_FILE, ctx.space.target.threads), exact
 
 
 def _layer_quant(
@@ -308,30 +336,6 @@ def _layer_quant(
     return out
 
 
-def _runner(ctx: StudyContext, model: nn.Module, work: Path) -> Runner:
-    """The model in the target runtime; for ONNX Runtime, exported to work/model.onnx."""
-    target = ctx.space.target
-    if target.runtime == "torch":
-        return TorchRunner(model, target.threads)
-    export_onnx(model, ctx.splits.train.x[:1], work / RUNTIME_FILE)
-    return OrtRunner(work / RUNTIME_FILE, target.threads)
-
-
-def _int8_runner(
-    ctx: StudyContext, model: nn.Module, work: Path, plan: CompressionPlan, bench: Workbench
-) -> tuple[Runner, dict[str, bool]]:
-    """The model in ONNX Runtime with int8 activations (calibrated on training samples) and
-    the trial's exact weight codes; also says, per weight, whether the codes were kept."""
-    export_onnx(model, ctx.splits.train.x[:1], work / FLOAT_FILE)
-    calibration = ctx.splits.train.x[: plan.quant.calibration_samples].numpy()
-    floats = [f"{n}.weight" for n in prunable_layers(model) if plan.quant.layer(n) > 8]
-    exact = quantize_model(
-        work / FLOAT_FILE, work / RUNTIME_FILE, calibration, bench.quantized, floats
-    )
-    (work / FLOAT_FILE).unlink()
-    return OrtRunner(work / RUNTIME_FILE, ctx.space.target.threads), exact
-
-
 def _macs(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of one sample through the deployed model (dense count: masked
     weights still cost a MAC in a dense kernel)."""
@@ -341,24 +345,18 @@ def _macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(macs)
 
 
-def _latency(ctx: StudyContext, runner: Runner) -> dict[str, Any]:
-    """Time the candidate against the baseline; scale the reference by their ratio."""
-    if ctx.reference is None or ctx.calibration is None:
-        raise TrialError("no calibrated baseline to measure against (call calibrate first)")
-    target, split = ctx.space.target, ctx.splits.val
-    with runtime_threads(runner):
-        ours, theirs, ratio = time_paired(
-            timed_call(runner, split, target.batch_size),
-            timed_call(ctx.reference, split, target.batch_size),
-            target,
-        )
-    return {
-        **ours.to_dict(),
-        "latency_ms": ctx.calibration["reference_ms"] * ratio,
-        "ratio_to_baseline": ratio,
-        "baseline_median_ms": theirs.median_ms,
-        "reference_ms": ctx.calibration["reference_ms"],
-    }
+def confirm(ctx: StudyContext, directory: Path) -> dict[str, Any]:
+    """Time a kept trial's deployed model again, against the baseline (end of a search)."""
+    runtime_file = directory / RUNTIME_FILE
+    with ctx.target.gate.computing():
+        if runtime_file.exists():  # exactly the file the trial measured
+            runner: Runner = OrtRunner(runtime_file, ctx.space.target.threads)
+        else:
+            quant = CompressionPlan.from_dict(read_metadata(directory / ARTIFACT)["plan"]).quant
+            model = load_compressed(directory / ARTIFACT, ctx.build_model)
+            half = quant.half_type if quant.widths == {16} else None
+            runner = ctx.target.runner(model, directory, half)
+    return ctx.target.latency(runner, runtime_file if runtime_file.exists() else None)
 
 
 def _check_reload(model: nn.Module, deployed: nn.Module, x: torch.Tensor) -> None:

@@ -167,7 +167,7 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
             f"{directory}: cannot open study {space['study']!r}: {type(exc).__name__}: {exc}"
         ) from None
     baseline = metadata.get("baseline") or {}
-    frame = trials_frame(study, baseline or None)
+    frame = _with_confirmations(trials_frame(study, baseline or None), metadata, baseline)
     if len(frame):  # artifacts of trials off the front are removed when a search ends
         frame["artifact"] = [a if a and (directory / a).is_dir() else "" for a in frame["artifact"]]
     metrics = list(space["objectives"])
@@ -175,6 +175,23 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
     return StudyResults(
         space["study"], directory, frame, front(frame, metrics, directions), baseline, metadata
     )
+
+
+def _with_confirmations(
+    frame: pd.DataFrame, metadata: dict[str, Any], baseline: dict[str, Any]
+) -> pd.DataFrame:
+    """Columns for the latency re-measured at the end of a session (front trials only)."""
+    confirmed = metadata.get("confirmations", {})
+    if not len(frame) or not confirmed:
+        return frame
+    found = [confirmed.get(str(n), {}) for n in frame["number"]]
+    frame["confirm_latency_ms"] = [c.get("latency_ms") for c in found]
+    frame["confirm_spread"] = [c.get("spread") for c in found]
+    if baseline.get("latency_ms"):
+        frame["confirm_speedup"] = [
+            baseline["latency_ms"] / c["latency_ms"] if c.get("latency_ms") else None for c in found
+        ]
+    return frame
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -232,6 +232,14 @@ def store_baseline(session: Session, record: dict[str, Any]) -> None:
     write_json(session.directory / RUN_FILE, meta)
 
 
+def store_confirmations(session: Session, confirmations: dict[int, dict[str, Any]]) -> None:
+    """End-of-session re-measurements of front trials, by trial number (the latest wins)."""
+    meta = read_json(session.directory / RUN_FILE)
+    stored = meta.setdefault("confirmations", {})
+    stored.update({str(n): c for n, c in confirmations.items()})
+    write_json(session.directory / RUN_FILE, meta)
+
+
 def study_reference(directory: Path) -> float | None:
     """The latency scale fixed by the study's first calibration, if there was one."""
     return read_json(directory / RUN_FILE).get("reference_ms")

@@ -26,7 +26,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 METRICS = {"accuracy": "maximize", "size": "minimize", "latency": "minimize"}
 SAMPLERS = ("tpe", "nsga2", "random", "gp")
 RUNTIMES = ("onnxruntime", "torch")
-DEVICES = ("cpu",)
+DEVICES = ("cpu", "cuda")
 STRUCTURES = ("unstructured", "channel")
 SALIENCIES = ("l1", "l2", "taylor", "hessian")
 DISTRIBUTIONS = ("uniform", "global", "per_layer")
@@ -95,6 +95,33 @@ class TargetSpec:
         5, "timed rounds; the spread is taken across them", kind=int, low=1, high=1000
     )
     iterations: int = setting(100, "timed runs per round", kind=int, low=1, high=100_000)
+    max_spread: float = setting(
+        0.10,
+        "calibration warns when the baseline's round medians differ by more than this "
+        "fraction (latencies that vary more cannot rank candidates)",
+        kind=float,
+        low=0.0,
+        high=100.0,
+    )
+    cuda_graphs: bool = setting(
+        True,
+        "device cuda: time a captured CUDA graph (no kernel-launch overhead) instead of "
+        "eager launches",
+        kind=bool,
+        options=(False, True),
+    )
+    agent: str | None = setting(
+        None,
+        "host:port of a paretoopt agent on the target machine that times the ONNX model "
+        "(accuracy is still measured here)",
+        kind=str,
+        nullable=True,
+    )
+    agent_token_env: str = setting(
+        "PARETOOPT_AGENT_TOKEN",
+        "environment variable holding the agent's shared token (never the space file)",
+        kind=str,
+    )
 
 
 @dataclass(frozen=True)
@@ -448,13 +475,33 @@ def knob_values(knob: Knob) -> tuple[Any, ...]:
     return tuple(knob.values()) if knob.integer else ()
 
 
+def _is_address(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def _check_combinations(space: Space) -> None:
     """Rules that span settings (each setting has already checked its own value): a
     choice that could never take effect is an error, not a silent no-op."""
     q, epochs = space.space.quantization, knob_values(space.space.finetune.epochs)
     bits = set(knob_values(q.bits))
     at = "space.quantization"
+    t = space.target
     rules = [
+        (
+            t.device == "cuda" and t.runtime != "torch",
+            f"target.device: cuda is measured with runtime torch (ONNX Runtime has no CUDA "
+            f"provider here), but target.runtime is {t.runtime!r}",
+        ),
+        (
+            t.agent is not None and (t.runtime != "onnxruntime" or t.device != "cpu"),
+            f"target.agent: an agent times ONNX models on its CPU, so it needs runtime "
+            f"onnxruntime and device cpu, but got {t.runtime!r} on {t.device!r}",
+        ),
+        (
+            t.agent is not None and not _is_address(t.agent),
+            f"target.agent: expected host:port (e.g. 192.168.1.20:8765), but got {t.agent!r}",
+        ),
         (
             "int8" in knob_values(q.activations) and space.target.runtime != "onnxruntime",
             f"{at}.activations: int8 needs target.runtime onnxruntime (the only runtime here "

@@ -40,6 +40,7 @@ from .session import (
     finished,
     open_session,
     store_baseline,
+    store_confirmations,
     study_reference,
     write_metadata,
 )
@@ -48,7 +49,6 @@ from .space import Space, load_space
 if TYPE_CHECKING:
     from .pipeline import StudyContext
 
-SPREAD_WARNING = 1.10  # calibration rounds further apart than this cannot rank candidates
 REASON_LIMIT = 500  # characters of a failure reason kept in the study
 
 
@@ -97,7 +97,7 @@ def search(
             _loop(session, ctx, reporter)
         finally:  # an interrupt must not leave a live progress display behind
             reporter.stop()
-        return finish(session, reporter)
+        return finish(session, reporter, ctx)
     finally:
         session.close()
 
@@ -126,7 +126,7 @@ def _calibrate(space: Space, directory: Path, ctx: StudyContext, reporter: Repor
             f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
             f"(rounds {rounds}; spread {cal['spread']:.2f})"
         )
-    if cal["spread"] > SPREAD_WARNING:
+    if cal["spread"] > 1.0 + space.target.max_spread:  # too noisy to rank candidates
         reporter.log(
             f"[yellow]warning[/]: the baseline's latency varies by "
             f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
@@ -208,19 +208,38 @@ def _set_constraints(
     return out
 
 
-def finish(session: Session, reporter: Reporter) -> StudyResults:
-    """Keep only the front's (and the baseline's) artifacts, then write the tables."""
+def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None) -> StudyResults:
+    """Keep only the front's (and the baseline's) artifacts, re-measure the front's
+    latency against the baseline (given the study context), then write the tables."""
     results = load_results(session.directory, session.space.search.storage)
     frame = results.trials
-    keep = set(results.pareto.get("number", [])) | set(
-        frame.loc[frame["baseline"], "number"] if len(frame) else []
-    )
+    baseline_ids = set(frame.loc[frame["baseline"], "number"] if len(frame) else [])
+    keep = set(results.pareto.get("number", [])) | baseline_ids
     trials_dir = session.directory / TRIALS_DIR
     if trials_dir.is_dir():
         for child in trials_dir.iterdir():
             if not child.name.isdigit() or int(child.name) not in keep:
                 shutil.rmtree(child, ignore_errors=True)
+    if ctx is not None:
+        front = [int(n) for n in results.pareto.get("number", []) if int(n) not in baseline_ids]
+        _confirm(session, ctx, front, reporter)
     results = load_results(session.directory, session.space.search.storage)
     write_tables(results)
     reporter.finish(results)
     return results
+
+
+def _confirm(session: Session, ctx: StudyContext, numbers: list[int], reporter: Reporter) -> None:
+    """Time each front trial's deployed files again, against the baseline, once the search
+    is over: a point that owes its place to one lucky measurement shows here."""
+    from .pipeline import confirm
+
+    out = {}
+    for n in numbers:
+        try:
+            out[n] = confirm(ctx, session.directory / TRIALS_DIR / str(n))
+        except Exception as exc:  # a confirmation that fails leaves the search's figures
+            reporter.log(f"confirmation of trial {n} failed: {type(exc).__name__}: {exc}")
+    if out:
+        store_confirmations(session, out)
+        reporter.log(f"confirmation: re-measured the latency of {len(out)} front trial(s)")

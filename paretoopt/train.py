@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ def train(
     teacher_logits: torch.Tensor | None = None,
     after_step: StepHook | None = None,
     weight_view: WeightView | None = None,
+    step_guard: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> list[float]:
     """Train in place with Adam and cosine decay; return the mean loss of every epoch."""
     if recipe.epochs == 0:
@@ -58,35 +60,52 @@ def train(
     for epoch in range(recipe.epochs):
         running = 0.0
         for idx in split.batch_indices(recipe.batch_size, generator):
-            logits = (
-                torch.func.functional_call(model, weight_view(model), (split.x[idx],))
-                if weight_view is not None
-                else model(split.x[idx])
-            )
-            loss = F.cross_entropy(logits, split.y[idx])
-            if distil:
-                kd = distillation_loss(logits, teacher_logits[idx], recipe.temperature)
-                loss = recipe.alpha * kd + (1.0 - recipe.alpha) * loss
-            if not torch.isfinite(loss):
-                raise TrialError(
-                    f"fine-tuning diverged: loss is {loss.item()} at epoch "
-                    f"{epoch + 1}, step {step + 1} (lr={recipe.lr:g})"
+            with step_guard():  # no latency is timed on this machine while a step runs
+                loss = _loss(
+                    model, split, idx, recipe, teacher_logits if distil else None, weight_view
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if after_step is not None and after_step(step, total) and step < total:
-                # channels were removed: new parameters need a new optimizer (Adam's moments
-                # restart), on the same cosine curve, and the model back in training mode
-                optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-                schedule = _cosine(optimizer, total, start=step)
-                model.train()
+                if not torch.isfinite(loss):
+                    raise TrialError(
+                        f"fine-tuning diverged: loss is {loss.item()} at epoch "
+                        f"{epoch + 1}, step {step + 1} (lr={recipe.lr:g})"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                if after_step is not None and after_step(step, total) and step < total:
+                    # channels were removed: new parameters need a new optimizer (Adam's
+                    # moments restart), on the same cosine curve, and training mode again
+                    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+                    schedule = _cosine(optimizer, total, start=step)
+                    model.train()
             running += loss.item() * len(idx)
         history.append(running / len(split))
     model.eval()
     return history
+
+
+def _loss(
+    model: nn.Module,
+    split: Split,
+    idx: torch.Tensor,
+    recipe: Recipe,
+    teacher_logits: torch.Tensor | None,
+    weight_view: WeightView | None,
+) -> torch.Tensor:
+    """Cross-entropy, blended with the distillation term when a teacher is given."""
+    x = split.x[idx]
+    logits = (
+        torch.func.functional_call(model, weight_view(model), (x,))
+        if weight_view is not None
+        else model(x)
+    )
+    loss = F.cross_entropy(logits, split.y[idx])
+    if teacher_logits is None:
+        return loss
+    kd = distillation_loss(logits, teacher_logits[idx], recipe.temperature)
+    return recipe.alpha * kd + (1.0 - recipe.alpha) * loss
 
 
 def _cosine(

@@ -70,11 +70,13 @@ def test_the_baseline_trial_changes_nothing(ctx, tmp_path):
 def test_torch_runtime(ctx, tmp_path):
     import dataclasses
 
+    from paretoopt.measure.target import Target
+
+    spec = dataclasses.replace(ctx.space.target, runtime="torch")
     torch_ctx = dataclasses.replace(
         ctx,
-        space=dataclasses.replace(
-            ctx.space, target=dataclasses.replace(ctx.space.target, runtime="torch")
-        ),
+        space=dataclasses.replace(ctx.space, target=spec),
+        target=Target(spec, ctx.splits.val, ctx.splits.train.x[:1]),
     )
     torch.set_num_threads(2)
     calibrate(torch_ctx, tmp_path / "cal")
@@ -84,6 +86,7 @@ def test_torch_runtime(ctx, tmp_path):
     assert record["runtime"] == "torch"
     assert record["accuracy"] == pytest.approx(record["torch_accuracy"])
     assert not (tmp_path / "1" / RUNTIME_FILE).exists()
+    assert record["latency"]["mode"] == "eager"
 
 
 def test_the_baseline_cache_is_reused(tmp_path):

@@ -33,9 +33,28 @@ class LatencyStats:
 
 
 class Runner(Protocol):
-    name: str
+    """One deployed model in one runtime."""
+
+    name: str  # the runtime
+    mode: str  # how it is timed: "cpu", "eager", "cuda-graph", "remote"
 
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+    def timer(self, batch: np.ndarray) -> Callable[[], Any]:
+        """A no-argument call that runs the batch once, for the latency protocol."""
+        ...
+
+    def peak_memory(self, batch: np.ndarray) -> int | None:
+        """Bytes one inference allocates at its peak, where the runtime reports it."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeviceTime:
+    """A run's duration as the device measured it (CUDA events), in milliseconds. A run
+    that returns one is timed by it; any other run is timed by the host clock."""
+
+    ms: float
 
 
 def _round(run: Callable[[], Any], iterations: int) -> list[float]:
@@ -43,8 +62,9 @@ def _round(run: Callable[[], Any], iterations: int) -> list[float]:
     times = []
     for _ in range(iterations):
         start = clock()
-        run()
-        times.append((clock() - start) / 1e6)
+        result = run()
+        wall = (clock() - start) / 1e6
+        times.append(result.ms if isinstance(result, DeviceTime) else wall)
     return times
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ class Workbench:
     halved: dict[str, str] = field(default_factory=dict)  # param name -> float16 / bfloat16
     # QAT: the weights the forward pass uses instead of the parameters (straight-through)
     weight_view: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None
+    # held around every fine-tuning step, so no latency is timed meanwhile (measure.gate)
+    step_guard: Callable[[], AbstractContextManager[None]] = nullcontext
     records: dict[str, Any] = field(default_factory=dict)  # per-technique facts to store
     timings: dict[str, float] = field(default_factory=dict)
     step_hooks: list[StepHook] = field(default_factory=list)  # run during fine-tuning

@@ -38,5 +38,6 @@ def distill(bench: Workbench, plan: CompressionPlan) -> None:
         teacher_logits=bench.teacher_logits,
         after_step=after_step,
         weight_view=bench.weight_view,
+        step_guard=bench.step_guard,
     )
     bench.records["finetune_loss"] = [round(x, 5) for x in losses]

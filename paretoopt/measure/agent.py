@@ -1,0 +1,288 @@
+"""Remote measurement: an agent on the target device times ONNX models for a search
+running elsewhere.
+
+``paretoopt agent`` serves three calls over HTTP, each with the shared token as
+``Authorization: Bearer <token>``:
+
+- ``GET /info``: the device's hardware fingerprint and limits;
+- ``POST /models``: the body is an ONNX model; the answer is its sha256, by which the
+  model is named afterwards (a model already held is not sent twice);
+- ``POST /measure``: JSON ``{"model": sha, "reference": sha or null, "batch_size",
+  "threads", "warmup", "repeats", "iterations"}``; the answer holds the latency
+  statistics of the model (and of the reference, timed in alternating rounds, with their
+  ratio), measured with the same protocol as local targets.
+
+What it accepts: ONNX only, never a pickle. An upload must declare its size, stay under
+``max_bytes``, parse as ONNX, pass the ONNX checker, use only the standard and ONNX
+Runtime operator domains, keep every tensor inside the file (external data would let a
+model name any file on the device), and load in ONNX Runtime. Anything else gets a 4xx
+answer with one line saying why. Nothing but ONNX Runtime ever runs what is uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import asdict
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+from urllib import error, request
+
+import numpy as np
+
+from ..errors import ParetoError
+from ..space import TargetSpec
+from .fingerprint import hardware_fingerprint
+from .gate import MeasurementGate
+from .protocol import LatencyStats, time_paired, time_runner
+
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+MAX_JSON_BYTES = 64 * 1024
+KEPT_MODELS = 32  # models held in memory; the oldest is dropped beyond this
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+PROTOCOL_LIMITS = {  # what a /measure request may ask for
+    "batch_size": (1, 4096),
+    "threads": (1, 256),
+    "warmup": (0, 100_000),
+    "repeats": (1, 1000),
+    "iterations": (1, 100_000),
+}
+
+
+class AgentError(ParetoError):
+    """A request the agent refused, or an agent that cannot be reached."""
+
+
+class Rejected(Exception):  # noqa: N818  (an answer, not a fault of the agent)
+    def __init__(self, status: HTTPStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    """The models the agent holds and the measurements it makes, without the HTTP."""
+
+    def __init__(self, token: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.token = token
+        self.max_bytes = max_bytes
+        self.models: OrderedDict[str, bytes] = OrderedDict()
+        self.gate = MeasurementGate()
+        self.lock = threading.Lock()  # one measurement at a time
+
+    def authorised(self, header: str | None) -> bool:
+        given = (header or "").removeprefix("Bearer ").encode()
+        return hmac.compare_digest(given, self.token.encode())
+
+    def add_model(self, body: bytes) -> str:
+        check_onnx(body)
+        sha = hashlib.sha256(body).hexdigest()
+        self.models[sha] = body
+        self.models.move_to_end(sha)
+        while len(self.models) > KEPT_MODELS:
+            self.models.popitem(last=False)
+        return sha
+
+    def measure(self, job: dict[str, Any]) -> dict[str, Any]:
+        target = _protocol(job)
+        model = self._runner(job.get("model"), target.threads)
+        reference = self._runner(job["reference"], target.threads) if job.get("reference") else None
+        with self.lock, self.gate.measuring():
+            run = model.timer(_inputs(model, target.batch_size))
+            if reference is None:
+                return {"candidate": asdict(time_runner(run, target))}
+            ours, theirs, ratio = time_paired(
+                run, reference.timer(_inputs(reference, target.batch_size)), target
+            )
+        return {"candidate": asdict(ours), "reference": asdict(theirs), "ratio": ratio}
+
+    def _runner(self, sha: Any, threads: int) -> Any:
+        from .runtimes import OrtRunner
+
+        if not isinstance(sha, str) or sha not in self.models:
+            raise Rejected(HTTPStatus.NOT_FOUND, f"no model {sha!r} here; upload it first")
+        return OrtRunner(self.models[sha], threads)
+
+
+def check_onnx(body: bytes) -> None:
+    """Raise Rejected unless `body` is a self-contained ONNX model ONNX Runtime can load."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load_model_from_string(body)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise Rejected(HTTPStatus.BAD_REQUEST, f"not a valid ONNX model: {exc}") from None
+    domains = {op.domain for op in model.opset_import} | {n.domain for n in model.graph.node}
+    foreign = sorted(domains - ALLOWED_DOMAINS)
+    if foreign:
+        raise Rejected(HTTPStatus.BAD_REQUEST, f"operators from unsupported domains {foreign}")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model)):
+        raise Rejected(HTTPStatus.BAD_REQUEST, "tensors stored outside the file are refused")
+    try:
+        ort.InferenceSession(body, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise Rejected(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load it: {exc}") from None
+
+
+def _tensors(model: Any) -> list[Any]:
+    import onnx
+
+    out = list(model.graph.initializer)
+    for node in model.graph.node:
+        out += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    return out
+
+
+def _protocol(job: dict[str, Any]) -> TargetSpec:
+    values = {}
+    for key, (low, high) in PROTOCOL_LIMITS.items():
+        value = job.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise Rejected(
+                HTTPStatus.BAD_REQUEST, f"{key}: an integer from {low} to {high} is required"
+            )
+        values[key] = value
+    return TargetSpec(**values)
+
+
+def _inputs(runner: Any, batch_size: int) -> np.ndarray:
+    """A seeded batch in the model's input shape (the batch axis is the first)."""
+    shape = runner.session.get_inputs()[0].shape
+    dims = [batch_size] + [d if isinstance(d, int) and d > 0 else 0 for d in shape[1:]]
+    if 0 in dims[1:]:
+        raise Rejected(HTTPStatus.BAD_REQUEST, f"the input shape {shape} is not fixed")
+    return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    agent: Agent  # set on the subclass that serve() makes
+
+    def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
+        self._answer(self._info)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._answer(self._post)
+
+    def _info(self) -> dict[str, Any]:
+        if self.path != "/info":
+            raise Rejected(HTTPStatus.NOT_FOUND, f"no such call: GET {self.path}")
+        return {"fingerprint": hardware_fingerprint(), "max_bytes": self.agent.max_bytes}
+
+    def _post(self) -> dict[str, Any]:
+        if self.path == "/models":
+            return {"sha256": self.agent.add_model(self._body(self.agent.max_bytes))}
+        if self.path == "/measure":
+            try:
+                job = json.loads(self._body(MAX_JSON_BYTES))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise Rejected(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+            if not isinstance(job, dict):
+                raise Rejected(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+            return self.agent.measure(job)
+        raise Rejected(HTTPStatus.NOT_FOUND, f"no such call: POST {self.path}")
+
+    def _body(self, limit: int) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise Rejected(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required")
+        if int(length) > limit:  # refused before a byte of it is read
+            raise Rejected(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"the upload is {int(length)} bytes; this agent takes at most {limit}",
+            )
+        return self.rfile.read(int(length))
+
+    def _answer(self, handle: Any) -> None:
+        try:
+            if not self.agent.authorised(self.headers.get("Authorization")):
+                raise Rejected(HTTPStatus.UNAUTHORIZED, "missing or wrong token")
+            status, payload = HTTPStatus.OK, handle()
+        except Rejected as exc:
+            status, payload = exc.status, {"error": str(exc)}
+            self.close_connection = True  # an unread body must not become the next request
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass  # the CLI reports what matters; no per-request noise
+
+
+def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8765) -> HTTPServer:
+    """An HTTP server for the agent (port 0 picks a free one: see server.server_port)."""
+    handler = type("Handler", (_Handler,), {"agent": agent})
+    return HTTPServer((host, port), handler)
+
+
+# --------------------------------------------------------------------------- the client
+
+
+class AgentClient:
+    """What a search uses to measure on an agent."""
+
+    def __init__(self, address: str, token: str, timeout: float = 600.0) -> None:
+        self.base = f"http://{address}"
+        self.token = token
+        self.timeout = timeout
+        self.sent: set[str] = set()
+
+    def info(self) -> dict[str, Any]:
+        return self._call("GET", "/info", None, "application/json")
+
+    def upload(self, path: Path) -> str:
+        body = path.read_bytes()
+        sha = hashlib.sha256(body).hexdigest()
+        if sha in self.sent:
+            return sha
+        limit = self.info()["max_bytes"]
+        if len(body) > limit:  # said here: a refused upload would break the connection
+            raise AgentError(
+                f"agent {self.base}: {path.name} is {len(body)} bytes; the agent takes at "
+                f"most {limit} (paretoopt agent --max-bytes)"
+            )
+        if sha not in self.sent:
+            answer = self._call("POST", "/models", body, "application/octet-stream")
+            self.sent.add(answer["sha256"])
+        return sha
+
+    def measure(
+        self, model: str, reference: str | None, target: TargetSpec
+    ) -> tuple[LatencyStats, LatencyStats | None, float | None]:
+        job = {"model": model, "reference": reference}
+        job.update({k: getattr(target, k) for k in PROTOCOL_LIMITS})
+        answer = self._call("POST", "/measure", json.dumps(job).encode(), "application/json")
+        theirs = answer.get("reference")
+        return (
+            LatencyStats(**answer["candidate"]),
+            LatencyStats(**theirs) if theirs else None,
+            answer.get("ratio"),
+        )
+
+    def _call(self, method: str, path: str, body: bytes | None, kind: str) -> dict[str, Any]:
+        req = request.Request(self.base + path, data=body, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", kind)
+        try:
+            with request.urlopen(req, timeout=self.timeout) as answer:
+                return json.loads(answer.read())
+        except error.HTTPError as exc:
+            try:
+                reason = json.loads(exc.read()).get("error", exc.reason)
+            except (json.JSONDecodeError, OSError):
+                reason = exc.reason
+            raise AgentError(f"agent {self.base}: {method} {path}: {exc.code} {reason}") from None
+        except (error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise AgentError(f"agent {self.base}: cannot reach it: {reason}") from None

@@ -1,0 +1,133 @@
+"""The study's target: where and how every model of a study is run and timed.
+
+One ``Target`` per study holds the runtime settings, the baseline in that runtime (the
+reference every candidate is timed against), the calibration that fixes the study's
+latency scale, the gate that keeps timing away from training on this machine, and, for a
+remote target, the agent client. Latencies are reported on one scale: the calibrated
+reference times the candidate/baseline ratio measured in alternating rounds.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Split
+from ..errors import StudyError
+from ..space import TargetSpec
+from .agent import AgentClient
+from .gate import MeasurementGate
+from .protocol import LatencyStats, Runner, time_paired, time_runner
+from .runtimes import CudaRunner, OrtRunner, TorchRunner, export_onnx, runtime_threads, timing_batch
+
+CALIBRATION_ROUNDS = 3
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class Target:
+    def __init__(self, spec: TargetSpec, timing_split: Split, example: torch.Tensor) -> None:
+        self.spec = spec
+        self.batch = timing_batch(timing_split, spec.batch_size)  # real inputs, one batch
+        self.example = example  # one input, for export
+        self.gate = MeasurementGate()
+        self.agent = _agent_client(spec) if spec.agent else None
+        self.reference: Runner | None = None  # the baseline in this runtime
+        self.reference_file: Path | None = None
+        self.reference_sha: str | None = None  # the baseline's name on the agent
+        self.calibration: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ runners
+
+    def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
+        """The model in the target runtime; for ONNX Runtime, exported to work/model.onnx.
+        `half` names the 16-bit type a CUDA model runs in (every layer at 16 bits)."""
+        if self.spec.device == "cuda":
+            dtype = HALF[half] if half else torch.float32
+            return CudaRunner(model, dtype, self.spec.cuda_graphs)
+        if self.spec.runtime == "torch":
+            return TorchRunner(model, self.spec.threads)
+        export_onnx(model, self.example, work / "model.onnx")
+        return OrtRunner(work / "model.onnx", self.spec.threads)
+
+    # ------------------------------------------------------------------ timing
+
+    def calibrate(
+        self, baseline: nn.Module, work: Path, reference_ms: float | None = None
+    ) -> dict[str, Any]:
+        """Load the baseline into the target runtime and time it several times.
+
+        The median of these runs (``measured_ms``) becomes the reference every candidate's
+        latency is scaled from, unless the study already fixed one (``reference_ms``, from
+        its first session): a study keeps one latency scale. The spread tells whether the
+        machine is quiet enough to rank candidates at all.
+        """
+        work.mkdir(parents=True, exist_ok=True)
+        with self.gate.computing():
+            self.reference = self.runner(baseline, work)
+        if self.agent is not None:
+            self.reference_file = work / "model.onnx"
+            self.reference_sha = self.agent.upload(self.reference_file)
+        self._time_alone()  # a fresh session's first round runs slow: discarded
+        medians = [self._time_alone().median_ms for _ in range(CALIBRATION_ROUNDS)]
+        measured = sorted(medians)[len(medians) // 2]
+        self.calibration = {
+            "medians_ms": medians,
+            "measured_ms": measured,
+            "reference_ms": reference_ms or measured,
+            "spread": max(medians) / min(medians),
+            "mode": self.mode(self.reference),
+            "peak_memory_bytes": self.reference.peak_memory(self.batch),
+        }
+        if self.agent is not None:
+            self.calibration["agent"] = self.agent.info()["fingerprint"]
+        return self.calibration
+
+    def _time_alone(self) -> LatencyStats:
+        if self.reference is None:
+            raise StudyError("no baseline to time: calibrate first")
+        if self.agent is not None:
+            return self.agent.measure(str(self.reference_sha), None, self.spec)[0]
+        with runtime_threads(self.reference), self.gate.measuring():
+            return time_runner(self.reference.timer(self.batch), self.spec)
+
+    def latency(self, runner: Runner, runtime_file: Path | None) -> dict[str, Any]:
+        """Time the candidate against the baseline; scale the reference by their ratio."""
+        if self.reference is None or self.calibration is None:
+            raise StudyError("no calibrated baseline to measure against (calibrate first)")
+        if self.agent is not None and runtime_file is not None:
+            sha = self.agent.upload(runtime_file)
+            ours, theirs, ratio = self.agent.measure(sha, self.reference_sha, self.spec)
+            if theirs is None or ratio is None:
+                raise StudyError("the agent returned no reference timing")
+        else:
+            with runtime_threads(runner), self.gate.measuring():
+                ours, theirs, ratio = time_paired(
+                    runner.timer(self.batch), self.reference.timer(self.batch), self.spec
+                )
+        return {
+            **ours.to_dict(),
+            "latency_ms": self.calibration["reference_ms"] * ratio,
+            "ratio_to_baseline": ratio,
+            "baseline_median_ms": theirs.median_ms,
+            "reference_ms": self.calibration["reference_ms"],
+            "mode": self.mode(runner),
+            "peak_memory_bytes": runner.peak_memory(self.batch),
+        }
+
+    def mode(self, runner: Runner) -> str:
+        """How latency is taken: "cpu", "eager", "cuda-graph", or "remote" (an agent)."""
+        return "remote" if self.agent is not None else runner.mode
+
+
+def _agent_client(spec: TargetSpec) -> AgentClient:
+    token = os.environ.get(spec.agent_token_env, "")
+    if not token:
+        raise StudyError(
+            f"target.agent: the token for {spec.agent} is read from the environment "
+            f"variable {spec.agent_token_env} (target.agent_token_env), which is not set"
+        )
+    return AgentClient(str(spec.agent), token)
