@@ -151,7 +151,7 @@ class SearchSpec:
     trials: int = setting(
         40, "trials in the study, the baseline trial included", kind=int, low=1, high=1_000_000
     )
-    sampler: str = setting("tpe", "Optuna sampler", kind=str, options=SAMPLERS)
+    sampler: str = setting("tpe", "Optuna sampler (tpe is multivariate)", kind=str, options=SAMPLERS)
     seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
     storage: str | None = setting(
         None,
@@ -736,7 +736,14 @@ def _reference(cls: type, where: str) -> list[tuple[str, str, str, str]]:
                 .removesuffix("...")
                 .strip(),
                 "yes" if f.metadata["knob"] else "no",
-                f.metadata["doc"],
+                f.metadata["doc"] + _choices(f.metadata["rule"]),
             )
         )
     return rows
+
+
+def _choices(rule: KnobRule) -> str:
+    """The allowed values of a plain string setting, for the reference table."""
+    if rule.options and rule.kind is str and not rule.searchable:
+        return ": " + ", ".join(f"`{o}`" for o in rule.options)
+    return ""

@@ -54,6 +54,13 @@ def test_one_trial_measures_the_model_rebuilt_from_its_file(ctx, tmp_path):
     assert channels[ctx.classifier][0] == channels[ctx.classifier][1]
     assert any(kept < original for kept, original in channels.values())
     assert set(record["timings"]) >= {"prune", "distill", "quantize", "write", "export", "measure"}
+    stages = record["stages"]
+    assert set(stages) == {"train", "compress", "export", "calibrate", "measure"}
+    assert stages["train"] == record["timings"]["distill"] > 0
+    assert stages["measure"] == pytest.approx(
+        record["timings"]["evaluate"] + record["timings"]["measure"], abs=1e-3
+    )
+    assert latency["mode"] == "cpu" and latency["peak_memory_bytes"] is None
 
 
 def test_the_baseline_trial_changes_nothing(ctx, tmp_path):

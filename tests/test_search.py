@@ -60,6 +60,22 @@ def test_size_is_the_byte_count_of_the_front_artifacts(finished):
     assert kept == {str(n) for n in results.pareto["number"]} | {"0"}
 
 
+def test_the_front_is_measured_again_when_the_search_ends(finished):
+    root, _ = finished
+    results = load_results(root / "results" / "tiny")
+    meta = json.loads((root / "results" / "tiny" / "run.json").read_text())
+    front = {str(n) for n in results.pareto["number"] if n != 0}
+    assert set(meta["confirmations"]) == front
+    for _, row in results.pareto.iterrows():
+        if row["number"] == 0:
+            continue
+        confirmation = meta["confirmations"][str(row["number"])]
+        assert row["confirm_latency_ms"] == confirmation["latency_ms"] > 0
+        assert confirmation["mode"] == "cpu" and confirmation["runs"] == 2 * 5
+        # the search-time figure stays beside it
+        assert row["latency_ms"] > 0 and row["confirm_speedup"] > 0
+
+
 def test_resume_continues_to_the_new_total_and_reuses_the_baseline(finished, tmp_path):
     root, space = finished
     results = tmp_path / "results"
