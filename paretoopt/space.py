@@ -151,7 +151,9 @@ class SearchSpec:
     trials: int = setting(
         40, "trials in the study, the baseline trial included", kind=int, low=1, high=1_000_000
     )
-    sampler: str = setting("tpe", "Optuna sampler (tpe is multivariate)", kind=str, options=SAMPLERS)
+    sampler: str = setting(
+        "tpe", "Optuna sampler (tpe is multivariate)", kind=str, options=SAMPLERS
+    )
     seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
     storage: str | None = setting(
         None,
