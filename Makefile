@@ -25,6 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/quantization.py
+	$(PY) benchmarks/latency.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check paretoopt tests benchmarks

@@ -91,6 +91,13 @@ class TargetSpec:
         1, "batch size of the latency measurement", kind=int, low=1, high=4096
     )
     warmup: int = setting(10, "untimed runs before timing", kind=int, low=0, high=100_000)
+    warmup_s: float = setting(
+        0.25,
+        "untimed seconds before timing, at least (a fresh runtime session runs slow at first)",
+        kind=float,
+        low=0.0,
+        high=600.0,
+    )
     repeats: int = setting(
         5, "timed rounds; the spread is taken across them", kind=int, low=1, high=1000
     )

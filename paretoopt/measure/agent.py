@@ -49,6 +49,7 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "batch_size": (1, 4096),
     "threads": (1, 256),
     "warmup": (0, 100_000),
+    "warmup_s": (0, 600),
     "repeats": (1, 1000),
     "iterations": (1, 100_000),
 }
@@ -146,9 +147,13 @@ def _protocol(job: dict[str, Any]) -> TargetSpec:
     values = {}
     for key, (low, high) in PROTOCOL_LIMITS.items():
         value = job.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        kind = float if key == "warmup_s" else int
+        valid = isinstance(value, (int, float) if kind is float else int)
+        if not valid or isinstance(value, bool) or not low <= value <= high:
             raise Rejected(
-                HTTPStatus.BAD_REQUEST, f"{key}: an integer from {low} to {high} is required"
+                HTTPStatus.BAD_REQUEST,
+                f"{key}: {'a number' if kind is float else 'an integer'} from {low} to {high} "
+                "is required",
             )
         values[key] = value
     return TargetSpec(**values)

@@ -81,10 +81,20 @@ def _stats(rounds: list[list[float]], batch_size: int) -> LatencyStats:
     )
 
 
+def _warm_up(runs: list[Callable[[], Any]], target: TargetSpec) -> None:
+    """At least `warmup` runs of each, for at least `warmup_s` seconds: a fresh runtime
+    session (and a process that just allocated much memory) runs slower for a while."""
+    deadline = time.perf_counter() + target.warmup_s
+    done = 0
+    while done < target.warmup or time.perf_counter() < deadline:
+        for run in runs:
+            run()
+        done += 1
+
+
 def time_runner(run: Callable[[], Any], target: TargetSpec) -> LatencyStats:
     """The protocol for one model: warm-up, then `repeats` rounds of `iterations` runs."""
-    for _ in range(target.warmup):
-        run()
+    _warm_up([run], target)
     rounds = [_round(run, target.iterations) for _ in range(target.repeats)]
     return _stats(rounds, target.batch_size)
 
@@ -102,9 +112,7 @@ def time_paired(
     round of the reference (in ABBA order, which cancels a linear drift), and the ratio is
     the median of the per-pair ratios: one disturbed round cannot move it.
     """
-    for _ in range(target.warmup):
-        reference()
-        run()
+    _warm_up([reference, run], target)
     ours: list[list[float]] = []
     theirs: list[list[float]] = []
     for i in range(target.repeats):

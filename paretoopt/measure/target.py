@@ -25,6 +25,8 @@ from .protocol import LatencyStats, Runner, time_paired, time_runner
 from .runtimes import CudaRunner, OrtRunner, TorchRunner, export_onnx, runtime_threads, timing_batch
 
 CALIBRATION_ROUNDS = 3
+SETTLE_TOLERANCE = 0.02
+SETTLE_LIMIT = 10
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -71,7 +73,7 @@ class Target:
         if self.agent is not None:
             self.reference_file = work / "model.onnx"
             self.reference_sha = self.agent.upload(self.reference_file)
-        self._time_alone()  # a fresh session's first round runs slow: discarded
+        settle = self._settle()
         medians = [self._time_alone().median_ms for _ in range(CALIBRATION_ROUNDS)]
         measured = sorted(medians)[len(medians) // 2]
         self.calibration = {
@@ -79,12 +81,26 @@ class Target:
             "measured_ms": measured,
             "reference_ms": reference_ms or measured,
             "spread": max(medians) / min(medians),
+            "settle_runs": settle,
             "mode": self.mode(self.reference),
             "peak_memory_bytes": self.reference.peak_memory(self.batch),
         }
         if self.agent is not None:
             self.calibration["agent"] = self.agent.info()["fingerprint"]
         return self.calibration
+
+    def _settle(self) -> int:
+        """Time the baseline until two runs of the protocol in a row agree within
+        SETTLE_TOLERANCE (at most SETTLE_LIMIT runs, all discarded). Right after a heavy
+        step (an export, a process start) this machine ran 15-20 % slower for a second or
+        two; a reference taken then would inflate every latency of the study."""
+        previous = self._time_alone().median_ms
+        for runs in range(2, SETTLE_LIMIT + 1):
+            current = self._time_alone().median_ms
+            if abs(current / previous - 1.0) <= SETTLE_TOLERANCE:
+                return runs
+            previous = current
+        return SETTLE_LIMIT
 
     def _time_alone(self) -> LatencyStats:
         if self.reference is None:
