@@ -256,7 +256,8 @@ def test_agent_rejects_bad_uploads(agent, models, tmp_path):
     status, text = _raw(agent, "POST", "/measure", b'{"model": "feed"}', auth)
     assert status == 400 and "batch_size: an integer from 1 to 4096 is required" in text
     job = (
-        b'{"model": "feed", "batch_size": 1, "threads": 1, "warmup": 0, "repeats": 1, '
+        b'{"model": "feed", "batch_size": 1, "threads": 1, "warmup": 0, "warmup_s": 0, '
+        b'"repeats": 1, '
         b'"iterations": 1}'
     )
     status, text = _raw(agent, "POST", "/measure", job, auth)

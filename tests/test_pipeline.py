@@ -130,7 +130,7 @@ def test_paired_timing_ignores_one_disturbed_round(monkeypatch):
     def reference():
         now["ns"] += 2_000_000
 
-    target = TargetSpec(warmup=0, repeats=5, iterations=20)
+    target = TargetSpec(warmup=0, warmup_s=0.0, repeats=5, iterations=20)
     ours, theirs, ratio = protocol.time_paired(candidate, reference, target)
     assert ours.runs == theirs.runs == 100
     assert ratio == 0.5  # the per-round ratios are 0.5, 0.5, 2.0, 0.5, 0.5
