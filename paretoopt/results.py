@@ -194,6 +194,19 @@ def _with_confirmations(
     return frame
 
 
+def trial_record(results: StudyResults, number: int) -> dict[str, Any]:
+    """Everything a trial recorded (its plan, measurements, file hashes), read-only."""
+    url = results.metadata.get("storage", "")
+    storage = None if not url or url.startswith("journal:") else url
+    study = optuna.load_study(
+        study_name=results.name, storage=open_storage(storage, results.directory)
+    )
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == number:
+            return dict(trial.user_attrs)
+    raise StudyError(f"trial {number} is not in study {results.name!r}")
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 

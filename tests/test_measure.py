@@ -183,17 +183,38 @@ def test_cuda_runner_times_with_events(graphs, dtype):
     assert runner.peak_memory(BATCH) > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [32, 16])
+def test_a_trial_on_a_cuda_target(tmp_path, bits):
+    doc = copy.deepcopy(TINY)
+    doc["target"].update({"device": "cuda", "runtime": "torch"})
+    ctx = prepare(parse_space(doc), tmp_path / "cache", log=lambda _: None)
+    cal = calibrate(ctx, tmp_path / "cal")
+    assert cal["mode"] == "cuda-graph" and cal["peak_memory_bytes"] > 0
+    record = run_trial(ctx, CompressionPlan(quant=QuantConfig(bits)), tmp_path / "1", seed=0)
+    assert record["latency"]["mode"] == "cuda-graph"
+    assert record["latency"]["peak_memory_bytes"] > 0
+    assert next(ctx.baseline.parameters()).device.type == "cpu"  # the baseline stays put
+
+
 # --------------------------------------------------------------------------- the agent
 
 
 @pytest.fixture
-def agent():
-    server = make_server(Agent(TOKEN, max_bytes=2_000_000), "127.0.0.1", 0)
+def served():
+    """An agent on loopback: (its address, the agent object behind it)."""
+    state = Agent(TOKEN, max_bytes=2_000_000)
+    server = make_server(state, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"127.0.0.1:{server.server_port}"
+    yield f"127.0.0.1:{server.server_port}", state
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def agent(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +246,23 @@ def _raw(address: str, method: str, path: str, body: bytes = b"", headers: dict 
     return answer.status, answer.read().decode()
 
 
+def test_a_client_sends_models_again_when_the_agent_lost_them(served, models):
+    address, state = served
+    client = AgentClient(address, TOKEN)
+    deep, shallow = client.upload(models / "d8.onnx"), client.upload(models / "d2.onnx")
+    state.models.clear()  # as after a restart of the agent
+    ours, theirs, ratio = client.measure(deep, shallow, PROTOCOL)
+    assert ratio is not None and ratio > 1.0 and set(state.models) == {deep, shallow}
+
+
+def test_a_gate_cannot_be_nested(tmp_path):
+    gate = MeasurementGate(tmp_path)
+    with gate.computing(), pytest.raises(RuntimeError, match="already held"), gate.measuring():
+        pass
+    with gate.measuring():  # released properly after the refusal
+        pass
+
+
 def test_agent_checks_the_token(agent, models):
     with pytest.raises(AgentError) as info:
         AgentClient(agent, "wrong-token-of-some-length").upload(models / "d2.onnx")
@@ -252,7 +290,7 @@ def test_agent_rejects_bad_uploads(agent, models, tmp_path):
         size_threshold=0,
     )
     status, text = _raw(agent, "POST", "/models", (tmp_path / "ext.onnx").read_bytes(), auth)
-    assert status == 400 and ("outside the file" in text or "not a valid ONNX" in text)
+    assert status == 400 and "tensors stored outside the file are refused" in text
     status, text = _raw(agent, "POST", "/measure", b'{"model": "feed"}', auth)
     assert status == 400 and "batch_size: an integer from 1 to 4096 is required" in text
     job = (

@@ -28,7 +28,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import asdict
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib import error, request
@@ -40,6 +40,7 @@ from ..space import TargetSpec
 from .fingerprint import hardware_fingerprint
 from .gate import MeasurementGate
 from .protocol import LatencyStats, time_paired, time_runner
+from .runtimes import OrtRunner
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
@@ -57,6 +58,10 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
 
 class AgentError(ParetoError):
     """A request the agent refused, or an agent that cannot be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class Rejected(Exception):  # noqa: N818  (an answer, not a fault of the agent)
@@ -104,11 +109,10 @@ class Agent:
             )
         return {"candidate": asdict(ours), "reference": asdict(theirs), "ratio": ratio}
 
-    def _runner(self, sha: Any, threads: int) -> Any:
-        from .runtimes import OrtRunner
-
+    def _runner(self, sha: Any, threads: int) -> OrtRunner:
         if not isinstance(sha, str) or sha not in self.models:
             raise Rejected(HTTPStatus.NOT_FOUND, f"no model {sha!r} here; upload it first")
+        self.models.move_to_end(sha)  # in use: the last to be dropped
         return OrtRunner(self.models[sha], threads)
 
 
@@ -119,27 +123,59 @@ def check_onnx(body: bytes) -> None:
 
     try:
         model = onnx.load_model_from_string(body)
+    except Exception:
+        raise Rejected(HTTPStatus.BAD_REQUEST, "not a valid ONNX model: cannot parse") from None
+    # before anything reads the model further: external data would name files here
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model)):
+        raise Rejected(HTTPStatus.BAD_REQUEST, "tensors stored outside the file are refused")
+    try:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise Rejected(HTTPStatus.BAD_REQUEST, f"not a valid ONNX model: {exc}") from None
-    domains = {op.domain for op in model.opset_import} | {n.domain for n in model.graph.node}
+    nodes = [n for g in _graphs(model) for n in g.node]
+    domains = {op.domain for op in model.opset_import} | {n.domain for n in nodes}
     foreign = sorted(domains - ALLOWED_DOMAINS)
     if foreign:
         raise Rejected(HTTPStatus.BAD_REQUEST, f"operators from unsupported domains {foreign}")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model)):
-        raise Rejected(HTTPStatus.BAD_REQUEST, "tensors stored outside the file are refused")
     try:
         ort.InferenceSession(body, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise Rejected(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load it: {exc}") from None
 
 
-def _tensors(model: Any) -> list[Any]:
+def _graphs(model: Any) -> list[Any]:
+    """The main graph and every subgraph (If/Loop/Scan bodies), at any depth."""
     import onnx
 
-    out = list(model.graph.initializer)
-    for node in model.graph.node:
-        out += [a.t for a in node.attribute if a.type == onnx.AttributeProto.TENSOR]
+    out, todo = [], [model.graph]
+    while todo:
+        graph = todo.pop()
+        out.append(graph)
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    todo.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    todo.extend(a.graphs)
+    return out
+
+
+def _tensors(model: Any) -> list[Any]:
+    """Every tensor the model holds: initializers and attribute tensors, in subgraphs and
+    functions too."""
+    import onnx
+
+    out = []
+    nodes = [n for f in model.functions for n in f.node]
+    for graph in _graphs(model):
+        out += list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+        nodes += list(graph.node)
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                out.append(a.t)
+            elif a.type == onnx.AttributeProto.TENSORS:
+                out.extend(a.tensors)
     return out
 
 
@@ -169,7 +205,8 @@ def _inputs(runner: Any, batch_size: int) -> np.ndarray:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    agent: Agent  # set on the subclass that serve() makes
+    agent: Agent  # set on the subclass that make_server() makes
+    timeout = 60  # seconds: a connection that stalls is dropped, not waited on forever
 
     def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
         self._answer(self._info)
@@ -214,6 +251,9 @@ class _Handler(BaseHTTPRequestHandler):
         except Rejected as exc:
             status, payload = exc.status, {"error": str(exc)}
             self.close_connection = True  # an unread body must not become the next request
+        except Exception as exc:  # a fault of the agent: one line, no traceback to the client
+            status, payload = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": type(exc).__name__}
+            self.close_connection = True
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -225,10 +265,12 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # the CLI reports what matters; no per-request noise
 
 
-def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8765) -> HTTPServer:
-    """An HTTP server for the agent (port 0 picks a free one: see server.server_port)."""
+def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+    """An HTTP server for the agent (port 0 picks a free one: see server.server_port).
+    Requests are served in threads, so a stalled client cannot hold the others up;
+    measurements still run one at a time (Agent.lock)."""
     handler = type("Handler", (_Handler,), {"agent": agent})
-    return HTTPServer((host, port), handler)
+    return ThreadingHTTPServer((host, port), handler)
 
 
 # --------------------------------------------------------------------------- the client
@@ -241,15 +283,15 @@ class AgentClient:
         self.base = f"http://{address}"
         self.token = token
         self.timeout = timeout
-        self.sent: set[str] = set()
+        self.sent: dict[str, Path] = {}  # sha256 -> file, to send again if the agent lost it
 
     def info(self) -> dict[str, Any]:
         return self._call("GET", "/info", None, "application/json")
 
-    def upload(self, path: Path) -> str:
+    def upload(self, path: Path, again: bool = False) -> str:
         body = path.read_bytes()
         sha = hashlib.sha256(body).hexdigest()
-        if sha in self.sent:
+        if sha in self.sent and not again:
             return sha
         limit = self.info()["max_bytes"]
         if len(body) > limit:  # said here: a refused upload would break the connection
@@ -257,9 +299,8 @@ class AgentClient:
                 f"agent {self.base}: {path.name} is {len(body)} bytes; the agent takes at "
                 f"most {limit} (paretoopt agent --max-bytes)"
             )
-        if sha not in self.sent:
-            answer = self._call("POST", "/models", body, "application/octet-stream")
-            self.sent.add(answer["sha256"])
+        self._call("POST", "/models", body, "application/octet-stream")
+        self.sent[sha] = path
         return sha
 
     def measure(
@@ -267,7 +308,16 @@ class AgentClient:
     ) -> tuple[LatencyStats, LatencyStats | None, float | None]:
         job = {"model": model, "reference": reference}
         job.update({k: getattr(target, k) for k in PROTOCOL_LIMITS})
-        answer = self._call("POST", "/measure", json.dumps(job).encode(), "application/json")
+        body = json.dumps(job).encode()
+        try:
+            answer = self._call("POST", "/measure", body, "application/json")
+        except AgentError as exc:  # the agent restarted or dropped a model: send it again
+            if exc.status != HTTPStatus.NOT_FOUND:
+                raise
+            for sha in (model, reference):
+                if sha in self.sent:
+                    self.upload(self.sent[sha], again=True)
+            answer = self._call("POST", "/measure", body, "application/json")
         theirs = answer.get("reference")
         return (
             LatencyStats(**answer["candidate"]),
@@ -281,13 +331,24 @@ class AgentClient:
         req.add_header("Content-Type", kind)
         try:
             with request.urlopen(req, timeout=self.timeout) as answer:
-                return json.loads(answer.read())
+                text = answer.read()
+            return json.loads(text)
         except error.HTTPError as exc:
             try:
                 reason = json.loads(exc.read()).get("error", exc.reason)
             except (json.JSONDecodeError, OSError):
                 reason = exc.reason
-            raise AgentError(f"agent {self.base}: {method} {path}: {exc.code} {reason}") from None
+            raise AgentError(
+                f"agent {self.base}: {method} {path}: {exc.code} {reason}", exc.code
+            ) from None
+        except TimeoutError:
+            raise AgentError(
+                f"agent {self.base}: {method} {path}: no answer within {self.timeout:.0f} s"
+            ) from None
+        except json.JSONDecodeError:
+            raise AgentError(
+                f"agent {self.base}: {method} {path}: the answer is not JSON"
+            ) from None
         except (error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise AgentError(f"agent {self.base}: cannot reach it: {reason}") from None

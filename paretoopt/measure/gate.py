@@ -29,7 +29,8 @@ GATE_ENV = "PARETOOPT_GATE_DIR"  # another folder for the gate (one gate per fol
 
 
 def default_gate_dir() -> Path:
-    """One gate per user and machine, unless PARETOOPT_GATE_DIR names another."""
+    """One gate per user and machine, unless PARETOOPT_GATE_DIR names another (a shared
+    folder gives several users one gate)."""
     configured = os.environ.get(GATE_ENV)
     if configured:
         return Path(configured)
@@ -40,16 +41,37 @@ class MeasurementGate:
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = directory or default_gate_dir()
         self._files: dict[str, IO[bytes]] = {}
+        self._held = False  # flock on one open file cannot nest: a nested use would unlock
 
     def _file(self, name: str) -> IO[bytes]:
         if name not in self._files:  # one open file per lock and gate: flock is per open file
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self.directory.stat().st_uid != os.getuid():  # another user could hold it shut
+                raise PermissionError(
+                    f"{self.directory}: the measurement gate belongs to another user; set "
+                    f"{GATE_ENV} to a folder of your own"
+                )
             self._files[name] = open(self.directory / f"{name}.lock", "ab")  # noqa: SIM115
         return self._files[name]
 
     @contextmanager
+    def _hold(self) -> Iterator[None]:
+        if self._held:
+            raise RuntimeError("the measurement gate is already held by this object")
+        self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
+
+    @contextmanager
     def computing(self) -> Iterator[None]:
         """Held shared around work that loads the CPU (one training step, one export)."""
+        with self._hold(), self._computing():
+            yield
+
+    @contextmanager
+    def _computing(self) -> Iterator[None]:
         turnstile, room = self._file("turnstile"), self._file("room")
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         try:
@@ -64,6 +86,11 @@ class MeasurementGate:
     @contextmanager
     def measuring(self) -> Iterator[None]:
         """Held exclusively while latency is timed: nothing else computes meanwhile."""
+        with self._hold(), self._measuring():
+            yield
+
+    @contextmanager
+    def _measuring(self) -> Iterator[None]:
         turnstile, room = self._file("turnstile"), self._file("room")
         fcntl.flock(turnstile, fcntl.LOCK_EX)
         try:

@@ -7,6 +7,7 @@ search measures in the same process as training but never at the same time (see
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterator
@@ -113,7 +114,8 @@ class CudaRunner:
     def __init__(self, model: nn.Module, dtype: torch.dtype, graphs: bool) -> None:
         self.device = torch.device("cuda")
         self.dtype = dtype
-        self.model = model.to(self.device, dtype).eval()
+        # a copy: .to() moves in place, and the caller's model must stay on the CPU
+        self.model = copy.deepcopy(model).to(self.device, dtype).eval()
         self.mode = "cuda-graph" if graphs else "eager"
         self.fallback: str | None = None  # why a graph could not be captured
 

@@ -114,7 +114,9 @@ class Target:
         """Time the candidate against the baseline; scale the reference by their ratio."""
         if self.reference is None or self.calibration is None:
             raise StudyError("no calibrated baseline to measure against (calibrate first)")
-        if self.agent is not None and runtime_file is not None:
+        if self.agent is not None:
+            if runtime_file is None:
+                raise StudyError("target.agent: the agent times ONNX files, and there is none")
             sha = self.agent.upload(runtime_file)
             ours, theirs, ratio = self.agent.measure(sha, self.reference_sha, self.spec)
             if theirs is None or ratio is None:
@@ -123,6 +125,11 @@ class Target:
             with runtime_threads(runner), self.gate.measuring():
                 ours, theirs, ratio = time_paired(
                     runner.timer(self.batch), self.reference.timer(self.batch), self.spec
+                )
+            if runner.mode != self.reference.mode:  # e.g. a CUDA graph against eager launches
+                raise StudyError(
+                    f"the candidate was timed as {runner.mode!r} but the baseline as "
+                    f"{self.reference.mode!r}; their ratio would credit the difference"
                 )
         return {
             **ours.to_dict(),

@@ -1,0 +1,388 @@
+"""Export: what was measured is exactly what ships.
+
+``export_trial`` hands over a trial's files in up to three formats, each checked before
+anything is written to the output folder:
+
+- ``onnx``: the very ``model.onnx`` the trial timed (float, or int8 QDQ), checked against
+  the hash the trial recorded. A study measured in eager PyTorch has no such file, so
+  one is exported afresh from the compressed file and verified;
+- ``pt2``: the compressed model as a ``torch.export`` program (TorchScript is deprecated),
+  made afresh from the compressed file and verified;
+- ``safetensors``: the compressed file itself (bit-packed weights, plan, channel-removal
+  history), checked against its recorded hash; ``load`` rebuilds the model from it.
+
+Verification: every written model is loaded back in its own runtime and evaluated on
+the study's test split; if its accuracy differs from the trial's recorded figure by more
+than the tolerance, export fails with both figures and writes nothing. Beside the models
+goes a model card (JSON and Markdown): the plan, the measured figures with their spread,
+the baseline's, the target and its hardware fingerprint, versions and the study.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import StudyError
+from .pick import pick
+from .results import StudyResults, load_results, trial_record
+
+FORMATS = ("onnx", "pt2", "safetensors")
+SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
+ARTIFACT, RUNTIME_FILE = "model.safetensors", "model.onnx"
+
+
+@dataclass(frozen=True)
+class Exported:
+    trial: int
+    files: dict[str, Path]  # format -> written model
+    card: Path  # the JSON model card (the Markdown one sits beside it)
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)  # format -> figures
+
+
+def export_trial(
+    study_dir: str | Path,
+    out: str | Path,
+    *,
+    trial: int | None = None,
+    rule: str | None = None,
+    formats: tuple[str, ...] = FORMATS,
+    force: bool = False,
+    tolerance: float = 0.5,
+    storage: str | None = None,
+) -> Exported:
+    """Export one trial (by number, or by a pick rule such as "knee") into `out`."""
+    results = load_results(study_dir, storage)
+    number = _choose(results, trial, rule)
+    record = _checked_record(results, number)
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown or not formats:
+        raise StudyError(f"--format: {unknown or 'none'}; choose from {', '.join(FORMATS)}")
+    out = Path(out)
+    stem = f"{results.name}-trial{number}"
+    targets = {f: out / f"{stem}{SUFFIX[f]}" for f in formats}
+    cards = (out / f"{stem}.card.json", out / f"{stem}.card.md")
+    _check_destination(out, [*targets.values(), *cards], force)
+    source = results.directory / record["artifact"]
+    _check_hashes(source, record)
+    staging = out / f".{stem}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        checks = _write_and_verify(results, source, record, staging, stem, formats, tolerance)
+        card = model_card(results, number, record, {f: targets[f] for f in formats}, checks)
+        (staging / cards[0].name).write_text(json.dumps(card, indent=2, default=str) + "\n")
+        (staging / cards[1].name).write_text(card_markdown(card))
+        for path in [*targets.values(), *cards]:
+            (staging / path.name).replace(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Exported(number, targets, cards[0], checks)
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def _choose(results: StudyResults, trial: int | None, rule: str | None) -> int:
+    if (trial is None) == (rule is None):
+        raise StudyError("give either --trial N or --pick RULE (e.g. --pick knee)")
+    if trial is not None:
+        return trial
+    return pick(results.pareto, str(rule), results.baseline.get("accuracy"))
+
+
+def _checked_record(results: StudyResults, number: int) -> dict[str, Any]:
+    frame = results.trials
+    kept = [int(n) for n, a in zip(frame["number"], frame["artifact"], strict=True) if a]
+    listing = ", ".join(map(str, kept)) or "none"
+    rows = frame[frame["number"] == number] if len(frame) else frame
+    if rows.empty:
+        raise StudyError(
+            f"trial {number} is not in study {results.name!r}; trials with files: {listing}"
+        )
+    row = rows.iloc[0]
+    if row["state"] != "COMPLETE":
+        reason = f" ({row['fail_reason']})" if row.get("fail_reason") else ""
+        raise StudyError(f"trial {number} is {row['state']}{reason}; trials with files: {listing}")
+    if not row["artifact"]:
+        raise StudyError(
+            f"trial {number} has no files left: a search keeps only the front's and the "
+            f"baseline's; trials with files: {listing}"
+        )
+    return trial_record(results, number)
+
+
+def _check_destination(out: Path, paths: list[Path], force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise StudyError(f"--out: {out} exists and is not a folder")
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise StudyError(
+            f"--out: {', '.join(existing)} already exist(s); pass --force to overwrite"
+        )
+
+
+def _check_hashes(source: Path, record: dict[str, Any]) -> None:
+    """The trial's files must be the ones it measured (a later edit is refused)."""
+    for name, recorded in record.get("files", {}).items():
+        path = source / name
+        if path.exists() and _sha256(path) != recorded:
+            raise StudyError(
+                f"{path}: its sha256 differs from the one the trial recorded; the file was "
+                "changed after it was measured, so it is not exported"
+            )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_and_verify(
+    results: StudyResults,
+    source: Path,
+    record: dict[str, Any],
+    staging: Path,
+    stem: str,
+    formats: tuple[str, ...],
+    tolerance: float,
+) -> dict[str, dict[str, Any]]:
+    from .data import create_data
+    from .space import load_space
+
+    space = load_space(results.directory / "space.yaml")
+    test = create_data(space.data).test
+    checks = {}
+    for fmt in formats:
+        path = staging / f"{stem}{SUFFIX[fmt]}"
+        fresh = _write(fmt, source, path, space)
+        model = load(path, space=space)
+        measured = model.accuracy(test.x.numpy(), test.y.numpy())
+        # the runtime the trial measured in decides which recorded figure applies
+        same_runtime = fmt == "onnx" and not fresh
+        key = "test_accuracy" if same_runtime else "torch_test_accuracy"
+        recorded = record.get(key, record["test_accuracy"])
+        checks[fmt] = {
+            "file": path.name,
+            "sha256": _sha256(path),
+            "bytes": path.stat().st_size,
+            "made_afresh": fresh,
+            "test_accuracy": measured,
+            "recorded_test_accuracy": recorded,
+            "recorded_as": key,
+        }
+        if abs(measured - recorded) > tolerance:
+            raise StudyError(
+                f"export check failed: {path.name} scores {measured:.2f} % on the test split "
+                f"in its runtime, but trial {record.get('artifact', '')} recorded "
+                f"{recorded:.2f} % ({key}); tolerance {tolerance} points. Nothing was written."
+            )
+    return checks
+
+
+def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
+    """Write one format; True when it had to be made afresh (not the measured file)."""
+    if fmt == "safetensors":
+        shutil.copyfile(source / ARTIFACT, path)
+        return False
+    if fmt == "onnx" and (source / RUNTIME_FILE).exists():
+        shutil.copyfile(source / RUNTIME_FILE, path)
+        return False
+    import torch
+
+    from .artifact import load_compressed, read_metadata
+    from .models import create_model
+
+    model = load_compressed(source / ARTIFACT, lambda: create_model(space.model))
+    example = torch.zeros(1, *read_metadata(source / ARTIFACT)["input_shape"])
+    if fmt == "onnx":
+        from .measure.runtimes import export_onnx
+
+        export_onnx(model, example, path)
+        return True
+    batch = torch.export.Dim("batch", min=1, max=65_536)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return True
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def model_card(
+    results: StudyResults,
+    number: int,
+    record: dict[str, Any],
+    files: dict[str, Path],
+    checks: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    from . import __version__
+    from .space import load_space, space_to_dict
+
+    space = space_to_dict(load_space(results.directory / "space.yaml"))
+    keys = ("accuracy", "test_accuracy", "torch_accuracy", "torch_test_accuracy", "deploy_gap")
+    return {
+        "study": results.name,
+        "trial": number,
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "paretoopt": __version__,
+        "model": space["model"],
+        "data": space["data"],
+        "input_shape": results.metadata.get("input_shape"),
+        "plan": record["plan"],
+        "plan_summary": record.get("plan_summary", ""),
+        "measured": {
+            **{k: record.get(k) for k in keys},
+            "size_bytes": record["size_bytes"],
+            "runtime_file_bytes": record.get("runtime_file_bytes"),
+            "latency_ms": record["latency_ms"],
+            "latency": record.get("latency", {}),
+            "confirmation": results.metadata.get("confirmations", {}).get(str(number)),
+            "params": record.get("params"),
+            "macs": record.get("macs"),
+            "int_kernels": record.get("int_kernels"),
+            "layer_quant": record.get("layer_quant"),
+        },
+        "baseline": results.baseline,
+        "target": space["target"],
+        "hardware": results.metadata.get("hardware"),
+        "versions": results.metadata.get("versions"),
+        "files": {fmt: checks[fmt] for fmt in files},
+    }
+
+
+def card_markdown(card: dict[str, Any]) -> str:
+    m, b, t = card["measured"], card["baseline"], card["target"]
+    latency = m.get("latency") or {}
+
+    def ratio(base: float | None, ours: float | None) -> str:
+        return f"{base / ours:.1f}x" if base and ours else "n/a"
+
+    lines = [
+        f"# {card['study']}, trial {card['trial']}",
+        "",
+        f"Plan: {card['plan_summary']}",
+        "",
+        "| | this model | baseline | ratio |",
+        "|---|---|---|---|",
+        f"| validation accuracy (deployed) | {m['accuracy']:.2f} % | "
+        f"{b.get('accuracy', float('nan')):.2f} % | "
+        f"{m['accuracy'] - b.get('accuracy', 0):+.2f} pts |",
+        f"| test accuracy (deployed) | {m['test_accuracy']:.2f} % | "
+        f"{b.get('test_accuracy', float('nan')):.2f} % | |",
+        f"| size (compressed file) | {m['size_bytes']:,} B | {b.get('size_bytes', 0):,} B | "
+        f"{ratio(b.get('size_bytes'), m['size_bytes'])} smaller |",
+        f"| latency (median) | {m['latency_ms']:.4f} ms | {b.get('latency_ms', 0):.4f} ms | "
+        f"{ratio(b.get('latency_ms'), m['latency_ms'])} faster |",
+        "",
+        f"Latency: {t['runtime']} on {t['device']}, {t['threads']} thread(s), batch "
+        f"{t['batch_size']}; p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
+        f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs, "
+        f"mode {latency.get('mode', 'cpu')}.",
+    ]
+    if m.get("confirmation"):
+        lines.append(
+            f"Re-measured at the end of the search: {m['confirmation']['latency_ms']:.4f} ms."
+        )
+    hardware = card.get("hardware") or {}
+    lines += [
+        f"Measured on: {hardware.get('cpu', '?')} ({hardware.get('cores', '?')} cores), "
+        f"{hardware.get('system', '')}.",
+        f"PyTorch model (weights as deployed, float activations): validation "
+        f"{m['torch_accuracy']:.2f} %; deployed minus PyTorch: {m.get('deploy_gap', 0):+.2f} pts.",
+        "",
+        "| file | format | bytes | sha256 | test accuracy here | recorded |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fmt, check in card["files"].items():
+        made = " (made afresh, verified)" if check["made_afresh"] else " (the measured file)"
+        lines.append(
+            f"| {check['file']} | {fmt}{made} | {check['bytes']:,} | {check['sha256'][:16]}... | "
+            f"{check['test_accuracy']:.2f} % | {check['recorded_test_accuracy']:.2f} % |"
+        )
+    versions = ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items())
+    lines += ["", f"Versions: paretoopt {card['paretoopt']}, {versions}.", ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class LoadedModel:
+    """An exported model, ready for inference: ``predict(x)`` returns logits."""
+
+    def __init__(self, fmt: str, path: Path, run: Any, module: Any = None) -> None:
+        self.format, self.path, self._run, self.module = fmt, path, run, module
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self._run(np.ascontiguousarray(x, dtype=np.float32)))
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+        logits = np.concatenate(
+            [self.predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        )
+        return int((logits.argmax(axis=1) == y).sum()) * 100.0 / len(y)
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.format}: {self.path})"
+
+
+def load(path: str | Path, *, space: Any = None) -> LoadedModel:
+    """Load an exported model (.onnx, .pt2 or .safetensors) for inference.
+
+    A .safetensors file is rebuilt on a fresh copy of the architecture named in the model
+    card beside it (``<stem>.card.json``), or in `space` when given.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"{path}: no such file")
+    if path.suffix == ".onnx":
+        from .measure.runtimes import OrtRunner
+
+        return LoadedModel("onnx", path, OrtRunner(path, threads=1))
+    import torch
+
+    if path.suffix == ".pt2":
+        module = torch.export.load(str(path)).module()
+        return LoadedModel("pt2", path, _torch_call(module), module)
+    if path.suffix == ".safetensors":
+        from .artifact import load_compressed
+        from .models import create_model
+        from .space import ComponentSpec
+
+        spec = space.model if space is not None else ComponentSpec(**_card_model(path))
+        module = load_compressed(path, lambda: create_model(spec))
+        return LoadedModel("safetensors", path, _torch_call(module), module)
+    raise StudyError(
+        f"{path}: unknown format {path.suffix!r}; expected .onnx, .pt2 or .safetensors"
+    )
+
+
+def _torch_call(module: Any) -> Any:
+    import torch
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def _card_model(path: Path) -> dict[str, Any]:
+    card = path.with_name(path.name.removesuffix(".safetensors") + ".card.json")
+    if not card.is_file():
+        raise StudyError(
+            f"{path}: its model card {card.name} is missing, so the architecture to rebuild "
+            "is unknown; pass space= or keep the card beside the file"
+        )
+    model = json.loads(card.read_text())["model"]
+    return {k: model.get(k) for k in ("name", "factory", "kwargs", "checkpoint") if k in model}
