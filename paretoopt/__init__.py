@@ -14,14 +14,26 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .export import export_trial, load
     from .results import StudyResults, load_results
     from .space import Space, load_space
     from .study import search
 
-__all__ = ["Space", "StudyResults", "load_results", "load_space", "search", "__version__"]
+__all__ = [
+    "Space",
+    "StudyResults",
+    "__version__",
+    "export_trial",
+    "load",
+    "load_results",
+    "load_space",
+    "search",
+]
 
 _LAZY = {
     "search": "study",
+    "export_trial": "export",
+    "load": "export",
     "load_results": "results",
     "StudyResults": "results",
     "load_space": "space",

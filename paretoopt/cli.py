@@ -46,6 +46,31 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export import FORMATS, export_trial
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip()) or FORMATS
+    done = export_trial(
+        Path(args.results) / args.study,
+        args.out,
+        trial=args.trial,
+        rule=args.pick,
+        formats=formats,
+        force=args.force,
+        tolerance=args.tolerance,
+    )
+    print(f"exported trial {done.trial} of {args.study}:")
+    for fmt, path in done.files.items():
+        check = done.checks[fmt]
+        origin = "made afresh, verified" if check["made_afresh"] else "the measured file"
+        print(
+            f"  {path}  ({fmt}, {check['bytes']:,} B, {origin}; test accuracy "
+            f"{check['test_accuracy']:.2f} %, recorded {check['recorded_test_accuracy']:.2f} %)"
+        )
+    print(f"  {done.card}  (model card; Markdown beside it)")
+    return 0
+
+
 def _agent(args: argparse.Namespace) -> int:
     import os
 
@@ -109,6 +134,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", required=True, help="study name (folder under results/)")
     p.add_argument("--results", default="results", help="results root (default: results)")
     p.set_defaults(func=_show)
+
+    p = sub.add_parser(
+        "export", parents=[debug], help="hand over a trial's model, exactly as measured"
+    )
+    p.add_argument("--study", required=True, help="study name (folder under results/)")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--trial", type=int, help="trial number")
+    which.add_argument(
+        "--pick",
+        help="'knee', or a rule such as 'max accuracy where size <= 200kB and latency <= 0.3ms'",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--format",
+        default="onnx,pt2,safetensors",
+        help="comma-separated: onnx, pt2, safetensors (default: all three)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.5,
+        help="largest accepted test-accuracy difference to the recorded figure, in points",
+    )
+    p.set_defaults(func=_export)
 
     p = sub.add_parser(
         "agent", parents=[debug], help="time ONNX models on this machine for a remote search"

@@ -210,6 +210,7 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
         export_onnx(model, example, path)
         return True
     batch = torch.export.Dim("batch", min=1, max=65_536)
+    example = example.expand(2, *example.shape[1:])  # batch 1 would be traced as a constant
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
     torch.export.save(program, str(path))
     return True
