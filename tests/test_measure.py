@@ -54,14 +54,19 @@ def test_a_deeper_model_measures_slower():
 
 
 def test_the_median_of_a_fixed_model_is_stable(tmp_path):
-    """Five protocol runs of one model: their medians stay within 30 % of each other. On a
-    quiet machine they agree within 3 % (benchmarks/latency.py); the margin is for CI
-    machines shared with other jobs."""
+    """Five protocol runs of one model: at least four medians lie within 20 % of their
+    median (on a quiet machine all ten of benchmarks/latency.py agreed within 1 %; one
+    outlier is allowed for CI machines shared with other jobs). Timed against itself in
+    alternating rounds, the model's ratio stays within 10 % of 1."""
     export_onnx(_mlp(4), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx")
-    run = OrtRunner(tmp_path / "m.onnx", 1).timer(BATCH)
+    runner = OrtRunner(tmp_path / "m.onnx", 1)
+    run = runner.timer(BATCH)
     time_runner(run, PROTOCOL)
     medians = [time_runner(run, PROTOCOL).median_ms for _ in range(5)]
-    assert max(medians) / min(medians) < 1.3, medians
+    middle = sorted(medians)[2]
+    assert sum(abs(m / middle - 1) <= 0.2 for m in medians) >= 4, medians
+    _, _, ratio = time_paired(run, runner.timer(BATCH.copy()), PROTOCOL)
+    assert 0.9 < ratio < 1.1, ratio
 
 
 def test_statistics_describe_every_timed_run(tmp_path):
