@@ -71,6 +71,24 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app(args: argparse.Namespace) -> int:
+    import subprocess
+
+    script = Path(__file__).with_name("app.py")
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(script),
+        "--server.headless", "true",
+        "--server.address", args.host,
+        "--server.port", str(args.port),
+        "--browser.gatherUsageStats", "false",
+        "--", "--results", args.results,
+    ]  # fmt: skip
+    if args.storage:
+        command += ["--storage", args.storage]
+    print(f"paretoopt explorer on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    return subprocess.call(command)
+
+
 def _agent(args: argparse.Namespace) -> int:
     import os
 
@@ -160,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest accepted test-accuracy difference to the recorded figure, in points",
     )
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("app", parents=[debug], help="explore the fronts in a browser")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument("--storage", default=None, help="an Optuna storage URL to read instead")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8501, help="port (default: 8501)")
+    p.set_defaults(func=_app)
 
     p = sub.add_parser(
         "agent", parents=[debug], help="time ONNX models on this machine for a remote search"

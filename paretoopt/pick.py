@@ -89,7 +89,7 @@ def knee(front: pd.DataFrame) -> int:
     """The front point closest to the ideal one once every objective is scaled to [0, 1]
     over the front (best = 0): the candidate that gives up least on every axis at once."""
     columns = [c for c in ("accuracy", "size_bytes", "latency_ms") if c in front]
-    values = front[columns].to_numpy(dtype=float)
+    values = np.array(front[columns], dtype=float)  # a copy: it is changed below
     values[:, columns.index("accuracy")] *= -1  # every axis now: smaller is better
     if "size_bytes" in columns:  # sizes span orders of magnitude: compare them in log
         values[:, columns.index("size_bytes")] = np.log(values[:, columns.index("size_bytes")])

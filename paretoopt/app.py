@@ -1,0 +1,418 @@
+"""The Pareto-front explorer: which model do I ship?
+
+    paretoopt app                   # or: streamlit run app.py -- --results results
+
+Reads studies under a results folder read-only (no lock, so a running search is not
+disturbed) and draws everything from ``paretoopt.explore``. torch is imported only when a
+candidate is exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from paretoopt import explore
+from paretoopt.errors import ParetoError
+from paretoopt.results import StudyResults, trial_record
+
+COLORS = {
+    "front": "#1f77b4",
+    "dominated": "#b8c2cc",
+    "infeasible": "#f2b8b5",
+    "failed": "#d62728",
+    "running": "#ff7f0e",
+}
+
+
+def arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--storage", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:])  # under tests, argv is pytest's
+    return args
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def load(root: str, name: str, storage: str | None, stamp: int) -> StudyResults:
+    """Cached for a few seconds; `stamp` (the refresh count) forces a fresh read."""
+    return explore.open_study(Path(root), name, storage)
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def record(_results: StudyResults, name: str, number: int, stamp: int) -> dict[str, Any]:
+    return trial_record(_results, number)
+
+
+def main() -> None:
+    st.set_page_config(page_title="paretoopt explorer", layout="wide")
+    args = arguments()
+    root = Path(args.results)
+    st.title("paretoopt: which model do I ship?")
+    names = explore.studies(root)
+    if not root.is_dir():
+        st.info(f"No results folder at `{root}`. Run `paretoopt search --space <file>` first.")
+        return
+    if not names:
+        st.info(f"No studies in `{root}` yet. Run `paretoopt search --space <file>` first.")
+        return
+    stamp = st.session_state.setdefault("refresh", 0)
+    with st.sidebar:
+        name = st.selectbox("Study", names, key="study")
+        if st.button("Refresh", help="read the study again (a running search adds trials)"):
+            st.session_state["refresh"] = stamp = stamp + 1
+    try:
+        results = load(str(root), name, args.storage, stamp)
+    except ParetoError as exc:
+        st.warning(str(exc))
+        return
+    show_study(results, stamp)
+
+
+def show_study(results: StudyResults, stamp: int) -> None:
+    frame, base = results.trials, results.baseline
+    header(results)
+    if frame.empty:
+        st.info("This study has no trials yet. Its search may just have started: refresh.")
+        return
+    completed = frame[frame["state"] == "COMPLETE"]
+    if completed.empty:
+        st.warning("No trial of this study has completed.")
+        failed = frame[frame["state"] == "FAIL"][["number", "fail_reason"]]
+        if len(failed):
+            st.dataframe(failed, hide_index=True)
+        return
+    if not base:
+        st.warning("The baseline has not been measured yet, so nothing can be compared.")
+        return
+    budget = budget_controls(results)
+    pool = explore.candidates(results, budget)
+    knee = explore.suggested(pool)
+    metrics = [
+        m
+        for m in ("accuracy", "size", "latency")
+        if m in results.metadata.get("objectives", ["accuracy", "size", "latency"])
+    ]
+    left, right = st.columns([3, 2])
+    with left:
+        picked = front_plot(results, budget, knee)
+    with right:
+        table_pick = candidate_table(pool, knee)
+    # a click on the plot or the table wins; otherwise the last selection (it survives new
+    # trials and budget changes); otherwise the knee
+    chosen = picked or table_pick or st.session_state.get("selected") or knee
+    if chosen is not None:
+        st.session_state["selected"] = int(chosen)
+    tabs = st.tabs(["Candidate", "Compare", "3-D", "Convergence", "Parameters"])
+    with tabs[0]:
+        if chosen is None:
+            st.info("No candidate within the budget: widen it in the sidebar.")
+        else:
+            candidate_card(results, int(chosen), stamp)
+    with tabs[1]:
+        compare(results, pool, chosen)
+    with tabs[2]:
+        view_3d(results)
+    with tabs[3]:
+        convergence(results, metrics)
+    with tabs[4]:
+        parameters(results)
+
+
+def header(results: StudyResults) -> None:
+    base, meta = results.baseline, results.metadata
+    target = (meta.get("sessions") or [{}])[-1].get("calibration") or {}
+    hardware = meta.get("hardware") or {}
+    st.subheader(f"Study {results.name}")
+    running = int((results.trials["state"] == "RUNNING").sum()) if len(results.trials) else 0
+    st.caption(
+        f"{len(results.trials)} trials, {len(results.pareto)} on the front"
+        + (f", {running} running" if running else "")
+        + f" · measured on {hardware.get('cpu', '?')} ({hardware.get('cores', '?')} cores), "
+        f"timing mode {target.get('mode', 'cpu')}"
+    )
+    if base:
+        a, b, c = st.columns(3)
+        a.metric("Baseline accuracy", f"{base['accuracy']:.2f} %")
+        b.metric("Baseline size", f"{base['size_bytes'] / 1000:,.1f} kB")
+        c.metric("Baseline latency", f"{base['latency_ms']:.4f} ms")
+
+
+def budget_controls(results: StudyResults) -> explore.Budget:
+    front = results.pareto if len(results.pareto) else results.trials
+    with st.sidebar:
+        st.markdown("**Budgets**")
+        worst = float(results.baseline["accuracy"] - front["accuracy"].min())
+        widest = max(10.0, float(int(worst) + 1))  # the default budget keeps the whole front
+        drop = st.slider("Max accuracy drop (points)", 0.0, widest, widest, 0.1, key="max_drop")
+        size_kb = st.slider(
+            "Max size (kB)",
+            0.0,
+            float(results.baseline["size_bytes"]) / 1000,
+            float(results.baseline["size_bytes"]) / 1000,
+            key="max_size_kb",
+        )
+        latency = st.slider(
+            "Max latency (ms)",
+            0.0,
+            float(max(front["latency_ms"].max(), results.baseline["latency_ms"])),
+            float(max(front["latency_ms"].max(), results.baseline["latency_ms"])),
+            format="%.4f",
+            key="max_latency",
+        )
+        st.radio("Axes", ["relative to the baseline", "absolute"], key="axes_mode")
+        st.selectbox("x axis", ["size", "latency", "accuracy"], key="x_metric")
+        st.selectbox("y axis", ["accuracy", "latency", "size"], key="y_metric")
+    return explore.Budget(drop, size_kb * 1000, latency)
+
+
+def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) -> int | None:
+    relative = st.session_state.get("axes_mode", "relative to the baseline") != "absolute"
+    x = explore.axis(st.session_state.get("x_metric", "size"), relative)
+    y = explore.axis(st.session_state.get("y_metric", "accuracy"), relative)
+    frame = results.trials[results.trials["state"] == "COMPLETE"].copy()
+    frame["kind"] = explore.categories(results)
+    frame["in budget"] = budget.mask(frame, results.baseline.get("accuracy"))
+    fig = px.scatter(
+        frame,
+        x=x.column,
+        y=y.column,
+        color="kind",
+        color_discrete_map=COLORS,
+        custom_data=["number"],
+        hover_data={"number": True, "plan": True},
+        log_x=x.log,
+        log_y=y.log,
+        labels={x.column: x.label, y.column: y.label},
+        category_orders={"kind": list(COLORS)},
+    )
+    fig.update_traces(marker={"size": 9, "line": {"width": 0}})
+    outside = frame[~frame["in budget"]]
+    fig.add_trace(
+        go.Scatter(
+            x=outside[x.column],
+            y=outside[y.column],
+            mode="markers",
+            marker={"symbol": "x-thin", "size": 11, "line": {"width": 1, "color": "#888"}},
+            name="over budget",
+            hoverinfo="skip",
+        )
+    )
+    if knee is not None:
+        point = frame[frame["number"] == knee]
+        fig.add_trace(
+            go.Scatter(
+                x=point[x.column],
+                y=point[y.column],
+                mode="markers",
+                marker={"symbol": "star", "size": 18, "color": "#ffbf00"},
+                name=f"knee (trial {knee})",
+                customdata=[[knee]],
+            )
+        )
+    fig.update_layout(height=460, margin={"l": 10, "r": 10, "t": 30, "b": 10})
+    event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="front")
+    picked = explore.selected_trials(event)
+    return picked[0] if picked else None
+
+
+def candidate_table(pool: pd.DataFrame, knee: int | None) -> int | None:
+    st.markdown(
+        f"**Candidates within the budget: {len(pool)}**"
+        + (f" · suggested: trial {knee} (knee)" if knee is not None else "")
+    )
+    if pool.empty:
+        return None
+    shown = pool[["number", "accuracy", "accuracy_change", "size_ratio", "speedup", "plan"]].rename(
+        columns={
+            "number": "trial",
+            "accuracy": "acc %",
+            "accuracy_change": "Δ pts",
+            "size_ratio": "x smaller",
+            "speedup": "x faster",
+        }
+    )
+    event = st.dataframe(
+        shown.round(2),
+        hide_index=True,
+        on_select="rerun",
+        selection_mode="single-row",
+        key="candidates",
+        height=260,
+    )
+    rows = (event.get("selection", {}) if isinstance(event, dict) else event["selection"]).get(
+        "rows", []
+    )
+    options = [int(n) for n in pool["number"]]
+    current = st.session_state.get("selected", knee)
+    if current in options:  # the box shows the selection, whichever way it was made
+        st.session_state["candidate_choice"] = current
+    st.selectbox("Candidate", options, key="candidate_choice", on_change=_chose)
+    return int(pool.iloc[rows[0]]["number"]) if rows else None
+
+
+def _chose() -> None:
+    st.session_state["selected"] = int(st.session_state["candidate_choice"])
+
+
+def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
+    rec = record(results, results.name, number, stamp)
+    base = results.baseline
+    latency = rec.get("latency", {})
+    st.markdown(f"### Trial {number}: {rec.get('plan_summary', '')}")
+    a, b, c, d = st.columns(4)
+    a.metric(
+        "Accuracy (deployed)",
+        f"{rec['accuracy']:.2f} %",
+        f"{rec['accuracy'] - base['accuracy']:+.2f} pts",
+    )
+    b.metric(
+        "Size",
+        f"{rec['size_bytes'] / 1000:,.1f} kB",
+        f"{base['size_bytes'] / rec['size_bytes']:.1f}x smaller",
+    )
+    c.metric(
+        "Latency (median)",
+        f"{rec['latency_ms']:.4f} ms",
+        f"{base['latency_ms'] / rec['latency_ms']:.2f}x faster",
+    )
+    d.metric("Deployed minus PyTorch", f"{rec.get('deploy_gap', 0.0):+.2f} pts")
+    confirmation = results.metadata.get("confirmations", {}).get(str(number))
+    st.caption(
+        f"Latency p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
+        f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs "
+        f"({latency.get('mode', 'cpu')})"
+        + (
+            f"; re-measured at the end of the search: {confirmation['latency_ms']:.4f} ms"
+            if confirmation
+            else "; not re-measured (confirmation runs when a search ends)"
+        )
+        + f" · test accuracy {rec['test_accuracy']:.2f} % · int8 kernels: "
+        f"{'yes' if rec.get('int_kernels') else 'no'}"
+    )
+    layers = explore.layer_table(rec)
+    if len(layers):
+        chart = px.bar(
+            layers,
+            x="layer",
+            y="sparsity",
+            color="bits",
+            hover_data=["channels kept", "kernel"],
+            range_y=[0, 1],
+            title="Per layer: sparsity (bar) and bit-width (colour)",
+        )
+        chart.update_layout(height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        st.plotly_chart(chart, key="layers")
+        st.dataframe(layers, hide_index=True)
+    st.markdown("**Take it away**")
+    command = explore.export_command(results, number)
+    st.code(command, language="bash")
+    st.download_button(
+        "Download model files and card (.zip)",
+        data=lambda: export_zip(results, number),
+        file_name=f"{results.name}-trial{number}.zip",
+        mime="application/zip",
+        key="download",
+    )
+
+
+def export_zip(results: StudyResults, number: int) -> bytes:
+    """The same files `paretoopt export` writes (it is the same function), zipped."""
+    from paretoopt.export import export_trial  # imports torch: only when asked
+
+    with tempfile.TemporaryDirectory() as tmp:
+        done = export_trial(results.directory, tmp, trial=number)
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(Path(tmp).iterdir()):
+                archive.write(path, path.name)
+        del done
+    return buffer.getvalue()
+
+
+def compare(results: StudyResults, pool: pd.DataFrame, chosen: int | None) -> None:
+    options = [int(n) for n in results.pareto.get("number", [])]
+    if not options:
+        st.info("No front yet.")
+        return
+    default = [chosen] if chosen in options else options[:1]
+    picked = st.multiselect(
+        "Compare up to four candidates", options, default=default, max_selections=4, key="compare"
+    )
+    columns = [
+        "number",
+        "accuracy",
+        "test_accuracy",
+        "size_bytes",
+        "size_ratio",
+        "latency_ms",
+        "speedup",
+        "plan",
+    ]
+    st.dataframe(results.pareto[results.pareto["number"].isin(picked)][columns], hide_index=True)
+
+
+def view_3d(results: StudyResults) -> None:
+    frame = results.trials[results.trials["state"] == "COMPLETE"].copy()
+    frame["kind"] = explore.categories(results)
+    fig = px.scatter_3d(
+        frame,
+        x="size_ratio",
+        y="speedup",
+        z="accuracy_change",
+        color="kind",
+        color_discrete_map=COLORS,
+        hover_data=["number", "plan"],
+        log_x=True,
+        log_y=True,
+        labels={"size_ratio": "x smaller", "speedup": "x faster", "accuracy_change": "Δ pts"},
+    )
+    fig.update_layout(height=520, margin={"l": 0, "r": 0, "t": 10, "b": 0})
+    st.plotly_chart(fig, key="view3d")
+
+
+def convergence(results: StudyResults, metrics: list[str]) -> None:
+    history = explore.hypervolume_history(results, metrics or ["accuracy", "size", "latency"])
+    if history.empty:
+        st.info("No feasible trial yet.")
+        return
+    fig = px.line(history, x="number", y="hypervolume", markers=True)
+    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    st.plotly_chart(fig, key="hypervolume")
+    st.caption(
+        "Hypervolume of the feasible trials so far, in baseline units (accuracy as points "
+        "lost, size and latency as fractions of the baseline's). A flat tail means more "
+        "trials are unlikely to find better trade-offs."
+    )
+
+
+def parameters(results: StudyResults) -> None:
+    frame = explore.parameter_frame(results)
+    params = [c for c in frame.columns if c.startswith("param.")]
+    if not params:
+        st.info("No searched parameters yet.")
+        return
+    fig = px.parallel_coordinates(
+        frame,
+        dimensions=[*params, "accuracy", "size_bytes", "latency_ms"],
+        color="accuracy",
+        labels={p: p.removeprefix("param.") for p in params},
+    )
+    fig.update_layout(height=420, margin={"l": 60, "r": 60, "t": 40, "b": 10})
+    st.plotly_chart(fig, key="parcoords")
+    st.markdown("**Which parameters move each objective** (|Spearman rank correlation|)")
+    st.dataframe(explore.influence(results).round(2), hide_index=True)
+
+
+if __name__ == "__main__":
+    main()

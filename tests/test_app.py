@@ -1,0 +1,205 @@
+"""The explorer: its data layer, and the app's states driven through Streamlit's AppTest."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from paretoopt import explore
+from paretoopt.results import journal_storage, load_results
+from paretoopt.study import search
+
+from .conftest import TINY, write_space
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A results folder: a finished study, plus an empty, a failed-only and a running one."""
+    base = tmp_path_factory.mktemp("explorer")
+    results = base / "results"
+    doc = dict(TINY, search={"trials": 6, "seed": 0})
+    search(write_space(base / "tiny.yaml", doc), results_root=results)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("empty", "failed", "running"):
+        folder = results / name
+        folder.mkdir()
+        space = (
+            (results / "tiny" / "space.yaml").read_text().replace("study: tiny", f"study: {name}")
+        )
+        (folder / "space.yaml").write_text(space)
+        study = optuna.create_study(
+            study_name=name,
+            storage=journal_storage(folder),
+            directions=["maximize", "minimize", "minimize"],
+        )
+        if name == "failed":
+            trial = study.ask()
+            trial.set_user_attr("fail_reason", "TrialError: fine-tuning diverged")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    # "running": the finished study's trials and one still in flight, as a live search has
+    shutil.rmtree(results / "running")
+    shutil.copytree(results / "tiny", results / "running")
+    live = optuna.load_study(study_name="tiny", storage=journal_storage(results / "running"))
+    live.ask()
+    return results
+
+
+def app(root: Path, study: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    sys.argv = ["app.py", "--results", str(root)]
+    at.run()
+    if study is not None:
+        at.selectbox(key="study").set_value(study).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [m.value for m in at.markdown] + [c.value for c in at.caption]
+    parts += [i.value for i in at.info] + [w.value for w in at.warning]
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- app states
+
+
+def test_a_missing_results_folder_says_what_to_do(tmp_path):
+    at = app(tmp_path / "nothing")
+    assert "No results folder at" in at.info[0].value
+
+
+def test_an_empty_results_folder_says_what_to_do(tmp_path):
+    at = app(tmp_path)
+    assert "No studies in" in at.info[0].value
+
+
+def test_a_study_without_trials(root):
+    assert "has no trials yet" in texts(app(root, "empty"))
+
+
+def test_a_study_whose_trials_all_failed(root):
+    at = app(root, "failed")
+    assert "No trial of this study has completed" in texts(at)
+    assert "fine-tuning diverged" in at.dataframe[0].value["fail_reason"].iloc[0]
+
+
+def test_a_running_study_opens_read_only(root):
+    journal = root / "running" / "study.journal"
+    before = journal.read_bytes()
+    at = app(root, "running")
+    assert "1 running" in texts(at)
+    assert "### Trial" in texts(at)
+    assert journal.read_bytes() == before  # read-only: the live study is not touched
+
+
+def test_a_finished_study_suggests_the_knee_and_offers_the_export(root):
+    at = app(root, "tiny")
+    results = load_results(root / "tiny")
+    knee = explore.suggested(explore.candidates(results, explore.Budget()))
+    assert f"suggested: trial {knee} (knee)" in texts(at)
+    assert f"### Trial {knee}:" in texts(at)
+    assert at.code[0].value == (
+        f"paretoopt export --study tiny --results {root} --trial {knee} --out exported/"
+    )
+    assert at.get("download_button")[0].proto.label.startswith("Download model files")
+
+
+def test_selecting_a_point_on_the_plot_selects_the_candidate(root):
+    at = app(root, "tiny")
+    results = load_results(root / "tiny")
+    other = int(results.pareto["number"].iloc[-1])
+    at.session_state["front"] = {
+        "selection": {
+            "points": [{"customdata": [other]}],
+            "point_indices": [0],
+            "box": [],
+            "lasso": [],
+        }
+    }
+    at.run()
+    assert f"### Trial {other}:" in texts(at)
+    at.run()  # the selection survives a rerun (and so new trials arriving)
+    assert at.session_state["selected"] == other
+
+
+def test_a_budget_narrows_the_candidates(root):
+    at = app(root, "tiny")
+    before = len(load_results(root / "tiny").pareto)
+    assert f"Candidates within the budget: {before}" in texts(at)
+    results = load_results(root / "tiny")
+    smallest = float(results.pareto["size_bytes"].min()) / 1000
+    at.slider(key="max_size_kb").set_value(smallest).run()
+    assert "Candidates within the budget: 1" in texts(at)
+
+
+def test_the_app_does_not_import_torch_until_an_export():
+    code = (
+        "import sys; from streamlit.testing.v1 import AppTest; "
+        f"at = AppTest.from_file({str(APP)!r}, default_timeout=60); at.run(); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+# --------------------------------------------------------------------------- data layer
+
+
+def test_hypervolume_is_exact_on_a_small_case():
+    points = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]])
+    # reference (4, 4): the staircase covers 3 + 2 + 1 = 6 unit squares
+    assert explore._hypervolume(points, np.array([4.0, 4.0])) == pytest.approx(6.0)
+    cube = np.array([[0.5, 0.5, 0.5]])
+    assert explore._hypervolume(cube, np.ones(3)) == pytest.approx(0.125)
+    assert explore._hypervolume(np.vstack([cube, [[0.6, 0.6, 0.6]]]), np.ones(3)) == 0.125
+
+
+def test_hypervolume_never_falls_over_trials(root):
+    history = explore.hypervolume_history(load_results(root / "tiny"), ["accuracy", "size"])
+    values = history["hypervolume"].to_numpy()
+    assert len(values) >= 1 and np.all(np.diff(values) >= -1e-12)
+
+
+def test_selection_events_map_to_trial_numbers():
+    event = {"selection": {"points": [{"customdata": [7]}, {"customdata": [3]}, {}]}}
+    assert explore.selected_trials(event) == [7, 3]
+    assert explore.selected_trials(None) == []
+
+
+def test_budget_mask_and_categories(root):
+    results = load_results(root / "tiny")
+    kinds = explore.categories(results)
+    assert set(kinds[results.trials["number"].isin(results.pareto["number"])]) == {"front"}
+    frame = pd.DataFrame({"accuracy": [99.0, 97.0], "size_bytes": [10, 50], "latency_ms": [1, 2]})
+    mask = explore.Budget(max_drop=1.0, max_size=40).mask(frame, baseline_accuracy=99.5)
+    assert list(mask) == [True, False]
+
+
+def test_layer_table_and_influence(root):
+    results = load_results(root / "tiny")
+    from paretoopt.results import trial_record
+
+    number = int(results.pareto["number"].iloc[0])
+    table = explore.layer_table(trial_record(results, number))
+    assert list(table.columns) == ["layer", "sparsity", "channels kept", "bits", "kernel"]
+    assert len(table) >= 2
+    influence = explore.influence(results)
+    assert set(influence.columns) == {"parameter", "accuracy", "size", "latency"}
+    assert (
+        (
+            (influence[["accuracy", "size", "latency"]] >= 0)
+            & (influence[["accuracy", "size", "latency"]] <= 1)
+        )
+        .all()
+        .all()
+    )
