@@ -28,8 +28,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/latency.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check paretoopt tests benchmarks
-	$(VENV)/bin/ruff format --check paretoopt tests benchmarks
+	$(VENV)/bin/ruff check paretoopt tests benchmarks app.py
+	$(VENV)/bin/ruff format --check paretoopt tests benchmarks app.py
 
 clean:
 	rm -rf $(VENV) results/*/ .pytest_cache

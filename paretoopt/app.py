@@ -110,7 +110,10 @@ def show_study(results: StudyResults, stamp: int) -> None:
         table_pick = candidate_table(pool, knee)
     # a click on the plot or the table wins; otherwise the last selection (it survives new
     # trials and budget changes); otherwise the knee
-    chosen = picked or table_pick or st.session_state.get("selected") or knee
+    chosen = next(
+        (n for n in (picked, table_pick, st.session_state.get("selected"), knee) if n is not None),
+        None,
+    )  # trial 0 (the baseline) is a valid choice: no truthiness here
     if chosen is not None:
         st.session_state["selected"] = int(chosen)
     tabs = st.tabs(["Candidate", "Compare", "3-D", "Convergence", "Parameters"])
@@ -221,9 +224,22 @@ def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) 
             )
         )
     fig.update_layout(height=460, margin={"l": 10, "r": 10, "t": 30, "b": 10})
+    _focus_on_front(fig, results, x, y)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="front")
     picked = explore.selected_trials(event)
     return picked[0] if picked else None
+
+
+def _focus_on_front(
+    fig: go.Figure, results: StudyResults, x: explore.Axis, y: explore.Axis
+) -> None:
+    """An accuracy axis spans the front (plus a margin), not the far-off failures: trials
+    that lost tens of points would otherwise squeeze the front into one line."""
+    front = results.pareto
+    for ax, update in ((x, fig.update_xaxes), (y, fig.update_yaxes)):
+        if ax.column in ("accuracy", "accuracy_change") and len(front):
+            low, high = float(front[ax.column].min()), float(front[ax.column].max())
+            update(range=[low - max(1.0, 0.2 * (high - low)), high + 0.5])
 
 
 def candidate_table(pool: pd.DataFrame, knee: int | None) -> int | None:
@@ -254,7 +270,8 @@ def candidate_table(pool: pd.DataFrame, knee: int | None) -> int | None:
         "rows", []
     )
     options = [int(n) for n in pool["number"]]
-    current = st.session_state.get("selected", knee)
+    current = st.session_state.get("selected")
+    current = knee if current is None else current
     if current in options:  # the box shows the selection, whichever way it was made
         st.session_state["candidate_choice"] = current
     st.selectbox("Candidate", options, key="candidate_choice", on_change=_chose)

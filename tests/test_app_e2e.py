@@ -1,0 +1,43 @@
+"""The explorer in a real browser: start it headless, pick a candidate, check the card and
+the export control, and keep a screenshot (results/e2e/explorer.png)."""
+
+from __future__ import annotations
+
+import pytest
+
+from paretoopt.results import load_results
+from paretoopt.study import search
+
+from .browser import CHROMIUM, ROOT, browser_page, choose_candidate, serve_app
+from .conftest import TINY, write_space
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's chromium (.ci/run installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    doc = dict(TINY, search={"trials": 6, "seed": 0})
+    search(write_space(base / "tiny.yaml", doc), results_root=base / "results")
+    return base / "results"
+
+
+def test_pick_a_candidate_in_a_browser(root):
+    front = load_results(root / "tiny").pareto
+    number = int(front["number"].iloc[-1])
+    with serve_app(root) as url, browser_page() as page:
+        page.goto(url)
+        page.get_by_text("Candidates within the budget").wait_for(timeout=60_000)
+        choose_candidate(page, number)
+        page.get_by_text(f"Trial {number}:").wait_for(timeout=30_000)
+        code = page.locator('[data-testid="stCode"]').first.inner_text()
+        assert f"--trial {number}" in code and "paretoopt export --study tiny" in code
+        download = page.get_by_role("button", name="Download model files and card (.zip)")
+        assert download.is_visible()
+        page.get_by_text("Per layer: sparsity").first.wait_for(timeout=30_000)
+        shot = ROOT / "results" / "e2e" / "explorer.png"
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
