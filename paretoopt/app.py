@@ -98,38 +98,59 @@ def show_study(results: StudyResults, stamp: int) -> None:
     budget = budget_controls(results)
     pool = explore.candidates(results, budget)
     knee = explore.suggested(pool)
-    metrics = [
-        m
-        for m in ("accuracy", "size", "latency")
-        if m in results.metadata.get("objectives", ["accuracy", "size", "latency"])
-    ]
     left, right = st.columns([3, 2])
     with left:
-        picked = front_plot(results, budget, knee)
+        front_plot(results, budget, knee)  # a new click here selects (see _select)
     with right:
-        table_pick = candidate_table(pool, knee)
-    # a click on the plot or the table wins; otherwise the last selection (it survives new
-    # trials and budget changes); otherwise the knee
-    chosen = next(
-        (n for n in (picked, table_pick, st.session_state.get("selected"), knee) if n is not None),
-        None,
-    )  # trial 0 (the baseline) is a valid choice: no truthiness here
-    if chosen is not None:
-        st.session_state["selected"] = int(chosen)
+        candidate_table(results, pool, knee)
+    chosen = _chosen(results, knee)
     tabs = st.tabs(["Candidate", "Compare", "3-D", "Convergence", "Parameters"])
     with tabs[0]:
         if chosen is None:
-            st.info("No candidate within the budget: widen it in the sidebar.")
+            st.info(
+                "No candidate within the budget: widen it in the sidebar."
+                if len(results.pareto)
+                else "No feasible trial yet: the front is empty."
+            )
         else:
-            candidate_card(results, int(chosen), stamp)
+            try:
+                candidate_card(results, chosen, stamp)
+            except ParetoError as exc:
+                st.warning(str(exc))
     with tabs[1]:
         compare(results, pool, chosen)
     with tabs[2]:
         view_3d(results)
     with tabs[3]:
-        convergence(results, metrics)
+        convergence(results, list(results.metrics))
     with tabs[4]:
         parameters(results)
+
+
+def _selections() -> dict[str, int]:
+    """The selected trial of each study (kept apart: trial 7 of one is not of another)."""
+    return st.session_state.setdefault("selected", {})
+
+
+def _select(results: StudyResults, number: int) -> None:
+    _selections()[results.name] = int(number)
+
+
+def _fresh(key: str, value: Any) -> bool:
+    """Whether a widget's event is new. Streamlit keeps the last click in widget state, so
+    without this an old click would keep overriding later choices made elsewhere."""
+    seen = st.session_state.setdefault("seen_events", {})
+    if seen.get(key) == value:
+        return False
+    seen[key] = value
+    return True
+
+
+def _chosen(results: StudyResults, knee: int | None) -> int | None:
+    """The selection if it is a completed trial of this study, else the knee."""
+    number = _selections().get(results.name)
+    done = set(results.trials.loc[results.trials["state"] == "COMPLETE", "number"])
+    return number if number is not None and number in done else knee
 
 
 def header(results: StudyResults) -> None:
@@ -152,26 +173,33 @@ def header(results: StudyResults) -> None:
 
 
 def budget_controls(results: StudyResults) -> explore.Budget:
-    front = results.pareto if len(results.pareto) else results.trials
+    # bounds from the baseline alone (and keys that carry the study), so new trials of a
+    # running study do not reset the user's budgets
+    base, name = results.baseline, results.name
     with st.sidebar:
         st.markdown("**Budgets**")
-        worst = float(results.baseline["accuracy"] - front["accuracy"].min())
-        widest = max(10.0, float(int(worst) + 1))  # the default budget keeps the whole front
-        drop = st.slider("Max accuracy drop (points)", 0.0, widest, widest, 0.1, key="max_drop")
+        drop = st.slider(
+            "Max accuracy drop (points)",
+            0.0,
+            float(base["accuracy"]),
+            float(base["accuracy"]),
+            0.1,
+            key=f"max_drop:{name}",
+        )
         size_kb = st.slider(
             "Max size (kB)",
             0.0,
-            float(results.baseline["size_bytes"]) / 1000,
-            float(results.baseline["size_bytes"]) / 1000,
-            key="max_size_kb",
+            2 * float(base["size_bytes"]) / 1000,
+            2 * float(base["size_bytes"]) / 1000,
+            key=f"max_size_kb:{name}",
         )
         latency = st.slider(
             "Max latency (ms)",
             0.0,
-            float(max(front["latency_ms"].max(), results.baseline["latency_ms"])),
-            float(max(front["latency_ms"].max(), results.baseline["latency_ms"])),
+            4 * float(base["latency_ms"]),
+            4 * float(base["latency_ms"]),
             format="%.4f",
-            key="max_latency",
+            key=f"max_latency:{name}",
         )
         st.radio("Axes", ["relative to the baseline", "absolute"], key="axes_mode")
         st.selectbox("x axis", ["size", "latency", "accuracy"], key="x_metric")
@@ -179,7 +207,7 @@ def budget_controls(results: StudyResults) -> explore.Budget:
     return explore.Budget(drop, size_kb * 1000, latency)
 
 
-def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) -> int | None:
+def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) -> None:
     relative = st.session_state.get("axes_mode", "relative to the baseline") != "absolute"
     x = explore.axis(st.session_state.get("x_metric", "size"), relative)
     y = explore.axis(st.session_state.get("y_metric", "accuracy"), relative)
@@ -227,7 +255,8 @@ def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) 
     _focus_on_front(fig, results, x, y)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="front")
     picked = explore.selected_trials(event)
-    return picked[0] if picked else None
+    if picked and _fresh("front", picked):
+        _select(results, picked[0])
 
 
 def _focus_on_front(
@@ -242,13 +271,13 @@ def _focus_on_front(
             update(range=[low - max(1.0, 0.2 * (high - low)), high + 0.5])
 
 
-def candidate_table(pool: pd.DataFrame, knee: int | None) -> int | None:
+def candidate_table(results: StudyResults, pool: pd.DataFrame, knee: int | None) -> None:
     st.markdown(
         f"**Candidates within the budget: {len(pool)}**"
         + (f" · suggested: trial {knee} (knee)" if knee is not None else "")
     )
     if pool.empty:
-        return None
+        return
     shown = pool[["number", "accuracy", "accuracy_change", "size_ratio", "speedup", "plan"]].rename(
         columns={
             "number": "trial",
@@ -266,20 +295,20 @@ def candidate_table(pool: pd.DataFrame, knee: int | None) -> int | None:
         key="candidates",
         height=260,
     )
-    rows = (event.get("selection", {}) if isinstance(event, dict) else event["selection"]).get(
-        "rows", []
-    )
+    selection = event.get("selection", {}) if isinstance(event, dict) else event["selection"]
+    rows = list(selection.get("rows", []))
+    if rows and _fresh("candidates", rows) and rows[0] < len(pool):
+        _select(results, int(pool.iloc[rows[0]]["number"]))
     options = [int(n) for n in pool["number"]]
-    current = st.session_state.get("selected")
-    current = knee if current is None else current
+    current = _chosen(results, knee)
     if current in options:  # the box shows the selection, whichever way it was made
         st.session_state["candidate_choice"] = current
-    st.selectbox("Candidate", options, key="candidate_choice", on_change=_chose)
-    return int(pool.iloc[rows[0]]["number"]) if rows else None
-
-
-def _chose() -> None:
-    st.session_state["selected"] = int(st.session_state["candidate_choice"])
+    st.selectbox(
+        "Candidate",
+        options,
+        key="candidate_choice",
+        on_change=lambda: _select(results, st.session_state["candidate_choice"]),
+    )
 
 
 def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
@@ -332,6 +361,13 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
         st.plotly_chart(chart, key="layers")
         st.dataframe(layers, hide_index=True)
     st.markdown("**Take it away**")
+    row = results.trials[results.trials["number"] == number]
+    if row.empty or not row["artifact"].iloc[0]:
+        st.info(
+            f"Trial {number}'s files were removed when its search ended: a search keeps only "
+            "the front's and the baseline's. Pick a front trial to export."
+        )
+        return
     command = explore.export_command(results, number)
     st.code(command, language="bash")
     st.download_button(
@@ -348,7 +384,7 @@ def export_zip(results: StudyResults, number: int) -> bytes:
     from paretoopt.export import export_trial  # imports torch: only when asked
 
     with tempfile.TemporaryDirectory() as tmp:
-        done = export_trial(results.directory, tmp, trial=number)
+        done = export_trial(results.directory, tmp, trial=number, storage=results.storage)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(Path(tmp).iterdir()):

@@ -61,13 +61,14 @@ class Budget:
     max_latency: float | None = None  # ms
 
     def mask(self, frame: pd.DataFrame, baseline_accuracy: float | None) -> pd.Series:
+        # a hair of slack: slider values come back rounded (kB, 4 decimals)
         ok = pd.Series(True, index=frame.index)
         if self.max_drop is not None and baseline_accuracy is not None:
-            ok &= frame["accuracy"] >= baseline_accuracy - self.max_drop
+            ok &= frame["accuracy"] >= baseline_accuracy - self.max_drop - 1e-9
         if self.max_size is not None:
-            ok &= frame["size_bytes"] <= self.max_size
+            ok &= frame["size_bytes"] <= self.max_size + 0.5
         if self.max_latency is not None:
-            ok &= frame["latency_ms"] <= self.max_latency
+            ok &= frame["latency_ms"] <= self.max_latency + 1e-9
         return ok
 
 
@@ -124,11 +125,13 @@ def hypervolume_history(results: StudyResults, metrics: list[str]) -> pd.DataFra
     done = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].sort_values("number")
     points = _normalised(done, metrics, base)
     reference = np.array([100.0 if m == "accuracy" else 1.0 for m in metrics])
-    rows, kept = [], np.empty((0, len(metrics)))
+    rows, kept, volume = [], np.empty((0, len(metrics))), 0.0
     for number, point in zip(done["number"], points, strict=True):
-        if np.all(point < reference):
-            kept = np.vstack([kept, point])
-        rows.append({"number": int(number), "hypervolume": _hypervolume(kept, reference)})
+        dominated = bool(len(kept)) and bool(np.any(np.all(kept <= point, axis=1)))
+        if np.all(point < reference) and not dominated:  # only a new front point adds volume
+            kept = np.vstack([kept[~np.all(point <= kept, axis=1)], point])
+            volume = _hypervolume(kept, reference)
+        rows.append({"number": int(number), "hypervolume": volume})
     return pd.DataFrame(rows)
 
 
@@ -229,7 +232,16 @@ def layer_table(record: dict[str, Any]) -> pd.DataFrame:
 
 
 def export_command(results: StudyResults, number: int) -> str:
+    import shlex
+
     root = results.directory.parent
     # the default root (results/ under the current folder) needs no flag
-    flag = "" if root.resolve() == Path("results").resolve() else f" --results {root}"
-    return f"paretoopt export --study {results.name}{flag} --trial {number} --out exported/"
+    flags = (
+        ""
+        if root.resolve() == Path("results").resolve()
+        else f" --results {shlex.quote(str(root))}"
+    )
+    return (
+        f"paretoopt export --study {shlex.quote(results.name)}{flags} --trial {number} "
+        "--out exported/"
+    )

@@ -38,6 +38,8 @@ class StudyResults:
     pareto: pd.DataFrame
     baseline: dict[str, Any]
     metadata: dict[str, Any]
+    metrics: tuple[str, ...] = ("accuracy", "size", "latency")  # the study's objectives
+    storage: str | None = None  # the storage URL it was read from (None: its journal)
 
     def __repr__(self) -> str:
         return (
@@ -173,7 +175,14 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
     metrics = list(space["objectives"])
     directions = [space["objectives"][m] for m in metrics]
     return StudyResults(
-        space["study"], directory, frame, front(frame, metrics, directions), baseline, metadata
+        space["study"],
+        directory,
+        frame,
+        front(frame, metrics, directions),
+        baseline,
+        metadata,
+        tuple(metrics),
+        url,
     )
 
 
@@ -196,10 +205,8 @@ def _with_confirmations(
 
 def trial_record(results: StudyResults, number: int) -> dict[str, Any]:
     """Everything a trial recorded (its plan, measurements, file hashes), read-only."""
-    url = results.metadata.get("storage", "")
-    storage = None if not url or url.startswith("journal:") else url
     study = optuna.load_study(
-        study_name=results.name, storage=open_storage(storage, results.directory)
+        study_name=results.name, storage=open_storage(results.storage, results.directory)
     )
     for trial in study.get_trials(deepcopy=False):
         if trial.number == number:

@@ -129,7 +129,43 @@ def test_selecting_a_point_on_the_plot_selects_the_candidate(root):
     at.run()
     assert f"### Trial {other}:" in texts(at)
     at.run()  # the selection survives a rerun (and so new trials arriving)
-    assert at.session_state["selected"] == other
+    assert at.session_state["selected"] == {"tiny": other}
+    # a later choice in the box wins over the old click that widget state still holds
+    first = int(at.selectbox(key="candidate_choice").options[0])
+    at.selectbox(key="candidate_choice").set_value(first).run()
+    assert f"### Trial {first}:" in texts(at)
+
+
+def test_selecting_a_table_row_selects_the_candidate(root):
+    at = app(root, "tiny")
+    pool = [int(o) for o in at.selectbox(key="candidate_choice").options]
+    at.session_state["candidates"] = {"selection": {"rows": [1], "columns": [], "cells": []}}
+    at.run()
+    assert f"### Trial {pool[1]}:" in texts(at)
+
+
+def test_the_selection_belongs_to_its_study(root):
+    at = app(root, "tiny")
+    at.session_state["selected"] = {"failed": 3}
+    at.run()
+    assert "### Trial" in texts(at)  # tiny shows its knee, not a foreign trial 3
+    at.selectbox(key="study").set_value("failed").run()
+    assert "No trial of this study has completed" in texts(at)
+
+
+def test_the_download_makes_the_same_files_as_the_command(root):
+    from paretoopt.app import export_zip
+
+    results = load_results(root / "tiny")
+    number = int(results.pareto["number"].iloc[0])
+    import io
+    import zipfile
+
+    names = sorted(zipfile.ZipFile(io.BytesIO(export_zip(results, number))).namelist())
+    stem = f"tiny-trial{number}"
+    assert names == sorted(
+        f"{stem}{s}" for s in (".onnx", ".pt2", ".safetensors", ".card.json", ".card.md")
+    )
 
 
 def test_a_budget_narrows_the_candidates(root):
@@ -138,14 +174,17 @@ def test_a_budget_narrows_the_candidates(root):
     assert f"Candidates within the budget: {before}" in texts(at)
     results = load_results(root / "tiny")
     smallest = float(results.pareto["size_bytes"].min()) / 1000
-    at.slider(key="max_size_kb").set_value(smallest).run()
+    at.slider(key="max_size_kb:tiny").set_value(smallest).run()
     assert "Candidates within the budget: 1" in texts(at)
 
 
-def test_the_app_does_not_import_torch_until_an_export():
+def test_the_app_does_not_import_torch_until_an_export(root):
     code = (
         "import sys; from streamlit.testing.v1 import AppTest; "
+        f"sys.argv = ['app.py', '--results', {str(root)!r}]; "
         f"at = AppTest.from_file({str(APP)!r}, default_timeout=60); at.run(); "
+        "at.selectbox(key='study').set_value('tiny').run(); "
+        "assert not at.exception and '### Trial' in str([m.value for m in at.markdown]); "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
