@@ -21,7 +21,13 @@ def _search(args: argparse.Namespace) -> int:
     from .report import RichReporter
     from .study import search
 
-    search(args.space, trials=args.trials, results_root=args.results, reporter=RichReporter())
+    search(
+        args.space,
+        trials=args.trials,
+        results_root=args.results,
+        reporter=RichReporter(),
+        max_failures=args.max_failures,
+    )
     return 0
 
 
@@ -140,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         "so a finished study can be continued",
     )
     p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument(
+        "--max-failures",
+        type=_positive_int,
+        default=None,
+        help="stop once this many trials of the session have failed, with their reasons",
+    )
     p.set_defaults(func=_search)
 
     p = sub.add_parser(

@@ -61,11 +61,13 @@ def search(
     trials: int | None = None,
     results_root: str | Path = "results",
     reporter: Reporter | None = None,
+    max_failures: int | None = None,
 ) -> StudyResults:
     """Run (or resume) the study a space describes; return its results.
 
     ``trials`` overrides ``search.trials`` (the total, baseline included), so a finished
-    study can be continued: ``search("conv.yaml", trials=60)``.
+    study can be continued: ``search("conv.yaml", trials=60)``. ``max_failures`` stops the
+    session once that many of its trials have failed, with a summary of the reasons.
     """
     if not isinstance(space, Space):
         space = load_space(space)
@@ -94,7 +96,7 @@ def search(
         ensure_baseline(session.study)
         write_metadata(session, ctx)
         try:
-            _loop(session, ctx, reporter)
+            _loop(session, ctx, reporter, max_failures)
         finally:  # an interrupt must not leave a live progress display behind
             reporter.stop()
         return finish(session, reporter, ctx)
@@ -134,9 +136,12 @@ def _calibrate(space: Space, directory: Path, ctx: StudyContext, reporter: Repor
         )
 
 
-def _loop(session: Session, ctx: StudyContext, reporter: Reporter) -> None:
+def _loop(
+    session: Session, ctx: StudyContext, reporter: Reporter, max_failures: int | None = None
+) -> None:
     study, space = session.study, session.space
     done = finished(study)
+    reasons: list[str] = []
     reporter.start(space, done)
     while done < space.search.trials:
         trial = study.ask()
@@ -152,11 +157,26 @@ def _loop(session: Session, ctx: StudyContext, reporter: Reporter) -> None:
                 raise StudyError(
                     f"the baseline trial failed, so no figure can be read against it: {reason}"
                 ) from exc
+            reasons.append(reason)
+            if max_failures is not None and len(reasons) >= max_failures:
+                raise StudyError(_failure_summary(reasons, max_failures)) from exc
         else:
             study.tell(trial, [record[METRIC_COLUMNS[m]] for m in space.metrics])
             reporter.trial_done(trial.number, record, time.perf_counter() - start, base, feasible)
         done = finished(study)
         reporter.advance(done)
+
+
+def _failure_summary(reasons: list[str], limit: int) -> str:
+    """One line: how many failed, and the commonest reasons (the part before any detail)."""
+    from collections import Counter
+
+    kinds = Counter(r.split(":", 1)[0] + ": " + r.split(":", 1)[-1].strip()[:80] for r in reasons)
+    top = "; ".join(f"{n}x {kind}" for kind, n in kinds.most_common(3))
+    return (
+        f"--max-failures: {len(reasons)} trials of this session failed (limit {limit}); "
+        f"finished trials are kept. Reasons: {top}"
+    )
 
 
 def _evaluate(

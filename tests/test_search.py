@@ -179,6 +179,31 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
     assert trials.loc[1, "fail_reason"] == ("ValueError: needs features in multiples of 8, has 11")
 
 
+def test_max_failures_stops_a_study_that_keeps_failing(tmp_path, capsys):
+    shutil.copy(HERE / "user_model.py", tmp_path / "user_model.py")
+    doc = {
+        "study": "fragile",
+        "model": {"factory": "user_model.py:build_fragile"},
+        "data": {"factory": "user_model.py:signals"},
+        "baseline": {"epochs": 2},
+        "target": {"warmup": 1, "warmup_s": 0.0, "repeats": 1, "iterations": 2},
+        "search": {"trials": 10, "sampler": "random"},
+        "space": {
+            "pruning": {"structure": "channel", "sparsity": 0.3},
+            "quantization": {"bits": 8},
+            "finetune": {"epochs": 1},
+        },
+    }
+    space = write_space(tmp_path / "fragile.yaml", doc)
+    args = ["search", "--space", str(space), "--results", str(tmp_path / "r")]
+    assert run_cli(*args, "--max-failures", "2") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --max-failures: 2 trials of this session failed (limit 2)")
+    assert "2x ValueError: needs features in multiples of 8, has 11" in err
+    trials = load_results(tmp_path / "r" / "fragile").trials
+    assert list(trials["state"]) == ["COMPLETE", "FAIL", "FAIL"]  # the finished ones are kept
+
+
 def test_a_second_process_on_the_same_study_is_refused(finished, tmp_path, capsys):
     from paretoopt.session import _lock
 
