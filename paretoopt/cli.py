@@ -27,6 +27,7 @@ def _search(args: argparse.Namespace) -> int:
         results_root=args.results,
         reporter=RichReporter(),
         max_failures=args.max_failures,
+        workers=args.workers,
     )
     return 0
 
@@ -146,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "so a finished study can be continued",
     )
     p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="trial processes on this machine sharing the study (default: 1)",
+    )
     p.add_argument(
         "--max-failures",
         type=_positive_int,

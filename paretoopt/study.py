@@ -8,6 +8,7 @@ through Optuna 5's ``trial.set_constraint``, so infeasible trials never enter th
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .pipeline import StudyContext
 
 REASON_LIMIT = 500  # characters of a failure reason kept in the study
+CLAIM_FILE = ".claim.lock"  # serialises "is the study full? if not, start a trial"
 
 
 # --------------------------------------------------------------------------- the loop
@@ -62,12 +64,15 @@ def search(
     results_root: str | Path = "results",
     reporter: Reporter | None = None,
     max_failures: int | None = None,
+    workers: int = 1,
 ) -> StudyResults:
     """Run (or resume) the study a space describes; return its results.
 
     ``trials`` overrides ``search.trials`` (the total, baseline included), so a finished
     study can be continued: ``search("conv.yaml", trials=60)``. ``max_failures`` stops the
     session once that many of its trials have failed, with a summary of the reasons.
+    ``workers`` runs that many trial processes on this machine, sharing the study; their
+    timing is kept apart from each other's training by the measurement gate.
     """
     if not isinstance(space, Space):
         space = load_space(space)
@@ -95,10 +100,19 @@ def search(
             )
         ensure_baseline(session.study)
         write_metadata(session, ctx)
+        helpers: list[Any] = []
         try:
+            if workers > 1:  # the baseline first: no candidate runs without it
+                _loop(session, ctx, reporter, max_failures, limit=_baseline_pending(session))
+                helpers = _start_workers(space, results_root, workers - 1, max_failures)
             _loop(session, ctx, reporter, max_failures)
-        finally:  # an interrupt must not leave a live progress display behind
+            _join(helpers, reporter)
+        finally:  # an interrupt must not leave a live progress display or helpers behind
             reporter.stop()
+            for helper in helpers:
+                if helper.is_alive():
+                    helper.terminate()
+                    helper.join()
         return finish(session, reporter, ctx)
     finally:
         session.close()
@@ -137,14 +151,22 @@ def _calibrate(space: Space, directory: Path, ctx: StudyContext, reporter: Repor
 
 
 def _loop(
-    session: Session, ctx: StudyContext, reporter: Reporter, max_failures: int | None = None
+    session: Session,
+    ctx: StudyContext,
+    reporter: Reporter,
+    max_failures: int | None = None,
+    limit: int | None = None,
 ) -> None:
+    """Claim and run trials until the study holds its total (or `limit` trials ran here)."""
     study, space = session.study, session.space
-    done = finished(study)
     reasons: list[str] = []
-    reporter.start(space, done)
-    while done < space.search.trials:
-        trial = study.ask()
+    reporter.start(space, finished(study))
+    ran = 0
+    while limit is None or ran < limit:
+        trial = _claim(session)
+        if trial is None:
+            break
+        ran += 1
         start = time.perf_counter()
         try:
             record, base, feasible = _evaluate(session, ctx, trial)
@@ -163,8 +185,22 @@ def _loop(
         else:
             study.tell(trial, [record[METRIC_COLUMNS[m]] for m in space.metrics])
             reporter.trial_done(trial.number, record, time.perf_counter() - start, base, feasible)
-        done = finished(study)
-        reporter.advance(done)
+        reporter.advance(finished(study))
+
+
+def _claim(session: Session) -> optuna.Trial | None:
+    """The next trial, unless the finished and running ones already make the total. Under
+    a lock, so that several workers on this machine never start one trial too many."""
+    import fcntl
+
+    with open(session.directory / CLAIM_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        running = len(session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        if finished(session.study) + running >= session.space.search.trials:
+            return None
+        trial = session.study.ask()
+        trial.set_user_attr("worker", os.getpid())
+        return trial
 
 
 def _failure_summary(reasons: list[str], limit: int) -> str:
@@ -263,3 +299,64 @@ def _confirm(session: Session, ctx: StudyContext, numbers: list[int], reporter: 
     if out:
         store_confirmations(session, out)
         reporter.log(f"confirmation: re-measured the latency of {len(out)} front trial(s)")
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def _baseline_pending(session: Session) -> int:
+    """1 while the study's baseline has not completed (it is then the next trial)."""
+    done = session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return 0 if any(t.user_attrs.get(BASELINE_ATTR) for t in done) else 1
+
+
+def _start_workers(
+    space: Space, results_root: Path, count: int, max_failures: int | None
+) -> list[Any]:
+    """Helper processes that run trials of the same study (spawned: torch does not fork)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    helpers = [
+        context.Process(
+            target=_worker,
+            args=(space, str(results_root), index, max_failures),
+            name=f"paretoopt-worker-{index}",
+            daemon=True,
+        )
+        for index in range(1, count + 1)
+    ]
+    for helper in helpers:
+        helper.start()
+    return helpers
+
+
+def _worker(space: Space, results_root: str, index: int, max_failures: int | None) -> None:
+    """One helper: the study's context from the baseline cache, its own calibration on
+    the study's latency scale, its own sampler seed; then trials until the study is full."""
+    from .pipeline import prepare
+    from .results import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    root = Path(results_root)
+    directory = root / space.study
+    ctx = prepare(space, root / ".cache", log=lambda _: None)
+    with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
+        from .pipeline import calibrate
+
+        calibrate(ctx, Path(tmp), study_reference(directory))
+    storage = open_storage(space.search.storage, directory)
+    sampler = make_sampler(space, existing_trials(space, root) + 10_007 * index)
+    study = optuna.load_study(study_name=space.study, storage=storage, sampler=sampler)
+    session = Session(space, directory, study, storage)  # the parent holds the study lock
+    _loop(session, ctx, SilentReporter(), max_failures)
+
+
+def _join(helpers: list[Any], reporter: Reporter) -> None:
+    for helper in helpers:
+        helper.join()
+        if helper.exitcode:
+            reporter.log(
+                f"[yellow]warning[/]: {helper.name} stopped with exit code {helper.exitcode}; "
+                "the study holds every trial it finished"
+            )

@@ -294,3 +294,23 @@ def test_a_killed_search_resumes_to_the_requested_count(tmp_path, tiny_doc):
     failed = trials[trials["state"] == "FAIL"]
     assert all(reason.startswith("interrupted") for reason in failed["fail_reason"])
     assert not list((tmp_path / "r" / "tiny" / "trials").glob("*.partial"))
+
+
+def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
+    from .conftest import TINY
+
+    doc = dict(TINY, search={"trials": 7, "seed": 0})
+    space = write_space(tmp_path / "tiny.yaml", doc)
+    results = tmp_path / "results"
+    args = ["search", "--space", str(space), "--results", str(results), "--workers", "2"]
+    assert run_cli(*args) == 0
+    frame = load_results(results / "tiny").trials
+    assert list(frame["number"]) == list(range(7)) and (frame["state"] == "COMPLETE").all()
+    import optuna
+
+    from paretoopt.results import journal_storage
+
+    study = optuna.load_study(study_name="tiny", storage=journal_storage(results / "tiny"))
+    workers = {t.user_attrs["worker"] for t in study.get_trials()}
+    assert len(workers) == 2  # both processes ran trials
+    assert sum(t.user_attrs.get("paretoopt.baseline", False) for t in study.get_trials()) == 1
