@@ -105,6 +105,7 @@ def search(
             if workers > 1:  # the baseline first: no candidate runs without it
                 _loop(session, ctx, reporter, max_failures, limit=_baseline_pending(session))
                 helpers = _start_workers(space, results_root, workers - 1, max_failures)
+                _share_cores(workers)
             _loop(session, ctx, reporter, max_failures)
             _join(helpers, reporter)
         finally:  # an interrupt must not leave a live progress display or helpers behind
@@ -320,7 +321,7 @@ def _start_workers(
     helpers = [
         context.Process(
             target=_worker,
-            args=(space, str(results_root), index, max_failures),
+            args=(space, str(results_root), index, count + 1, max_failures),
             name=f"paretoopt-worker-{index}",
             daemon=True,
         )
@@ -331,13 +332,25 @@ def _start_workers(
     return helpers
 
 
-def _worker(space: Space, results_root: str, index: int, max_failures: int | None) -> None:
+def _share_cores(workers: int) -> None:
+    """Each worker trains with its share of the cores: N processes with all cores each
+    would oversubscribe them (measured here: 2 workers on 2 cores ran 25 trials in 129 s,
+    against 84 s for one)."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+def _worker(
+    space: Space, results_root: str, index: int, workers: int, max_failures: int | None
+) -> None:
     """One helper: the study's context from the baseline cache, its own calibration on
     the study's latency scale, its own sampler seed; then trials until the study is full."""
     from .pipeline import prepare
     from .results import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _share_cores(workers)
     root = Path(results_root)
     directory = root / space.study
     ctx = prepare(space, root / ".cache", log=lambda _: None)
