@@ -559,7 +559,13 @@ def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...] | list[str], wh
             hint = difflib.get_close_matches(str(key), allowed, n=1)
             maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
             at = f"{where}." if where else ""
-            raise SpaceError(f"{at}{key}: unknown key{maybe}; allowed keys: {', '.join(allowed)}")
+            # a key with spaces, line breaks or other odd characters is quoted, so the
+            # message stays one readable line
+            plain = isinstance(key, str) and key.isprintable() and key.strip() == key and key
+            shown = key if plain else repr(key)
+            raise SpaceError(
+                f"{at}{shown}: unknown key{maybe}; allowed keys: {', '.join(allowed)}"
+            )
 
 
 def _parse_section(cls: type, raw: Any, where: str) -> Any:
