@@ -563,9 +563,7 @@ def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...] | list[str], wh
             # message stays one readable line
             plain = isinstance(key, str) and key.isprintable() and key.strip() == key and key
             shown = key if plain else repr(key)
-            raise SpaceError(
-                f"{at}{shown}: unknown key{maybe}; allowed keys: {', '.join(allowed)}"
-            )
+            raise SpaceError(f"{at}{shown}: unknown key{maybe}; allowed keys: {', '.join(allowed)}")
 
 
 def _parse_section(cls: type, raw: Any, where: str) -> Any:
