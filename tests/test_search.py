@@ -296,6 +296,57 @@ def test_a_killed_search_resumes_to_the_requested_count(tmp_path, tiny_doc):
     assert not list((tmp_path / "r" / "tiny" / "trials").glob("*.partial"))
 
 
+def test_killed_at_random_moments_a_search_loses_only_running_trials(tmp_path, tiny_doc):
+    """SIGKILL a real search three times at seeded random moments (start-up, baseline,
+    calibration or a trial), rerun the same command each time: every trial completed
+    before a kill is still complete at the end, and the study reaches its count."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    from paretoopt.results import journal_storage
+
+    tiny_doc["search"]["trials"] = 8
+    space = write_space(tmp_path / "tiny.yaml", tiny_doc)
+    command = [sys.executable, "-m", "paretoopt.cli", "search", "--space", str(space)]
+    command += ["--results", str(tmp_path / "r")]
+    journal = tmp_path / "r" / "tiny" / "study.journal"
+
+    def completed() -> set[int]:
+        if not journal.is_file():
+            return set()
+        study = optuna.load_study(study_name="tiny", storage=journal_storage(journal.parent))
+        return {t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+
+    kept: set[int] = set()
+    moments = random.Random(0)
+    for _ in range(3):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(moments.uniform(2.0, 9.0))
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        now = completed()
+        assert kept <= now, f"completed trials were lost: {sorted(kept - now)}"
+        kept = now
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    final = completed()
+    assert kept <= final and len(final) == 8
+    trials = pd.read_csv(tmp_path / "r" / "tiny" / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() == 8
+    assert all(
+        r.startswith("interrupted") for r in trials.loc[trials["state"] == "FAIL", "fail_reason"]
+    )
+    assert not list((tmp_path / "r" / "tiny" / "trials").glob("*.partial"))
+    for _, row in load_results(tmp_path / "r" / "tiny").pareto.iterrows():
+        assert (tmp_path / "r" / "tiny" / row["artifact"] / "model.safetensors").is_file()
+
+
 def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     from .conftest import TINY
 
