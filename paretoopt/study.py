@@ -46,6 +46,7 @@ from .session import (
     write_metadata,
 )
 from .space import Space, load_space
+from .workers import join_workers, share_cores, start_workers
 
 if TYPE_CHECKING:
     from .pipeline import StudyContext
@@ -103,11 +104,11 @@ def search(
         helpers: list[Any] = []
         try:
             if workers > 1:  # the baseline first: no candidate runs without it
-                _loop(session, ctx, reporter, max_failures, limit=_baseline_pending(session))
-                helpers = _start_workers(space, results_root, workers - 1, max_failures)
-                _share_cores(workers)
-            _loop(session, ctx, reporter, max_failures)
-            _join(helpers, reporter)
+                run_trials(session, ctx, reporter, max_failures, limit=_baseline_pending(session))
+                helpers = start_workers(space, results_root, workers - 1, max_failures)
+                share_cores(workers)
+            run_trials(session, ctx, reporter, max_failures)
+            join_workers(helpers, reporter)
         finally:  # an interrupt must not leave a live progress display or helpers behind
             reporter.stop()
             for helper in helpers:
@@ -151,7 +152,7 @@ def _calibrate(space: Space, directory: Path, ctx: StudyContext, reporter: Repor
         )
 
 
-def _loop(
+def run_trials(
     session: Session,
     ctx: StudyContext,
     reporter: Reporter,
@@ -309,67 +310,3 @@ def _baseline_pending(session: Session) -> int:
     """1 while the study's baseline has not completed (it is then the next trial)."""
     done = session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return 0 if any(t.user_attrs.get(BASELINE_ATTR) for t in done) else 1
-
-
-def _start_workers(
-    space: Space, results_root: Path, count: int, max_failures: int | None
-) -> list[Any]:
-    """Helper processes that run trials of the same study (spawned: torch does not fork)."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")
-    helpers = [
-        context.Process(
-            target=_worker,
-            args=(space, str(results_root), index, count + 1, max_failures),
-            name=f"paretoopt-worker-{index}",
-            daemon=True,
-        )
-        for index in range(1, count + 1)
-    ]
-    for helper in helpers:
-        helper.start()
-    return helpers
-
-
-def _share_cores(workers: int) -> None:
-    """Each worker trains with its share of the cores: N processes with all cores each
-    would oversubscribe them (measured here: 2 workers on 2 cores ran 25 trials in 129 s,
-    against 84 s for one)."""
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-
-
-def _worker(
-    space: Space, results_root: str, index: int, workers: int, max_failures: int | None
-) -> None:
-    """One helper: the study's context from the baseline cache, its own calibration on
-    the study's latency scale, its own sampler seed; then trials until the study is full."""
-    from .pipeline import prepare
-    from .results import open_storage
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _share_cores(workers)
-    root = Path(results_root)
-    directory = root / space.study
-    ctx = prepare(space, root / ".cache", log=lambda _: None)
-    with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
-        from .pipeline import calibrate
-
-        calibrate(ctx, Path(tmp), study_reference(directory))
-    storage = open_storage(space.search.storage, directory)
-    sampler = make_sampler(space, existing_trials(space, root) + 10_007 * index)
-    study = optuna.load_study(study_name=space.study, storage=storage, sampler=sampler)
-    session = Session(space, directory, study, storage)  # the parent holds the study lock
-    _loop(session, ctx, SilentReporter(), max_failures)
-
-
-def _join(helpers: list[Any], reporter: Reporter) -> None:
-    for helper in helpers:
-        helper.join()
-        if helper.exitcode:
-            reporter.log(
-                f"[yellow]warning[/]: {helper.name} stopped with exit code {helper.exitcode}; "
-                "the study holds every trial it finished"
-            )
