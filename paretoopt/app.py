@@ -384,12 +384,11 @@ def export_zip(results: StudyResults, number: int) -> bytes:
     from paretoopt.export import export_trial  # imports torch: only when asked
 
     with tempfile.TemporaryDirectory() as tmp:
-        done = export_trial(results.directory, tmp, trial=number, storage=results.storage)
+        export_trial(results.directory, tmp, trial=number, storage=results.storage)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(Path(tmp).iterdir()):
                 archive.write(path, path.name)
-        del done
     return buffer.getvalue()
 
 

@@ -284,6 +284,7 @@ class AgentClient:
         self.token = token
         self.timeout = timeout
         self.sent: dict[str, Path] = {}  # sha256 -> file, to send again if the agent lost it
+        self._max_bytes: int | None = None  # the agent's upload limit, asked once
 
     def info(self) -> dict[str, Any]:
         return self._call("GET", "/info", None, "application/json")
@@ -293,7 +294,9 @@ class AgentClient:
         sha = hashlib.sha256(body).hexdigest()
         if sha in self.sent and not again:
             return sha
-        limit = self.info()["max_bytes"]
+        if self._max_bytes is None:
+            self._max_bytes = int(self.info()["max_bytes"])
+        limit = self._max_bytes
         if len(body) > limit:  # said here: a refused upload would break the connection
             raise AgentError(
                 f"agent {self.base}: {path.name} is {len(body)} bytes; the agent takes at "
