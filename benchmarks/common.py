@@ -3,6 +3,7 @@ pipeline against a measured baseline, and the CSV they leave under results/bench
 
 from __future__ import annotations
 
+import argparse
 import csv
 import sys
 import tempfile
@@ -21,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONV_SPACE = ROOT / "search_spaces" / "conv.yaml"
 BENCH_DIR = ROOT / "results" / "bench"
 Record = dict[str, Any]
+
+
+def arguments(doc: str | None, epochs: bool = True) -> argparse.Namespace:
+    """The options every benchmark takes: the space file, the output folder and, where
+    candidates are fine-tuned, the epochs."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--space", default=str(CONV_SPACE), help="search-space YAML file")
+    if epochs:
+        parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
+    parser.add_argument("--out", default=str(BENCH_DIR), help="output folder")
+    return parser.parse_args()
 
 
 def context(space_file: str | Path) -> StudyContext:

@@ -16,7 +16,6 @@ Writes results/bench/latency.csv and prints the tables for the README.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import BENCH_DIR, CONV_SPACE, Record, context, progress, table, write_csv
+from common import Record, arguments, context, progress, table, write_csv
 
 from paretoopt.measure import TorchRunner, runtime_threads, time_runner
 from paretoopt.pipeline import StudyContext, calibrate
@@ -127,10 +126,7 @@ def _start_trainer(setting: str) -> subprocess.Popen[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default=str(CONV_SPACE))
-    parser.add_argument("--out", default=str(BENCH_DIR))
-    args = parser.parse_args()
+    args = arguments(__doc__, epochs=False)
     ctx = context(args.space)
     with tempfile.TemporaryDirectory() as tmp:
         cal = calibrate(ctx, Path(tmp) / "calibration")

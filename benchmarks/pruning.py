@@ -10,10 +10,9 @@ alternating rounds). Writes results/bench/pruning.csv and prints the tables for 
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import BENCH_DIR, CONV_SPACE, context, progress, ratios, run_plans, write_csv
+from common import arguments, context, progress, ratios, run_plans, write_csv
 
 from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig
 
@@ -38,11 +37,7 @@ def plans(epochs: int) -> list[tuple[str, CompressionPlan]]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default=str(CONV_SPACE))
-    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
-    parser.add_argument("--out", default=str(BENCH_DIR))
-    args = parser.parse_args()
+    args = arguments(__doc__)
     ctx = context(args.space)
     rows, base = [], {}
     for name, plan, record, base, seconds in run_plans(ctx, plans(args.epochs)):

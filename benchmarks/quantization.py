@@ -16,20 +16,9 @@ for the README, and checks the targets:
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from common import (
-    BENCH_DIR,
-    CONV_SPACE,
-    Record,
-    context,
-    progress,
-    ratios,
-    run_plans,
-    table,
-    write_csv,
-)
+from common import Record, arguments, context, progress, ratios, run_plans, table, write_csv
 
 from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, QuantConfig
 
@@ -112,11 +101,7 @@ def _verdict(ok: bool, text: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--space", default=str(CONV_SPACE))
-    parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
-    parser.add_argument("--out", default=str(BENCH_DIR))
-    args = parser.parse_args()
+    args = arguments(__doc__)
     rows: list[Record] = []
     base: Record = {}
     for name, plan, record, base, seconds in run_plans(context(args.space), plans(args.epochs)):
