@@ -157,21 +157,26 @@ def test_user_model_and_dataset_factories(tmp_path):
     assert "param.prune.layer.out" not in layer_params  # the classifier keeps its outputs
 
 
-def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
-    shutil.copy(HERE / "user_model.py", tmp_path / "user_model.py")
-    doc = {
+def fragile_study(trials: int) -> dict:
+    """A study of tests/user_model.py's Fragile model, which channel pruning breaks."""
+    return {
         "study": "fragile",
         "model": {"factory": "user_model.py:build_fragile"},
         "data": {"factory": "user_model.py:signals"},
         "baseline": {"epochs": 2},
-        "target": {"warmup": 1, "repeats": 1, "iterations": 2},
-        "search": {"trials": 3, "sampler": "random"},
+        "target": {"warmup": 1, "warmup_s": 0.0, "repeats": 1, "iterations": 2},
+        "search": {"trials": trials, "sampler": "random"},
         "space": {
             "pruning": {"structure": "channel", "sparsity": 0.3},
             "quantization": {"bits": 8},
             "finetune": {"epochs": 1},
         },
     }
+
+
+def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
+    shutil.copy(HERE / "user_model.py", tmp_path / "user_model.py")
+    doc = fragile_study(trials=3)
     space = write_space(tmp_path / "fragile.yaml", doc)
     assert run_cli("search", "--space", str(space), "--results", str(tmp_path / "r")) == 0
     trials = pd.read_csv(tmp_path / "r" / "fragile" / "trials.csv")
@@ -181,19 +186,7 @@ def test_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
 
 def test_max_failures_stops_a_study_that_keeps_failing(tmp_path, capsys):
     shutil.copy(HERE / "user_model.py", tmp_path / "user_model.py")
-    doc = {
-        "study": "fragile",
-        "model": {"factory": "user_model.py:build_fragile"},
-        "data": {"factory": "user_model.py:signals"},
-        "baseline": {"epochs": 2},
-        "target": {"warmup": 1, "warmup_s": 0.0, "repeats": 1, "iterations": 2},
-        "search": {"trials": 10, "sampler": "random"},
-        "space": {
-            "pruning": {"structure": "channel", "sparsity": 0.3},
-            "quantization": {"bits": 8},
-            "finetune": {"epochs": 1},
-        },
-    }
+    doc = fragile_study(trials=10)
     space = write_space(tmp_path / "fragile.yaml", doc)
     args = ["search", "--space", str(space), "--results", str(tmp_path / "r")]
     assert run_cli(*args, "--max-failures", "2") == 2
