@@ -32,6 +32,14 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .report import RichReporter
+    from .workers import join_study
+
+    join_study(args.storage, args.study, Path(args.results), RichReporter(), args.max_failures)
+    return 0
+
+
 def _validate(args: argparse.Namespace) -> int:
     from .pipeline import check_inputs
     from .space import dump_space, load_space
@@ -160,6 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop once this many trials of the session have failed, with their reasons",
     )
     p.set_defaults(func=_search)
+
+    p = sub.add_parser(
+        "worker",
+        parents=[debug],
+        help="run trials of a study started with a PostgreSQL storage, from any machine",
+    )
+    p.add_argument(
+        "--storage",
+        required=True,
+        help="the study's PostgreSQL URL, as this machine reaches it (postgresql://user@host/db)",
+    )
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument(
+        "--results",
+        default="results",
+        help="the study's results root, a folder shared by every machine (default: results)",
+    )
+    p.add_argument(
+        "--max-failures",
+        type=_positive_int,
+        default=None,
+        help="stop once this many trials of this worker have failed, with their reasons",
+    )
+    p.set_defaults(func=_worker)
 
     p = sub.add_parser(
         "validate", parents=[debug], help="check a space file and print its normalised form"

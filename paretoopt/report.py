@@ -83,6 +83,8 @@ class RichReporter(Reporter):
         (self.progress.console if self.progress else self.console).print(message)
 
     def start(self, space: Space, done: int) -> None:
+        if self.progress is not None:  # a second round of trials in the same session
+            return
         self.console.print(
             f"study [bold]{space.study}[/]: {done} of {space.search.trials} "
             f"trials done; sampler {space.search.sampler}, target "

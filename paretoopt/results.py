@@ -25,6 +25,8 @@ METRIC_COLUMNS = {"accuracy": "accuracy", "size": "size_bytes", "latency": "late
 SPACE_FILE = "space.yaml"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "study.journal"
+INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
+STALE = "interrupted: its worker stopped sending heartbeats; the plan was queued again"
 TRIALS_DIR = "trials"
 
 
@@ -63,6 +65,18 @@ def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
     return keep
 
 
+def fail_reason(t: optuna.trial.FrozenTrial) -> str:
+    """Why a trial failed. paretoopt records a reason with every failure it sees; a
+    failed trial without one was failed by another worker, through the heartbeats."""
+    reason = t.user_attrs.get("fail_reason", "")
+    return reason or (STALE if t.state.name == "FAIL" else "")
+
+
+def is_interrupted(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial lost with its process (not the plan's fault): replaced, not counted."""
+    return t.state.name == "FAIL" and fail_reason(t).startswith("interrupted:")
+
+
 def trials_frame(study: optuna.Study, baseline: dict[str, Any] | None) -> pd.DataFrame:
     """One row per trial: state, measurements, ratios against the baseline, plan."""
     rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False)]
@@ -98,7 +112,7 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "macs": a.get("macs"),
         "plan": a.get("plan_summary", ""),
         "duration_s": t.duration.total_seconds() if t.duration else None,
-        "fail_reason": a.get("fail_reason", ""),
+        "fail_reason": fail_reason(t),
         "artifact": a.get("artifact", ""),
     }
     measured = [row[k] for k in ("accuracy", "size_bytes", "latency_ms")]

@@ -22,20 +22,22 @@ from . import __version__
 from .errors import StudyError
 from .results import (
     BASELINE_ATTR,
+    INTERRUPTED,
     JOURNAL_FILE,
     RUN_FILE,
     SPACE_FILE,
-    open_storage,
+    is_interrupted,
     read_json,
     write_json,
 )
-from .space import Space, dump_space, space_to_dict
+from .sharing import writer_storage
+from .space import Space, dump_space, parse_space, space_to_dict
 
 if TYPE_CHECKING:
     from .pipeline import StudyContext
 
-INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
 LOCK_FILE = ".lock"
+SPACE_ATTR = "paretoopt.space"  # the space, in the study itself: a worker needs only the URL
 
 
 @dataclass
@@ -73,15 +75,25 @@ def check_resumable(space: Space, directory: Path) -> None:
         before = None
     if not isinstance(before, dict):
         raise StudyError(f"{stored} is damaged; delete the folder {directory} to start over")
-    now = space_to_dict(space)
-    for doc in (before, now):
-        doc.get("search", {}).pop("trials", None)
-    if before != now:
+    difference = space_difference(before, space)
+    if difference:
         raise StudyError(
             f"study {space.study!r} in {directory} was started with a different "
-            f"space ({_first_difference(before, now)}); use another study name, "
-            "or delete the folder to start over"
+            f"space ({difference}); use another study name, or delete the folder to "
+            "start over"
         )
+
+
+def space_difference(before: dict[str, Any], space: Space, *, where: bool = True) -> str:
+    """The first setting that differs between a stored space and this one ("" if none).
+    What a resume may change is left out: the trial count, the heartbeat and, for a
+    worker (``where=False``), the storage URL, which names the same server from elsewhere."""
+    now = space_to_dict(space)
+    ignored = ("trials", "heartbeat_s") + (() if where else ("storage",))
+    for doc in (before, now):
+        for key in ignored:
+            doc.get("search", {}).pop(key, None)
+    return _first_difference(before, now) if before != now else ""
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
@@ -102,7 +114,6 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
     lock = _lock(directory, space.study)
     try:
         storage = storage or _storage(space, directory)
-        _write_text(directory / SPACE_FILE, dump_space(space))
         study = optuna.create_study(
             study_name=space.study,
             storage=storage,
@@ -110,6 +121,8 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
             directions=space.directions,
             sampler=sampler,
         )
+        _write_text(directory / SPACE_FILE, dump_space(space))
+        study.set_user_attr(SPACE_ATTR, dump_space(space))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(space.metrics)
@@ -119,15 +132,39 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
     return Session(space, directory, study, storage, lock)
 
 
+def stored_space(study: optuna.Study, url: str) -> Space:
+    """The space a study was started with, as its database holds it (for workers)."""
+    stored = study.user_attrs.get(SPACE_ATTR)
+    if not stored:
+        raise StudyError(
+            f"study {study.study_name!r} in {url} was not started by paretoopt search "
+            "(it holds no space)"
+        )
+    return parse_space(yaml.safe_load(stored), source=f"<study {study.study_name}>")
+
+
 def check_storage(space: Space) -> None:
-    """Open a storage URL once before any work, so a bad one fails first and writes nothing."""
-    if space.search.storage is not None:
-        _storage(space, Path("."))
+    """Open a storage URL once before any work, so a bad one fails first and writes
+    nothing; a database may also hold a study of this name started with another space."""
+    if space.search.storage is None:
+        return
+    storage = _storage(space, Path("."))
+    try:
+        study_id = storage.get_study_id_from_name(space.study)
+    except KeyError:
+        return
+    stored = storage.get_study_user_attrs(study_id).get(SPACE_ATTR)
+    difference = space_difference(yaml.safe_load(stored), space) if stored else ""
+    if difference:
+        raise StudyError(
+            f"study {space.study!r} in the database was started with a different space "
+            f"({difference}); use another study name"
+        )
 
 
 def _storage(space: Space, directory: Path) -> optuna.storages.BaseStorage:
     try:
-        return open_storage(space.search.storage, directory)
+        return writer_storage(space.search.storage, directory, space.search.heartbeat_s)
     except Exception as exc:
         raise StudyError(
             f"search.storage: cannot open {space.search.storage!r}: {type(exc).__name__}: {exc}"
@@ -199,9 +236,7 @@ def _counts(t: optuna.trial.FrozenTrial) -> bool:
     if t.state == TrialState.COMPLETE:
         return True
     return (
-        t.state == TrialState.FAIL
-        and t.user_attrs.get("fail_reason") != INTERRUPTED
-        and not t.user_attrs.get(BASELINE_ATTR)
+        t.state == TrialState.FAIL and not is_interrupted(t) and not t.user_attrs.get(BASELINE_ATTR)
     )
 
 

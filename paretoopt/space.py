@@ -164,9 +164,18 @@ class SearchSpec:
     seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
     storage: str | None = setting(
         None,
-        "Optuna storage URL; default: a journal file in results/<study>/",
+        "Optuna storage URL (postgresql://... for workers on several machines); default: "
+        "a journal file in results/<study>/",
         kind=str,
         nullable=True,
+    )
+    heartbeat_s: int = setting(
+        30,
+        "seconds between a running trial's heartbeats in a database storage; a trial "
+        "silent for 4 heartbeats is marked failed and retried by another worker",
+        kind=int,
+        low=1,
+        high=3600,
     )
 
 

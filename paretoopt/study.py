@@ -8,7 +8,6 @@ through Optuna 5's ``trial.set_constraint``, so infeasible trials never enter th
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -45,6 +44,7 @@ from .session import (
     study_reference,
     write_metadata,
 )
+from .sharing import ask, claim_lock, fail_stale, heartbeat, mark_claimed
 from .space import Space, load_space
 from .workers import join_workers, share_cores, start_workers
 
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .pipeline import StudyContext
 
 REASON_LIMIT = 500  # characters of a failure reason kept in the study
-CLAIM_FILE = ".claim.lock"  # serialises "is the study full? if not, start a trial"
+CLAIM_POLL_S = 1.0  # how often a worker looks again while the baseline runs elsewhere
 
 
 # --------------------------------------------------------------------------- the loop
@@ -109,6 +109,8 @@ def search(
                 share_cores(workers)
             run_trials(session, ctx, reporter, max_failures)
             join_workers(helpers, reporter)
+            if not session.embedded:
+                _drain(session, ctx, reporter, max_failures)
         finally:  # an interrupt must not leave a live progress display or helpers behind
             reporter.stop()
             for helper in helpers:
@@ -171,7 +173,8 @@ def run_trials(
         ran += 1
         start = time.perf_counter()
         try:
-            record, base, feasible = _evaluate(session, ctx, trial)
+            with heartbeat(session.storage, space.study, trial):
+                record, base, feasible = _evaluate(session, ctx, trial)
         except Exception as exc:  # a failed trial is data: record the reason, go on
             reason = f"{type(exc).__name__}: {one_line(str(exc))}"[:REASON_LIMIT]
             trial.set_user_attr("fail_reason", reason)
@@ -192,17 +195,42 @@ def run_trials(
 
 def _claim(session: Session) -> optuna.Trial | None:
     """The next trial, unless the finished and running ones already make the total. Under
-    a lock, so that several workers on this machine never start one trial too many."""
-    import fcntl
+    a lock, so that workers (on any machine) never start one trial too many. Candidates
+    wait while the baseline runs elsewhere: every figure is read against it."""
+    study, name = session.study, session.space.study
+    while True:
+        with claim_lock(session.storage, session.directory, name):
+            fail_stale(study)
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if finished(study) + running >= session.space.search.trials:
+                return None
+            if not _baseline_elsewhere(study):
+                ensure_baseline(study)  # queued again if its worker died for good
+                trial = ask(study)
+                mark_claimed(session.storage, name, trial)
+                return trial
+        time.sleep(CLAIM_POLL_S)
 
-    with open(session.directory / CLAIM_FILE, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
-        running = len(session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if finished(session.study) + running >= session.space.search.trials:
-            return None
-        trial = session.study.ask()
-        trial.set_user_attr("worker", os.getpid())
-        return trial
+
+def _baseline_elsewhere(study: optuna.Study) -> bool:
+    """The baseline is not done yet and another process is running it."""
+    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    states = {t.state for t in live if t.user_attrs.get(BASELINE_ATTR)}
+    return TrialState.RUNNING in states and TrialState.COMPLETE not in states
+
+
+def _drain(
+    session: Session, ctx: StudyContext, reporter: Reporter, max_failures: int | None
+) -> None:
+    """Wait for the trials other workers still run, and run the retry of any whose worker
+    died, so that the front is assembled from the whole study."""
+    study, told = session.study, 0
+    while running := len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
+        if running != told:
+            reporter.log(f"waiting for {running} trial(s) running in other workers")
+            told = running
+        time.sleep(CLAIM_POLL_S)
+        run_trials(session, ctx, reporter, max_failures)
 
 
 def _failure_summary(reasons: list[str], limit: int) -> str:

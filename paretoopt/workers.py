@@ -1,4 +1,5 @@
-"""Worker processes: several trial processes on one machine, sharing one study.
+"""Worker processes: several trial processes sharing one study, on one machine
+(``search --workers N``) or on many (``paretoopt worker``).
 
 The parent runs the baseline first and holds the study's lock; each helper loads the
 baseline from the cache, calibrates on the study's latency scale, seeds its own sampler
@@ -10,16 +11,26 @@ cores. The measurement gate keeps their timing apart from each other's training.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+import time
+import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
+import yaml
 
+from .errors import StudyError, one_line
 from .report import Reporter, SilentReporter
+from .results import SPACE_FILE
 from .sampling import make_sampler
-from .session import Session, existing_trials, study_reference
+from .session import Session, existing_trials, space_difference, stored_space, study_reference
+from .sharing import writer_storage
 from .space import Space
+
+JOIN_POLL_S = 2.0  # how often a joining worker looks for the study's calibration
 
 
 def start_workers(
@@ -55,24 +66,85 @@ def share_cores(workers: int) -> None:
 def _worker(
     space: Space, results_root: str, index: int, workers: int, max_failures: int | None
 ) -> None:
-    """One helper: the study's context from the baseline cache, its own calibration on
-    the study's latency scale, its own sampler seed; then trials until the study is full."""
-    from .pipeline import calibrate, prepare
-    from .results import open_storage
-    from .study import run_trials
-
+    """One helper on this machine: trials until the study is full."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     share_cores(workers)
     root = Path(results_root)
+    seed = existing_trials(space, root) + 10_007 * index
+    run_as_worker(space, root, seed, SilentReporter(), max_failures)
+
+
+def run_as_worker(
+    space: Space, root: Path, seed: int, reporter: Reporter, max_failures: int | None
+) -> None:
+    """The study's context from the baseline cache, a calibration on the study's latency
+    scale, a sampler of its own; then trials until the study is full. The process that
+    started the study holds its folder lock, so a worker takes none."""
+    from .pipeline import calibrate, prepare
+    from .study import run_trials
+
     directory = root / space.study
-    ctx = prepare(space, root / ".cache", log=lambda _: None)
+    ctx = prepare(space, root / ".cache", log=reporter.log)
     with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
         calibrate(ctx, Path(tmp), study_reference(directory))
-    storage = open_storage(space.search.storage, directory)
-    sampler = make_sampler(space, existing_trials(space, root) + 10_007 * index)
+    storage = writer_storage(space.search.storage, directory, space.search.heartbeat_s)
+    sampler = make_sampler(space, seed)
     study = optuna.load_study(study_name=space.study, storage=storage, sampler=sampler)
-    session = Session(space, directory, study, storage)  # the parent holds the study lock
-    run_trials(session, ctx, SilentReporter(), max_failures)
+    try:
+        run_trials(Session(space, directory, study, storage), ctx, reporter, max_failures)
+    finally:
+        reporter.stop()
+
+
+def join_study(
+    url: str, name: str, results_root: Path, reporter: Reporter, max_failures: int | None
+) -> None:
+    """``paretoopt worker``: run trials of a study that ``paretoopt search`` started, from
+    any machine that reaches its PostgreSQL server and shares its results folder."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = _joinable_space(url, name, results_root)
+    directory = results_root / name
+    if study_reference(directory) is None:
+        reporter.log(f"waiting for study {name!r} to calibrate its baseline")
+    while study_reference(directory) is None:  # calibration comes before any trial
+        time.sleep(JOIN_POLL_S)
+    seed = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())  # one per worker
+    run_as_worker(space, results_root, seed, reporter, max_failures)
+
+
+def _joinable_space(url: str, name: str, results_root: Path) -> Space:
+    """The study's space from its database, checked against the shared results folder."""
+    if not url.startswith(("postgresql://", "postgresql+")):
+        raise StudyError(
+            f"--storage: workers on several machines share a PostgreSQL database "
+            f"(postgresql://user@host/db), got {url.split(':', 1)[0]!r}; on one machine "
+            "use paretoopt search --workers N"
+        )
+    try:
+        study = optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        raise StudyError(
+            f"--study: no study {name!r} in the database; start it with paretoopt search "
+            "--space FILE, whose search.storage names this database"
+        ) from None
+    except Exception as exc:
+        raise StudyError(
+            f"--storage: cannot open the database: {type(exc).__name__}: {one_line(str(exc))}"
+        ) from None
+    space = stored_space(study, url)
+    space = replace(space, search=replace(space.search, storage=url))
+    folder = results_root / name / SPACE_FILE
+    if not folder.is_file():
+        raise StudyError(
+            f"--results: {folder} does not exist; every worker writes its trials to the "
+            "study's results folder, which must be the same shared folder on every machine"
+        )
+    difference = space_difference(yaml.safe_load(folder.read_text()), space, where=False)
+    if difference:
+        raise StudyError(
+            f"--results: {folder} belongs to another study of that name ({difference})"
+        )
+    return space
 
 
 def join_workers(helpers: list[Any], reporter: Reporter) -> None:

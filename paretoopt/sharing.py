@@ -1,0 +1,130 @@
+"""How several processes share one study: who starts the next trial, and how a trial
+whose process died is noticed and retried. No torch here.
+
+- The study's storage is a journal file in its folder (one machine) or an Optuna RDB
+  URL. With a URL every running trial sends heartbeats; one silent for ``GRACE_BEATS``
+  heartbeats belongs to a dead worker: Optuna fails it (without a reason, which is how
+  ``results.is_interrupted`` tells it apart, so it does not count towards the total)
+  and queues its plan again.
+- Starting a trial is serialised, so that workers never run one trial too many: a
+  PostgreSQL advisory lock across machines, a file lock on one machine otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+
+from .results import journal_storage
+
+GRACE_BEATS = 4  # heartbeats a running trial may miss before it counts as dead
+RETRIES = 2  # a plan whose worker died this often is dropped (it may be what kills them)
+CLAIM_FILE = ".claim.lock"
+
+
+def writer_storage(url: str | None, directory: Path, heartbeat_s: int) -> BaseStorage:
+    """The storage a search or worker writes to: heartbeats and retries on a database."""
+    if url is None:
+        return journal_storage(directory)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_s,
+            grace_period=GRACE_BEATS * heartbeat_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
+        )
+
+
+def is_postgres(storage: BaseStorage) -> bool:
+    return isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql"
+
+
+def fail_stale(study: optuna.Study) -> None:
+    """Fail (and queue again) the running trials whose worker stopped sending heartbeats."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+@contextmanager
+def claim_lock(storage: BaseStorage, directory: Path, study_name: str) -> Iterator[None]:
+    """Held while a process decides whether the study needs another trial and starts it."""
+    if is_postgres(storage):
+        assert isinstance(storage, RDBStorage)
+        from sqlalchemy import text
+
+        # a transaction-level lock: released at commit, or when a killed worker's
+        # connection drops, so it can never be left held
+        key = int.from_bytes(hashlib.sha256(f"paretoopt:{study_name}".encode()).digest()[:8], "big")
+        with storage.engine.begin() as connection:
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key - 2**63})
+            yield
+        return
+    import fcntl
+
+    with open(directory / CLAIM_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def ask(study: optuna.Study) -> optuna.Trial:
+    """``study.ask``; Optuna warns that heartbeats are meant for ``optimize``, but this
+    module sends them itself (see ``heartbeat``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+        return study.ask()
+
+
+def mark_claimed(storage: BaseStorage, study_name: str, trial: optuna.Trial) -> None:
+    """Who runs the trial, and its first heartbeat: a worker killed right after the claim
+    must still be found out."""
+    trial.set_user_attr("worker", os.getpid())
+    trial.set_user_attr("host", socket.gethostname())
+    if _interval(storage):
+        assert isinstance(storage, RDBStorage)
+        storage.record_heartbeat(_trial_id(storage, study_name, trial))
+
+
+@contextmanager
+def heartbeat(storage: BaseStorage, study_name: str, trial: optuna.Trial) -> Iterator[None]:
+    """Heartbeats from a thread while the trial runs (a no-op on the journal file)."""
+    interval = _interval(storage)
+    if not interval:
+        yield
+        return
+    assert isinstance(storage, RDBStorage)
+    trial_id = _trial_id(storage, study_name, trial)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            with contextlib.suppress(Exception):  # a database hiccup: the next beat retries
+                storage.record_heartbeat(trial_id)
+
+    thread = threading.Thread(target=beat, name="paretoopt-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _interval(storage: BaseStorage) -> int | None:
+    return storage.get_heartbeat_interval() if isinstance(storage, RDBStorage) else None
+
+
+def _trial_id(storage: BaseStorage, study_name: str, trial: optuna.Trial) -> int:
+    study_id = storage.get_study_id_from_name(study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
