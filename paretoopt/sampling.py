@@ -8,7 +8,9 @@ the space's (TPE by default), seeded so that a resumed study draws new points.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
+import numpy as np
 import optuna
 
 from .knobs import Choice, Fixed, Knob, Range, Scalar
@@ -177,12 +179,23 @@ def _sample_quant(
     )
 
 
-def make_sampler(space: Space, offset: int) -> optuna.samplers.BaseSampler:
-    """The space's sampler, seeded so that a resumed study does not replay old draws."""
+def make_sampler(
+    space: Space,
+    offset: int,
+    layer_names: list[str] | None = None,
+    quant_layers: list[str] | None = None,
+) -> optuna.samplers.BaseSampler:
+    """The space's sampler, seeded so that a resumed study does not replay old draws. The
+    grid sampler needs the model's layers, since per-layer knobs are parameters too."""
     seed = space.search.seed + offset
     name = space.search.sampler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "grid":
+            if layer_names is None:
+                raise ValueError("the grid sampler needs the model's layer names")
+            grid = grid_space(space, layer_names, quant_layers)
+            return optuna.samplers.GridSampler(grid, seed=seed)
         if name == "tpe":  # multivariate: sparsity and bits interact
             return optuna.samplers.TPESampler(
                 seed=seed, multivariate=True, group=True, n_startup_trials=10
@@ -192,3 +205,40 @@ def make_sampler(space: Space, offset: int) -> optuna.samplers.BaseSampler:
         if name == "gp":
             return optuna.samplers.GPSampler(seed=seed)
         return optuna.samplers.RandomSampler(seed=seed)
+
+
+GRID_PROBES = 512  # random plans drawn to find every parameter a plan can have
+
+
+def grid_space(
+    space: Space, layer_names: list[str], quant_layers: list[str] | None = None
+) -> dict[str, list[Any]]:
+    """The lattice a user would lay out by hand: every parameter ``sample_plan`` can
+    suggest, at ``search.grid_levels`` evenly spaced values each (every option of a
+    choice). Some parameters exist only under others (no temperature without
+    distillation), so they are found by drawing plans at random, with a fixed seed."""
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    found: dict[str, optuna.distributions.BaseDistribution] = {}
+    for _ in range(GRID_PROBES):
+        trial = probe.ask()
+        sample_plan(trial, space, layer_names, quant_layers)
+        found.update(trial.distributions)
+    return {name: lattice(d, space.search.grid_levels) for name, d in sorted(found.items())}
+
+
+def lattice(distribution: optuna.distributions.BaseDistribution, levels: int) -> list[Any]:
+    """`levels` evenly spaced values of a range (geometrically on a log scale, on its
+    step where it has one); every option of a choice."""
+    from optuna.distributions import CategoricalDistribution, IntDistribution
+
+    if isinstance(distribution, CategoricalDistribution):
+        return list(distribution.choices)
+    d = distribution
+    assert isinstance(d, (IntDistribution, optuna.distributions.FloatDistribution))
+    space = np.geomspace if d.log else np.linspace
+    points = space(d.low, d.high, levels)
+    if d.step is not None:  # onto the step's grid, counted from low
+        points = d.low + np.round((points - d.low) / d.step) * d.step
+    if isinstance(d, IntDistribution):
+        return sorted({int(round(p)) for p in points})
+    return sorted({float(p) for p in points})

@@ -30,7 +30,7 @@ from .results import (
     read_json,
     write_json,
 )
-from .sharing import writer_storage
+from .sharing import redact, writer_storage
 from .space import Space, dump_space, parse_space, space_to_dict
 
 if TYPE_CHECKING:
@@ -167,7 +167,8 @@ def _storage(space: Space, directory: Path) -> optuna.storages.BaseStorage:
         return writer_storage(space.search.storage, directory, space.search.heartbeat_s)
     except Exception as exc:
         raise StudyError(
-            f"search.storage: cannot open {space.search.storage!r}: {type(exc).__name__}: {exc}"
+            f"search.storage: cannot open {redact(space.search.storage or '')!r}: "
+            f"{type(exc).__name__}: {exc}"
         ) from None
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import socket
 import threading
 import warnings
@@ -44,6 +45,11 @@ def writer_storage(url: str | None, directory: Path, heartbeat_s: int) -> BaseSt
             grace_period=GRACE_BEATS * heartbeat_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
         )
+
+
+def redact(url: str) -> str:
+    """A storage URL fit for a message: its password replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def is_postgres(storage: BaseStorage) -> bool:

@@ -24,7 +24,7 @@ from .knobs import Choice, Fixed, Knob, KnobRule, Range, parse_knob
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 METRICS = {"accuracy": "maximize", "size": "minimize", "latency": "minimize"}
-SAMPLERS = ("tpe", "nsga2", "random", "gp")
+SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
 STRUCTURES = ("unstructured", "channel")
@@ -159,7 +159,18 @@ class SearchSpec:
         40, "trials in the study, the baseline trial included", kind=int, low=1, high=1_000_000
     )
     sampler: str = setting(
-        "tpe", "Optuna sampler (tpe is multivariate)", kind=str, options=SAMPLERS
+        "tpe",
+        "Optuna sampler (tpe is multivariate; grid draws, in a seeded order, from a lattice "
+        "of grid_levels values per searched knob)",
+        kind=str,
+        options=SAMPLERS,
+    )
+    grid_levels: int = setting(
+        3,
+        "values per range knob for the grid sampler (choices: every option)",
+        kind=int,
+        low=2,
+        high=20,
     )
     seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
     storage: str | None = setting(

@@ -90,7 +90,8 @@ def search(
     # measured before the study folder is touched: a model the runtime cannot take fails
     # here with one line and leaves nothing behind
     _calibrate(space, results_root / space.study, ctx, reporter)
-    sampler = make_sampler(space, existing_trials(space, results_root))
+    offset = existing_trials(space, results_root)
+    sampler = make_sampler(space, offset, ctx.layer_names, ctx.quant_layers)
     session = open_session(space, results_root, sampler)
     try:
         lost = fail_interrupted(session)

@@ -88,7 +88,7 @@ def run_as_worker(
     with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
         calibrate(ctx, Path(tmp), study_reference(directory))
     storage = writer_storage(space.search.storage, directory, space.search.heartbeat_s)
-    sampler = make_sampler(space, seed)
+    sampler = make_sampler(space, seed, ctx.layer_names, ctx.quant_layers)
     study = optuna.load_study(study_name=space.study, storage=storage, sampler=sampler)
     try:
         run_trials(Session(space, directory, study, storage), ctx, reporter, max_failures)

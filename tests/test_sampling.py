@@ -4,7 +4,7 @@ import optuna
 import pytest
 
 from paretoopt.plan import CompressionPlan
-from paretoopt.sampling import make_sampler, sample_plan
+from paretoopt.sampling import grid_space, lattice, make_sampler, sample_plan
 from paretoopt.space import parse_space
 
 from .conftest import TINY
@@ -14,6 +14,7 @@ SAMPLERS = {
     "nsga2": optuna.samplers.NSGAIISampler,
     "random": optuna.samplers.RandomSampler,
     "gp": optuna.samplers.GPSampler,
+    "grid": optuna.samplers.GridSampler,
 }
 
 
@@ -26,7 +27,7 @@ def test_every_sampler_drives_plan_sampling(name):
         "quantization": {"bits": {"low": 2, "high": 8}},
     }
     space = parse_space(doc)
-    sampler = make_sampler(space, offset=0)
+    sampler = make_sampler(space, offset=0, layer_names=["conv1", "fc"])
     assert isinstance(sampler, SAMPLERS[name])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(directions=space.directions, sampler=sampler)
@@ -72,3 +73,47 @@ def test_a_resumed_study_draws_new_points():
     a = first.sample_independent(study, optuna.trial.create_trial(value=0.0), "x", dist)
     b = later.sample_independent(study, optuna.trial.create_trial(value=0.0), "x", dist)
     assert a != b
+
+
+def test_the_grid_holds_every_parameter_at_evenly_spaced_values():
+    doc = {**TINY, "search": {"sampler": "grid", "grid_levels": 3}}
+    doc["space"] = {
+        **TINY["space"],
+        "pruning": {**TINY["space"]["pruning"], "distribution": "per_layer"},
+        "quantization": {"bits": {"low": 2, "high": 8}},
+        "finetune": {"epochs": 1, "lr": {"low": 0.0001, "high": 0.01, "log": True}},
+    }
+    grid = grid_space(parse_space(doc), ["conv1", "fc"])
+    assert grid["prune.structure"] == ["unstructured", "channel"]
+    assert grid["prune.channel.sparsity"] == pytest.approx([0.1, 0.35, 0.6])
+    assert grid["prune.unstructured.sparsity"] == pytest.approx([0.1, 0.35, 0.6])
+    assert grid["quant.bits"] == [2, 5, 8]
+    assert grid["finetune.lr"] == pytest.approx([0.0001, 0.001, 0.01])  # log scale
+    # parameters that exist only under others are found too
+    assert {"prune.layer.conv1", "prune.layer.fc", "distill.temperature"} <= set(grid)
+    assert "finetune.epochs" not in grid
+
+
+def test_lattice_respects_steps_and_small_ranges():
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    assert lattice(IntDistribution(1, 2), 3) == [1, 2]
+    assert lattice(IntDistribution(0, 12, step=4), 3) == [0, 8, 12]  # 1.5 steps round to 2
+    assert lattice(FloatDistribution(0.0, 1.0, step=0.25), 3) == [0.0, 0.5, 1.0]
+
+
+def test_the_grid_sampler_draws_distinct_lattice_points():
+    doc = {**TINY, "search": {"sampler": "grid", "seed": 1, "grid_levels": 2}}
+    space = parse_space(doc)
+    grid = grid_space(space, ["conv1", "fc"])
+    study = optuna.create_study(
+        directions=space.directions, sampler=make_sampler(space, 0, ["conv1", "fc"])
+    )
+    seen = []
+    for _ in range(10):
+        trial = study.ask()
+        sample_plan(trial, space, ["conv1", "fc"])
+        assert all(value in grid[name] for name, value in trial.params.items())
+        study.tell(trial, [1.0, 1.0, 1.0])
+        seen.append(study.trials[-1].system_attrs["grid_id"])
+    assert len(set(seen)) == 10

@@ -105,6 +105,12 @@ def test_the_journal_file_has_no_heartbeats(tmp_path):
     assert trial.user_attrs["worker"] == os.getpid() and trial.user_attrs["host"]
 
 
+def test_storage_urls_in_messages_hide_the_password():
+    assert sharing.redact("postgresql://me:s3cr:t@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert sharing.redact("postgresql://me@db/x") == "postgresql://me@db/x"
+    assert sharing.redact("sqlite:///a.db") == "sqlite:///a.db"
+
+
 def test_a_worker_refuses_a_storage_other_than_postgresql(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'x.db'}"
     assert main(["worker", "--storage", url, "--study", "s", "--results", str(tmp_path)]) == 2
