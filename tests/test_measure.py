@@ -347,3 +347,57 @@ def test_an_agent_target_without_its_token_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(Exception) as info:
         prepare(parse_space(doc), tmp_path / "cache", log=lambda _: None)
     assert "PARETOOPT_AGENT_TOKEN (target.agent_token_env), which is not set" in str(info.value)
+
+
+# --------------------------------------------------------------------------- ONNX export
+
+
+def _conv_bn(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 64, 10),
+    ).eval()
+    bn = model[1]
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.uniform_(-2, 2)
+    return model
+
+
+def test_a_second_model_of_one_architecture_reuses_the_traced_graph(tmp_path, monkeypatch):
+    """Same architecture, other weights: no second trace, and the file equals a fresh
+    export node for node and bit for bit (BatchNorm folded into the convolution)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from paretoopt.measure import onnx_export
+
+    monkeypatch.setattr(onnx_export, "_templates", type(onnx_export._templates)())
+    traced = []
+    trace = onnx_export._trace
+    monkeypatch.setattr(onnx_export, "_trace", lambda *a: traced.append(1) or trace(*a))
+    example = torch.zeros(1, 1, 8, 8)
+    export_onnx(_conv_bn(0), example, tmp_path / "a.onnx")
+    second = _conv_bn(1)
+    export_onnx(second, example, tmp_path / "b.onnx")
+    assert len(traced) == 1
+    onnx_export._templates.clear()
+    export_onnx(second, example, tmp_path / "fresh.onnx")
+    assert len(traced) == 2
+    cached, fresh = onnx.load(tmp_path / "b.onnx"), onnx.load(tmp_path / "fresh.onnx")
+    assert [n.op_type for n in cached.graph.node] == [n.op_type for n in fresh.graph.node]
+    assert "BatchNormalization" not in {n.op_type for n in cached.graph.node}
+    ours = {i.name: numpy_helper.to_array(i) for i in cached.graph.initializer}
+    theirs = {i.name: numpy_helper.to_array(i) for i in fresh.graph.initializer}
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    x = torch.randn(4, 1, 8, 8)
+    out = OrtRunner(tmp_path / "b.onnx", 1)(x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(out, second(x).numpy(), atol=1e-5)
+    export_onnx(_mlp(2), example, tmp_path / "c.onnx")  # another architecture: traced
+    assert len(traced) == 3

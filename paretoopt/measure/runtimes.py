@@ -8,10 +8,6 @@ search measures in the same process as training but never at the same time (see
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
-import logging
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,52 +18,10 @@ import torch
 from torch import nn
 
 from ..data import Split
+from .onnx_export import export_onnx
 from .protocol import DeviceTime, Runner
 
-
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """torch.export-based ONNX export with a dynamic batch dimension."""
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    model = model.eval()
-    shapes = ({0: torch.export.Dim("batch", min=1, max=65_536)},)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        registry = _onnx_registry()
-        if registry is not None:
-            from torch.onnx._internal.exporter import _core
-
-            program = _core.export(
-                model,
-                (example,),
-                registry=registry,
-                dynamic_shapes=shapes,
-                optimize=True,
-                verbose=False,
-            )
-        else:
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, verbose=False, optimize=True,
-                dynamic_shapes=shapes,
-            )  # fmt: skip
-    tmp = path.with_name(path.name + ".tmp")
-    program.save(str(tmp))
-    tmp.replace(path)
-
-
-@functools.cache
-def _onnx_registry() -> Any:
-    """The exporter's table of ATen-to-ONNX functions. ``torch.onnx.export`` rebuilds it
-    on every call, which took 0.9 s of a 1.3 s export of the conv model here, one third of
-    a whole trial; it depends only on the opset, so it is built once per process. Where
-    torch's internal exporter API differs (other versions), the public call is used."""
-    try:
-        from torch.onnx._internal.exporter import _core, _registration
-
-        if "registry" not in inspect.signature(_core.export).parameters:
-            return None
-        return _registration.ONNXRegistry.from_torchlib()
-    except (ImportError, AttributeError, TypeError):
-        return None
+__all__ = ["CudaRunner", "OrtRunner", "TorchRunner", "export_onnx"]
 
 
 class OrtRunner:
