@@ -20,6 +20,7 @@ from paretoopt.space import load_space
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV_SPACE = ROOT / "search_spaces" / "conv.yaml"
+MLP_SPACE = ROOT / "search_spaces" / "mlp.yaml"
 BENCH_DIR = ROOT / "results" / "bench"
 Record = dict[str, Any]
 
@@ -87,3 +88,35 @@ def table(rows: list[Record], columns: dict[str, Callable[[Record], str]]) -> st
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(f(r) for f in columns.values()) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_figure(figure: Any, name: str, out: str | Path = BENCH_DIR) -> Path:
+    """A plotly figure as HTML beside the CSVs; plotly.js is written once into the same
+    folder, so the pages open offline."""
+    path = Path(out) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.write_html(path, include_plotlyjs="directory")
+    return path
+
+
+def snapshot(page: Path, png: Path, size: tuple[int, int] = (1100, 480)) -> bool:
+    """A PNG of an HTML figure for the README, taken with Debian's chromium through
+    Playwright; False (and a note) where either is missing."""
+    chromium = Path("/usr/bin/chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        progress(f"no PNG of {page.name}: playwright is not installed")
+        return False
+    if not chromium.exists():
+        progress(f"no PNG of {page.name}: {chromium} is missing")
+        return False
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(chromium))
+        tab = browser.new_page(viewport={"width": size[0], "height": size[1]})
+        tab.goto(page.resolve().as_uri())
+        tab.wait_for_selector(".main-svg")
+        png.parent.mkdir(parents=True, exist_ok=True)
+        tab.screenshot(path=str(png))
+        browser.close()
+    return True

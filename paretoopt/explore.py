@@ -111,20 +111,23 @@ def selected_trials(event: Any) -> list[int]:
 # --------------------------------------------------------------------------- hypervolume
 
 
-def hypervolume_history(results: StudyResults, metrics: list[str]) -> pd.DataFrame:
+def hypervolume_history(
+    results: StudyResults, metrics: list[str], accuracy_reference: float = 100.0
+) -> pd.DataFrame:
     """Hypervolume of the feasible completed trials after each trial, in baseline units.
 
     Objectives are normalised to "smaller is better" against the baseline: accuracy as
-    points lost (reference: 100 points lost), size and latency as fractions of the
-    baseline's (reference: 1, the baseline itself). So the figure reads the same on any
-    study, and a flat curve says more trials are unlikely to help.
+    points lost (reference: `accuracy_reference` points lost, 100 by default), size and
+    latency as fractions of the baseline's (reference: 1, the baseline itself). So the
+    figure reads the same on any study, and a flat curve says more trials are unlikely
+    to help.
     """
     frame, base = results.trials, results.baseline
     if frame.empty or not base:
         return pd.DataFrame(columns=["number", "hypervolume"])
     done = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].sort_values("number")
     points = _normalised(done, metrics, base)
-    reference = np.array([100.0 if m == "accuracy" else 1.0 for m in metrics])
+    reference = np.array([accuracy_reference if m == "accuracy" else 1.0 for m in metrics])
     rows, kept, volume = [], np.empty((0, len(metrics))), 0.0
     for number, point in zip(done["number"], points, strict=True):
         dominated = bool(len(kept)) and bool(np.any(np.all(kept <= point, axis=1)))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,6 +231,19 @@ def trial_record(results: StudyResults, number: int) -> dict[str, Any]:
 
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextmanager
+def updating_json(path: Path) -> Iterator[dict[str, Any]]:
+    """Read, change and write a JSON file under a lock: several workers (on several
+    machines, through a shared folder) update run.json."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        data = read_json(path)
+        yield data
+        write_json(path, data)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -7,12 +7,14 @@ the space's (TPE by default), seeded so that a resumed study draws new points.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import numpy as np
 import optuna
 
+from .errors import SpaceError
 from .knobs import Choice, Fixed, Knob, Range, Scalar
 from .plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
 from .space import Space
@@ -194,8 +196,8 @@ def make_sampler(
         if name == "grid":
             if layer_names is None:
                 raise ValueError("the grid sampler needs the model's layer names")
-            grid = grid_space(space, layer_names, quant_layers)
-            return optuna.samplers.GridSampler(grid, seed=seed)
+            # one order of the points for every worker and session: grid ids are shared
+            return _Grid(grid_space(space, layer_names, quant_layers), seed=space.search.seed)
         if name == "tpe":  # multivariate: sparsity and bits interact
             return optuna.samplers.TPESampler(
                 seed=seed, multivariate=True, group=True, n_startup_trials=10
@@ -208,6 +210,16 @@ def make_sampler(
 
 
 GRID_PROBES = 512  # random plans drawn to find every parameter a plan can have
+GRID_POINTS = 1_000_000  # Optuna lists every point in memory
+
+
+class _Grid(optuna.samplers.GridSampler):
+    """Optuna's grid, minus its ``study.stop()`` once every point is visited: that works
+    only inside ``optimize``. Past that, points are drawn again; the trial count ends
+    the study."""
+
+    def after_trial(self, *args: Any, **kwargs: Any) -> None:
+        pass
 
 
 def grid_space(
@@ -223,7 +235,15 @@ def grid_space(
         trial = probe.ask()
         sample_plan(trial, space, layer_names, quant_layers)
         found.update(trial.distributions)
-    return {name: lattice(d, space.search.grid_levels) for name, d in sorted(found.items())}
+    grid = {name: lattice(d, space.search.grid_levels) for name, d in sorted(found.items())}
+    points = math.prod(len(values) for values in grid.values())
+    if points > GRID_POINTS:
+        raise SpaceError(
+            f"search.sampler: grid: {len(grid)} parameters at search.grid_levels "
+            f"{space.search.grid_levels} make {points:.3g} points, more than "
+            f"{GRID_POINTS:,}; lower grid_levels, fix some knobs or use fewer layer groups"
+        )
+    return grid
 
 
 def lattice(distribution: optuna.distributions.BaseDistribution, levels: int) -> list[Any]:

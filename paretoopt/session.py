@@ -28,7 +28,7 @@ from .results import (
     SPACE_FILE,
     is_interrupted,
     read_json,
-    write_json,
+    updating_json,
 )
 from .sharing import redact, writer_storage
 from .space import Space, dump_space, parse_space, space_to_dict
@@ -86,10 +86,11 @@ def check_resumable(space: Space, directory: Path) -> None:
 
 def space_difference(before: dict[str, Any], space: Space, *, where: bool = True) -> str:
     """The first setting that differs between a stored space and this one ("" if none).
-    What a resume may change is left out: the trial count, the heartbeat and, for a
-    worker (``where=False``), the storage URL, which names the same server from elsewhere."""
+    What a resume may change is left out: the trial count and, for a worker
+    (``where=False``), the storage URL, which names the same server from elsewhere. The
+    heartbeat may not change: every worker judges the others' silence by it."""
     now = space_to_dict(space)
-    ignored = ("trials", "heartbeat_s") + (() if where else ("storage",))
+    ignored = ("trials",) + (() if where else ("storage",))
     for doc in (before, now):
         for key in ignored:
             doc.get("search", {}).pop(key, None)
@@ -137,15 +138,16 @@ def stored_space(study: optuna.Study, url: str) -> Space:
     stored = study.user_attrs.get(SPACE_ATTR)
     if not stored:
         raise StudyError(
-            f"study {study.study_name!r} in {url} was not started by paretoopt search "
-            "(it holds no space)"
+            f"study {study.study_name!r} in {redact(url)} was not started by paretoopt "
+            "search (it holds no space)"
         )
     return parse_space(yaml.safe_load(stored), source=f"<study {study.study_name}>")
 
 
-def check_storage(space: Space) -> None:
+def check_storage(space: Space, directory: Path) -> None:
     """Open a storage URL once before any work, so a bad one fails first and writes
-    nothing; a database may also hold a study of this name started with another space."""
+    nothing. A database may also hold a study of this name started from another results
+    folder (its baseline and artifacts are there), or with another space."""
     if space.search.storage is None:
         return
     storage = _storage(space, Path("."))
@@ -153,6 +155,12 @@ def check_storage(space: Space) -> None:
         study_id = storage.get_study_id_from_name(space.study)
     except KeyError:
         return
+    if storage.get_all_trials(study_id, deepcopy=False) and not (directory / SPACE_FILE).is_file():
+        raise StudyError(
+            f"study {space.study!r} already has trials in the database, but {directory} is "
+            "not its results folder; use --results with the study's shared folder, or "
+            "another study name"
+        )
     stored = storage.get_study_user_attrs(study_id).get(SPACE_ATTR)
     difference = space_difference(yaml.safe_load(stored), space) if stored else ""
     if difference:
@@ -230,7 +238,12 @@ def ensure_baseline(study: optuna.Study) -> None:
 def finished(study: optuna.Study) -> int:
     """Trials that count towards the study's total: interrupted ones and failed
     baselines are replaced, so they do not count."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if _counts(t))
+    return counted(study.get_trials(deepcopy=False))
+
+
+def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
+    """`finished`, on a snapshot of the trials already read."""
+    return sum(1 for t in trials if _counts(t))
 
 
 def _counts(t: optuna.trial.FrozenTrial) -> bool:
@@ -252,7 +265,6 @@ def baseline(session: Session) -> dict[str, Any]:
 
 
 def store_baseline(session: Session, record: dict[str, Any]) -> None:
-    meta = read_json(session.directory / RUN_FILE)
     keys = (
         "accuracy",
         "test_accuracy",
@@ -264,16 +276,15 @@ def store_baseline(session: Session, record: dict[str, Any]) -> None:
         "params",
         "macs",
     )
-    meta["baseline"] = {k: record[k] for k in keys}
-    write_json(session.directory / RUN_FILE, meta)
+    with updating_json(session.directory / RUN_FILE) as meta:
+        meta["baseline"] = {k: record[k] for k in keys}
 
 
 def store_confirmations(session: Session, confirmations: dict[int, dict[str, Any]]) -> None:
     """End-of-session re-measurements of front trials, by trial number (the latest wins)."""
-    meta = read_json(session.directory / RUN_FILE)
-    stored = meta.setdefault("confirmations", {})
-    stored.update({str(n): c for n, c in confirmations.items()})
-    write_json(session.directory / RUN_FILE, meta)
+    with updating_json(session.directory / RUN_FILE) as meta:
+        stored = meta.setdefault("confirmations", {})
+        stored.update({str(n): c for n, c in confirmations.items()})
 
 
 def study_reference(directory: Path) -> float | None:
@@ -286,36 +297,35 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
     run on another machine, with other versions)."""
     from .measure import hardware_fingerprint
 
-    path = session.directory / RUN_FILE
-    meta = read_json(path)
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     hardware, versions = hardware_fingerprint(), _versions()
-    meta.setdefault("created", now)
-    for key, value in {
+    facts = {
         "study": session.space.study,
         "seed": session.space.search.seed,
-        "storage": session.space.search.storage or f"journal:{JOURNAL_FILE}",
+        "storage": redact(session.space.search.storage or f"journal:{JOURNAL_FILE}"),
         "classifier": ctx.classifier,
         "prunable_layers": ctx.layer_names,
         "input_shape": list(ctx.splits.input_shape),
         "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
         "hardware": hardware,
         "versions": versions,
-    }.items():
-        meta.setdefault(key, value)
-    if ctx.calibration:
-        meta.setdefault("reference_ms", ctx.calibration["measured_ms"])
-    meta.setdefault("sessions", []).append(
-        {
-            "started": now,
-            "paretoopt": __version__,
-            "hardware": hardware,
-            "versions": versions,
-            "baseline_source": ctx.baseline_source,
-            "calibration": ctx.calibration,
-        }
-    )
-    write_json(path, meta)
+    }
+    with updating_json(session.directory / RUN_FILE) as meta:
+        meta.setdefault("created", now)
+        for key, value in facts.items():
+            meta.setdefault(key, value)
+        if ctx.calibration:
+            meta.setdefault("reference_ms", ctx.calibration["measured_ms"])
+        meta.setdefault("sessions", []).append(
+            {
+                "started": now,
+                "paretoopt": __version__,
+                "hardware": hardware,
+                "versions": versions,
+                "baseline_source": ctx.baseline_source,
+                "calibration": ctx.calibration,
+            }
+        )
 
 
 def _versions() -> dict[str, str]:

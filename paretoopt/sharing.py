@@ -22,11 +22,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 
-from .results import journal_storage
+from .results import INTERRUPTED, journal_storage
 
 GRACE_BEATS = 4  # heartbeats a running trial may miss before it counts as dead
 RETRIES = 2  # a plan whose worker died this often is dropped (it may be what kills them)
@@ -37,10 +38,14 @@ def writer_storage(url: str | None, directory: Path, heartbeat_s: int) -> BaseSt
     """The storage a search or worker writes to: heartbeats and retries on a database."""
     if url is None:
         return journal_storage(directory)
+    engine: dict[str, Any] = {"pool_pre_ping": True}  # a connection dropped while training
+    if url.startswith("postgresql"):
+        engine["connect_args"] = {"connect_timeout": 10}
     with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return RDBStorage(
             url,
+            engine_kwargs=engine,
             heartbeat_interval=heartbeat_s,
             grace_period=GRACE_BEATS * heartbeat_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
@@ -48,8 +53,10 @@ def writer_storage(url: str | None, directory: Path, heartbeat_s: int) -> BaseSt
 
 
 def redact(url: str) -> str:
-    """A storage URL fit for a message: its password replaced by ***."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    """A storage URL fit for a message or a file: any password (between "user:" and the
+    last "@", or a password= query parameter) replaced by ***."""
+    url = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", url)
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
 def is_postgres(storage: BaseStorage) -> bool:
@@ -84,22 +91,27 @@ def claim_lock(storage: BaseStorage, directory: Path, study_name: str) -> Iterat
         yield
 
 
-def ask(study: optuna.Study) -> optuna.Trial:
-    """``study.ask``; Optuna warns that heartbeats are meant for ``optimize``, but this
-    module sends them itself (see ``heartbeat``)."""
+def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial:
+    """Start a trial and record its first heartbeat before anything else, so a worker that
+    dies from here on leaves a trial the others find stale (Optuna never fails a running
+    trial that has no heartbeat at all). If the claim itself fails, the trial is failed as
+    interrupted and replaced. Optuna warns that heartbeats are meant for ``optimize``;
+    this module sends them itself (see ``heartbeat``)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-        return study.ask()
-
-
-def mark_claimed(storage: BaseStorage, study_name: str, trial: optuna.Trial) -> None:
-    """Who runs the trial, and its first heartbeat: a worker killed right after the claim
-    must still be found out."""
-    trial.set_user_attr("worker", os.getpid())
-    trial.set_user_attr("host", socket.gethostname())
-    if _interval(storage):
-        assert isinstance(storage, RDBStorage)
-        storage.record_heartbeat(_trial_id(storage, study_name, trial))
+        trial = study.ask()
+    try:
+        if _interval(storage):
+            assert isinstance(storage, RDBStorage)
+            storage.record_heartbeat(trial._trial_id)  # the id: no lookup before the beat
+        trial.set_user_attr("worker", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    return trial
 
 
 @contextmanager

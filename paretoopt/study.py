@@ -8,6 +8,7 @@ through Optuna 5's ``trial.set_constraint``, so infeasible trials never enter th
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import pandas as pd
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from .errors import StudyError, one_line
@@ -34,6 +37,7 @@ from .session import (
     baseline,
     check_resumable,
     check_storage,
+    counted,
     ensure_baseline,
     existing_trials,
     fail_interrupted,
@@ -44,7 +48,7 @@ from .session import (
     study_reference,
     write_metadata,
 )
-from .sharing import ask, claim_lock, fail_stale, heartbeat, mark_claimed
+from .sharing import GRACE_BEATS, claim, claim_lock, fail_stale, heartbeat
 from .space import Space, load_space
 from .workers import join_workers, share_cores, start_workers
 
@@ -82,7 +86,7 @@ def search(
     reporter = reporter or SilentReporter()
     results_root = Path(results_root)
     check_resumable(space, results_root / space.study)  # refuse before training anything
-    check_storage(space)
+    check_storage(space, results_root / space.study)
     from .pipeline import prepare  # torch is imported only once the space is valid
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -100,7 +104,8 @@ def search(
                 f"resume: {lost} trial(s) interrupted earlier are marked failed and "
                 "will be replaced"
             )
-        ensure_baseline(session.study)
+        with claim_lock(session.storage, session.directory, space.study):
+            ensure_baseline(session.study)  # a worker may be queueing it too
         write_metadata(session, ctx)
         helpers: list[Any] = []
         try:
@@ -163,35 +168,55 @@ def run_trials(
     limit: int | None = None,
 ) -> None:
     """Claim and run trials until the study holds its total (or `limit` trials ran here)."""
-    study, space = session.study, session.space
+    study = session.study
     reasons: list[str] = []
-    reporter.start(space, finished(study))
+    reporter.start(session.space, finished(study))
     ran = 0
     while limit is None or ran < limit:
         trial = _claim(session)
         if trial is None:
             break
         ran += 1
-        start = time.perf_counter()
         try:
-            with heartbeat(session.storage, space.study, trial):
-                record, base, feasible = _evaluate(session, ctx, trial)
-        except Exception as exc:  # a failed trial is data: record the reason, go on
-            reason = f"{type(exc).__name__}: {one_line(str(exc))}"[:REASON_LIMIT]
-            trial.set_user_attr("fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            reporter.trial_failed(trial.number, reason)
-            if trial.user_attrs.get(BASELINE_ATTR):
-                raise StudyError(
-                    f"the baseline trial failed, so no figure can be read against it: {reason}"
-                ) from exc
-            reasons.append(reason)
-            if max_failures is not None and len(reasons) >= max_failures:
-                raise StudyError(_failure_summary(reasons, max_failures)) from exc
-        else:
-            study.tell(trial, [record[METRIC_COLUMNS[m]] for m in space.metrics])
-            reporter.trial_done(trial.number, record, time.perf_counter() - start, base, feasible)
+            _run_one(session, ctx, trial, reporter, reasons, max_failures)
+        except UpdateFinishedTrialError:  # declared dead by another worker, plan queued again
+            reporter.log(
+                f"[yellow]warning[/]: trial {trial.number} was taken over: its heartbeats "
+                f"did not reach the database for {GRACE_BEATS} intervals"
+            )
         reporter.advance(finished(study))
+
+
+def _run_one(
+    session: Session,
+    ctx: StudyContext,
+    trial: optuna.Trial,
+    reporter: Reporter,
+    reasons: list[str],
+    max_failures: int | None,
+) -> None:
+    study, space = session.study, session.space
+    start = time.perf_counter()
+    try:
+        with heartbeat(session.storage, space.study, trial):
+            record, base, feasible = _evaluate(session, ctx, trial)
+    except UpdateFinishedTrialError:
+        raise
+    except Exception as exc:  # a failed trial is data: record the reason, go on
+        reason = f"{type(exc).__name__}: {one_line(str(exc))}"[:REASON_LIMIT]
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
+        reporter.trial_failed(trial.number, reason)
+        if trial.user_attrs.get(BASELINE_ATTR):
+            raise StudyError(
+                f"the baseline trial failed, so no figure can be read against it: {reason}"
+            ) from exc
+        reasons.append(reason)
+        if max_failures is not None and len(reasons) >= max_failures:
+            raise StudyError(_failure_summary(reasons, max_failures)) from exc
+    else:
+        study.tell(trial, [record[METRIC_COLUMNS[m]] for m in space.metrics])
+        reporter.trial_done(trial.number, record, time.perf_counter() - start, base, feasible)
 
 
 def _claim(session: Session) -> optuna.Trial | None:
@@ -202,21 +227,19 @@ def _claim(session: Session) -> optuna.Trial | None:
     while True:
         with claim_lock(session.storage, session.directory, name):
             fail_stale(study)
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            if finished(study) + running >= session.space.search.trials:
+            trials = study.get_trials(deepcopy=False)  # one snapshot: no trial counted twice
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if counted(trials) + running >= session.space.search.trials:
                 return None
-            if not _baseline_elsewhere(study):
+            if not _baseline_elsewhere(trials):
                 ensure_baseline(study)  # queued again if its worker died for good
-                trial = ask(study)
-                mark_claimed(session.storage, name, trial)
-                return trial
+                return claim(session.storage, study)
         time.sleep(CLAIM_POLL_S)
 
 
-def _baseline_elsewhere(study: optuna.Study) -> bool:
+def _baseline_elsewhere(trials: list[optuna.trial.FrozenTrial]) -> bool:
     """The baseline is not done yet and another process is running it."""
-    live = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    states = {t.state for t in live if t.user_attrs.get(BASELINE_ATTR)}
+    states = {t.state for t in trials if t.user_attrs.get(BASELINE_ATTR)}
     return TrialState.RUNNING in states and TrialState.COMPLETE not in states
 
 
@@ -224,14 +247,21 @@ def _drain(
     session: Session, ctx: StudyContext, reporter: Reporter, max_failures: int | None
 ) -> None:
     """Wait for the trials other workers still run, and run the retry of any whose worker
-    died, so that the front is assembled from the whole study."""
-    study, told = session.study, 0
-    while running := len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))):
-        if running != told:
-            reporter.log(f"waiting for {running} trial(s) running in other workers")
-            told = running
-        time.sleep(CLAIM_POLL_S)
+    died, so that the front is assembled from the whole study. The end is decided under
+    the claim lock: no worker is then between failing a dead trial and starting its retry."""
+    study, told = session.study, -1
+    while True:
         run_trials(session, ctx, reporter, max_failures)
+        with claim_lock(session.storage, session.directory, session.space.study):
+            fail_stale(study)
+            trials = study.get_trials(deepcopy=False)
+            busy = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+            if not busy and counted(trials) >= session.space.search.trials:
+                return
+        if busy != told:
+            reporter.log(f"waiting for {busy} trial(s) running in other workers")
+            told = busy
+        time.sleep(CLAIM_POLL_S)
 
 
 def _failure_summary(reasons: list[str], limit: int) -> str:
@@ -263,6 +293,9 @@ def _evaluate(
     trial.set_user_attr("plan_summary", plan.summary())
     out_dir = session.directory / TRIALS_DIR / str(trial.number)
     record = run_trial(ctx, plan, out_dir, session.space.search.seed + trial.number)
+    bad = [m for m in session.space.metrics if not math.isfinite(record[METRIC_COLUMNS[m]])]
+    if bad:  # Optuna would fail the trial silently, with no reason
+        raise ValueError(f"objective(s) {', '.join(bad)} not finite")
     record["artifact"] = str(out_dir.relative_to(session.directory))
     record["plan_summary"] = plan.summary()
     if is_baseline:
@@ -301,11 +334,17 @@ def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None
     results = load_results(session.directory, session.space.search.storage)
     frame = results.trials
     baseline_ids = set(frame.loc[frame["baseline"], "number"] if len(frame) else [])
+    states = frame["state"] if len(frame) else pd.Series(dtype=str)
+    live = set(frame.loc[states.isin(["RUNNING", "WAITING"]), "number"] if len(frame) else [])
     keep = set(results.pareto.get("number", [])) | baseline_ids
     trials_dir = session.directory / TRIALS_DIR
     if trials_dir.is_dir():
         for child in trials_dir.iterdir():
-            if not child.name.isdigit() or int(child.name) not in keep:
+            stem = child.name.removesuffix(".partial")
+            number = int(stem) if stem.isdigit() else None
+            if number in live:  # another worker is still writing it
+                continue
+            if number not in keep or child.name != stem:
                 shutil.rmtree(child, ignore_errors=True)
     if ctx is not None:
         front = [int(n) for n in results.pareto.get("number", []) if int(n) not in baseline_ids]

@@ -104,10 +104,12 @@ def join_study(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = _joinable_space(url, name, results_root)
     directory = results_root / name
-    if study_reference(directory) is None:
-        reporter.log(f"waiting for study {name!r} to calibrate its baseline")
+    waited = 0.0
     while study_reference(directory) is None:  # calibration comes before any trial
+        if waited % 60 == 0:
+            reporter.log(f"waiting for study {name!r} to calibrate its baseline ({waited:.0f} s)")
         time.sleep(JOIN_POLL_S)
+        waited += JOIN_POLL_S
     seed = zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())  # one per worker
     run_as_worker(space, results_root, seed, reporter, max_failures)
 

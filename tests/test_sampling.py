@@ -117,3 +117,31 @@ def test_the_grid_sampler_draws_distinct_lattice_points():
         study.tell(trial, [1.0, 1.0, 1.0])
         seen.append(study.trials[-1].system_attrs["grid_id"])
     assert len(set(seen)) == 10
+
+
+def test_an_exhausted_grid_keeps_drawing_and_every_worker_shares_one_order():
+    doc = {**TINY, "search": {"sampler": "grid", "seed": 4, "grid_levels": 2}}
+    doc["space"] = {"quantization": {"bits": [4, 8]}, "finetune": {"epochs": 0}}
+    space = parse_space(doc)
+    study = optuna.create_study(directions=space.directions)
+    first, other = make_sampler(space, 0, []), make_sampler(space, 7, [])
+    assert first._all_grids == other._all_grids  # the offset does not reorder the grid
+    study.sampler = first
+    for _ in range(3):  # two points, three trials: the third must not stop the study
+        trial = study.ask()
+        sample_plan(trial, space, [])
+        study.tell(trial, [1.0, 1.0, 1.0])
+    assert len(study.trials) == 3
+
+
+def test_a_grid_too_large_to_list_is_refused():
+    from paretoopt.errors import SpaceError
+
+    doc = {**TINY, "search": {"sampler": "grid", "grid_levels": 20}}
+    doc["space"] = {
+        **TINY["space"],
+        "pruning": {**TINY["space"]["pruning"], "distribution": "per_layer"},
+    }
+    layers = [f"l{i}" for i in range(8)]
+    with pytest.raises(SpaceError, match="lower grid_levels"):
+        grid_space(parse_space(doc), layers)

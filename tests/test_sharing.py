@@ -41,10 +41,9 @@ def _sqlite_study(tmp_path: Path, heartbeat_s: int = 1) -> tuple[optuna.Study, A
 
 
 def _claim(study: optuna.Study, storage: Any) -> optuna.Trial:
-    trial = sharing.ask(study)
+    trial = sharing.claim(storage, study)
     trial.suggest_float("sparsity", 0.0, 0.9)
     trial.suggest_categorical("bits", [4, 8])
-    sharing.mark_claimed(storage, study.study_name, trial)
     return trial
 
 
@@ -62,7 +61,7 @@ def test_a_silent_trial_is_failed_as_interrupted_and_queued_again(tmp_path, monk
     assert waiting.params == dead.params
     assert waiting.system_attrs["failed_trial"] == dead.number
     assert "fail_reason" not in waiting.user_attrs
-    retry = sharing.ask(study)  # the next claim takes the same plan
+    retry = sharing.claim(storage, study)  # the next claim takes the same plan
     assert retry.number == waiting.number
     assert retry.suggest_float("sparsity", 0.0, 0.9) == dead.params["sparsity"]
 
@@ -76,8 +75,7 @@ def test_a_plan_whose_worker_keeps_dying_is_dropped_after_the_retries(tmp_path, 
         sharing.fail_stale(study)
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             break
-        retry = sharing.ask(study)
-        sharing.mark_claimed(storage, study.study_name, retry)
+        sharing.claim(storage, study)
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL] * (sharing.RETRIES + 1)
     assert all(t.params == first.params for t in trials)
@@ -98,17 +96,19 @@ def test_heartbeats_keep_a_long_trial_alive(tmp_path, monkeypatch):
 def test_the_journal_file_has_no_heartbeats(tmp_path):
     storage = sharing.writer_storage(None, tmp_path, 1)
     study = optuna.create_study(study_name="j", storage=storage)
-    trial = sharing.ask(study)
-    sharing.mark_claimed(storage, "j", trial)
+    trial = sharing.claim(storage, study)
     with sharing.heartbeat(storage, "j", trial):
         pass
     assert trial.user_attrs["worker"] == os.getpid() and trial.user_attrs["host"]
 
 
 def test_storage_urls_in_messages_hide_the_password():
-    assert sharing.redact("postgresql://me:s3cr:t@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert sharing.redact("postgresql://me:s3cr@t@db:5432/x") == "postgresql://me:***@db:5432/x"
     assert sharing.redact("postgresql://me@db/x") == "postgresql://me@db/x"
     assert sharing.redact("sqlite:///a.db") == "sqlite:///a.db"
+    assert sharing.redact("postgresql://db/x?user=me&password=pw") == (
+        "postgresql://db/x?user=me&password=***"
+    )
 
 
 def test_a_worker_refuses_a_storage_other_than_postgresql(tmp_path, capsys):

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from torch import nn
 
 TEMPLATES = 32  # architectures kept per process (a conv model's graph is about 1 MB)
+PLAIN = (bool, int, float, str, tuple, type(None))  # attributes that may steer forward()
 _templates: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
 
 
@@ -37,10 +38,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     model = model.eval()
     state = model.state_dict()
     key = _architecture(model, state, example)
-    template = _templates.get(key)
+    template = _templates.get(key) if key is not None else None
     if template is None:
         template = _trace(model, example)
-        if _rebuildable(template, state):
+        if key is not None and _rebuildable(template, state):
             _templates[key] = template
             if len(_templates) > TEMPLATES:
                 _templates.popitem(last=False)
@@ -55,11 +56,30 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 def _architecture(
     model: nn.Module, state: dict[str, torch.Tensor], example: torch.Tensor
-) -> tuple[Any, ...]:
-    """What the traced graph depends on: the module tree (types and hyperparameters, as
-    printed), every tensor's name, shape and type, and the input's."""
+) -> tuple[Any, ...] | None:
+    """What the traced graph depends on: every module's class (the class object itself:
+    a class redefined later is another one) and plain attributes (``num_heads`` is not
+    printed by every module), every tensor's name, shape and type, and the input's. None
+    where hooks could change the forward pass unseen: such a model is traced each time."""
+    modules = []
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return None
+        plain = tuple(
+            sorted(
+                (k, v)
+                for k, v in vars(module).items()
+                if isinstance(v, PLAIN) and not k.startswith("_")
+            )
+        )
+        modules.append((name, id(type(module)), type(module).__qualname__, plain))
     tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in state.items())
-    return (str(model), tensors, tuple(example.shape[1:]), example.dtype)
+    key = (tuple(modules), tensors, tuple(example.shape[1:]), example.dtype)
+    try:
+        hash(key)
+    except TypeError:  # a tuple attribute holding a list
+        return None
+    return key
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> bytes:
