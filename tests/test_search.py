@@ -343,13 +343,14 @@ def test_killed_at_random_moments_a_search_loses_only_running_trials(tmp_path, t
 def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     from .conftest import TINY
 
-    doc = dict(TINY, search={"trials": 7, "seed": 0})
+    # enough trials that the helper, which first imports torch and calibrates, gets some
+    doc = dict(TINY, search={"trials": 14, "seed": 0})
     space = write_space(tmp_path / "tiny.yaml", doc)
     results = tmp_path / "results"
     args = ["search", "--space", str(space), "--results", str(results), "--workers", "2"]
     assert run_cli(*args) == 0
     frame = load_results(results / "tiny").trials
-    assert list(frame["number"]) == list(range(7)) and (frame["state"] == "COMPLETE").all()
+    assert list(frame["number"]) == list(range(14)) and (frame["state"] == "COMPLETE").all()
     import optuna
 
     from paretoopt.results import journal_storage

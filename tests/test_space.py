@@ -124,7 +124,7 @@ def test_knob_forms():
         ({**BASE, "search": {"trials": 0}}, "search.trials: must be >= 1, but got 0"),
         (
             {**BASE, "search": {"sampler": "cmaes"}},
-            "search.sampler: 'cmaes' is not supported; choose from tpe, nsga2, random, gp",
+            "search.sampler: 'cmaes' is not supported; choose from tpe, nsga2, random, gp, grid",
         ),
         (
             {**BASE, "target": {"runtime": "tflite"}},
