@@ -29,6 +29,7 @@ from .sampling import make_sampler
 from .session import Session, existing_trials, space_difference, stored_space, study_reference
 from .sharing import writer_storage
 from .space import Space
+from .trials import run_trials
 
 JOIN_POLL_S = 2.0  # how often a joining worker looks for the study's calibration
 
@@ -81,7 +82,6 @@ def run_as_worker(
     scale, a sampler of its own; then trials until the study is full. The process that
     started the study holds its folder lock, so a worker takes none."""
     from .pipeline import calibrate, prepare
-    from .study import run_trials
 
     directory = root / space.study
     ctx = prepare(space, root / ".cache", log=reporter.log)
