@@ -214,13 +214,16 @@ def existing_trials(space: Space, results_root: Path) -> int:
     return len(storage.get_all_trials(study_id, deepcopy=False))
 
 
-def fail_interrupted(session: Session) -> int:
-    """Trials left RUNNING in the embedded storage belong to a process that died."""
+def fail_interrupted(session: Session, pids: set[int] | None = None) -> int:
+    """Trials left RUNNING in the embedded storage belong to a process that died: all of
+    them when a session starts (it holds the study's lock), or those of the helper
+    processes `pids` that died during the session."""
     if not session.embedded:
         return 0
     storage = session.storage
     study_id = storage.get_study_id_from_name(session.space.study)
-    stale = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    stale = [t for t in running if pids is None or t.user_attrs.get("worker") in pids]
     for t in stale:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)

@@ -103,6 +103,9 @@ def search(
                 share_cores(workers)
             run_trials(session, ctx, reporter, max_failures)
             join_workers(helpers, reporter)
+            dead = {h.pid for h in helpers if h.exitcode}
+            if dead and fail_interrupted(session, dead):  # replace what they left running
+                run_trials(session, ctx, reporter, max_failures)
             if not session.embedded:
                 drain(session, ctx, reporter, max_failures)
         finally:  # an interrupt must not leave a live progress display or helpers behind

@@ -359,3 +359,46 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     workers = {t.user_attrs["worker"] for t in study.get_trials()}
     assert len(workers) == 2  # both processes ran trials
     assert sum(t.user_attrs.get("paretoopt.baseline", False) for t in study.get_trials()) == 1
+
+
+def test_a_helper_killed_mid_trial_is_replaced_in_the_same_session(tmp_path):
+    """`--workers 2` on the journal file: SIGKILL the helper while it runs a trial. The
+    search still ends with the requested number of complete trials, and the helper's
+    trial is failed as interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    from paretoopt.results import journal_storage
+
+    from .conftest import TINY
+
+    doc = dict(TINY, search={"trials": 14, "seed": 0})
+    space = write_space(tmp_path / "tiny.yaml", doc)
+    command = [sys.executable, "-m", "paretoopt.cli", "search", "--space", str(space)]
+    command += ["--results", str(tmp_path / "r"), "--workers", "2"]
+    search = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    journal = tmp_path / "r" / "tiny" / "study.journal"
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline and search.poll() is None:
+        time.sleep(0.1)
+        if not journal.is_file():
+            continue
+        study = optuna.load_study(study_name="tiny", storage=journal_storage(journal.parent))
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            pid = t.user_attrs.get("worker")
+            if pid not in (None, search.pid) and "plan_summary" in t.user_attrs:
+                os.kill(pid, signal.SIGKILL)
+                killed = t.number
+                break
+    assert killed is not None, "the helper never ran a trial"
+    assert search.wait(timeout=180) == 0
+    trials = pd.read_csv(tmp_path / "r" / "tiny" / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() == 14
+    lost = trials[trials["number"] == killed].iloc[0]
+    assert lost["state"] == "FAIL" and lost["fail_reason"].startswith("interrupted")
