@@ -63,7 +63,8 @@ def check_resumable(space: Space, directory: Path) -> None:
     """A study folder may be resumed only with the same space (the trial count aside)."""
     stored = directory / SPACE_FILE
     if not stored.is_file():
-        if directory.exists() and any(p.name != LOCK_FILE for p in directory.iterdir()):
+        leftovers = {LOCK_FILE, SPACE_FILE + ".tmp"}  # a start killed before the space landed
+        if directory.exists() and any(p.name not in leftovers for p in directory.iterdir()):
             raise StudyError(
                 f"{directory} exists and is not a paretoopt study; choose another "
                 "study name or move the folder"
@@ -114,6 +115,8 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
     directory.mkdir(parents=True, exist_ok=True)
     lock = _lock(directory, space.study)
     try:
+        # the space first: a folder holding a journal but no space.yaml reads as foreign
+        _write_text(directory / SPACE_FILE, dump_space(space))
         storage = storage or _storage(space, directory)
         study = optuna.create_study(
             study_name=space.study,
@@ -122,7 +125,6 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
             directions=space.directions,
             sampler=sampler,
         )
-        _write_text(directory / SPACE_FILE, dump_space(space))
         study.set_user_attr(SPACE_ATTR, dump_space(space))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

@@ -13,6 +13,7 @@ whose process died is noticed and retried. No torch here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import re
@@ -26,12 +27,14 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial
 
 from .results import INTERRUPTED, journal_storage
 
 GRACE_BEATS = 4  # heartbeats a running trial may miss before it counts as dead
 RETRIES = 2  # a plan whose worker died this often is dropped (it may be what kills them)
 CLAIM_FILE = ".claim.lock"
+CLAIMANT = ("worker", "host")  # recorded by the claim, under the claim lock
 
 
 def writer_storage(url: str | None, directory: Path, heartbeat_s: int) -> BaseStorage:
@@ -48,7 +51,7 @@ def writer_storage(url: str | None, directory: Path, heartbeat_s: int) -> BaseSt
             engine_kwargs=engine,
             heartbeat_interval=heartbeat_s,
             grace_period=GRACE_BEATS * heartbeat_s,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=RETRIES),
+            heartbeat_stale_trial_callback=_Retry(max_retry=RETRIES),
         )
 
 
@@ -63,11 +66,34 @@ def is_postgres(storage: BaseStorage) -> bool:
     return isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql"
 
 
-def fail_stale(study: optuna.Study) -> None:
-    """Fail (and queue again) the running trials whose worker stopped sending heartbeats."""
+def fail_stale(study: optuna.Study, storage: BaseStorage) -> None:
+    """Fail the running trials whose worker died: those whose heartbeats stopped (queued
+    again), and those whose claim never finished. Called under the claim lock, and a
+    claim finishes (``worker`` recorded) before its lock is released, so a running trial
+    without a worker seen here lost its process inside ``study.ask``, before its first
+    heartbeat: a trial Optuna would never fail."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    orphans = [t for t in running if "worker" not in t.user_attrs]
+    if orphans:
+        study_id = storage.get_study_id_from_name(study.study_name)
+    for t in orphans:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
+            storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+
+
+class _Retry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry, minus the dead trial's ``worker`` and ``host``: the retry has not
+    been claimed by anyone yet (``fail_stale`` relies on it)."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.copy(trial)
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in CLAIMANT}
+        super().__call__(study, trial)
 
 
 @contextmanager

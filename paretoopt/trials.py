@@ -99,7 +99,7 @@ def _claim(session: Session) -> optuna.Trial | None:
     study, name = session.study, session.space.study
     while True:
         with claim_lock(session.storage, session.directory, name):
-            fail_stale(study)
+            fail_stale(study, session.storage)
             trials = study.get_trials(deepcopy=False)  # one snapshot: no trial counted twice
             running = sum(t.state == TrialState.RUNNING for t in trials)
             if counted(trials) + running >= session.space.search.trials:
@@ -126,7 +126,7 @@ def drain(
     while True:
         run_trials(session, ctx, reporter, max_failures)
         with claim_lock(session.storage, session.directory, session.space.study):
-            fail_stale(study)
+            fail_stale(study, session.storage)
             trials = study.get_trials(deepcopy=False)
             busy = sum(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
             if not busy and counted(trials) >= session.space.search.trials:

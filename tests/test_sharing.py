@@ -52,7 +52,7 @@ def test_a_silent_trial_is_failed_as_interrupted_and_queued_again(tmp_path, monk
     study, storage = _sqlite_study(tmp_path)
     dead = _claim(study, storage)  # claimed, one heartbeat, then its worker "dies"
     time.sleep(2.2)
-    sharing.fail_stale(study)
+    sharing.fail_stale(study, storage)
     lost = study.get_trials(deepcopy=False)[dead.number]
     assert lost.state == TrialState.FAIL
     assert fail_reason(lost) == STALE and "fail_reason" not in lost.user_attrs
@@ -61,6 +61,7 @@ def test_a_silent_trial_is_failed_as_interrupted_and_queued_again(tmp_path, monk
     assert waiting.params == dead.params
     assert waiting.system_attrs["failed_trial"] == dead.number
     assert "fail_reason" not in waiting.user_attrs
+    assert "worker" not in waiting.user_attrs  # nobody has claimed the retry yet
     retry = sharing.claim(storage, study)  # the next claim takes the same plan
     assert retry.number == waiting.number
     assert retry.suggest_float("sparsity", 0.0, 0.9) == dead.params["sparsity"]
@@ -72,7 +73,7 @@ def test_a_plan_whose_worker_keeps_dying_is_dropped_after_the_retries(tmp_path, 
     first = _claim(study, storage)
     for _ in range(sharing.RETRIES + 1):
         time.sleep(2.2)
-        sharing.fail_stale(study)
+        sharing.fail_stale(study, storage)
         if not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             break
         sharing.claim(storage, study)
@@ -82,13 +83,26 @@ def test_a_plan_whose_worker_keeps_dying_is_dropped_after_the_retries(tmp_path, 
     assert not study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_a_claim_that_died_inside_ask_is_failed_at_the_next_claim(tmp_path):
+    """A worker killed inside study.ask leaves a running trial with no heartbeat, which
+    Optuna never fails; claims finish under the lock, so one without a worker is dead."""
+    study, storage = _sqlite_study(tmp_path, heartbeat_s=60)
+    study.ask()  # the claim's process dies here, before its first heartbeat
+    alive = _claim(study, storage)
+    sharing.fail_stale(study, storage)
+    lost, running = study.get_trials(deepcopy=False)
+    assert lost.state == TrialState.FAIL and fail_reason(lost).startswith("interrupted:")
+    assert running.number == alive.number and running.state == TrialState.RUNNING
+
+
 def test_heartbeats_keep_a_long_trial_alive(tmp_path, monkeypatch):
     monkeypatch.setattr(sharing, "GRACE_BEATS", 2)
     study, storage = _sqlite_study(tmp_path)
     trial = _claim(study, storage)
     with sharing.heartbeat(storage, "s", trial):
         time.sleep(4.5)  # more than twice the grace period
-        sharing.fail_stale(study)
+        sharing.fail_stale(study, storage)
     assert study.get_trials(deepcopy=False)[0].state == TrialState.RUNNING
     study.tell(trial, 1.0)
 
