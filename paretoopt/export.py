@@ -205,7 +205,7 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
     model = load_compressed(source / ARTIFACT, lambda: create_model(space.model))
     example = torch.zeros(1, *read_metadata(source / ARTIFACT)["input_shape"])
     if fmt == "onnx":
-        from .measure.runtimes import export_onnx
+        from .measure.onnx_export import export_onnx
 
         export_onnx(model, example, path)
         return True

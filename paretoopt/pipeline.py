@@ -28,7 +28,7 @@ from .errors import SpaceError, TrialError
 from .measure import OrtRunner, Runner, runtime_accuracy
 from .measure.gate import MeasurementGate
 from .measure.int8 import integer_initializers, quantize_model
-from .measure.runtimes import export_onnx
+from .measure.onnx_export import export_onnx
 from .measure.target import Target
 from .models import create_model, load_checkpoint
 from .plan import CompressionPlan

@@ -2,6 +2,7 @@
 
 - ``protocol``: the latency protocol (warm-up, rounds, paired timing against the baseline);
 - ``runtimes``: the deployed model in ONNX Runtime or eager PyTorch, and its accuracy;
+- ``onnx_export``: the model as ONNX, traced once per architecture;
 - ``int8``: the int8 ONNX model with calibrated activations and the plan's exact weights;
 - ``fingerprint``: the machine a measurement was made on.
 """
@@ -9,11 +10,11 @@
 from __future__ import annotations
 
 from .fingerprint import hardware_fingerprint
+from .onnx_export import export_onnx
 from .protocol import LatencyStats, Runner, time_paired, time_runner
 from .runtimes import (
     OrtRunner,
     TorchRunner,
-    export_onnx,
     runtime_accuracy,
     runtime_logits,
     runtime_threads,

@@ -18,10 +18,7 @@ import torch
 from torch import nn
 
 from ..data import Split
-from .onnx_export import export_onnx
 from .protocol import DeviceTime, Runner
-
-__all__ = ["CudaRunner", "OrtRunner", "TorchRunner", "export_onnx"]
 
 
 class OrtRunner:

@@ -21,8 +21,9 @@ from ..errors import StudyError
 from ..space import TargetSpec
 from .agent import AgentClient
 from .gate import MeasurementGate
+from .onnx_export import export_onnx
 from .protocol import LatencyStats, Runner, time_paired, time_runner
-from .runtimes import CudaRunner, OrtRunner, TorchRunner, export_onnx, runtime_threads, timing_batch
+from .runtimes import CudaRunner, OrtRunner, TorchRunner, runtime_threads, timing_batch
 
 CALIBRATION_ROUNDS = 3
 SETTLE_TOLERANCE = 0.02
