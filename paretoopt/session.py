@@ -18,11 +18,10 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from . import __version__
+from . import __version__, sharing
 from .errors import StudyError
 from .results import (
     BASELINE_ATTR,
-    INTERRUPTED,
     JOURNAL_FILE,
     RUN_FILE,
     SPACE_FILE,
@@ -222,21 +221,20 @@ def fail_interrupted(session: Session, pids: set[int] | None = None) -> int:
     processes `pids` that died during the session."""
     if not session.embedded:
         return 0
-    storage = session.storage
-    study_id = storage.get_study_id_from_name(session.space.study)
     running = session.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     stale = [t for t in running if pids is None or t.user_attrs.get("worker") in pids]
-    for t in stale:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
-        storage.set_trial_state_values(trial_id, TrialState.FAIL)
-    return len(stale)
+    return sharing.fail_interrupted(session.storage, session.space.study, stale)
 
 
-def ensure_baseline(study: optuna.Study) -> None:
-    """Queue the uncompressed baseline unless one is done, queued or running."""
+def ensure_baseline(
+    study: optuna.Study, trials: list[optuna.trial.FrozenTrial] | None = None
+) -> None:
+    """Queue the uncompressed baseline unless one is done, queued or running (in
+    `trials`, a snapshot already read, or in the study)."""
     live = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
-    if not any(t.user_attrs.get(BASELINE_ATTR) for t in study.get_trials(states=live)):
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=live)
+    if not any(t.user_attrs.get(BASELINE_ATTR) and t.state in live for t in trials):
         study.enqueue_trial({}, user_attrs={BASELINE_ATTR: True})
 
 

@@ -76,14 +76,23 @@ def fail_stale(study: optuna.Study, storage: BaseStorage) -> None:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    orphans = [t for t in running if "worker" not in t.user_attrs]
-    if orphans:
-        study_id = storage.get_study_id_from_name(study.study_name)
-    for t in orphans:
+    fail_interrupted(
+        storage, study.study_name, [t for t in running if "worker" not in t.user_attrs]
+    )
+
+
+def fail_interrupted(storage: BaseStorage, study_name: str, trials: list[FrozenTrial]) -> int:
+    """Fail running trials whose process died, as interrupted: replaced, not counted.
+    A trial another process failed meanwhile is left as it is."""
+    if not trials:
+        return 0
+    study_id = storage.get_study_id_from_name(study_name)
+    for t in trials:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             storage.set_trial_user_attr(trial_id, "fail_reason", INTERRUPTED)
             storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)
+    return len(trials)
 
 
 class _Retry(RetryHeartbeatStaleTrialCallback):
@@ -141,14 +150,14 @@ def claim(storage: BaseStorage, study: optuna.Study) -> optuna.Trial:
 
 
 @contextmanager
-def heartbeat(storage: BaseStorage, study_name: str, trial: optuna.Trial) -> Iterator[None]:
+def heartbeat(storage: BaseStorage, trial: optuna.Trial) -> Iterator[None]:
     """Heartbeats from a thread while the trial runs (a no-op on the journal file)."""
     interval = _interval(storage)
     if not interval:
         yield
         return
     assert isinstance(storage, RDBStorage)
-    trial_id = _trial_id(storage, study_name, trial)
+    trial_id = trial._trial_id  # as in claim: Optuna keeps no public handle on it
     stop = threading.Event()
 
     def beat() -> None:
@@ -167,8 +176,3 @@ def heartbeat(storage: BaseStorage, study_name: str, trial: optuna.Trial) -> Ite
 
 def _interval(storage: BaseStorage) -> int | None:
     return storage.get_heartbeat_interval() if isinstance(storage, RDBStorage) else None
-
-
-def _trial_id(storage: BaseStorage, study_name: str, trial: optuna.Trial) -> int:
-    study_id = storage.get_study_id_from_name(study_name)
-    return storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)

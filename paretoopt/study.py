@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
-import pandas as pd
-from optuna.trial import TrialState
 
 from .errors import StudyError, one_line
 from .report import Reporter, SilentReporter
 from .results import (
-    BASELINE_ATTR,
     TRIALS_DIR,
     StudyResults,
     load_results,
@@ -97,8 +94,7 @@ def search(
         write_metadata(session, ctx)
         helpers: list[Any] = []
         try:
-            if workers > 1:  # the baseline first: no candidate runs without it
-                run_trials(session, ctx, reporter, max_failures, limit=_baseline_pending(session))
+            if workers > 1:  # helpers wait for the baseline in their claims (see trials)
                 helpers = start_workers(space, results_root, workers - 1, max_failures)
                 share_cores(workers)
             run_trials(session, ctx, reporter, max_failures)
@@ -156,9 +152,10 @@ def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None
     latency against the baseline (given the study context), then write the tables."""
     results = load_results(session.directory, session.space.search.storage)
     frame = results.trials
-    baseline_ids = set(frame.loc[frame["baseline"], "number"] if len(frame) else [])
-    states = frame["state"] if len(frame) else pd.Series(dtype=str)
-    live = set(frame.loc[states.isin(["RUNNING", "WAITING"]), "number"] if len(frame) else [])
+    baseline_ids, live = set(), set()
+    if len(frame):
+        baseline_ids = set(frame.loc[frame["baseline"], "number"])
+        live = set(frame.loc[frame["state"].isin(["RUNNING", "WAITING"]), "number"])
     keep = set(results.pareto.get("number", [])) | baseline_ids
     trials_dir = session.directory / TRIALS_DIR
     if trials_dir.is_dir():
@@ -192,12 +189,3 @@ def _confirm(session: Session, ctx: StudyContext, numbers: list[int], reporter: 
     if out:
         store_confirmations(session, out)
         reporter.log(f"confirmation: re-measured the latency of {len(out)} front trial(s)")
-
-
-# --------------------------------------------------------------------------- workers
-
-
-def _baseline_pending(session: Session) -> int:
-    """1 while the study's baseline has not completed (it is then the next trial)."""
-    done = session.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return 0 if any(t.user_attrs.get(BASELINE_ATTR) for t in done) else 1

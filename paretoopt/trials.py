@@ -71,7 +71,7 @@ def _run_one(
     study, space = session.study, session.space
     start = time.perf_counter()
     try:
-        with heartbeat(session.storage, space.study, trial):
+        with heartbeat(session.storage, trial):
             record, base, feasible = _evaluate(session, ctx, trial)
     except UpdateFinishedTrialError:
         raise
@@ -105,7 +105,7 @@ def _claim(session: Session) -> optuna.Trial | None:
             if counted(trials) + running >= session.space.search.trials:
                 return None
             if not _baseline_elsewhere(trials):
-                ensure_baseline(study)  # queued again if its worker died for good
+                ensure_baseline(study, trials)  # queued again if its worker died for good
                 return claim(session.storage, study)
         time.sleep(CLAIM_POLL_S)
 

@@ -1,9 +1,9 @@
 """Worker processes: several trial processes sharing one study, on one machine
 (``search --workers N``) or on many (``paretoopt worker``).
 
-The parent runs the baseline first and holds the study's lock; each helper loads the
-baseline from the cache, calibrates on the study's latency scale, seeds its own sampler
-and claims trials until the study is full (see ``study.run_trials``). Helpers are
+The parent holds the study's lock; each helper loads the baseline from the cache,
+calibrates on the study's latency scale, seeds its own sampler and claims trials until
+the study is full, waiting while the baseline trial runs (see ``trials.run_trials``). Helpers are
 spawned, not forked (torch does not fork safely), and train with their share of the
 cores. The measurement gate keeps their timing apart from each other's training.
 """

@@ -100,7 +100,7 @@ def test_heartbeats_keep_a_long_trial_alive(tmp_path, monkeypatch):
     monkeypatch.setattr(sharing, "GRACE_BEATS", 2)
     study, storage = _sqlite_study(tmp_path)
     trial = _claim(study, storage)
-    with sharing.heartbeat(storage, "s", trial):
+    with sharing.heartbeat(storage, trial):
         time.sleep(4.5)  # more than twice the grace period
         sharing.fail_stale(study, storage)
     assert study.get_trials(deepcopy=False)[0].state == TrialState.RUNNING
@@ -111,7 +111,7 @@ def test_the_journal_file_has_no_heartbeats(tmp_path):
     storage = sharing.writer_storage(None, tmp_path, 1)
     study = optuna.create_study(study_name="j", storage=storage)
     trial = sharing.claim(storage, study)
-    with sharing.heartbeat(storage, "j", trial):
+    with sharing.heartbeat(storage, trial):
         pass
     assert trial.user_attrs["worker"] == os.getpid() and trial.user_attrs["host"]
 
