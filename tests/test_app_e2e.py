@@ -32,8 +32,10 @@ def test_pick_a_candidate_in_a_browser(root):
         page.get_by_text("Candidates within the budget").wait_for(timeout=60_000)
         choose_candidate(page, number)
         page.get_by_text(f"Trial {number}:").wait_for(timeout=30_000)
-        code = page.locator('[data-testid="stCode"]').first.inner_text()
-        assert f"--trial {number}" in code and "paretoopt export --study tiny" in code
+        # the card re-renders in steps: wait for its export command, not the first code block
+        command = page.locator('[data-testid="stCode"]', has_text=f"--trial {number} --out").first
+        command.wait_for(timeout=30_000)
+        assert "paretoopt export --study tiny" in command.inner_text()
         download = page.get_by_role("button", name="Download model files and card (.zip)")
         assert download.is_visible()
         page.get_by_text("Per layer: sparsity").first.wait_for(timeout=30_000)
