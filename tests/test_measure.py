@@ -300,7 +300,7 @@ def test_agent_rejects_bad_uploads(agent, models, tmp_path):
     assert status == 400 and "batch_size: an integer from 1 to 4096 is required" in text
     job = (
         b'{"model": "feed", "batch_size": 1, "threads": 1, "warmup": 0, "warmup_s": 0, '
-        b'"repeats": 1, '
+        b'"warmup_tolerance": 0, "repeats": 1, '
         b'"iterations": 1}'
     )
     status, text = _raw(agent, "POST", "/measure", job, auth)
@@ -352,14 +352,14 @@ def test_an_agent_target_without_its_token_fails_clearly(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- ONNX export
 
 
-def _conv_bn(seed: int) -> torch.nn.Module:
+def _conv_bn(seed: int, channels: int = 8) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1),
-        torch.nn.BatchNorm2d(8),
+        torch.nn.Conv2d(1, channels, 3, padding=1),
+        torch.nn.BatchNorm2d(channels),
         torch.nn.ReLU(),
         torch.nn.Flatten(),
-        torch.nn.Linear(8 * 64, 10),
+        torch.nn.Linear(channels * 64, 10),
     ).eval()
     bn = model[1]
     bn.running_mean.uniform_(-1, 1)
@@ -368,36 +368,106 @@ def _conv_bn(seed: int) -> torch.nn.Module:
     return model
 
 
-def test_a_second_model_of_one_architecture_reuses_the_traced_graph(tmp_path, monkeypatch):
-    """Same architecture, other weights: no second trace, and the file equals a fresh
-    export node for node and bit for bit (BatchNorm folded into the convolution)."""
-    import onnx
-    from onnx import numpy_helper
-
+@pytest.fixture
+def traced(monkeypatch) -> list[int]:
+    """Empty export caches, and a count of the exporter's traces."""
     from paretoopt.measure import onnx_export
 
-    monkeypatch.setattr(onnx_export, "_templates", type(onnx_export._templates)())
-    traced = []
+    for cache in ("_templates", "_shapeless"):
+        monkeypatch.setattr(onnx_export, cache, type(getattr(onnx_export, cache))())
+    calls: list[int] = []
     trace = onnx_export._trace
-    monkeypatch.setattr(onnx_export, "_trace", lambda *a: traced.append(1) or trace(*a))
+    monkeypatch.setattr(onnx_export, "_trace", lambda *a: calls.append(1) or trace(*a))
+    return calls
+
+
+def _same_graph(path_a, path_b) -> None:
+    """Node for node, and each node's weights bit for bit. Shape constants may differ in
+    form: a flatten folds to Reshape(0, n) from a shape-free graph, (-1, n) when traced."""
+    from onnx import numpy_helper
+
+    def constants(path) -> tuple[list[str], list[np.ndarray]]:
+        graph = onnx.load(path).graph
+        inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+        ops = [n.op_type for n in graph.node]
+        weights = [inits[i] for n in graph.node for i in n.input if i in inits]
+        return ops, [w for w in weights if w.dtype.kind == "f"]
+
+    (ops_a, consts_a), (ops_b, consts_b) = constants(path_a), constants(path_b)
+    assert ops_a == ops_b
+    assert len(consts_a) == len(consts_b)
+    assert all(np.array_equal(a, b) for a, b in zip(consts_a, consts_b, strict=True))
+
+
+def _runs_like(path, model: torch.nn.Module, example_shape=(1, 8, 8)) -> None:
+    x = torch.randn(4, *example_shape)
+    out = OrtRunner(path, 1)(x.numpy())
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-5)
+
+
+def test_a_second_model_of_one_architecture_reuses_the_traced_graph(tmp_path, traced):
+    """Same architecture, other weights: no second trace, and the file equals a fresh
+    export node for node and bit for bit (BatchNorm folded into the convolution)."""
+    from paretoopt.measure import onnx_export
+
     example = torch.zeros(1, 1, 8, 8)
     export_onnx(_conv_bn(0), example, tmp_path / "a.onnx")
     second = _conv_bn(1)
     export_onnx(second, example, tmp_path / "b.onnx")
     assert len(traced) == 1
     onnx_export._templates.clear()
+    onnx_export._shapeless.clear()
     export_onnx(second, example, tmp_path / "fresh.onnx")
     assert len(traced) == 2
-    cached, fresh = onnx.load(tmp_path / "b.onnx"), onnx.load(tmp_path / "fresh.onnx")
-    assert [n.op_type for n in cached.graph.node] == [n.op_type for n in fresh.graph.node]
-    assert "BatchNormalization" not in {n.op_type for n in cached.graph.node}
-    ours = {i.name: numpy_helper.to_array(i) for i in cached.graph.initializer}
-    theirs = {i.name: numpy_helper.to_array(i) for i in fresh.graph.initializer}
-    assert ours.keys() == theirs.keys()
-    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
-    x = torch.randn(4, 1, 8, 8)
-    out = OrtRunner(tmp_path / "b.onnx", 1)(x.numpy())
-    with torch.no_grad():
-        np.testing.assert_allclose(out, second(x).numpy(), atol=1e-5)
+    _same_graph(tmp_path / "b.onnx", tmp_path / "fresh.onnx")
+    assert "BatchNormalization" not in {
+        n.op_type for n in onnx.load(tmp_path / "b.onnx").graph.node
+    }
+    _runs_like(tmp_path / "b.onnx", second)
     export_onnx(_mlp(2), example, tmp_path / "c.onnx")  # another architecture: traced
     assert len(traced) == 3
+
+
+def test_a_model_with_fewer_channels_reuses_the_graph_without_its_shapes(tmp_path, traced):
+    """Channel pruning changes shapes only: the flatten's frozen size is taken out, no
+    second trace, and the file equals a fresh export of the narrower model."""
+    from paretoopt.measure import onnx_export
+
+    example = torch.zeros(1, 1, 8, 8)
+    export_onnx(_conv_bn(0, channels=8), example, tmp_path / "wide.onnx")
+    narrow = _conv_bn(1, channels=3)
+    export_onnx(narrow, example, tmp_path / "narrow.onnx")
+    assert len(traced) == 1
+    _runs_like(tmp_path / "narrow.onnx", narrow)
+    export_onnx(_conv_bn(2, channels=3), example, tmp_path / "again.onnx")  # now exact
+    assert len(traced) == 1
+    onnx_export._templates.clear()
+    onnx_export._shapeless.clear()
+    export_onnx(narrow, example, tmp_path / "fresh.onnx")
+    _same_graph(tmp_path / "narrow.onnx", tmp_path / "fresh.onnx")
+
+
+class _Heads(nn.Module):
+    """An integer attribute that steers the graph (a reshape), not a tensor's shape."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.proj = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x.flatten(1)).view(x.shape[0], self.heads, -1)
+        return y.softmax(-1).flatten(1)
+
+
+def test_a_shape_free_graph_that_computes_something_else_is_traced_afresh(tmp_path, traced):
+    """Same tensors, another integer attribute: the shape-free graph would run, with the
+    wrong result. It is checked against the model, found wrong and traced instead."""
+    example = torch.zeros(1, 1, 8, 8)
+    torch.manual_seed(0)
+    export_onnx(_Heads(2).eval(), example, tmp_path / "two.onnx")
+    four = _Heads(4).eval()
+    export_onnx(four, example, tmp_path / "four.onnx")
+    assert len(traced) == 2
+    _runs_like(tmp_path / "four.onnx", four)

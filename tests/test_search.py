@@ -340,11 +340,17 @@ def test_killed_at_random_moments_a_search_loses_only_running_trials(tmp_path, t
         assert (tmp_path / "r" / "tiny" / row["artifact"] / "model.safetensors").is_file()
 
 
+def _slower(doc: dict, trials: int) -> dict:
+    """Enough trials, each long enough, that a helper (which first imports torch and
+    prepares its baseline, a few seconds) still finds trials to run."""
+    space = dict(doc["space"], finetune={"epochs": 6})
+    return dict(doc, search={"trials": trials, "seed": 0}, space=space)
+
+
 def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     from .conftest import TINY
 
-    # enough trials that the helper, which first imports torch and calibrates, gets some
-    doc = dict(TINY, search={"trials": 14, "seed": 0})
+    doc = _slower(TINY, trials=14)
     space = write_space(tmp_path / "tiny.yaml", doc)
     results = tmp_path / "results"
     args = ["search", "--space", str(space), "--results", str(results), "--workers", "2"]
@@ -377,7 +383,7 @@ def test_a_helper_killed_mid_trial_is_replaced_in_the_same_session(tmp_path):
 
     from .conftest import TINY
 
-    doc = dict(TINY, search={"trials": 14, "seed": 0})
+    doc = _slower(TINY, trials=14)
     space = write_space(tmp_path / "tiny.yaml", doc)
     command = [sys.executable, "-m", "paretoopt.cli", "search", "--space", str(space)]
     command += ["--results", str(tmp_path / "r"), "--workers", "2"]

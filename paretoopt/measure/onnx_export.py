@@ -1,14 +1,21 @@
 """The deployed model as an ONNX file, with a dynamic batch dimension.
 
 ``torch.onnx.export`` traces the model with torch.export every time, which cost 1.3 s
-for the conv benchmark's model here, half of a whole trial. Yet most candidates of a
-study share an architecture: unstructured pruning and quantization change weights, not
-shapes. So the model is exported once per architecture without optimisation (its
-initializers are then exactly its state_dict), and each candidate's weights are swapped
-into that graph before the same optimiser the exporter runs (constant folding, which
-folds BatchNorm into the convolutions). A cached architecture exports in about 45 ms,
-into the same nodes and bit-identical initializers as a fresh export; the trial checks
-the runtime's outputs against PyTorch's either way.
+for the conv benchmark's model here, half of a whole trial. Yet the candidates of a
+study share a few architectures: unstructured pruning and quantization change weights,
+channel pruning changes only tensor shapes. So the exporter runs once per architecture,
+without optimisation (the initializers are then exactly the state_dict), and each
+candidate's weights are swapped into that graph before the same optimiser the exporter
+runs (constant folding, which folds BatchNorm into the convolutions).
+
+- Same shapes: the cached graph takes the new weights as they are (about 45 ms), into
+  the same nodes and bit-identical initializers as a fresh export.
+- Other shapes (channel pruning): the graph is kept in a shape-free form too. Shapes the
+  tracer froze into it are taken out where their meaning is certain (a reshape that
+  flattens everything after the batch dimension becomes ``Flatten``), and the result
+  must reproduce the PyTorch model's outputs; anything else is traced afresh (0.6-1.1 s).
+
+The trial checks the runtime's outputs against PyTorch's either way.
 """
 
 from __future__ import annotations
@@ -16,42 +23,80 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import math
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from torch import nn
 
-TEMPLATES = 32  # architectures kept per process (a conv model's graph is about 1 MB)
+TEMPLATES = 32  # graphs kept per process and kind (a conv model's graph is about 1 MB)
 PLAIN = (bool, int, float, str, tuple, type(None))  # attributes that may steer forward()
-_templates: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()
+_templates: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()  # by architecture
+_shapeless: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()  # by architecture less shapes
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Write the model to `path` (atomically) as an optimised ONNX graph."""
-    from onnxscript import ir, optimizer
-
     model = model.eval()
     state = model.state_dict()
     key = _architecture(model, state, example)
-    template = _templates.get(key) if key is not None else None
-    if template is None:
-        template = _trace(model, example)
-        if key is not None and _rebuildable(template, state):
-            _templates[key] = template
-            if len(_templates) > TEMPLATES:
-                _templates.popitem(last=False)
+    if key is None:
+        data = _optimised(onnx.ModelProto.FromString(_trace(model, example)))
     else:
-        _templates.move_to_end(key)
-    graph = ir.serde.deserialize_model(_with_weights(template, state))
-    optimizer.optimize_ir(graph)
+        data = _from_cache(model, state, example, key)
     tmp = path.with_name(path.name + ".tmp")
-    onnx.save(ir.serde.serialize_model(graph), tmp)
+    tmp.write_bytes(data)
     tmp.replace(path)
+
+
+def _from_cache(
+    model: nn.Module, state: dict[str, torch.Tensor], example: torch.Tensor, key: tuple[Any, ...]
+) -> bytes:
+    """The optimised graph from the cached template of this architecture, else from the
+    shape-free one (if it reproduces the model), else from a fresh trace."""
+    template = _recall(_templates, key)
+    if template is not None:
+        return _optimised(_with_weights(template, state))
+    loose = _without_shapes(key)
+    shapeless = _recall(_shapeless, loose)
+    if shapeless is not None:
+        proto = _with_weights(shapeless, state)
+        data = _optimised(proto)
+        if _reproduces(data, model, example):
+            _keep(_templates, key, proto.SerializeToString())
+            return data
+    template = _trace(model, example)
+    if _rebuildable(template, state):
+        _keep(_templates, key, template)
+        _keep(_shapeless, loose, _free_of_shapes(template))
+    return _optimised(onnx.ModelProto.FromString(template))
+
+
+def _recall(cache: OrderedDict[tuple[Any, ...], bytes], key: tuple[Any, ...]) -> bytes | None:
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _keep(cache: OrderedDict[tuple[Any, ...], bytes], key: tuple[Any, ...], value: bytes) -> None:
+    cache[key] = value
+    if len(cache) > TEMPLATES:
+        cache.popitem(last=False)
+
+
+def _optimised(proto: onnx.ModelProto) -> bytes:
+    from onnxscript import ir, optimizer
+
+    graph = ir.serde.deserialize_model(proto)
+    optimizer.optimize_ir(graph)
+    return ir.serde.serialize_model(graph).SerializeToString()
 
 
 def _architecture(
@@ -80,6 +125,19 @@ def _architecture(
     except TypeError:  # a tuple attribute holding a list
         return None
     return key
+
+
+def _without_shapes(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The architecture less what channel pruning changes: tensor sizes (ranks stay) and
+    integer attributes (``in_channels``, ``num_features``). An integer that steered the
+    graph in another way makes a graph that fails `_reproduces`, and is traced."""
+    modules, tensors, shape, dtype = key
+    loose_modules = tuple(
+        (name, cls, qualname, tuple((k, v) for k, v in plain if type(v) is not int))
+        for name, cls, qualname, plain in modules
+    )
+    loose_tensors = tuple((k, len(s), d) for k, s, d in tensors)
+    return (loose_modules, loose_tensors, shape, dtype)
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> bytes:
@@ -118,6 +176,66 @@ def _with_weights(template: bytes, state: dict[str, torch.Tensor]) -> onnx.Model
             value = state[init.name].detach().cpu().numpy()
             init.CopyFrom(numpy_helper.from_array(value, init.name))
     return proto
+
+
+def _free_of_shapes(template: bytes) -> bytes:
+    """The template with the sizes the tracer froze taken out where their meaning is
+    certain. ``x.flatten(1)`` is traced as a Reshape to (batch, C*H*W) with C*H*W a
+    constant; it becomes ``Flatten(axis=1)``, right for any C, H and W. The recorded
+    intermediate shapes go too: the optimiser infers them again."""
+    proto = onnx.ModelProto.FromString(template)
+    graph = proto.graph
+    shapes = {v.name: _dims(v) for v in [*graph.input, *graph.value_info, *graph.output]}
+    for i, node in enumerate(graph.node):
+        if node.op_type == "Reshape" and _flattens(
+            shapes.get(node.input[0]), shapes.get(node.output[0])
+        ):
+            flatten = helper.make_node("Flatten", [node.input[0]], list(node.output), axis=1)
+            graph.node[i].CopyFrom(flatten)
+    del graph.value_info[:]
+    return proto.SerializeToString()
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str] | None:
+    if not value.type.HasField("tensor_type") or not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def _flattens(source: list[int | str] | None, result: list[int | str] | None) -> bool:
+    """(b, d1, ..., dk) -> (b, d1*...*dk), every d known: a flatten after the batch."""
+    if source is None or result is None or len(source) < 2 or len(result) != 2:
+        return False
+    rest = source[1:]
+    return (
+        result[0] == source[0]
+        and all(isinstance(d, int) and d > 0 for d in rest)
+        and result[1] == math.prod(rest)  # type: ignore[arg-type]
+    )
+
+
+def _reproduces(data: bytes, model: nn.Module, example: torch.Tensor) -> bool:
+    """Does the graph compute what the model computes, on two inputs at once (the batch
+    dimension stays free)? A graph built from a shape-free template must, or it is
+    traced afresh."""
+    import onnxruntime as ort
+
+    other = torch.randn_like(example) if example.is_floating_point() else example
+    x = torch.cat([example, other])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failed load is an answer here, not an error
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    except Exception:  # noqa: BLE001 - any failure to load or run means "trace it"
+        return False
+    scale = float(np.abs(expected).max()) or 1.0
+    return got.shape == expected.shape and bool(
+        np.allclose(got, expected, rtol=1e-3, atol=1e-4 * scale)
+    )
 
 
 @functools.cache
