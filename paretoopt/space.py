@@ -90,13 +90,23 @@ class TargetSpec:
     batch_size: int = setting(
         1, "batch size of the latency measurement", kind=int, low=1, high=4096
     )
-    warmup: int = setting(10, "untimed runs before timing", kind=int, low=0, high=100_000)
+    warmup: int = setting(
+        10, "untimed runs per warm-up block (0: no warm-up)", kind=int, low=0, high=100_000
+    )
     warmup_s: float = setting(
         0.25,
-        "untimed seconds before timing, at least (a fresh runtime session runs slow at first)",
+        "untimed seconds before timing, at most: warm-up ends sooner once two blocks agree",
         kind=float,
         low=0.0,
         high=600.0,
+    )
+    warmup_tolerance: float = setting(
+        0.03,
+        "warm-up ends when each model's block median moved by at most this fraction "
+        "(0: always the full warmup_s)",
+        kind=float,
+        low=0.0,
+        high=1.0,
     )
     repeats: int = setting(
         5, "timed rounds; the spread is taken across them", kind=int, low=1, high=1000

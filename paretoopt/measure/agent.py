@@ -8,9 +8,10 @@ running elsewhere.
 - ``POST /models``: the body is an ONNX model; the answer is its sha256, by which the
   model is named afterwards (a model already held is not sent twice);
 - ``POST /measure``: JSON ``{"model": sha, "reference": sha or null, "batch_size",
-  "threads", "warmup", "repeats", "iterations"}``; the answer holds the latency
-  statistics of the model (and of the reference, timed in alternating rounds, with their
-  ratio), measured with the same protocol as local targets.
+  "threads", "warmup", "warmup_s", "warmup_tolerance", "repeats", "iterations"}``; the
+  answer holds the latency statistics of the model (and of the reference, timed in
+  alternating rounds, with their ratio), measured with the same protocol as local
+  targets.
 
 What it accepts: ONNX only, never a pickle. An upload must declare its size, stay under
 ``max_bytes``, parse as ONNX, pass the ONNX checker, use only the standard and ONNX
@@ -51,9 +52,13 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "threads": (1, 256),
     "warmup": (0, 100_000),
     "warmup_s": (0, 600),
+    "warmup_tolerance": (0, 1),
     "repeats": (1, 1000),
     "iterations": (1, 100_000),
 }
+
+
+FLOATS = {"warmup_s", "warmup_tolerance"}
 
 
 class AgentError(ParetoError):
@@ -183,7 +188,7 @@ def _protocol(job: dict[str, Any]) -> TargetSpec:
     values = {}
     for key, (low, high) in PROTOCOL_LIMITS.items():
         value = job.get(key)
-        kind = float if key == "warmup_s" else int
+        kind = float if key in FLOATS else int
         valid = isinstance(value, (int, float) if kind is float else int)
         if not valid or isinstance(value, bool) or not low <= value <= high:
             raise Rejected(

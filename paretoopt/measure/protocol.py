@@ -82,15 +82,29 @@ def _stats(rounds: list[list[float]], batch_size: int) -> LatencyStats:
 
 
 def _warm_up(runs: list[Callable[[], Any]], target: TargetSpec) -> None:
-    """At least `warmup` runs of each, for at least `warmup_s` seconds: a fresh runtime
-    session (and a process that just allocated much memory) runs slower for a while."""
+    """Untimed runs until they stop changing: blocks of `warmup` runs of each, until every
+    model's block median is within `warmup_tolerance` of its previous block's, or for at
+    most `warmup_s` seconds. A fresh runtime session (and a process that just allocated
+    much memory) runs slow at first; here it settled within two or three blocks, where a
+    fixed 0.25 s cost a fifth of a trial. Tolerance 0: always the full `warmup_s`."""
+    if target.warmup == 0:
+        return
     clock = time.perf_counter_ns
     deadline = clock() + int(target.warmup_s * 1e9)
-    done = 0
-    while done < target.warmup or clock() < deadline:
-        for run in runs:
-            run()
-        done += 1
+    previous: list[float] | None = None
+    while True:
+        medians = [statistics.median(_round(run, target.warmup)) for run in runs]
+        if clock() >= deadline or (previous is not None and _settled(medians, previous, target)):
+            return
+        previous = medians
+
+
+def _settled(medians: list[float], previous: list[float], target: TargetSpec) -> bool:
+    return all(
+        abs(now / before - 1.0) <= target.warmup_tolerance
+        for now, before in zip(medians, previous, strict=True)
+        if before > 0
+    )
 
 
 def time_runner(run: Callable[[], Any], target: TargetSpec) -> LatencyStats:
