@@ -111,7 +111,7 @@ class TargetSpec:
     repeats: int = setting(
         5, "timed rounds; the spread is taken across them", kind=int, low=1, high=1000
     )
-    iterations: int = setting(100, "timed runs per round", kind=int, low=1, high=100_000)
+    iterations: int = setting(50, "timed runs per round", kind=int, low=1, high=100_000)
     max_spread: float = setting(
         0.10,
         "calibration warns when the baseline's round medians differ by more than this "
