@@ -7,6 +7,7 @@ to a process that died: they are marked failed and replaced. No torch here.
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -19,7 +20,7 @@ import yaml
 from optuna.trial import TrialState
 
 from . import __version__, sharing
-from .errors import StudyError
+from .errors import SpaceError, StudyError
 from .results import (
     BASELINE_ATTR,
     JOURNAL_FILE,
@@ -90,11 +91,21 @@ def space_difference(before: dict[str, Any], space: Space, *, where: bool = True
     (``where=False``), the storage URL, which names the same server from elsewhere. The
     heartbeat may not change: every worker judges the others' silence by it."""
     now = space_to_dict(space)
+    before = _completed(before)
     ignored = ("trials",) + (() if where else ("storage",))
     for doc in (before, now):
         for key in ignored:
             doc.get("search", {}).pop(key, None)
     return _first_difference(before, now) if before != now else ""
+
+
+def _completed(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored space with the defaults of settings added since it was written: a study
+    started by an earlier version resumes, unless it set something now different."""
+    try:
+        return space_to_dict(parse_space(copy.deepcopy(stored)))
+    except SpaceError:  # no longer valid: compared as it is, the difference is named
+        return stored
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:

@@ -107,6 +107,20 @@ def test_resume_refuses_a_changed_space(finished, tmp_path, capsys):
     assert "space.quantization.bits: [4, 8, 32] then, [2, 4] now" in err
 
 
+def test_a_setting_added_since_the_study_began_does_not_block_its_resume(tiny_doc):
+    """A space.yaml written before a setting existed reads as that setting's default; a
+    setting it holds at another value is still a difference."""
+    from paretoopt.session import space_difference
+    from paretoopt.space import parse_space, space_to_dict
+
+    space = parse_space(tiny_doc)
+    older = space_to_dict(space)
+    del older["target"]["warmup_tolerance"]
+    assert space_difference(older, space) == ""
+    older["target"]["iterations"] = 100
+    assert space_difference(older, space) == "target.iterations: 100 then, 5 now"
+
+
 def test_interrupted_trials_are_failed_and_replaced(finished, tmp_path):
     import optuna
 
