@@ -183,6 +183,15 @@ class SearchSpec:
         high=20,
     )
     seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
+    anchors: int = setting(
+        3,
+        "plans the study starts with before the sampler draws, light to strong, built from "
+        "the knobs that move its objectives (0: none; at most a quarter of the trials; "
+        "none for the grid)",
+        kind=int,
+        low=0,
+        high=10,
+    )
     storage: str | None = setting(
         None,
         "Optuna storage URL (postgresql://... for workers on several machines); default: "

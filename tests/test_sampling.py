@@ -145,3 +145,81 @@ def test_a_grid_too_large_to_list_is_refused():
     layers = [f"l{i}" for i in range(8)]
     with pytest.raises(SpaceError, match="lower grid_levels"):
         grid_space(parse_space(doc), layers)
+
+
+# --------------------------------------------------------------------------- anchors
+
+
+def _conv_like(objectives: list[str] | None = None, trials: int = 60) -> dict:
+    doc = {**TINY, "search": {"trials": trials, "seed": 0}}
+    if objectives:
+        doc["objectives"] = objectives
+    doc["space"] = {
+        "pruning": {
+            "structure": ["unstructured", "channel"],
+            "sparsity": {"low": 0.0, "high": 0.9},
+        },
+        "quantization": {
+            "bits": {"low": 2, "high": 8},
+            "activations": ["float", "int8"],
+            "method": ["ptq", "qat"],
+        },
+        "distillation": {
+            "temperature": {"low": 1.0, "high": 8.0},
+            "alpha": {"low": 0.0, "high": 0.9},
+        },
+        "finetune": {"epochs": 3, "lr": {"low": 0.0003, "high": 0.003, "log": True}},
+    }
+    return doc
+
+
+def test_anchor_plans_go_from_light_to_strong_with_the_knobs_that_move_the_objectives():
+    from paretoopt.anchors import anchor_params
+
+    anchors = anchor_params(parse_space(_conv_like()), ["conv1", "fc"])
+    assert [a["prune.channel.sparsity"] for a in anchors] == pytest.approx([0.225, 0.45, 0.675])
+    assert [a["quant.bits"] for a in anchors] == [6, 5, 4]  # 6.5 and 3.5 round to even
+    for a in anchors:  # latency counts: what dense kernels run faster
+        assert (a["prune.structure"], a["quant.activations"], a["quant.method"]) == (
+            "channel",
+            "int8",
+            "qat",
+        )
+        assert a["distill.alpha"] == pytest.approx(0.45)
+        assert a["finetune.lr"] == pytest.approx(0.003**0.5 * 0.0003**0.5)  # log middle
+    small = anchor_params(parse_space(_conv_like(["accuracy", "size"])), ["conv1", "fc"])
+    assert {(a["prune.structure"], a["quant.activations"]) for a in small} == {
+        ("unstructured", "float")
+    }
+    assert [a["prune.unstructured.sparsity"] for a in small] == pytest.approx([0.225, 0.45, 0.675])
+
+
+def test_listed_values_are_taken_by_strength_and_per_layer_knobs_each_get_one():
+    from paretoopt.anchors import anchor_params
+
+    doc = _conv_like()
+    doc["space"]["quantization"] = {"bits": [4, 8, 32], "distribution": "per_layer"}
+    doc["space"]["pruning"]["distribution"] = "per_layer"
+    anchors = anchor_params(parse_space(doc), ["conv1", "conv2", "fc"])
+    assert [a["quant.bits.layer.conv1"] for a in anchors] == [32, 8, 4]  # mildest first
+    assert all(a["prune.layer.fc"] == 1.0 for a in anchors)  # the middle of 0.5..1.5
+    assert all(a["quant.bits.layer.fc"] == a["quant.bits.layer.conv2"] for a in anchors)
+
+
+def test_anchors_are_queued_once_and_drawn_as_the_plans_they_were_built_as():
+    from paretoopt.anchors import ANCHOR_ATTR, anchor_count, anchor_params, queue_anchors
+
+    space = parse_space(_conv_like())
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=space.directions, sampler=make_sampler(space, 0))
+    assert queue_anchors(study, space, ["conv1", "fc"]) == 3
+    expected = anchor_params(space, ["conv1", "fc"])
+    for rank in (1, 2, 3):
+        trial = study.ask()
+        plan = sample_plan(trial, space, ["conv1", "fc"])
+        assert trial.user_attrs[ANCHOR_ATTR] == rank and trial.params == expected[rank - 1]
+        assert plan.prune.structure == "channel" and plan.quant.activations == "int8"
+        study.tell(trial, [99.0, 1.0, 1.0])
+    assert queue_anchors(study, space, ["conv1", "fc"]) == 0  # a resumed study: none again
+    assert anchor_count(parse_space(_conv_like(trials=8))) == 1  # a quarter of the trials
+    assert anchor_count(parse_space({**_conv_like(), "search": {"sampler": "grid"}})) == 0

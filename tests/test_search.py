@@ -422,3 +422,22 @@ def test_a_helper_killed_mid_trial_is_replaced_in_the_same_session(tmp_path):
     assert (trials["state"] == "COMPLETE").sum() == 14
     lost = trials[trials["number"] == killed].iloc[0]
     assert lost["state"] == "FAIL" and lost["fail_reason"].startswith("interrupted")
+
+
+def test_a_search_starts_with_its_anchor_plans(tmp_path, tiny_doc):
+    """Right after the baseline, the anchors run (here one: a quarter of 5 trials)."""
+    import optuna
+
+    from paretoopt.anchors import ANCHOR_ATTR
+    from paretoopt.results import journal_storage
+
+    tiny_doc["search"] = {"trials": 5, "seed": 0}
+    space = write_space(tmp_path / "tiny.yaml", tiny_doc)
+    assert run_cli("search", "--space", str(space), "--results", str(tmp_path / "r")) == 0
+    study = optuna.load_study(study_name="tiny", storage=journal_storage(tmp_path / "r" / "tiny"))
+    anchored = [t for t in study.trials if ANCHOR_ATTR in t.user_attrs]
+    assert [t.number for t in anchored] == [1]
+    assert anchored[0].params["prune.structure"] == "channel"
+    assert anchored[0].params["prune.channel.sparsity"] == pytest.approx(0.35)  # the middle
+    assert anchored[0].params["quant.bits"] == 8  # of 4, 8, 32
+    assert anchored[0].user_attrs["plan"]["prune"]["structure"] == "channel"
