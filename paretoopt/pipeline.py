@@ -243,7 +243,8 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
     checked = ctx.splits.val.x[:CHECKED]
     # the checked samples as a batch of their own: the checks compare them to the last bit
     ours = logits_of(bench.model, checked)
-    torch_val_logits = torch.cat([ours, logits_of(bench.model, ctx.splits.val.x[CHECKED:])])
+    rest = ctx.splits.val.x[CHECKED:]
+    torch_val_logits = torch.cat([ours, logits_of(bench.model, rest)]) if len(rest) else ours
     torch_val = accuracy(torch_val_logits, ctx.splits.val.y)
     torch_test = accuracy(logits_of(bench.model, ctx.splits.test.x), ctx.splits.test.y)
     size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
