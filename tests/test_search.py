@@ -441,3 +441,20 @@ def test_a_search_starts_with_its_anchor_plans(tmp_path, tiny_doc):
     assert anchored[0].params["prune.channel.sparsity"] == pytest.approx(0.35)  # the middle
     assert anchored[0].params["quant.bits"] == 8  # of 4, 8, 32
     assert anchored[0].user_attrs["plan"]["prune"]["structure"] == "channel"
+
+
+def test_the_sampler_is_told_no_accuracy_above_the_baseline(tiny_doc):
+    """A gain over the baseline is told to the sampler as the baseline's accuracy; the
+    record (and the front built from it) keeps the measured figure."""
+    from paretoopt.space import parse_space
+    from paretoopt.trials import told_values
+
+    space = parse_space(tiny_doc)  # objectives: accuracy, size, latency
+    base = {"accuracy": 98.0, "size_bytes": 1000, "latency_ms": 0.2}
+    better = {"accuracy": 98.74, "size_bytes": 900, "latency_ms": 0.1}
+    assert told_values(space, better, base) == [98.0, 900.0, 0.1]
+    assert better["accuracy"] == 98.74
+    worse = {"accuracy": 97.0, "size_bytes": 900, "latency_ms": 0.1}
+    assert told_values(space, worse, base) == [97.0, 900.0, 0.1]
+    size_only = parse_space({**tiny_doc, "objectives": ["size", "latency"]})
+    assert told_values(size_only, better, base) == [900.0, 0.1]
