@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 
+from .results import BASELINE_ATTR
 from .space import Space
 
 ANCHOR_ATTR = "paretoopt.anchor"  # user attr: the anchor's rank, 1 = lightest
@@ -60,16 +61,19 @@ class _AnchorTrial:
         return self._keep(name, preferred[0] if preferred else choices[0])
 
     def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
+        high = low + (high - low) // step * step  # Optuna's own top of the range
         value = self._position(name, low, high, log)
-        return self._keep(name, int(min(high, low + round((value - low) / step) * step)))
+        return self._keep(name, int(low + round((value - low) / step) * step))
 
     def suggest_float(
         self, name: str, low: float, high: float, step: float | None = None, log: bool = False
     ) -> float:
-        value = self._position(name, low, high, log)
         if step:
-            value = min(high, low + round((value - low) / step) * step)
-        return self._keep(name, float(value))
+            high = low + math.floor((high - low) / step + 1e-9) * step
+        value = self._position(name, low, high, log)
+        if step:  # on the grid, written as Optuna writes its points
+            value = round(low + round((value - low) / step) * step, 12)
+        return self._keep(name, float(min(max(value, low), high)))
 
     def _position(self, name: str, low: float, high: float, log: bool) -> float:
         if name.endswith(".sparsity"):  # stronger: more pruned
@@ -119,11 +123,14 @@ def queue_anchors(
     space: Space,
     layer_names: list[str],
     quant_layers: list[str] | None = None,
+    trials: list[optuna.trial.FrozenTrial] | None = None,
 ) -> int:
-    """Queue the anchors in a study that has run nothing but its baseline and holds no
-    anchors yet (a resumed study has had its start). Returns how many were queued."""
-    trials = study.get_trials(deepcopy=False)
-    if any(ANCHOR_ATTR in t.user_attrs or t.params for t in trials):
+    """Queue the anchors in a study that holds nothing but its baseline (`trials`: a
+    snapshot already read). Any other trial, in any state, means the study has had its
+    start: a resumed study is not anchored again. Returns how many were queued."""
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
+    if any(not t.user_attrs.get(BASELINE_ATTR) for t in trials):
         return 0
     params = anchor_params(space, layer_names, quant_layers)
     for rank, fixed in enumerate(params, start=1):

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import optuna
 
-from .anchors import queue_anchors
 from .errors import StudyError, one_line
 from .report import Reporter, SilentReporter
 from .results import (
@@ -92,7 +91,6 @@ def search(
             )
         with claim_lock(session.storage, session.directory, space.study):
             ensure_baseline(session.study)  # a worker may be queueing it too
-            queue_anchors(session.study, space, ctx.layer_names, ctx.quant_layers)
         write_metadata(session, ctx)
         helpers: list[Any] = []
         try:

@@ -17,6 +17,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
+from .anchors import queue_anchors
 from .errors import StudyError, one_line
 from .plan import CompressionPlan
 from .report import Reporter
@@ -46,7 +47,7 @@ def run_trials(
     reporter.start(session.space, finished(study))
     ran = 0
     while limit is None or ran < limit:
-        trial = _claim(session)
+        trial = _claim(session, ctx)
         if trial is None:
             break
         ran += 1
@@ -105,10 +106,12 @@ def told_values(space: Space, record: dict[str, Any], base: dict[str, Any]) -> l
     return values
 
 
-def _claim(session: Session) -> optuna.Trial | None:
+def _claim(session: Session, ctx: StudyContext) -> optuna.Trial | None:
     """The next trial, unless the finished and running ones already make the total. Under
     a lock, so that workers (on any machine) never start one trial too many. Candidates
-    wait while the baseline runs elsewhere: every figure is read against it."""
+    wait while the baseline runs elsewhere: every figure is read against it. The anchors
+    are queued once the baseline is done, so that a baseline queued again (its worker
+    died) is never behind them."""
     study, name = session.study, session.space.study
     while True:
         with claim_lock(session.storage, session.directory, name):
@@ -119,8 +122,14 @@ def _claim(session: Session) -> optuna.Trial | None:
                 return None
             if not _baseline_elsewhere(trials):
                 ensure_baseline(study, trials)  # queued again if its worker died for good
+                if _baseline_done(trials):
+                    queue_anchors(study, session.space, ctx.layer_names, ctx.quant_layers, trials)
                 return claim(session.storage, study)
         time.sleep(CLAIM_POLL_S)
+
+
+def _baseline_done(trials: list[optuna.trial.FrozenTrial]) -> bool:
+    return any(t.user_attrs.get(BASELINE_ATTR) and t.state == TrialState.COMPLETE for t in trials)
 
 
 def _baseline_elsewhere(trials: list[optuna.trial.FrozenTrial]) -> bool:

@@ -223,3 +223,19 @@ def test_anchors_are_queued_once_and_drawn_as_the_plans_they_were_built_as():
     assert queue_anchors(study, space, ["conv1", "fc"]) == 0  # a resumed study: none again
     assert anchor_count(parse_space(_conv_like(trials=8))) == 1  # a quarter of the trials
     assert anchor_count(parse_space({**_conv_like(), "search": {"sampler": "grid"}})) == 0
+
+
+def test_anchor_values_lie_on_optunas_own_grid():
+    """A range that its step does not divide ends, for Optuna, at the last step inside
+    it; an anchor never lands beyond it or between two steps."""
+    from paretoopt.anchors import _AnchorTrial
+
+    with pytest.warns(UserWarning, match="not divisible"):
+        optunas = optuna.distributions.FloatDistribution(0.0, 0.78, step=0.2)
+    for strength in (0.25, 0.5, 0.75, 1.0):
+        trial = _AnchorTrial(strength, latency=True)
+        value = trial.suggest_float("prune.channel.sparsity", 0.0, 0.78, step=0.2)
+        assert optunas._contains(value)
+        assert value in (0.0, 0.2, 0.4, 0.6)
+        bits = trial.suggest_int("quant.bits", 2, 9, step=2)
+        assert bits in (2, 4, 6, 8)

@@ -115,10 +115,14 @@ def test_a_setting_added_since_the_study_began_does_not_block_its_resume(tiny_do
 
     space = parse_space(tiny_doc)
     older = space_to_dict(space)
-    del older["target"]["warmup_tolerance"]
+    del older["search"]["anchors"]  # its default is what such a study did (none: resumed)
     assert space_difference(older, space) == ""
     older["target"]["iterations"] = 100
     assert space_difference(older, space) == "target.iterations: 100 then, 5 now"
+    # the warm-up before warmup_tolerance existed was a fixed one: tolerance 0
+    older = space_to_dict(space)
+    del older["target"]["warmup_tolerance"]
+    assert space_difference(older, space) == "target.warmup_tolerance: 0.0 then, 0.03 now"
 
 
 def test_interrupted_trials_are_failed_and_replaced(finished, tmp_path):
@@ -458,3 +462,32 @@ def test_the_sampler_is_told_no_accuracy_above_the_baseline(tiny_doc):
     assert told_values(space, worse, base) == [97.0, 900.0, 0.1]
     size_only = parse_space({**tiny_doc, "objectives": ["size", "latency"]})
     assert told_values(size_only, better, base) == [900.0, 0.1]
+
+
+def test_a_baseline_queued_again_runs_before_the_anchors(tmp_path, tiny_doc):
+    """The anchors are queued once the baseline is done: a baseline whose worker died is
+    queued again and claimed first, never behind the anchors."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from paretoopt.anchors import ANCHOR_ATTR
+    from paretoopt.results import BASELINE_ATTR
+    from paretoopt.session import ensure_baseline
+    from paretoopt.space import parse_space
+    from paretoopt.trials import _claim
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = parse_space({**tiny_doc, "search": {"trials": 20, "seed": 0}})
+    study = optuna.create_study(directions=space.directions)
+    session = SimpleNamespace(study=study, space=space, storage=None, directory=tmp_path)
+    ctx = SimpleNamespace(layer_names=["0", "3"], quant_layers=None)
+    ensure_baseline(study)
+    first = _claim(session, ctx)
+    assert first.user_attrs.get(BASELINE_ATTR)
+    study.tell(first, state=optuna.trial.TrialState.FAIL)  # its worker died
+    again = _claim(session, ctx)  # queued again, and claimed: no anchor went first
+    assert again.user_attrs.get(BASELINE_ATTR) and again.number == 1
+    study.tell(again, [99.0, 1000.0, 0.2])
+    ranks = [_claim(session, ctx).user_attrs.get(ANCHOR_ATTR) for _ in range(4)]
+    assert ranks == [1, 2, 3, None]  # then the anchors, then the sampler
