@@ -99,11 +99,21 @@ def space_difference(before: dict[str, Any], space: Space, *, where: bool = True
     return _first_difference(before, now) if before != now else ""
 
 
+# settings added since the first release -> the value that reproduces the behaviour from
+# before they existed (a setting not listed here had its default's behaviour all along)
+ADDED_LATER = {("target", "warmup_tolerance"): 0.0}
+
+
 def _completed(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored space with the defaults of settings added since it was written: a study
-    started by an earlier version resumes, unless it set something now different."""
+    """A stored space with the settings added since it was written: at the value that
+    reproduces what the study did then, or else at their default. A study started by an
+    earlier version resumes, unless it now measures or searches differently."""
+    doc = copy.deepcopy(stored)
+    for (section, key), value in ADDED_LATER.items():
+        if isinstance(doc.get(section), dict):
+            doc[section].setdefault(key, value)
     try:
-        return space_to_dict(parse_space(copy.deepcopy(stored)))
+        return space_to_dict(parse_space(doc))
     except SpaceError:  # no longer valid: compared as it is, the difference is named
         return stored
 

@@ -91,7 +91,11 @@ class TargetSpec:
         1, "batch size of the latency measurement", kind=int, low=1, high=4096
     )
     warmup: int = setting(
-        10, "untimed runs per warm-up block (0: no warm-up)", kind=int, low=0, high=100_000
+        10,
+        "untimed runs per warm-up block (0 with warmup_s 0: no warm-up)",
+        kind=int,
+        low=0,
+        high=100_000,
     )
     warmup_s: float = setting(
         0.25,

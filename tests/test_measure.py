@@ -300,10 +300,10 @@ def test_agent_rejects_bad_uploads(agent, models, tmp_path):
     assert status == 400 and "batch_size: an integer from 1 to 4096 is required" in text
     job = (
         b'{"model": "feed", "batch_size": 1, "threads": 1, "warmup": 0, "warmup_s": 0, '
-        b'"warmup_tolerance": 0, "repeats": 1, '
+        b'"repeats": 1, '
         b'"iterations": 1}'
     )
-    status, text = _raw(agent, "POST", "/measure", job, auth)
+    status, text = _raw(agent, "POST", "/measure", job, auth)  # no warmup_tolerance: 0
     assert status == 404 and "upload it first" in text
     status, text = _raw(agent, "POST", "/measure", b"[1, 2", auth)
     assert status == 400 and "not JSON" in text
@@ -471,3 +471,33 @@ def test_a_shape_free_graph_that_computes_something_else_is_traced_afresh(tmp_pa
     export_onnx(four, example, tmp_path / "four.onnx")
     assert len(traced) == 2
     _runs_like(tmp_path / "four.onnx", four)
+
+
+def _counted(value: object) -> tuple[list[int], object]:
+    calls: list[int] = []
+    return calls, lambda: calls.append(1) or value
+
+
+def test_warm_up_ends_when_two_blocks_agree_and_not_before():
+    from paretoopt.measure.protocol import DeviceTime, _warm_up
+
+    calls, run = _counted(DeviceTime(0.5))  # steady from the start
+    _warm_up([run], TargetSpec(warmup=10, warmup_s=5.0, warmup_tolerance=0.03))
+    assert len(calls) == 20  # two blocks, far before warmup_s
+    times = iter([2.0] * 10 + [1.0] * 10 + [0.99] * 10)  # slow at first, then steady
+    calls, _ = _counted(None)
+    slowing = lambda: calls.append(1) or DeviceTime(next(times))  # noqa: E731
+    _warm_up([slowing], TargetSpec(warmup=10, warmup_s=5.0, warmup_tolerance=0.03))
+    assert len(calls) == 30
+
+
+def test_warm_up_with_tolerance_zero_lasts_warmup_s_and_zero_means_none():
+    from paretoopt.measure.protocol import DeviceTime, _warm_up
+
+    calls, run = _counted(DeviceTime(0.5))
+    start = time.perf_counter()
+    _warm_up([run], TargetSpec(warmup=10, warmup_s=0.2, warmup_tolerance=0.0))
+    assert time.perf_counter() - start >= 0.2
+    calls, run = _counted(DeviceTime(0.5))
+    _warm_up([run], TargetSpec(warmup=0, warmup_s=0.0))
+    assert calls == []

@@ -59,6 +59,7 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
 
 
 FLOATS = {"warmup_s", "warmup_tolerance"}
+ADDED_LATER = {"warmup_tolerance": 0.0}  # what a client that does not send it meant
 
 
 class AgentError(ParetoError):
@@ -187,7 +188,7 @@ def _tensors(model: Any) -> list[Any]:
 def _protocol(job: dict[str, Any]) -> TargetSpec:
     values = {}
     for key, (low, high) in PROTOCOL_LIMITS.items():
-        value = job.get(key)
+        value = job.get(key, ADDED_LATER.get(key))
         kind = float if key in FLOATS else int
         valid = isinstance(value, (int, float) if kind is float else int)
         if not valid or isinstance(value, bool) or not low <= value <= high:

@@ -86,21 +86,22 @@ def _warm_up(runs: list[Callable[[], Any]], target: TargetSpec) -> None:
     model's block median is within `warmup_tolerance` of its previous block's, or for at
     most `warmup_s` seconds. A fresh runtime session (and a process that just allocated
     much memory) runs slow at first; here it settled within two or three blocks, where a
-    fixed 0.25 s cost a fifth of a trial. Tolerance 0: always the full `warmup_s`."""
-    if target.warmup == 0:
+    fixed 0.25 s cost a fifth of a trial. Tolerance 0: always the full `warmup_s`.
+    `warmup` 0 means blocks of one run, and no warm-up at all if `warmup_s` is 0 too."""
+    if target.warmup == 0 and target.warmup_s == 0:
         return
     clock = time.perf_counter_ns
     deadline = clock() + int(target.warmup_s * 1e9)
     previous: list[float] | None = None
     while True:
-        medians = [statistics.median(_round(run, target.warmup)) for run in runs]
+        medians = [statistics.median(_round(run, max(target.warmup, 1))) for run in runs]
         if clock() >= deadline or (previous is not None and _settled(medians, previous, target)):
             return
         previous = medians
 
 
 def _settled(medians: list[float], previous: list[float], target: TargetSpec) -> bool:
-    return all(
+    return target.warmup_tolerance > 0 and all(
         abs(now / before - 1.0) <= target.warmup_tolerance
         for now, before in zip(medians, previous, strict=True)
         if before > 0
