@@ -118,10 +118,10 @@ def trials_to(curve: list[float], level: float) -> int | None:
     return next((i + 1 for i, v in enumerate(curve) if v >= level), None)
 
 
-def best_within(results: StudyResults, points: float, column: str) -> Record:
+def best_within(results: StudyResults, budget: int, points: float, column: str) -> Record:
     """The largest ratio (size_ratio or speedup) among trials within `points` of the
     baseline's accuracy, with its plan."""
-    frame = results.trials
+    frame = results.trials[results.trials["number"] < budget]  # an extended run: its budget
     ok = frame[(frame["state"] == "COMPLETE") & ~frame["baseline"]]
     ok = ok[ok["accuracy_change"] >= -points]
     if ok.empty:
@@ -249,7 +249,7 @@ def main() -> int:
                     outcome.append(
                         {"bench": bench, "sampler": sampler, "seed": seed,
                          "within_points": points, "objective": column,
-                         **best_within(results, points, column)}
+                         **best_within(results, budget, points, column)}
                     )  # fmt: skip
     best = {b: max(r["curve"][-1] for r in runs if r["bench"] == b) for b in BENCHES}
     for r in runs:

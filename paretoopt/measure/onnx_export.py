@@ -220,10 +220,18 @@ def _reproduces(data: bytes, model: nn.Module, example: torch.Tensor) -> bool:
     traced afresh."""
     import onnxruntime as ort
 
-    other = torch.randn_like(example) if example.is_floating_point() else example
+    generator = torch.Generator().manual_seed(0)  # the same check in every process
+    if example.is_floating_point():
+        other = torch.randn(example.shape, generator=generator, dtype=example.dtype)
+    else:  # token ids and the like: another draw from the example's own values
+        values = example.flatten()
+        other = values[torch.randint(len(values), example.shape, generator=generator)]
     x = torch.cat([example, other])
     with torch.no_grad():
-        expected = model(x).numpy()
+        output = model(x)
+    if not isinstance(output, torch.Tensor):  # several outputs: not checked here, traced
+        return False
+    expected = output.numpy()
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failed load is an answer here, not an error
     options.intra_op_num_threads = 1
