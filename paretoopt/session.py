@@ -31,7 +31,7 @@ from .results import (
     updating_json,
 )
 from .sharing import redact, writer_storage
-from .space import Space, dump_space, parse_space, space_to_dict
+from .space import BEFORE_IT_EXISTED, Space, dump_space, parse_space, space_to_dict
 
 if TYPE_CHECKING:
     from .pipeline import StudyContext
@@ -99,17 +99,13 @@ def space_difference(before: dict[str, Any], space: Space, *, where: bool = True
     return _first_difference(before, now) if before != now else ""
 
 
-# settings added since the first release -> the value that reproduces the behaviour from
-# before they existed (a setting not listed here had its default's behaviour all along)
-ADDED_LATER = {("target", "warmup_tolerance"): 0.0}
-
-
 def _completed(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored space with the settings added since it was written: at the value that
     reproduces what the study did then, or else at their default. A study started by an
     earlier version resumes, unless it now measures or searches differently."""
     doc = copy.deepcopy(stored)
-    for (section, key), value in ADDED_LATER.items():
+    for path, value in BEFORE_IT_EXISTED.items():
+        section, key = path.split(".")
         if isinstance(doc.get(section), dict):
             doc[section].setdefault(key, value)
     try:

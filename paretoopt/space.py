@@ -80,6 +80,12 @@ class BaselineSpec:
     seed: int = setting(0, "seed of baseline training", kind=int, low=0)
 
 
+# Settings added after the first release -> the value that reproduces what paretoopt did
+# before they existed; a stored study or an older agent client that lacks one meant this
+# value, not the current default (a setting not listed behaved as its default all along).
+BEFORE_IT_EXISTED = {"target.warmup_tolerance": 0.0}
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     runtime: str = setting(

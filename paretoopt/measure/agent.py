@@ -37,7 +37,7 @@ from urllib import error, request
 import numpy as np
 
 from ..errors import ParetoError
-from ..space import TargetSpec
+from ..space import BEFORE_IT_EXISTED, TargetSpec
 from .fingerprint import hardware_fingerprint
 from .gate import MeasurementGate
 from .protocol import LatencyStats, time_paired, time_runner
@@ -59,7 +59,6 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
 
 
 FLOATS = {"warmup_s", "warmup_tolerance"}
-ADDED_LATER = {"warmup_tolerance": 0.0}  # what a client that does not send it meant
 
 
 class AgentError(ParetoError):
@@ -188,7 +187,7 @@ def _tensors(model: Any) -> list[Any]:
 def _protocol(job: dict[str, Any]) -> TargetSpec:
     values = {}
     for key, (low, high) in PROTOCOL_LIMITS.items():
-        value = job.get(key, ADDED_LATER.get(key))
+        value = job.get(key, BEFORE_IT_EXISTED.get(f"target.{key}"))  # an older client
         kind = float if key in FLOATS else int
         valid = isinstance(value, (int, float) if kind is float else int)
         if not valid or isinstance(value, bool) or not low <= value <= high:
