@@ -85,8 +85,8 @@ def _warm_up(runs: list[Callable[[], Any]], target: TargetSpec) -> None:
     """Untimed runs until they stop changing: blocks of `warmup` runs of each, until every
     model's block median is within `warmup_tolerance` of its previous block's, or for at
     most `warmup_s` seconds. A fresh runtime session (and a process that just allocated
-    much memory) runs slow at first; here it settled within two or three blocks, where a
-    fixed 0.25 s cost a fifth of a trial. Tolerance 0: always the full `warmup_s`.
+    much memory) runs slow at first, for a few runs; a fixed 0.25 s was a tenth of a conv
+    trial here. Tolerance 0: always the full `warmup_s`.
     `warmup` 0 means blocks of one run, and no warm-up at all if `warmup_s` is 0 too."""
     if target.warmup == 0 and target.warmup_s == 0:
         return
