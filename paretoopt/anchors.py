@@ -26,6 +26,7 @@ from typing import Any
 
 import optuna
 
+from .metrics import METRICS
 from .results import BASELINE_ATTR
 from .space import Space
 
@@ -101,7 +102,8 @@ def anchor_params(
     from .sampling import sample_plan
 
     count = anchor_count(space)
-    latency = "latency" in space.metrics
+    # an objective that dense kernels decide (latency, MACs): zeros do not move it
+    latency = any(METRICS[m].dense for m in space.metrics)
     out: list[dict[str, Any]] = []
     for rank in range(1, count + 1):
         trial = _AnchorTrial(rank / (count + 1), latency)

@@ -24,6 +24,7 @@ import streamlit as st
 
 from paretoopt import explore
 from paretoopt.errors import ParetoError
+from paretoopt.metrics import Metric, shown
 from paretoopt.results import StudyResults, trial_record
 
 COLORS = {
@@ -97,7 +98,7 @@ def show_study(results: StudyResults, stamp: int) -> None:
         return
     budget = budget_controls(results)
     pool = explore.candidates(results, budget)
-    knee = explore.suggested(pool)
+    knee = explore.suggested(pool, results.metrics)
     left, right = st.columns([3, 2])
     with left:
         front_plot(results, budget, knee)  # a new click here selects (see _select)
@@ -166,45 +167,51 @@ def header(results: StudyResults) -> None:
         f"timing mode {target.get('mode', 'cpu')}"
     )
     if base:
-        a, b, c = st.columns(3)
-        a.metric("Baseline accuracy", f"{base['accuracy']:.2f} %")
-        b.metric("Baseline size", f"{base['size_bytes'] / 1000:,.1f} kB")
-        c.metric("Baseline latency", f"{base['latency_ms']:.4f} ms")
+        metrics = shown(results.metrics)
+        for column, m in zip(st.columns(len(metrics)), metrics, strict=True):
+            column.metric(f"Baseline {m.name}", _figure(m, base[m.field]))
+
+
+def _figure(m: Metric, value: float) -> str:
+    """A value with its display unit, e.g. "99.26 %", "4,523.1 kB", "0.0833 ms"."""
+    scaled = value / m.display_scale
+    return f"{scaled:,.{m.decimals}f} {m.display_unit}".strip()
 
 
 def budget_controls(results: StudyResults) -> explore.Budget:
     # bounds from the baseline alone (and keys that carry the study), so new trials of a
     # running study do not reset the user's budgets
     base, name = results.baseline, results.name
+    metrics = shown(results.metrics)
+    limits: dict[str, float] = {}
     with st.sidebar:
         st.markdown("**Budgets**")
-        drop = st.slider(
-            "Max accuracy drop (points)",
-            0.0,
-            float(base["accuracy"]),
-            float(base["accuracy"]),
-            0.1,
-            key=f"max_drop:{name}",
-        )
-        size_kb = st.slider(
-            "Max size (kB)",
-            0.0,
-            2 * float(base["size_bytes"]) / 1000,
-            2 * float(base["size_bytes"]) / 1000,
-            key=f"max_size_kb:{name}",
-        )
-        latency = st.slider(
-            "Max latency (ms)",
-            0.0,
-            4 * float(base["latency_ms"]),
-            4 * float(base["latency_ms"]),
-            format="%.4f",
-            key=f"max_latency:{name}",
-        )
+        for m in metrics:
+            limits[m.name] = _budget_slider(m, float(base[m.field]), name)
+        names = [m.name for m in metrics]
         st.radio("Axes", ["relative to the baseline", "absolute"], key="axes_mode")
-        st.selectbox("x axis", ["size", "latency", "accuracy"], key="x_metric")
-        st.selectbox("y axis", ["accuracy", "latency", "size"], key="y_metric")
-    return explore.Budget(drop, size_kb * 1000, latency)
+        st.selectbox("x axis", names[1:] + names[:1], key="x_metric")
+        st.selectbox("y axis", names, key="y_metric")
+    return explore.Budget(limits)
+
+
+def _budget_slider(m: Metric, base: float, study: str) -> float:
+    """One budget, in the metric's display unit; returned in the record's unit."""
+    if m.limit.relative:  # points below the baseline
+        return st.slider(
+            f"Max {m.name} drop (points)", 0.0, base, base, 0.1, key=f"max_drop:{study}"
+        )
+    top = m.budget_span * base / m.display_scale
+    unit = f"_{m.display_unit.lower()}" if m.display_scale != 1 else ""
+    value = st.slider(
+        f"Max {m.name} ({m.display_unit})" if m.display_unit else f"Max {m.name}",
+        0.0,
+        top,
+        top,
+        format=f"%.{m.decimals}f",
+        key=f"max_{m.name}{unit}:{study}",
+    )
+    return value * m.display_scale
 
 
 def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) -> None:
@@ -213,7 +220,7 @@ def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) 
     y = explore.axis(st.session_state.get("y_metric", "accuracy"), relative)
     frame = results.trials[results.trials["state"] == "COMPLETE"].copy()
     frame["kind"] = explore.categories(results)
-    frame["in budget"] = budget.mask(frame, results.baseline.get("accuracy"))
+    frame["in budget"] = budget.mask(frame, results.baseline)
     fig = px.scatter(
         frame,
         x=x.column,
@@ -278,17 +285,13 @@ def candidate_table(results: StudyResults, pool: pd.DataFrame, knee: int | None)
     )
     if pool.empty:
         return
-    shown = pool[["number", "accuracy", "accuracy_change", "size_ratio", "speedup", "plan"]].rename(
-        columns={
-            "number": "trial",
-            "accuracy": "acc %",
-            "accuracy_change": "Δ pts",
-            "size_ratio": "x smaller",
-            "speedup": "x faster",
-        }
-    )
+    metrics = shown(results.metrics)
+    ratio_columns = [m.ratio_column for m in metrics]
+    names = {"number": "trial", "accuracy": "acc %", "accuracy_change": "Δ pts"}
+    names.update({m.ratio_column: m.ratio_label for m in metrics[1:]})
+    table = pool[["number", "accuracy", *ratio_columns, "plan"]].rename(columns=names)
     event = st.dataframe(
-        shown.round(2),
+        table.round(2),
         hide_index=True,
         on_select="rerun",
         selection_mode="single-row",
@@ -316,23 +319,14 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
     base = results.baseline
     latency = rec.get("latency", {})
     st.markdown(f"### Trial {number}: {rec.get('plan_summary', '')}")
-    a, b, c, d = st.columns(4)
-    a.metric(
-        "Accuracy (deployed)",
-        f"{rec['accuracy']:.2f} %",
-        f"{rec['accuracy'] - base['accuracy']:+.2f} pts",
-    )
-    b.metric(
-        "Size",
-        f"{rec['size_bytes'] / 1000:,.1f} kB",
-        f"{base['size_bytes'] / rec['size_bytes']:.1f}x smaller",
-    )
-    c.metric(
-        "Latency (median)",
-        f"{rec['latency_ms']:.4f} ms",
-        f"{base['latency_ms'] / rec['latency_ms']:.2f}x faster",
-    )
-    d.metric("Deployed minus PyTorch", f"{rec.get('deploy_gap', 0.0):+.2f} pts")
+    metrics = shown(results.metrics)
+    columns = st.columns(len(metrics) + 1)
+    for column, m in zip(columns, metrics, strict=False):
+        change = m.ratio(float(rec[m.field]), float(base[m.field]))
+        delta = f"{change:+.2f} pts" if m.maximize else f"{change:.2f}{m.ratio_label}"
+        title = {"accuracy": "Accuracy (deployed)", "latency": "Latency (median)"}.get(m.name)
+        column.metric(title or m.name.capitalize(), _figure(m, rec[m.field]), delta)
+    columns[-1].metric("Deployed minus PyTorch", f"{rec.get('deploy_gap', 0.0):+.2f} pts")
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
     st.caption(
         f"Latency p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
@@ -401,16 +395,8 @@ def compare(results: StudyResults, pool: pd.DataFrame, chosen: int | None) -> No
     picked = st.multiselect(
         "Compare up to four candidates", options, default=default, max_selections=4, key="compare"
     )
-    columns = [
-        "number",
-        "accuracy",
-        "test_accuracy",
-        "size_bytes",
-        "size_ratio",
-        "latency_ms",
-        "speedup",
-        "plan",
-    ]
+    figures = [c for m in shown(results.metrics)[1:] for c in (m.field, m.ratio_column)]
+    columns = ["number", "accuracy", "test_accuracy", *figures, "plan"]
     st.dataframe(results.pareto[results.pareto["number"].isin(picked)][columns], hide_index=True)
 
 
@@ -434,7 +420,7 @@ def view_3d(results: StudyResults) -> None:
 
 
 def convergence(results: StudyResults, metrics: list[str]) -> None:
-    history = explore.hypervolume_history(results, metrics or ["accuracy", "size", "latency"])
+    history = explore.hypervolume_history(results, metrics or [m.name for m in shown(())])
     if history.empty:
         st.info("No feasible trial yet.")
         return
@@ -456,7 +442,7 @@ def parameters(results: StudyResults) -> None:
         return
     fig = px.parallel_coordinates(
         frame,
-        dimensions=[*params, "accuracy", "size_bytes", "latency_ms"],
+        dimensions=[*params, *(m.field for m in shown(results.metrics))],
         color="accuracy",
         labels={p: p.removeprefix("param.") for p in params},
     )

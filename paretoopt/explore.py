@@ -8,13 +8,14 @@ candidate's per-layer table.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .metrics import METRICS, shown
 from .pick import knee
 from .results import SPACE_FILE, StudyResults, load_results
 
@@ -27,15 +28,8 @@ class Axis:
 
 
 AXES = {  # (absolute, relative to the baseline)
-    "accuracy": (
-        Axis("accuracy", "validation accuracy (%)"),
-        Axis("accuracy_change", "accuracy change (points)"),
-    ),
-    "size": (Axis("size_bytes", "size (bytes)", log=True), Axis("size_ratio", "x smaller", True)),
-    "latency": (
-        Axis("latency_ms", "latency (ms)", log=True),
-        Axis("speedup", "x faster", log=True),
-    ),
+    m.name: (Axis(m.field, m.label, m.log), Axis(m.ratio_column, m.ratio_label, m.quotient))
+    for m in METRICS.values()
 }
 
 
@@ -56,19 +50,23 @@ def open_study(root: Path, name: str, storage: str | None = None) -> StudyResult
 
 @dataclass(frozen=True)
 class Budget:
-    max_drop: float | None = None  # points below the baseline's accuracy
-    max_size: float | None = None  # bytes
-    max_latency: float | None = None  # ms
+    """Limits by metric name, each read as the metric's constraint reads it: accuracy
+    as the largest drop in points below the baseline, the others as the largest value."""
 
-    def mask(self, frame: pd.DataFrame, baseline_accuracy: float | None) -> pd.Series:
-        # a hair of slack: slider values come back rounded (kB, 4 decimals)
+    limits: dict[str, float] = field(default_factory=dict)
+
+    def mask(self, frame: pd.DataFrame, baseline: dict[str, Any] | float | None) -> pd.Series:
+        """`baseline`: the baseline's figures (or, as before, its accuracy alone)."""
+        if not isinstance(baseline, dict):
+            baseline = {} if baseline is None else {METRICS["accuracy"].field: baseline}
         ok = pd.Series(True, index=frame.index)
-        if self.max_drop is not None and baseline_accuracy is not None:
-            ok &= frame["accuracy"] >= baseline_accuracy - self.max_drop - 1e-9
-        if self.max_size is not None:
-            ok &= frame["size_bytes"] <= self.max_size + 0.5
-        if self.max_latency is not None:
-            ok &= frame["latency_ms"] <= self.max_latency + 1e-9
+        for name, limit in self.limits.items():
+            m = METRICS[name]
+            base = baseline.get(m.field)
+            if limit is None or (m.limit.relative and base is None):
+                continue
+            inside = [m.within(float(v), base, limit) for v in frame[m.field]]
+            ok &= pd.Series(inside, index=frame.index, dtype=bool)
         return ok
 
 
@@ -89,13 +87,13 @@ def candidates(results: StudyResults, budget: Budget) -> pd.DataFrame:
     front = results.pareto
     if front.empty:
         return front
-    inside = front[budget.mask(front, results.baseline.get("accuracy"))]
+    inside = front[budget.mask(front, results.baseline)]
     return inside.sort_values(["accuracy", "size_bytes"], ascending=[False, True])
 
 
-def suggested(frame: pd.DataFrame) -> int | None:
+def suggested(frame: pd.DataFrame, objectives: tuple[str, ...] = ()) -> int | None:
     """The knee of the candidates left, or None when none is left."""
-    return knee(frame) if len(frame) else None
+    return knee(frame, [m.name for m in shown(objectives)]) if len(frame) else None
 
 
 def selected_trials(event: Any) -> list[int]:
@@ -127,7 +125,7 @@ def hypervolume_history(
         return pd.DataFrame(columns=["number", "hypervolume"])
     done = frame[(frame["state"] == "COMPLETE") & frame["feasible"]].sort_values("number")
     points = _normalised(done, metrics, base)
-    reference = np.array([accuracy_reference if m == "accuracy" else 1.0 for m in metrics])
+    reference = np.array([accuracy_reference if METRICS[m].maximize else 1.0 for m in metrics])
     rows, kept, volume = [], np.empty((0, len(metrics))), 0.0
     for number, point in zip(done["number"], points, strict=True):
         dominated = bool(len(kept)) and bool(np.any(np.all(kept <= point, axis=1)))
@@ -139,19 +137,14 @@ def hypervolume_history(
 
 
 def _normalised(frame: pd.DataFrame, metrics: list[str], base: dict[str, Any]) -> np.ndarray:
+    """Each metric as a loss in baseline units: points lost, floored at "none" (gains
+    count as no loss), or the fraction of the baseline's figure."""
     columns = []
-    for m in metrics:
-        if m == "accuracy":
-            columns.append(base["accuracy"] - frame["accuracy"].to_numpy(float) + 0.0)
-        elif m == "size":
-            columns.append(frame["size_bytes"].to_numpy(float) / base["size_bytes"])
-        else:
-            columns.append(frame["latency_ms"].to_numpy(float) / base["latency_ms"])
-    out = np.stack(columns, axis=1) if columns else np.empty((len(frame), 0))
-    if "accuracy" in metrics:  # points lost, floored at "none": gains count as no loss
-        i = metrics.index("accuracy")
-        out[:, i] = np.clip(out[:, i], 0.0, None)
-    return out
+    for name in metrics:
+        m = METRICS[name]
+        loss = m.loss(frame[m.field].to_numpy(float), float(base[m.field])) + 0.0
+        columns.append(np.clip(loss, 0.0, None) if m.maximize else loss)
+    return np.stack(columns, axis=1) if columns else np.empty((len(frame), 0))
 
 
 def _hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
@@ -181,7 +174,8 @@ def parameter_frame(results: StudyResults) -> pd.DataFrame:
         return frame
     done = frame[(frame["state"] == "COMPLETE") & ~frame["baseline"]]
     params = [c for c in done.columns if c.startswith("param.")]
-    out = done[["number", "accuracy", "size_bytes", "latency_ms", *params]].copy()
+    fields = [m.field for m in shown(results.metrics)]
+    out = done[["number", *fields, *params]].copy()
     for column in params:
         if not pd.api.types.is_numeric_dtype(out[column]):
             out[column] = out[column].astype("category").cat.codes.replace(-1, np.nan)
@@ -194,19 +188,17 @@ def influence(results: StudyResults) -> pd.DataFrame:
     A simple, assumption-light measure; interactions between parameters do not show."""
     frame = parameter_frame(results)
     params = [c for c in frame.columns if c.startswith("param.")]
+    metrics = shown(results.metrics)
     rows = []
     for param in params:
         row: dict[str, Any] = {"parameter": param.removeprefix("param.")}
-        for metric, column in (
-            ("accuracy", "accuracy"),
-            ("size", "size_bytes"),
-            ("latency", "latency_ms"),
-        ):
+        for m in metrics:
+            metric, column = m.name, m.field
             pair = frame[[param, column]].dropna()
             rho = pair[param].rank().corr(pair[column].rank()) if len(pair) > 2 else np.nan
             row[metric] = abs(rho) if rho == rho else 0.0  # nan (a constant) -> no influence
         rows.append(row)
-    return pd.DataFrame(rows, columns=["parameter", "accuracy", "size", "latency"])
+    return pd.DataFrame(rows, columns=["parameter", *(m.name for m in metrics)])
 
 
 # --------------------------------------------------------------------------- candidate

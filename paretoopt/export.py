@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .errors import StudyError
+from .metrics import Metric, shown
 from .pick import pick
 from .results import StudyResults, load_results, trial_record
 
@@ -95,7 +96,8 @@ def _choose(results: StudyResults, trial: int | None, rule: str | None) -> int:
         raise StudyError("give either --trial N or --pick RULE (e.g. --pick knee)")
     if trial is not None:
         return trial
-    return pick(results.pareto, str(rule), results.baseline.get("accuracy"))
+    objectives = [m.name for m in shown(results.metrics)]
+    return pick(results.pareto, str(rule), results.baseline.get("accuracy"), objectives)
 
 
 def _checked_record(results: StudyResults, number: int) -> dict[str, Any]:
@@ -241,6 +243,7 @@ def model_card(
         "input_shape": results.metadata.get("input_shape"),
         "plan": record["plan"],
         "plan_summary": record.get("plan_summary", ""),
+        "objectives": list(results.metrics),
         "measured": {
             **{k: record.get(k) for k in keys},
             "size_bytes": record["size_bytes"],
@@ -261,12 +264,18 @@ def model_card(
     }
 
 
+def _card_row(metric: Metric, measured: dict[str, Any], base: dict[str, Any]) -> str:
+    """One minimised metric against the baseline, e.g. "| size ... | 4.9x smaller |"."""
+    ours, theirs = measured.get(metric.field), base.get(metric.field)
+    ratio = f"{metric.ratio(ours, theirs):.1f}{metric.ratio_label}" if ours and theirs else "n/a"
+    figure = (lambda v: f"{v:,} B") if metric.prefixed else metric.text
+    shown_base = figure(theirs) if theirs is not None else "n/a"
+    return f"| {metric.label} | {figure(ours)} | {shown_base} | {ratio} |"
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     m, b, t = card["measured"], card["baseline"], card["target"]
     latency = m.get("latency") or {}
-
-    def ratio(base: float | None, ours: float | None) -> str:
-        return f"{base / ours:.1f}x" if base and ours else "n/a"
 
     lines = [
         f"# {card['study']}, trial {card['trial']}",
@@ -280,10 +289,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"{m['accuracy'] - b.get('accuracy', 0):+.2f} pts |",
         f"| test accuracy (deployed) | {m['test_accuracy']:.2f} % | "
         f"{b.get('test_accuracy', float('nan')):.2f} % | |",
-        f"| size (compressed file) | {m['size_bytes']:,} B | {b.get('size_bytes', 0):,} B | "
-        f"{ratio(b.get('size_bytes'), m['size_bytes'])} smaller |",
-        f"| latency (median) | {m['latency_ms']:.4f} ms | {b.get('latency_ms', 0):.4f} ms | "
-        f"{ratio(b.get('latency_ms'), m['latency_ms'])} faster |",
+        *(_card_row(x, m, b) for x in shown(card.get("objectives", ()))[1:]),
         "",
         f"Latency: {t['runtime']} on {t['device']}, {t['threads']} thread(s), batch "
         f"{t['batch_size']}; p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "

@@ -6,7 +6,8 @@
     min size where accuracy_drop <= 0.5
 
 Units: sizes in B, kB, MB (powers of 1000, as the tables print them) or bare bytes;
-latency in ms (or us, s); accuracy and accuracy_drop in percent points. Part of the pure
+latency in ms (or us, s); accuracy and accuracy_drop in percent points; macs bare or in
+k, M, G. The metrics and their units come from ``paretoopt.metrics``. Part of the pure
 data layer (no torch): the CLI's export and the explorer app use the same rules.
 """
 
@@ -18,44 +19,43 @@ import numpy as np
 import pandas as pd
 
 from .errors import StudyError
+from .metrics import DEFAULT_OBJECTIVES, METRICS, Metric
 
-COLUMNS = {
-    "accuracy": "accuracy",
-    "size": "size_bytes",
-    "latency": "latency_ms",
-    "accuracy_drop": "accuracy_drop",
-}
-UNITS = {
-    "size": {"": 1.0, "b": 1.0, "kb": 1e3, "mb": 1e6, "gb": 1e9},
-    "latency": {"": 1.0, "ms": 1.0, "us": 1e-3, "s": 1e3},
-    "accuracy": {"": 1.0, "%": 1.0},
-    "accuracy_drop": {"": 1.0, "%": 1.0, "pts": 1.0},
-}
+DROP = "accuracy_drop"  # points below the baseline: the accuracy limit's own reading
+_ACCURACY = METRICS["accuracy"]
+COLUMNS = {**{m.name: m.field for m in METRICS.values()}, DROP: DROP}
+UNITS = {**{m.name: dict(m.units) for m in METRICS.values()}, DROP: {"": 1.0, "%": 1.0, "pts": 1.0}}
+_NAMES = "|".join(METRICS)
 GRAMMAR = (
-    "'knee', or '(max|min) (accuracy|size|latency) [where <metric> (<=|<|>=|>) <value>"
+    f"'knee', or '(max|min) ({_NAMES}) [where <metric> (<=|<|>=|>) <value>"
     "[unit] [and ...]]', e.g. 'max accuracy where size <= 200kB and latency <= 0.3ms'"
 )
-_RULE = re.compile(r"^\s*(max|min)\s+(accuracy|size|latency)\s*(?:where\s+(.+))?$", re.I)
+_RULE = re.compile(rf"^\s*(max|min)\s+({_NAMES})\s*(?:where\s+(.+))?$", re.I)
 _CONDITION = re.compile(
-    r"^\s*(accuracy_drop|accuracy|size|latency)\s*(<=|>=|<|>)\s*([0-9.]+(?:e-?[0-9]+)?)"
+    rf"^\s*({DROP}|{_NAMES})\s*(<=|>=|<|>)\s*([0-9.]+(?:e-?[0-9]+)?)"
     r"\s*([a-z%]*)\s*$",
     re.I,
 )
 
 
-def pick(front: pd.DataFrame, rule: str, baseline_accuracy: float | None = None) -> int:
-    """The trial number the rule picks from the front."""
+def pick(
+    front: pd.DataFrame,
+    rule: str,
+    baseline_accuracy: float | None = None,
+    objectives: tuple[str, ...] | list[str] = DEFAULT_OBJECTIVES,
+) -> int:
+    """The trial number the rule picks from the front (the knee over `objectives`)."""
     if front.empty:
         raise StudyError("the study has no feasible Pareto front to pick from")
     if rule.strip().lower() == "knee":
-        return knee(front)
+        return knee(front, objectives)
     match = _RULE.match(rule)
     if not match:
         raise StudyError(f"--pick: cannot read {rule!r}; write {GRAMMAR}")
     direction, metric, conditions = match.groups()
     frame = front.copy()
     if baseline_accuracy is not None:
-        frame["accuracy_drop"] = baseline_accuracy - frame["accuracy"]
+        frame[DROP] = baseline_accuracy - frame[_ACCURACY.field]
     for text in re.split(r"\s+and\s+", conditions or "", flags=re.I) if conditions else []:
         frame = frame[_condition(frame, text, baseline_accuracy is not None)]
     if frame.empty:
@@ -71,7 +71,7 @@ def _condition(frame: pd.DataFrame, text: str, has_drop: bool) -> pd.Series:
         raise StudyError(f"--pick: cannot read the condition {text.strip()!r}; write {GRAMMAR}")
     metric, op, number, unit = match.groups()
     metric = metric.lower()
-    if metric == "accuracy_drop" and not has_drop:
+    if metric == DROP and not has_drop:
         raise StudyError("--pick: accuracy_drop needs the study's baseline, which is missing")
     scale = UNITS[metric].get(unit.lower())
     if scale is None:
@@ -85,14 +85,18 @@ def _condition(frame: pd.DataFrame, text: str, has_drop: bool) -> pd.Series:
     ]
 
 
-def knee(front: pd.DataFrame) -> int:
+def knee(front: pd.DataFrame, objectives: tuple[str, ...] | list[str] = DEFAULT_OBJECTIVES) -> int:
     """The front point closest to the ideal one once every objective is scaled to [0, 1]
-    over the front (best = 0): the candidate that gives up least on every axis at once."""
-    columns = [c for c in ("accuracy", "size_bytes", "latency_ms") if c in front]
+    over the front (best = 0): the candidate that gives up least on every axis at once.
+    Figures that span orders of magnitude (size) are compared in log."""
+    chosen: list[Metric] = [METRICS[m] for m in objectives if METRICS[m].field in front]
+    columns = [m.field for m in chosen]
     values = np.array(front[columns], dtype=float)  # a copy: it is changed below
-    values[:, columns.index("accuracy")] *= -1  # every axis now: smaller is better
-    if "size_bytes" in columns:  # sizes span orders of magnitude: compare them in log
-        values[:, columns.index("size_bytes")] = np.log(values[:, columns.index("size_bytes")])
+    for i, m in enumerate(chosen):
+        if m.maximize:  # every axis now: smaller is better
+            values[:, i] *= -1
+        if m.knee_log:
+            values[:, i] = np.log(values[:, i])
     low, high = values.min(axis=0), values.max(axis=0)
     span = np.where(high > low, high - low, 1.0)
     distance = np.linalg.norm((values - low) / span, axis=1)

@@ -20,6 +20,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .metrics import Metric, shown, si_bytes
+
 if TYPE_CHECKING:
     from .results import StudyResults
     from .space import Space
@@ -61,12 +63,7 @@ class Reporter:
 SilentReporter = Reporter
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+human_bytes = si_bytes  # the name this module had for it
 
 
 class RichReporter(Reporter):
@@ -78,6 +75,7 @@ class RichReporter(Reporter):
         self.progress: Progress | None = None
         self.task: Any = None
         self.best: dict[str, float] = {}  # over feasible trials of this session
+        self.objectives: tuple[str, ...] = ()  # the study's, set by start
 
     def log(self, message: str) -> None:
         (self.progress.console if self.progress else self.console).print(message)
@@ -85,6 +83,7 @@ class RichReporter(Reporter):
     def start(self, space: Space, done: int) -> None:
         if self.progress is not None:  # a second round of trials in the same session
             return
+        self.objectives = tuple(space.metrics)
         self.console.print(
             f"study [bold]{space.study}[/]: {done} of {space.search.trials} "
             f"trials done; sampler {space.search.sampler}, target "
@@ -115,17 +114,17 @@ class RichReporter(Reporter):
         baseline: dict[str, Any],
         feasible: bool,
     ) -> None:
-        acc, size, lat = record["accuracy"], record["size_bytes"], record["latency_ms"]
+        metrics = shown(self.objectives)
         if feasible:  # the bar's "best" figures are those a user could ship
-            self.best["accuracy"] = max(acc, self.best.get("accuracy", acc))
-            self.best["size"] = min(size, self.best.get("size", size))
-            self.best["latency"] = min(lat, self.best.get("latency", lat))
+            for m in metrics:
+                value = record[m.field]
+                best = self.best.get(m.name, value)
+                self.best[m.name] = max(value, best) if m.maximize else min(value, best)
         status = "[green]ok[/]" if feasible else "[yellow]infeasible[/]"
+        figures = "  ".join(_figure(m, record[m.field], baseline[m.field]) for m in metrics)
         self.log(
-            f"trial {number:>3} {status} {seconds:5.1f} s  acc {acc:6.2f} % "
-            f"({acc - baseline['accuracy']:+.2f})  size {human_bytes(size):>9} "
-            f"({baseline['size_bytes'] / size:4.1f}x)  latency {lat:.4f} ms "
-            f"({baseline['latency_ms'] / lat:4.2f}x)  {escape(record.get('plan_summary', ''))}"
+            f"trial {number:>3} {status} {seconds:5.1f} s  {figures}  "
+            f"{escape(record.get('plan_summary', ''))}"
         )
 
     def trial_failed(self, number: int, reason: str) -> None:
@@ -134,11 +133,7 @@ class RichReporter(Reporter):
     def advance(self, done: int) -> None:
         if self.progress is not None:
             best = (
-                (
-                    f"best: {self.best.get('accuracy', 0):.2f} %, "
-                    f"{human_bytes(self.best.get('size', 0))}, "
-                    f"{self.best.get('latency', 0):.4f} ms"
-                )
+                "best: " + ", ".join(m.text(self.best[m.name]) for m in shown(self.objectives))
                 if self.best
                 else ""
             )
@@ -157,6 +152,15 @@ class RichReporter(Reporter):
         )
 
 
+def _figure(m: Metric, value: float, base: float) -> str:
+    """e.g. "acc  98.52 % (-0.74)", "size   10.2 kB (45.7x)", "latency 0.0171 ms (4.87x)"."""
+    ratio = m.ratio(value, base)
+    if m.maximize:
+        return f"acc {value:6.2f} % ({ratio:+.2f})"
+    width = ">9" if m.prefixed else ""
+    return f"{m.name} {m.text(value):{width}} ({ratio:4.{m.ratio_decimals}f}x)"
+
+
 def front_table(results: StudyResults) -> Table:
     if len(results.pareto):
         title = (
@@ -169,28 +173,22 @@ def front_table(results: StudyResults) -> Table:
             f"{len(results.trials)}; see trials.csv for the reasons"
         )
     table = Table(title=title)
-    for col in (
-        "trial",
-        "val acc %",
-        "Δ pts",
-        "test acc %",
-        "size",
-        "x smaller",
-        "latency ms",
-        "x faster",
-    ):
+    metrics = shown(results.metrics)[1:]  # accuracy has its own columns
+    headers = ["trial", "val acc %", "Δ pts", "test acc %"]
+    for m in metrics:
+        headers += [m.column, m.ratio_label]
+    for col in headers:
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("plan", justify="left", no_wrap=True, overflow="ellipsis")
     for _, r in results.pareto.iterrows():
-        table.add_row(
+        cells = [
             str(r["number"]),
             f"{r['accuracy']:.2f}",
             f"{r.get('accuracy_change', 0):+.2f}",
             f"{r['test_accuracy']:.2f}",
-            human_bytes(r["size_bytes"]),
-            f"{r.get('size_ratio', 1):.1f}",
-            f"{r['latency_ms']:.4f}",
-            f"{r.get('speedup', 1):.2f}",
-            str(r["plan"]),
-        )
+        ]
+        for m in metrics:
+            figure = m.text(r[m.field]) if m.prefixed else m.show(r[m.field])
+            cells += [figure, f"{r.get(m.ratio_column, 1):.{m.ratio_decimals}f}"]
+        table.add_row(*cells, str(r["plan"]))
     return table

@@ -20,9 +20,10 @@ import pandas as pd
 import yaml
 
 from .errors import StudyError
+from .metrics import METRICS, ratios
 
 BASELINE_ATTR = "paretoopt.baseline"
-METRIC_COLUMNS = {"accuracy": "accuracy", "size": "size_bytes", "latency": "latency_ms"}
+METRIC_COLUMNS = {m.name: m.field for m in METRICS.values()}  # objective -> frame column
 SPACE_FILE = "space.yaml"
 RUN_FILE = "run.json"
 JOURNAL_FILE = "study.journal"
@@ -116,11 +117,8 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "fail_reason": fail_reason(t),
         "artifact": a.get("artifact", ""),
     }
-    measured = [row[k] for k in ("accuracy", "size_bytes", "latency_ms")]
-    if baseline and t.state.name == "COMPLETE" and None not in measured:
-        row["accuracy_change"] = row["accuracy"] - baseline["accuracy"]
-        row["size_ratio"] = baseline["size_bytes"] / row["size_bytes"]
-        row["speedup"] = baseline["latency_ms"] / row["latency_ms"]
+    if baseline and t.state.name == "COMPLETE":
+        row.update(ratios(row, baseline))  # accuracy_change, size_ratio, speedup, ...
     for key, value in t.params.items():
         row[f"param.{key}"] = value
     return row
@@ -137,7 +135,7 @@ def front(
     ok = frame[frame["feasible"]]
     columns = [METRIC_COLUMNS[m] for m in metrics]
     mask = pareto_mask(ok[columns].to_numpy(dtype=float), directions)
-    return ok[mask].sort_values("size_bytes").reset_index(drop=True)
+    return ok[mask].sort_values(METRICS["size"].field).reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------- storage

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,11 @@ import yaml
 
 from .errors import SpaceError
 from .knobs import Choice, Fixed, Knob, KnobRule, Range, parse_knob
+from .metrics import DEFAULT_OBJECTIVES
+from .metrics import METRICS as METRIC_TABLE
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
-METRICS = {"accuracy": "maximize", "size": "minimize", "latency": "minimize"}
+METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direction
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
@@ -151,26 +153,22 @@ class TargetSpec:
     )
 
 
-@dataclass(frozen=True)
-class ConstraintsSpec:
-    max_accuracy_drop: float | None = setting(
-        1.0,
-        "largest allowed drop in validation accuracy against the baseline, in points",
-        kind=float,
-        low=0.0,
-        high=100.0,
-        nullable=True,
-    )
-    max_size_bytes: int | None = setting(
-        None,
-        "largest allowed size of the compressed file, in bytes",
-        kind=int,
-        low=1,
-        nullable=True,
-    )
-    max_latency_ms: float | None = setting(
-        None, "largest allowed median latency, in milliseconds", kind=float, low=0.0, nullable=True
-    )
+def _constraint_settings() -> list[tuple[str, Any, Any]]:
+    """One optional limit per metric (see metrics.Limit), in the metrics' order."""
+    out = []
+    for m in METRIC_TABLE.values():
+        limit = m.limit
+        rule = setting(
+            limit.default, limit.doc, kind=limit.kind, low=limit.low, high=limit.high, nullable=True
+        )
+        out.append((limit.key, f"{limit.kind.__name__} | None", rule))
+    return out
+
+
+# the constraints section: its settings come from the metrics, so a new metric brings its
+# limit with it
+ConstraintsSpec = make_dataclass("ConstraintsSpec", _constraint_settings(), frozen=True)
+ConstraintsSpec.__module__ = __name__  # make_dataclass takes `module=` only from 3.12
 
 
 @dataclass(frozen=True)
@@ -702,7 +700,7 @@ def _parse_checkpoint(raw: Any, where: str, root: Path) -> str | None:
 
 def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
     if raw is None:
-        return tuple(Objective(m, d) for m, d in METRICS.items())
+        return tuple(Objective(m, METRICS[m]) for m in DEFAULT_OBJECTIVES)
     if isinstance(raw, list):
         bad = [m for m in raw if not isinstance(m, str)]
         if bad:

@@ -9,7 +9,6 @@ through Optuna 5's ``trial.set_constraint``, so infeasible trials never enter th
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +18,10 @@ from optuna.trial import TrialState
 
 from .anchors import queue_anchors
 from .errors import StudyError, one_line
+from .metrics import METRICS, not_finite
 from .plan import CompressionPlan
 from .report import Reporter
-from .results import BASELINE_ATTR, METRIC_COLUMNS, TRIALS_DIR
+from .results import BASELINE_ATTR, TRIALS_DIR
 from .sampling import sample_plan
 from .session import Session, baseline, counted, ensure_baseline, finished, store_baseline
 from .sharing import GRACE_BEATS, claim, claim_lock, fail_stale, heartbeat
@@ -99,10 +99,11 @@ def told_values(space: Space, record: dict[str, Any], base: dict[str, Any]) -> l
     samples a gain of a point or less is mostly noise. Uncapped, an uncompressed trial that
     scored two images better stays among the sampler's best for the rest of the study.
     The record, and the front built from it, keep the measured figure."""
-    values = [float(record[METRIC_COLUMNS[m]]) for m in space.metrics]
-    for i, objective in enumerate(space.objectives):
-        if objective.metric == "accuracy" and objective.direction == "maximize":
-            values[i] = min(values[i], float(base["accuracy"]))
+    values = []
+    for name in space.metrics:
+        m = METRICS[name]
+        value = float(record[m.field])
+        values.append(min(value, float(base[m.field])) if m.maximize else value)
     return values
 
 
@@ -188,7 +189,7 @@ def _evaluate(
     trial.set_user_attr("plan_summary", plan.summary())
     out_dir = session.directory / TRIALS_DIR / str(trial.number)
     record = run_trial(ctx, plan, out_dir, session.space.search.seed + trial.number)
-    bad = [m for m in session.space.metrics if not math.isfinite(record[METRIC_COLUMNS[m]])]
+    bad = not_finite(record, session.space.metrics)
     if bad:  # Optuna would fail the trial silently, with no reason
         raise ValueError(f"objective(s) {', '.join(bad)} not finite")
     record["artifact"] = str(out_dir.relative_to(session.directory))
@@ -208,16 +209,13 @@ def _set_constraints(
     record: dict[str, Any],
     base: dict[str, Any],
 ) -> dict[str, float]:
-    """Optuna 5 constraints: a value <= 0 is feasible."""
-    c = space.constraints
+    """Optuna 5 constraints: a value <= 0 is feasible. One per metric whose limit the
+    space sets, under the metric's constraint name."""
     out = {}
-    if c.max_accuracy_drop is not None:
-        drop = base["accuracy"] - record["accuracy"]
-        out["accuracy_drop"] = drop - c.max_accuracy_drop
-    if c.max_size_bytes is not None:
-        out["size"] = record["size_bytes"] - c.max_size_bytes
-    if c.max_latency_ms is not None:
-        out["latency"] = record["latency_ms"] - c.max_latency_ms
+    for m in METRICS.values():
+        limit = getattr(space.constraints, m.limit.key)
+        if limit is not None:
+            out[m.limit.name] = m.violation(float(record[m.field]), base.get(m.field), limit)
     for key, value in out.items():
         trial.set_constraint(key, float(value))
     return out

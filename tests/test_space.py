@@ -137,7 +137,7 @@ def test_knob_forms():
         (
             {**BASE, "objectives": ["accuracy"]},
             "objectives: a Pareto search needs at least two metrics, but got ['accuracy']; "
-            "choose from accuracy, size, latency",
+            "choose from accuracy, size, latency, macs",
         ),
         (
             {**BASE, "objectives": {"accuracy": "minimize", "size": "minimize"}},
@@ -145,7 +145,7 @@ def test_knob_forms():
         ),
         (
             {**BASE, "objectives": ["accuracy", "flops"]},
-            "objectives: unknown metric 'flops'; choose from accuracy, size, latency",
+            "objectives: unknown metric 'flops'; choose from accuracy, size, latency, macs",
         ),
         ({"data": "digits"}, "model: required; give a built-in 'name' or a 'factory'"),
         (
