@@ -33,6 +33,7 @@ import numpy as np
 from .errors import StudyError
 from .metrics import Metric, shown
 from .pick import pick
+from .record import TrialRecord
 from .results import StudyResults, load_results, trial_record
 
 FORMATS = ("onnx", "pt2", "safetensors")
@@ -100,7 +101,7 @@ def _choose(results: StudyResults, trial: int | None, rule: str | None) -> int:
     return pick(results.pareto, str(rule), results.baseline.get("accuracy"), objectives)
 
 
-def _checked_record(results: StudyResults, number: int) -> dict[str, Any]:
+def _checked_record(results: StudyResults, number: int) -> TrialRecord:
     frame = results.trials
     kept = [int(n) for n, a in zip(frame["number"], frame["artifact"], strict=True) if a]
     listing = ", ".join(map(str, kept)) or "none"
@@ -131,9 +132,9 @@ def _check_destination(out: Path, paths: list[Path], force: bool) -> None:
         )
 
 
-def _check_hashes(source: Path, record: dict[str, Any]) -> None:
+def _check_hashes(source: Path, record: TrialRecord) -> None:
     """The trial's files must be the ones it measured (a later edit is refused)."""
-    for name, recorded in record.get("files", {}).items():
+    for name, recorded in record.files.items():
         path = source / name
         if path.exists() and _sha256(path) != recorded:
             raise StudyError(
@@ -152,7 +153,7 @@ def _sha256(path: Path) -> str:
 def _write_and_verify(
     results: StudyResults,
     source: Path,
-    record: dict[str, Any],
+    record: TrialRecord,
     staging: Path,
     stem: str,
     formats: tuple[str, ...],
@@ -172,7 +173,7 @@ def _write_and_verify(
         # the runtime the trial measured in decides which recorded figure applies
         same_runtime = fmt == "onnx" and not fresh
         key = "test_accuracy" if same_runtime else "torch_test_accuracy"
-        recorded = record.get(key, record["test_accuracy"])
+        recorded = getattr(record, key)
         checks[fmt] = {
             "file": path.name,
             "sha256": _sha256(path),
@@ -185,7 +186,7 @@ def _write_and_verify(
         if abs(measured - recorded) > tolerance:
             raise StudyError(
                 f"export check failed: {path.name} scores {measured:.2f} % on the test split "
-                f"in its runtime, but trial {record.get('artifact', '')} recorded "
+                f"in its runtime, but trial {record.artifact} recorded "
                 f"{recorded:.2f} % ({key}); tolerance {tolerance} points. Nothing was written."
             )
     return checks
@@ -224,7 +225,7 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
 def model_card(
     results: StudyResults,
     number: int,
-    record: dict[str, Any],
+    record: TrialRecord,
     files: dict[str, Path],
     checks: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
@@ -233,6 +234,8 @@ def model_card(
 
     space = space_to_dict(load_space(results.directory / "space.yaml"))
     keys = ("accuracy", "test_accuracy", "torch_accuracy", "torch_test_accuracy", "deploy_gap")
+    keys += ("size_bytes", "runtime_file_bytes", "latency_ms", "latency")
+    stored = record.to_attrs()  # plain JSON values, nested ones included
     return {
         "study": results.name,
         "trial": number,
@@ -241,20 +244,13 @@ def model_card(
         "model": space["model"],
         "data": space["data"],
         "input_shape": results.metadata.get("input_shape"),
-        "plan": record["plan"],
-        "plan_summary": record.get("plan_summary", ""),
+        "plan": record.plan,
+        "plan_summary": record.plan_summary,
         "objectives": list(results.metrics),
         "measured": {
-            **{k: record.get(k) for k in keys},
-            "size_bytes": record["size_bytes"],
-            "runtime_file_bytes": record.get("runtime_file_bytes"),
-            "latency_ms": record["latency_ms"],
-            "latency": record.get("latency", {}),
+            **{k: stored[k] for k in keys},
             "confirmation": results.metadata.get("confirmations", {}).get(str(number)),
-            "params": record.get("params"),
-            "macs": record.get("macs"),
-            "int_kernels": record.get("int_kernels"),
-            "layer_quant": record.get("layer_quant"),
+            **{k: stored[k] for k in ("params", "macs", "int_kernels", "layer_quant")},
         },
         "baseline": results.baseline,
         "target": space["target"],

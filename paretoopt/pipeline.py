@@ -32,6 +32,7 @@ from .measure.onnx_export import export_onnx
 from .measure.target import Target
 from .models import create_model, load_checkpoint
 from .plan import CompressionPlan
+from .record import Latency, LayerQuant, TrialRecord, technique_fields
 from .space import Space, space_to_dict
 from .techniques import Workbench, apply_plan
 from .techniques.bench import find_classifier, prunable_layers
@@ -204,7 +205,7 @@ def run_trial(
     plan: CompressionPlan,
     out_dir: Path,
     seed: int,
-) -> dict[str, Any]:
+) -> TrialRecord:
     """Compress, write, rebuild from the file, measure. Writes out_dir atomically."""
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
@@ -212,7 +213,8 @@ def run_trial(
     try:
         record = _run(ctx, plan, work, seed)
         # export hands over these very files, and checks them against these hashes
-        record["files"] = {p.name: _sha256(p) for p in sorted(work.iterdir()) if p.is_file()}
+        files = {p.name: _sha256(p) for p in sorted(work.iterdir()) if p.is_file()}
+        record = record.replace(files=files)
         shutil.rmtree(out_dir, ignore_errors=True)
         work.replace(out_dir)
         return record
@@ -229,7 +231,7 @@ STAGES = {  # what each stage of a trial's time is made of (bench.timings keys)
 }
 
 
-def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dict[str, Any]:
+def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> TrialRecord:
     torch.manual_seed(seed)
     bench = Workbench(
         copy.deepcopy(ctx.baseline),
@@ -262,38 +264,35 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dic
         "measure", ctx.target.latency, runner, runtime_file if runtime_file.exists() else None
     )
     layers = _layer_quant(plan, bench, runtime_file, exact)
-    integer = [n for n, e in layers.items() if e["format"] == "int"]
-    return {
-        "plan": plan.to_dict(),
-        "accuracy": val,
-        "test_accuracy": test,
-        "torch_accuracy": torch_val,  # the PyTorch model: weights quantized, float activations
-        "torch_test_accuracy": torch_test,
-        "deploy_gap": val - torch_val,  # what the runtime (int8 activations) costs or gains
-        "size_bytes": size,
-        "runtime_file_bytes": runtime_file.stat().st_size if runtime_file.exists() else None,
-        "latency_ms": latency["latency_ms"],
-        "latency": latency,
-        "runtime": runner.name,
-        # every integer-quantized layer ran in an integer kernel (not dequantized to float)
-        "int_kernels": bool(integer) and all(layers[n]["kernel"] == "int8" for n in integer),
-        # the runtime model holds the compressed file's weights (False: some layer was
-        # re-rounded by the int8 converter, so the runtime model is not the file's model)
-        "exact_weights": all(exact.values()),
-        "layer_quant": layers,
-        "params": sum(p.numel() for p in deployed.parameters()),
-        "macs": _macs(deployed, ctx.splits.train.x[:1]),
-        "nonzero_params": sum(int((p != 0).sum()) for p in deployed.parameters()),
-        "layer_bits": {},  # empty when weights stay float32
-        "finetune_loss": [],  # empty without fine-tuning
+    integer = [n for n, e in layers.items() if e.format == "int"]
+    return TrialRecord(
+        plan=plan.to_dict(),
+        accuracy=val,
+        test_accuracy=test,
+        torch_accuracy=torch_val,
+        torch_test_accuracy=torch_test,
+        deploy_gap=val - torch_val,
+        size_bytes=size,
+        runtime_file_bytes=runtime_file.stat().st_size if runtime_file.exists() else None,
+        latency_ms=latency["latency_ms"],
+        latency=Latency(**latency),
+        runtime=runner.name,
+        int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
+        # False: some layer was re-rounded by the int8 converter, so the runtime model is
+        # not the file's model
+        exact_weights=all(exact.values()),
+        layer_quant=layers,
+        params=sum(p.numel() for p in deployed.parameters()),
+        macs=_macs(deployed, ctx.splits.train.x[:1]),
+        nonzero_params=sum(int((p != 0).sum()) for p in deployed.parameters()),
         # what the techniques recorded: per-layer sparsity, channels kept, saliency, ...
-        **bench.records,
-        "timings": {k: round(v, 4) for k, v in bench.timings.items()},
-        "stages": {
+        **technique_fields(bench.records),
+        timings={k: round(v, 4) for k, v in bench.timings.items()},
+        stages={
             stage: round(sum(bench.timings.get(k, 0.0) for k in keys), 4)
             for stage, keys in STAGES.items()
         },
-    }
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -330,25 +329,24 @@ def _deploy(
 
 def _layer_quant(
     plan: CompressionPlan, bench: Workbench, runtime_file: Path, exact: dict[str, bool]
-) -> dict[str, Any]:
+) -> dict[str, LayerQuant]:
     """Per layer: bit-width, number format, grid, and the kernel it really ran in."""
     cfg = plan.quant
     integer = integer_initializers(runtime_file) if exact else set()
-    out: dict[str, Any] = {}
+    out: dict[str, LayerQuant] = {}
     for name in prunable_layers(bench.model):
         bits, param = cfg.layer(name), f"{name}.weight"
-        entry: dict[str, Any] = {
-            "bits": bits,
-            "format": {32: "float32", 16: cfg.half_type}.get(bits, "int"),
-        }
-        if param in bench.quantized:
-            entry["granularity"] = cfg.granularity
-            entry["scheme"] = "symmetric" if is_symmetric(cfg, bits) else "affine"
-        # on this target, float32 kernels also run 16-bit and dequantized integer weights
-        entry["kernel"] = "int8" if f"{param}_quantized" in integer else "float32"
-        if param in exact:  # the int8 model holds the trial's own codes, not re-rounded ones
-            entry["exact_weights"] = exact[param]
-        out[name] = entry
+        quantized = param in bench.quantized
+        out[name] = LayerQuant(
+            bits=bits,
+            format={32: "float32", 16: cfg.half_type}.get(bits, "int"),
+            # on this target, float32 kernels also run 16-bit and dequantized integer weights
+            kernel="int8" if f"{param}_quantized" in integer else "float32",
+            granularity=cfg.granularity if quantized else None,
+            scheme=("symmetric" if is_symmetric(cfg, bits) else "affine") if quantized else None,
+            # the int8 model holds the trial's own codes, not re-rounded ones
+            exact_weights=exact.get(param),
+        )
     return out
 
 

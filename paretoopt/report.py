@@ -23,6 +23,7 @@ from rich.table import Table
 from .metrics import Metric, shown, si_bytes
 
 if TYPE_CHECKING:
+    from .record import TrialRecord
     from .results import StudyResults
     from .space import Space
 
@@ -40,7 +41,7 @@ class Reporter:
     def trial_done(
         self,
         number: int,
-        record: dict[str, Any],
+        record: TrialRecord,
         seconds: float,
         baseline: dict[str, Any],
         feasible: bool,
@@ -109,7 +110,7 @@ class RichReporter(Reporter):
     def trial_done(
         self,
         number: int,
-        record: dict[str, Any],
+        record: TrialRecord,
         seconds: float,
         baseline: dict[str, Any],
         feasible: bool,

@@ -21,6 +21,7 @@ import yaml
 
 from .errors import StudyError
 from .metrics import METRICS, ratios
+from .record import TrialRecord, frame_columns, stored_record
 
 BASELINE_ATTR = "paretoopt.baseline"
 METRIC_COLUMNS = {m.name: m.field for m in METRICS.values()}  # objective -> frame column
@@ -90,7 +91,7 @@ def trials_frame(study: optuna.Study, baseline: dict[str, Any] | None) -> pd.Dat
 
 def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[str, Any]:
     a = t.user_attrs
-    latency = a.get("latency", {})
+    record = stored_record(a) if t.state.name == "COMPLETE" else None
     row: dict[str, Any] = {
         "number": t.number,
         "state": t.state.name,
@@ -98,26 +99,13 @@ def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[s
         "feasible": bool(
             t.state.name == "COMPLETE" and all(v <= 0 for v in (t.constraints or {}).values())
         ),
-        "accuracy": a.get("accuracy"),
-        "test_accuracy": a.get("test_accuracy"),
-        "torch_accuracy": a.get("torch_accuracy"),
-        "deploy_gap": a.get("deploy_gap"),
-        "int_kernels": a.get("int_kernels"),
-        "exact_weights": a.get("exact_weights"),
-        "size_bytes": a.get("size_bytes"),
-        "latency_ms": a.get("latency_ms"),
-        # raw figures of the candidate's own rounds; latency_ms is drift-corrected
-        "latency_raw_median_ms": latency.get("median_ms"),
-        "latency_raw_p90_ms": latency.get("p90_ms"),
-        "latency_spread": latency.get("spread"),
-        "params": a.get("params"),
-        "macs": a.get("macs"),
-        "plan": a.get("plan_summary", ""),
+        **frame_columns(record),
+        "plan": a.get("plan_summary", ""),  # set before the trial runs: failures have it too
         "duration_s": t.duration.total_seconds() if t.duration else None,
         "fail_reason": fail_reason(t),
-        "artifact": a.get("artifact", ""),
+        "artifact": record.artifact if record else "",
     }
-    if baseline and t.state.name == "COMPLETE":
+    if baseline and record is not None:
         row.update(ratios(row, baseline))  # accuracy_change, size_ratio, speedup, ...
     for key, value in t.params.items():
         row[f"param.{key}"] = value
@@ -216,14 +204,20 @@ def _with_confirmations(
     return frame
 
 
-def trial_record(results: StudyResults, number: int) -> dict[str, Any]:
+def trial_record(results: StudyResults, number: int) -> TrialRecord:
     """Everything a trial recorded (its plan, measurements, file hashes), read-only."""
     study = optuna.load_study(
         study_name=results.name, storage=open_storage(results.storage, results.directory)
     )
     for trial in study.get_trials(deepcopy=False):
         if trial.number == number:
-            return dict(trial.user_attrs)
+            record = stored_record(trial.user_attrs)
+            if record is None:
+                raise StudyError(
+                    f"trial {number} of study {results.name!r} holds no complete record "
+                    f"({trial.state.name})"
+                )
+            return record
     raise StudyError(f"trial {number} is not in study {results.name!r}")
 
 

@@ -35,6 +35,7 @@ from .space import BEFORE_IT_EXISTED, Space, dump_space, parse_space, space_to_d
 
 if TYPE_CHECKING:
     from .pipeline import StudyContext
+    from .record import TrialRecord
 
 LOCK_FILE = ".lock"
 SPACE_ATTR = "paretoopt.space"  # the space, in the study itself: a worker needs only the URL
@@ -284,20 +285,9 @@ def baseline(session: Session) -> dict[str, Any]:
     return base
 
 
-def store_baseline(session: Session, record: dict[str, Any]) -> None:
-    keys = (
-        "accuracy",
-        "test_accuracy",
-        "torch_accuracy",
-        "size_bytes",
-        "runtime_file_bytes",
-        "latency_ms",
-        "latency",
-        "params",
-        "macs",
-    )
+def store_baseline(session: Session, record: TrialRecord) -> None:
     with updating_json(session.directory / RUN_FILE) as meta:
-        meta["baseline"] = {k: record[k] for k in keys}
+        meta["baseline"] = record.baseline_view()
 
 
 def store_confirmations(session: Session, confirmations: dict[int, dict[str, Any]]) -> None:

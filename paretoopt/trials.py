@@ -10,6 +10,7 @@ through Optuna 5's ``trial.set_constraint``, so infeasible trials never enter th
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -20,6 +21,7 @@ from .anchors import queue_anchors
 from .errors import StudyError, one_line
 from .metrics import METRICS, not_finite
 from .plan import CompressionPlan
+from .record import TrialRecord
 from .report import Reporter
 from .results import BASELINE_ATTR, TRIALS_DIR
 from .sampling import sample_plan
@@ -93,7 +95,9 @@ def _run_one(
         reporter.trial_done(trial.number, record, time.perf_counter() - start, base, feasible)
 
 
-def told_values(space: Space, record: dict[str, Any], base: dict[str, Any]) -> list[float]:
+def told_values(
+    space: Space, record: TrialRecord | Mapping[str, Any], base: dict[str, Any]
+) -> list[float]:
     """The objective values the sampler learns from. Accuracy above the baseline's counts
     as the baseline's: compression is the goal, and on a validation set of a few hundred
     samples a gain of a point or less is mostly noise. Uncapped, an uncompressed trial that
@@ -176,7 +180,7 @@ def _evaluate(
     session: Session,
     ctx: StudyContext,
     trial: optuna.Trial,
-) -> tuple[dict[str, Any], dict[str, Any], bool]:
+) -> tuple[TrialRecord, dict[str, Any], bool]:
     """Run one trial; return its record, the baseline's, and whether it is feasible."""
     from .pipeline import run_trial
 
@@ -192,12 +196,12 @@ def _evaluate(
     bad = not_finite(record, session.space.metrics)
     if bad:  # Optuna would fail the trial silently, with no reason
         raise ValueError(f"objective(s) {', '.join(bad)} not finite")
-    record["artifact"] = str(out_dir.relative_to(session.directory))
-    record["plan_summary"] = plan.summary()
+    artifact = str(out_dir.relative_to(session.directory))
+    record = record.replace(artifact=artifact, plan_summary=plan.summary())
     if is_baseline:
         store_baseline(session, record)
     base = baseline(session)  # read once: the constraints and the report both need it
-    for key, value in record.items():
+    for key, value in record.to_attrs().items():
         trial.set_user_attr(key, value)
     violations = _set_constraints(trial, session.space, record, base)
     return record, base, all(v <= 0 for v in violations.values())
@@ -206,7 +210,7 @@ def _evaluate(
 def _set_constraints(
     trial: optuna.Trial,
     space: Space,
-    record: dict[str, Any],
+    record: TrialRecord,
     base: dict[str, Any],
 ) -> dict[str, float]:
     """Optuna 5 constraints: a value <= 0 is feasible. One per metric whose limit the

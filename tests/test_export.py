@@ -63,8 +63,8 @@ def study(tmp_path_factory):
     for name, plan in KINDS.items():
         trial = study.ask()
         record = run_trial(ctx, plan, directory / "trials" / str(trial.number), trial.number)
-        record.update(artifact=f"trials/{trial.number}", plan_summary=plan.summary())
-        for key, value in record.items():
+        record = record.replace(artifact=f"trials/{trial.number}", plan_summary=plan.summary())
+        for key, value in record.to_attrs().items():
             trial.set_user_attr(key, value)
         study.tell(trial, [record["accuracy"], record["size_bytes"], record["latency_ms"]])
         numbers[name] = trial.number

@@ -1,0 +1,234 @@
+"""The trial record: what one trial measured, typed, frozen and serialised in one place.
+
+``pipeline`` builds a ``TrialRecord``; ``to_attrs`` is the one form a study stores
+(Optuna user attributes, JSON); ``from_attrs`` reads any stored version back, so the
+frames, the baseline in ``run.json``, the model card, the terminal and the explorer all
+read the same typed fields. Records read like mappings too (``record["latency"]["mode"]``),
+so tests and scripts can index them as they index the stored form.
+
+No torch, no numpy: the results layer reads records without the heavy stack.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+RECORD_VERSION = 1
+VERSION_ATTR = "record_version"
+# renamed or moved fields: (field, the name an older record stored it under)
+RENAMED: tuple[tuple[str, str], ...] = ()
+
+
+class _Readable:
+    """Read access by field name, as on the stored dict (``record["accuracy"]``)."""
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in {f.name for f in fields(self)}:  # type: ignore[arg-type]
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in {f.name for f in fields(self)}  # type: ignore[arg-type]
+
+    def keys(self) -> Iterator[str]:
+        return iter(f.name for f in fields(self))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Latency(_Readable):
+    """One latency measurement: the candidate's own rounds, and the scale it is read on."""
+
+    median_ms: float  # raw median of the candidate's timed runs
+    p90_ms: float
+    min_ms: float
+    spread: float  # slowest round median / fastest round median
+    runs: int
+    batch_size: int
+    latency_ms: float | None = None  # drift-corrected: reference x candidate/baseline ratio
+    ratio_to_baseline: float | None = None
+    baseline_median_ms: float | None = None  # the baseline's median in the same rounds
+    reference_ms: float | None = None
+    mode: str = "cpu"  # "cpu", "eager", "cuda-graph", "remote"
+    peak_memory_bytes: int | None = None  # where the runtime reports it
+
+
+@dataclass(frozen=True)
+class LayerQuant(_Readable):
+    """One layer's weights as deployed: bit-width, number format, grid, and the kernel
+    the runtime really ran it in (read from its optimised graph)."""
+
+    bits: int
+    format: str  # "int", "float32", "float16", "bfloat16"
+    kernel: str  # "int8" or "float32"
+    granularity: str | None = None
+    scheme: str | None = None
+    exact_weights: bool | None = None  # the int8 model holds the trial's own codes
+
+
+@dataclass(frozen=True)
+class TrialRecord(_Readable):
+    """Everything one trial measured. Figures of the deployed model unless named torch_."""
+
+    plan: dict[str, Any]
+    accuracy: float  # validation, in the runtime: drives the search
+    test_accuracy: float
+    torch_accuracy: float  # the PyTorch model: weights quantized, float activations
+    torch_test_accuracy: float
+    deploy_gap: float  # what the runtime (int8 activations) costs or gains, in points
+    size_bytes: int  # the compressed file's byte count
+    runtime_file_bytes: int | None  # none for the torch runtime: it runs the module
+    latency_ms: float
+    latency: Latency
+    runtime: str
+    params: int
+    macs: int  # multiply-accumulates of one sample, dense count
+    nonzero_params: int
+    # None where an older paretoopt did not record them
+    int_kernels: bool | None = None  # every integer-quantized layer ran in an integer kernel
+    exact_weights: bool | None = None  # the runtime model holds the compressed file's weights
+    layer_quant: dict[str, LayerQuant] = field(default_factory=dict)
+    # what the techniques recorded (Workbench.records): per layer, and their own facts
+    layer_bits: dict[str, int] = field(default_factory=dict)  # empty: float32 weights
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    layer_channels: dict[str, list[int]] = field(default_factory=dict)  # kept, original
+    saliency: str | None = None
+    finetune_loss: list[float] = field(default_factory=list)  # empty: no fine-tuning
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per step
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    artifact: str = ""  # the trial's folder, relative to the study folder
+    plan_summary: str = ""
+
+    def replace(self, **changes: Any) -> TrialRecord:
+        return dataclasses.replace(self, **changes)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The stored form: plain JSON values, with the record's version."""
+        return {**asdict(self), VERSION_ATTR: RECORD_VERSION}
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> TrialRecord:
+        """Read a stored record of any version; fields an older paretoopt did not record
+        take their defaults. KeyError when a field without a default is missing."""
+        raw = dict(attrs)
+        for new, old in RENAMED:
+            if new not in raw and old in raw:
+                raw[new] = raw.pop(old)
+        values = _known(cls, raw)
+        values["latency"] = _latency(raw.get("latency") or {}, raw)
+        values["layer_quant"] = {
+            name: LayerQuant(**_known(LayerQuant, entry))
+            for name, entry in (raw.get("layer_quant") or {}).items()
+        }
+        values.setdefault("torch_test_accuracy", raw.get("test_accuracy"))
+        missing = [f.name for f in fields(cls) if _required(f) and f.name not in values]
+        if missing:
+            raise KeyError(f"trial record: missing {', '.join(missing)}")
+        return cls(**values)
+
+    def baseline_view(self) -> dict[str, Any]:
+        """The baseline's figures as run.json keeps them (every ratio is read against
+        these)."""
+        out = {k: getattr(self, k) for k in BASELINE_FIELDS}
+        out["latency"] = asdict(self.latency)
+        return out
+
+
+BASELINE_FIELDS = (
+    "accuracy",
+    "test_accuracy",
+    "torch_accuracy",
+    "size_bytes",
+    "runtime_file_bytes",
+    "latency_ms",
+    "latency",
+    "params",
+    "macs",
+)
+
+
+def _required(f: Any) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
+
+
+def _known(cls: type, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of `raw` that are fields of `cls` (a stored record may hold more: the
+    trial's host and worker, the anchor rank)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
+
+
+def _latency(raw: Mapping[str, Any], record: Mapping[str, Any]) -> Latency:
+    values = _known(Latency, raw)
+    for name, default in (("min_ms", raw.get("median_ms")), ("batch_size", 1)):
+        values.setdefault(name, default)
+    values.setdefault("latency_ms", record.get("latency_ms"))
+    return Latency(**values)
+
+
+TECHNIQUE_FIELDS = (
+    "layer_bits",
+    "layer_sparsity",
+    "layer_channels",
+    "saliency",
+    "finetune_loss",
+)
+
+
+def technique_fields(records: Mapping[str, Any]) -> dict[str, Any]:
+    """What the techniques left in Workbench.records, checked: a technique may fill only
+    the fields set aside for techniques, so it can never overwrite a measurement."""
+    stray = sorted(set(records) - set(TECHNIQUE_FIELDS))
+    if stray:
+        raise ValueError(
+            f"a technique recorded {', '.join(stray)}, which is not a technique field of "
+            f"the trial record ({', '.join(TECHNIQUE_FIELDS)})"
+        )
+    return dict(records)
+
+
+def frame_columns(record: TrialRecord | None) -> dict[str, Any]:
+    """A trial's measured columns in the trials frame (None where it has no record)."""
+    out: dict[str, Any] = {k: getattr(record, k) if record else None for k in FRAME_FIELDS}
+    latency = record.latency if record else None
+    # raw figures of the candidate's own rounds; latency_ms is drift-corrected
+    out["latency_raw_median_ms"] = latency.median_ms if latency else None
+    out["latency_raw_p90_ms"] = latency.p90_ms if latency else None
+    out["latency_spread"] = latency.spread if latency else None
+    out["params"] = record.params if record else None
+    out["macs"] = record.macs if record else None
+    return out
+
+
+FRAME_FIELDS = (
+    "accuracy",
+    "test_accuracy",
+    "torch_accuracy",
+    "deploy_gap",
+    "int_kernels",
+    "exact_weights",
+    "size_bytes",
+    "latency_ms",
+)
+
+
+def stored_record(attrs: Mapping[str, Any]) -> TrialRecord | None:
+    """A trial's record, or None where it holds none (failed, running, or damaged)."""
+    try:
+        return TrialRecord.from_attrs(attrs)
+    except (KeyError, TypeError):
+        return None
+
+
+def record_field_names() -> list[str]:
+    """Every top-level field a record stores (for contract tests and documentation)."""
+    return [f.name for f in fields(TrialRecord)]

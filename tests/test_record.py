@@ -1,0 +1,91 @@
+"""The typed trial record: one serialisation, older records still read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paretoopt.metrics import METRICS
+from paretoopt.record import (
+    RECORD_VERSION,
+    VERSION_ATTR,
+    Latency,
+    LayerQuant,
+    TrialRecord,
+    frame_columns,
+    record_field_names,
+    stored_record,
+    technique_fields,
+)
+
+LATENCY = Latency(0.1, 0.12, 0.09, 1.02, 10, 1, 0.095, 0.95, 0.105, 0.1, "cpu", None)
+
+
+def record(**changes) -> TrialRecord:
+    base = TrialRecord(
+        plan={"version": 3},
+        accuracy=98.0,
+        test_accuracy=97.5,
+        torch_accuracy=98.1,
+        torch_test_accuracy=97.4,
+        deploy_gap=-0.1,
+        size_bytes=1234,
+        runtime_file_bytes=5000,
+        latency_ms=0.095,
+        latency=LATENCY,
+        runtime="onnxruntime",
+        int_kernels=True,
+        exact_weights=True,
+        params=1000,
+        macs=20_000,
+        nonzero_params=900,
+        layer_quant={"0": LayerQuant(8, "int", "int8", "per_channel", "symmetric", True)},
+        layer_bits={"0": 8},
+        layer_channels={"0": [6, 8]},
+    )
+    return base.replace(**changes)
+
+
+def test_a_record_round_trips_through_its_stored_form_as_json():
+    ours = record()
+    stored = json.loads(json.dumps(ours.to_attrs()))
+    assert stored[VERSION_ATTR] == RECORD_VERSION
+    assert TrialRecord.from_attrs(stored) == ours
+
+
+def test_records_read_like_the_stored_mapping():
+    ours = record()
+    assert ours["latency"]["mode"] == "cpu" and ours["layer_quant"]["0"]["kernel"] == "int8"
+    assert ours.get("nothing", 7) == 7 and "size_bytes" in ours
+    with pytest.raises(KeyError):
+        ours["nothing"]
+
+
+def test_a_record_stored_before_the_typed_record_still_reads():
+    """Studies written before the record had a version lack some fields."""
+    old = record().to_attrs()
+    for key in (VERSION_ATTR, "exact_weights", "stages", "torch_test_accuracy", "files"):
+        old.pop(key)
+    del old["latency"]["min_ms"]
+    old["layer_quant"] = {"0": {"bits": 32, "format": "float32", "kernel": "float32"}}
+    old["worker"] = 123  # a stored trial holds more than its record
+    read = TrialRecord.from_attrs(old)
+    assert read.torch_test_accuracy == read.test_accuracy  # what export read it as
+    assert read.layer_quant["0"] == LayerQuant(32, "float32", "float32")
+    assert read.latency.min_ms == read.latency.median_ms and read.exact_weights is None
+    assert stored_record({"accuracy": 1.0}) is None  # a failed trial holds no record
+
+
+def test_techniques_may_fill_only_their_own_fields():
+    assert technique_fields({"layer_bits": {"0": 4}}) == {"layer_bits": {"0": 4}}
+    with pytest.raises(ValueError, match="size_bytes, which is not a technique field"):
+        technique_fields({"size_bytes": 1})
+
+
+def test_every_metric_reads_a_field_of_the_record_and_a_frame_column():
+    columns = frame_columns(record())
+    for m in METRICS.values():
+        assert m.field in record_field_names(), m.name
+        assert columns[m.field] == getattr(record(), m.field)
+    assert set(frame_columns(None).values()) == {None}
