@@ -40,6 +40,9 @@ FORMAT_VERSION = 1
 # --------------------------------------------------------------------------- bit packing
 
 
+ARTIFACT = "model.safetensors"  # the compressed file: the size objective counts its bytes
+
+
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     """Pack the low `bits` bits of each code, most significant first, into bytes."""
     codes = codes.astype(np.uint16).ravel()

@@ -38,7 +38,7 @@ from .results import StudyResults, load_results, trial_record
 
 FORMATS = ("onnx", "pt2", "safetensors")
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
-ARTIFACT, RUNTIME_FILE = "model.safetensors", "model.onnx"
+ARTIFACT, ONNX_FILE = "model.safetensors", "model.onnx"  # as artifact and the ORT backend name them
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,8 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
     if fmt == "safetensors":
         shutil.copyfile(source / ARTIFACT, path)
         return False
-    if fmt == "onnx" and (source / RUNTIME_FILE).exists():
-        shutil.copyfile(source / RUNTIME_FILE, path)
+    if fmt == "onnx" and (source / ONNX_FILE).exists():  # the file the trial measured
+        shutil.copyfile(source / ONNX_FILE, path)
         return False
     import torch
 
@@ -349,7 +349,7 @@ def load(path: str | Path, *, space: Any = None) -> LoadedModel:
     if not path.is_file():
         raise StudyError(f"{path}: no such file")
     if path.suffix == ".onnx":
-        from .measure.runtimes import OrtRunner
+        from .measure.backends.onnxruntime import OrtRunner
 
         return LoadedModel("onnx", path, OrtRunner(path, threads=1))
     import torch

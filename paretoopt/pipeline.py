@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .artifact import load_compressed, read_metadata, save_compressed
+from .artifact import ARTIFACT, load_compressed, save_compressed
 from .data import Splits, create_data
 from .errors import SpaceError, TrialError
-from .measure import OrtRunner, Runner, runtime_accuracy
+from .measure import Runner, runtime_accuracy
+from .measure.backends import Deployment, DeployRequest
+from .measure.backends.onnxruntime import ONNX_FILE
 from .measure.gate import MeasurementGate
-from .measure.int8 import integer_initializers, quantize_model
-from .measure.onnx_export import export_onnx
 from .measure.target import Target
 from .models import create_model, load_checkpoint
 from .plan import CompressionPlan
@@ -39,9 +39,7 @@ from .techniques.bench import find_classifier, prunable_layers
 from .techniques.quantize import is_symmetric
 from .train import Recipe, accuracy, logits_of, train
 
-ARTIFACT = "model.safetensors"  # the compressed file: the size objective counts its bytes
-RUNTIME_FILE = "model.onnx"  # the file the onnxruntime target loads and times
-FLOAT_FILE = "model.float.onnx"  # the float graph an int8 model is made from (not kept)
+RUNTIME_FILE = ONNX_FILE  # the file the default (onnxruntime) target loads and times
 
 
 @dataclass
@@ -254,16 +252,16 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
     reloaded = _check_reload(ours, deployed, checked)
     int8 = plan.quant.activations == "int8"
     with ctx.target.gate.computing():  # export and evaluation load the CPU too
-        runner, exact = _deploy(ctx, deployed, work, plan, bench)
+        deployment = _deploy(ctx, deployed, work, plan, bench)
+        runner, exact = deployment.runner, deployment.exact
         # int8 activations and 16-bit CUDA arithmetic round: compared within that rounding
         rounded = int8 or getattr(runner, "dtype", torch.float32) != torch.float32
         _check_runtime(runner, reloaded, checked, rounded)
         val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits)
-    runtime_file = work / RUNTIME_FILE  # none for the torch runtime: it runs the module
-    latency = bench.timed(
-        "measure", ctx.target.latency, runner, runtime_file if runtime_file.exists() else None
-    )
-    layers = _layer_quant(plan, bench, runtime_file, exact)
+    runtime_file = deployment.file  # none for the torch runtime: it runs the module
+    latency = bench.timed("measure", ctx.target.latency, runner, runtime_file)
+    integer = ctx.target.backend.integer_weights(deployment)
+    layers = _layer_quant(plan, bench, integer, exact)
     integer = [n for n, e in layers.items() if e.format == "int"]
     return TrialRecord(
         plan=plan.to_dict(),
@@ -273,7 +271,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         torch_test_accuracy=torch_test,
         deploy_gap=val - torch_val,
         size_bytes=size,
-        runtime_file_bytes=runtime_file.stat().st_size if runtime_file.exists() else None,
+        runtime_file_bytes=runtime_file.stat().st_size if runtime_file else None,
         latency_ms=latency["latency_ms"],
         latency=Latency(**latency),
         runtime=runner.name,
@@ -305,34 +303,27 @@ def _evaluate(runner: Runner, splits: Splits) -> tuple[float, float]:
 
 def _deploy(
     ctx: StudyContext, model: nn.Module, work: Path, plan: CompressionPlan, bench: Workbench
-) -> tuple[Runner, dict[str, bool]]:
-    """The model in the target runtime, and, for an int8 plan, whether each layer kept its
-    exact codes. Int8: activations calibrated on training samples, the plan's weights."""
+) -> Deployment:
+    """The model in the target's runtime. Int8: activations calibrated on training
+    samples, the plan's own weights."""
     cfg = plan.quant
-    if cfg.activations != "int8":
-        half = cfg.half_type if cfg.widths == {16} else None  # a CUDA target runs it in 16 bits
-        return bench.timed("export", ctx.target.runner, model, work, half), {}
-    bench.timed("export", export_onnx, model, ctx.splits.train.x[:1], work / FLOAT_FILE)
-    floats = [f"{n}.weight" for n in prunable_layers(model) if cfg.layer(n) > 8]
-    exact = bench.timed(
-        "calibrate",
-        quantize_model,
-        work / FLOAT_FILE,
-        work / RUNTIME_FILE,
-        ctx.splits.train.x[: cfg.calibration_samples].numpy(),
-        bench.quantized,
-        floats,
+    request = DeployRequest(
+        model,
+        work,
+        cfg,
+        calibration=ctx.splits.train.x[: cfg.calibration_samples],
+        codes=bench.quantized,
+        timed=bench.timed,
     )
-    (work / FLOAT_FILE).unlink()
-    return OrtRunner(work / RUNTIME_FILE, ctx.space.target.threads), exact
+    return ctx.target.backend.deploy(request)
 
 
 def _layer_quant(
-    plan: CompressionPlan, bench: Workbench, runtime_file: Path, exact: dict[str, bool]
+    plan: CompressionPlan, bench: Workbench, integer: set[str], exact: dict[str, bool]
 ) -> dict[str, LayerQuant]:
-    """Per layer: bit-width, number format, grid, and the kernel it really ran in."""
+    """Per layer: bit-width, number format, grid, and the kernel it really ran in
+    (`integer`: the weights the runtime ran in integer kernels, read from its graph)."""
     cfg = plan.quant
-    integer = integer_initializers(runtime_file) if exact else set()
     out: dict[str, LayerQuant] = {}
     for name in prunable_layers(bench.model):
         bits, param = cfg.layer(name), f"{name}.weight"
@@ -341,7 +332,7 @@ def _layer_quant(
             bits=bits,
             format={32: "float32", 16: cfg.half_type}.get(bits, "int"),
             # on this target, float32 kernels also run 16-bit and dequantized integer weights
-            kernel="int8" if f"{param}_quantized" in integer else "float32",
+            kernel="int8" if param in integer else "float32",
             granularity=cfg.granularity if quantized else None,
             scheme=("symmetric" if is_symmetric(cfg, bits) else "affine") if quantized else None,
             # the int8 model holds the trial's own codes, not re-rounded ones
@@ -360,17 +351,13 @@ def _macs(model: nn.Module, example: torch.Tensor) -> int:
 
 
 def confirm(ctx: StudyContext, directory: Path) -> dict[str, Any]:
-    """Time a kept trial's deployed model again, against the baseline (end of a search)."""
-    runtime_file = directory / RUNTIME_FILE
+    """Time a kept trial's deployed model again, against the baseline (end of a search):
+    exactly the file the trial measured, where its runtime has one."""
+    backend = ctx.target.backend
     with ctx.target.gate.computing():
-        if runtime_file.exists():  # exactly the file the trial measured
-            runner: Runner = OrtRunner(runtime_file, ctx.space.target.threads)
-        else:
-            quant = CompressionPlan.from_dict(read_metadata(directory / ARTIFACT)["plan"]).quant
-            model = load_compressed(directory / ARTIFACT, ctx.build_model)
-            half = quant.half_type if quant.widths == {16} else None
-            runner = ctx.target.runner(model, directory, half)
-    return ctx.target.latency(runner, runtime_file if runtime_file.exists() else None)
+        runner = backend.reload(directory, ctx.build_model)
+    file = directory / backend.file if backend.file else None
+    return ctx.target.latency(runner, file)
 
 
 def _check_reload(expected: torch.Tensor, deployed: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,14 @@ from ..data import Split
 from ..errors import StudyError
 from ..space import TargetSpec
 from .agent import AgentClient
+from .backends import Backend, create_backend
 from .gate import MeasurementGate
-from .onnx_export import export_onnx
 from .protocol import LatencyStats, Runner, time_paired, time_runner
-from .runtimes import CudaRunner, OrtRunner, TorchRunner, runtime_threads, timing_batch
+from .runtimes import runtime_threads, timing_batch
 
 CALIBRATION_ROUNDS = 3
 SETTLE_TOLERANCE = 0.02
 SETTLE_LIMIT = 10
-HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class Target:
@@ -36,6 +35,7 @@ class Target:
         self.spec = spec
         self.batch = timing_batch(timing_split, spec.batch_size)  # real inputs, one batch
         self.example = example  # one input, for export
+        self.backend: Backend = create_backend(spec, example)  # the runtime that runs it all
         self.gate = MeasurementGate()
         self.agent = _agent_client(spec) if spec.agent else None
         self.reference: Runner | None = None  # the baseline in this runtime
@@ -46,15 +46,9 @@ class Target:
     # ------------------------------------------------------------------ runners
 
     def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
-        """The model in the target runtime; for ONNX Runtime, exported to work/model.onnx.
-        `half` names the 16-bit type a CUDA model runs in (every layer at 16 bits)."""
-        if self.spec.device == "cuda":
-            dtype = HALF[half] if half else torch.float32
-            return CudaRunner(model, dtype, self.spec.cuda_graphs)
-        if self.spec.runtime == "torch":
-            return TorchRunner(model, self.spec.threads)
-        export_onnx(model, self.example, work / "model.onnx")
-        return OrtRunner(work / "model.onnx", self.spec.threads)
+        """The model in the target runtime (see the backend); `half` names the 16-bit type
+        a CUDA model runs in (every layer at 16 bits)."""
+        return self.backend.runner(model, work, half)
 
     # ------------------------------------------------------------------ timing
 
@@ -72,7 +66,7 @@ class Target:
         with self.gate.computing():
             self.reference = self.runner(baseline, work)
         if self.agent is not None:
-            self.reference_file = work / "model.onnx"
+            self.reference_file = work / str(self.backend.file)
             self.reference_sha = self.agent.upload(self.reference_file)
         settle = self._settle()
         medians = [self._time_alone().median_ms for _ in range(CALIBRATION_ROUNDS)]

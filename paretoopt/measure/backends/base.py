@@ -1,0 +1,71 @@
+"""The backend protocol: what a runtime does for a study, and nothing else does.
+
+A backend deploys a trial's model (and writes the exact file it times), reloads a kept
+trial's file for the end-of-search confirmation, says which layers ran in integer
+kernels (read from the runtime's own graph, never assumed), and names its version. The
+target holds one; the pipeline, the confirmation and export call only it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ...plan import QuantConfig
+    from ...techniques.qtensor import QTensor
+    from ..protocol import Runner
+
+
+def _untimed(_stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """One model to deploy, with what an integer deployment needs."""
+
+    model: nn.Module  # rebuilt from the compressed file
+    work: Path  # the trial folder being written
+    quant: QuantConfig
+    calibration: torch.Tensor | None = None  # training samples: int8 activation ranges
+    codes: Mapping[str, QTensor] = field(default_factory=dict)  # the plan's integer codes
+    timed: Callable[..., Any] = _untimed  # (stage, fn, *args): the trial's stage clock
+
+
+@dataclass(frozen=True)
+class Deployment:
+    runner: Runner
+    file: Path | None  # the file the runtime loads and times (None: it runs the module)
+    # int8 only: whether each layer's weight in the runtime model is the plan's own code
+    exact: dict[str, bool] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    name: str  # the runtime, as target.runtime names it
+    file: str | None  # the runtime file in a trial folder (None: the module itself runs)
+
+    def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
+        """A float model (the baseline, a candidate) in this runtime; `half` names the
+        16-bit type it computes in, where the runtime does so."""
+        ...
+
+    def deploy(self, request: DeployRequest) -> Deployment:
+        """A trial's model in this runtime, written to its file where it has one."""
+        ...
+
+    def reload(self, directory: Path, build: Callable[[], nn.Module]) -> Runner:
+        """A kept trial's deployed model again, from the files it measured."""
+        ...
+
+    def integer_weights(self, deployment: Deployment) -> set[str]:
+        """Parameters the runtime holds as integers for integer kernels in this
+        deployment (weights, and the int32 biases beside them)."""
+        ...
+
+    def version(self) -> str: ...

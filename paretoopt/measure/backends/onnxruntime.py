@@ -1,0 +1,121 @@
+"""ONNX Runtime (CPU): the deployed model is an ONNX file, float or int8 QDQ.
+
+A float model is exported once per architecture (see ``onnx_export``). An int8 plan is
+exported in float, calibrated and converted to QDQ with the plan's own weight codes (see
+``int8``); ORT's CPU graph optimizer then fuses it into integer kernels, and which layers
+it fused is read back from the optimized graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..int8 import integer_initializers, quantize_model
+from ..onnx_export import export_onnx
+from .base import Deployment, DeployRequest
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ...space import TargetSpec
+    from ..protocol import Runner
+
+ONNX_FILE = "model.onnx"  # the file this runtime loads, times, and export hands over
+FLOAT_FILE = "model.float.onnx"  # the float graph an int8 model is made from (not kept)
+
+
+class OrtRunner:
+    name = "onnxruntime"
+    mode = "cpu"
+
+    def __init__(self, model: Path | bytes, threads: int) -> None:
+        """`model`: an ONNX file, or its bytes."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: x})[0]
+
+    def timer(self, batch: np.ndarray) -> Callable[[], Any]:
+        return lambda: self(batch)
+
+    def peak_memory(self, batch: np.ndarray) -> int | None:
+        return None  # ONNX Runtime's CPU provider does not report its allocations
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+    file: str | None = ONNX_FILE
+
+    def __init__(self, threads: int, example: torch.Tensor) -> None:
+        self.threads = threads
+        self.example = example
+
+    @classmethod
+    def from_spec(cls, spec: TargetSpec, example: torch.Tensor) -> OnnxRuntimeBackend:
+        return cls(spec.threads, example)  # one input, for export
+
+    def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
+        export_onnx(model, self.example, work / ONNX_FILE)
+        return OrtRunner(work / ONNX_FILE, self.threads)
+
+    def deploy(self, request: DeployRequest) -> Deployment:
+        work, quant = request.work, request.quant
+        if quant.activations != "int8":
+            runner = request.timed("export", self._export, request)
+            return Deployment(runner, work / ONNX_FILE)
+        model = request.model
+        request.timed("export", export_onnx, model, self.example, work / FLOAT_FILE)
+        floats = [
+            f"{n}.weight" for n, m in model.named_modules() if _prunable(m) and quant.layer(n) > 8
+        ]
+        if request.calibration is None:
+            raise ValueError("an int8 deployment needs calibration samples")
+        exact = request.timed(
+            "calibrate",
+            quantize_model,
+            work / FLOAT_FILE,
+            work / ONNX_FILE,
+            request.calibration.numpy(),
+            dict(request.codes),
+            floats,
+        )
+        (work / FLOAT_FILE).unlink()
+        return Deployment(OrtRunner(work / ONNX_FILE, self.threads), work / ONNX_FILE, exact)
+
+    def _export(self, request: DeployRequest) -> Runner:
+        return self.runner(request.model, request.work)
+
+    def reload(self, directory: Path, build: Callable[[], nn.Module]) -> Runner:
+        return OrtRunner(directory / ONNX_FILE, self.threads)  # exactly the file it timed
+
+    def integer_weights(self, deployment: Deployment) -> set[str]:
+        if not deployment.exact or deployment.file is None:  # a float graph: no int kernels
+            return set()
+        suffix = "_quantized"
+        found = integer_initializers(deployment.file)
+        return {n.removesuffix(suffix) for n in found if n.endswith(suffix)}
+
+    def version(self) -> str:
+        import onnxruntime as ort
+
+        return str(ort.__version__)
+
+
+def _prunable(module: Any) -> bool:
+    from ...techniques.bench import PRUNABLE
+
+    return isinstance(module, PRUNABLE)

@@ -1,0 +1,91 @@
+"""Eager PyTorch on the CPU: the deployed model is the module rebuilt from the compressed
+file, run with the target's thread count. There is no runtime file and no integer kernel:
+integer weights run dequantized in float32."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...artifact import ARTIFACT, load_compressed
+from ...space import TargetSpec
+from ..protocol import Runner
+from .base import Deployment, DeployRequest
+
+
+class TorchRunner:
+    name = "torch"
+    mode = "eager"
+
+    def __init__(self, model: nn.Module, threads: int) -> None:
+        self.model = model.eval()
+        self.threads = threads
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode():
+                return self.model(torch.from_numpy(x)).numpy()
+        finally:
+            torch.set_num_threads(previous)
+
+    def timer(self, batch: np.ndarray) -> Callable[[], Any]:
+        model, tensor = self.model, torch.from_numpy(batch)
+
+        def run() -> Any:  # threads: see runtime_threads, set outside the timing
+            with torch.inference_mode():
+                return model(tensor)
+
+        return run
+
+    def peak_memory(self, batch: np.ndarray) -> int | None:
+        return None  # the CPU allocator keeps no peak statistics
+
+
+class TorchBackend:
+    name = "torch"
+    file: str | None = None  # the module itself runs
+
+    def __init__(self, threads: int, example: torch.Tensor) -> None:
+        self.threads = threads
+        self.example = example
+
+    @classmethod
+    def from_spec(cls, spec: TargetSpec, example: torch.Tensor) -> TorchBackend:
+        return cls(spec.threads, example)
+
+    def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
+        return TorchRunner(model, self.threads)
+
+    def deploy(self, request: DeployRequest) -> Deployment:
+        half = half_type(request)
+        return Deployment(
+            request.timed("export", self.runner, request.model, request.work, half), None
+        )
+
+    def reload(self, directory: Path, build: Callable[[], nn.Module]) -> Runner:
+        from ...artifact import read_metadata
+        from ...plan import CompressionPlan
+
+        quant = CompressionPlan.from_dict(read_metadata(directory / ARTIFACT)["plan"]).quant
+        model = load_compressed(directory / ARTIFACT, build)
+        half = quant.half_type if quant.widths == {16} else None
+        return self.runner(model, directory, half)
+
+    def integer_weights(self, deployment: Deployment) -> set[str]:
+        return set()  # eager PyTorch dequantizes integer weights to float32
+
+    def version(self) -> str:
+        return str(torch.__version__)
+
+
+def half_type(request: DeployRequest) -> str | None:
+    """The 16-bit type a model computes in, where every layer of the plan is 16-bit."""
+    quant = request.quant
+    return quant.half_type if quant.widths == {16} else None
