@@ -32,6 +32,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check paretoopt tests benchmarks app.py
 	$(VENV)/bin/ruff format --check paretoopt tests benchmarks app.py
+	$(VENV)/bin/lint-imports  # the torch-free data layer and the stage order (pyproject.toml)
 
 clean:
 	rm -rf $(VENV) results/*/ .pytest_cache

@@ -229,7 +229,7 @@ def model_card(
     files: dict[str, Path],
     checks: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    from . import __version__
+    from ._version import __version__
     from .space import load_space, space_to_dict
 
     space = space_to_dict(load_space(results.directory / "space.yaml"))

@@ -115,7 +115,7 @@ def prepare(
 
 def baseline_key(space: Space) -> str:
     """Everything that decides the trained baseline, hashed: model, data, recipe, code."""
-    from . import __version__
+    from ._version import __version__
 
     doc = space_to_dict(space)
     parts: dict[str, Any] = {k: doc[k] for k in ("model", "data", "baseline")}

@@ -19,7 +19,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from . import __version__, sharing
+from . import sharing
+from ._version import __version__
 from .errors import SpaceError, StudyError
 from .results import (
     BASELINE_ATTR,
