@@ -198,15 +198,22 @@ def make_sampler(
                 raise ValueError("the grid sampler needs the model's layer names")
             # one order of the points for every worker and session: grid ids are shared
             return _Grid(grid_space(space, layer_names, quant_layers), seed=space.search.seed)
-        if name == "tpe":  # multivariate: sparsity and bits interact
-            return optuna.samplers.TPESampler(
+        builders = {
+            # multivariate: sparsity and bits interact
+            "tpe": lambda: optuna.samplers.TPESampler(
                 seed=seed, multivariate=True, group=True, n_startup_trials=10
+            ),
+            # a fixed population: --trials must not change it mid-study
+            "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed, population_size=16),
+            "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        }
+        if name not in builders:  # a name the space file would have refused
+            raise SpaceError(
+                f"search.sampler: {name!r} is not supported; choose from grid, "
+                f"{', '.join(builders)}"
             )
-        if name == "nsga2":  # a fixed population: --trials must not change it mid-study
-            return optuna.samplers.NSGAIISampler(seed=seed, population_size=16)
-        if name == "gp":
-            return optuna.samplers.GPSampler(seed=seed)
-        return optuna.samplers.RandomSampler(seed=seed)
+        return builders[name]()
 
 
 GRID_PROBES = 512  # random plans drawn to find every parameter a plan can have

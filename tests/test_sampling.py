@@ -239,3 +239,15 @@ def test_anchor_values_lie_on_optunas_own_grid():
         assert value in (0.0, 0.2, 0.4, 0.6)
         bits = trial.suggest_int("quant.bits", 2, 9, step=2)
         assert bits in (2, 4, 6, 8)
+
+
+def test_an_unknown_sampler_is_refused_not_replaced_by_random(tiny_doc):
+    """A sampler name the space file would refuse, set from Python, fails loudly."""
+    from dataclasses import replace
+
+    from paretoopt.errors import SpaceError
+
+    space = parse_space(tiny_doc)
+    space = replace(space, search=replace(space.search, sampler="cmaes"))
+    with pytest.raises(SpaceError, match="'cmaes' is not supported; choose from grid, tpe"):
+        make_sampler(space, 0)
