@@ -169,13 +169,7 @@ def header(results: StudyResults) -> None:
     if base:
         metrics = shown(results.metrics)
         for column, m in zip(st.columns(len(metrics)), metrics, strict=True):
-            column.metric(f"Baseline {m.name}", _figure(m, base[m.field]))
-
-
-def _figure(m: Metric, value: float) -> str:
-    """A value with its display unit, e.g. "99.26 %", "4,523.1 kB", "0.0833 ms"."""
-    scaled = value / m.display_scale
-    return f"{scaled:,.{m.decimals}f} {m.display_unit}".strip()
+            column.metric(f"Baseline {m.name}", m.text(base[m.field]))
 
 
 def budget_controls(results: StudyResults) -> explore.Budget:
@@ -321,11 +315,11 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
     st.markdown(f"### Trial {number}: {rec.get('plan_summary', '')}")
     metrics = shown(results.metrics)
     columns = st.columns(len(metrics) + 1)
-    for column, m in zip(columns, metrics, strict=False):
+    for column, m in zip(columns[:-1], metrics, strict=True):
         change = m.ratio(float(rec[m.field]), float(base[m.field]))
         delta = f"{change:+.2f} pts" if m.maximize else f"{change:.2f}{m.ratio_label}"
         title = {"accuracy": "Accuracy (deployed)", "latency": "Latency (median)"}.get(m.name)
-        column.metric(title or m.name.capitalize(), _figure(m, rec[m.field]), delta)
+        column.metric(title or m.name.capitalize(), m.text(rec[m.field]), delta)
     columns[-1].metric("Deployed minus PyTorch", f"{rec.get('deploy_gap', 0.0):+.2f} pts")
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
     st.caption(

@@ -55,10 +55,8 @@ class Budget:
 
     limits: dict[str, float] = field(default_factory=dict)
 
-    def mask(self, frame: pd.DataFrame, baseline: dict[str, Any] | float | None) -> pd.Series:
-        """`baseline`: the baseline's figures (or, as before, its accuracy alone)."""
-        if not isinstance(baseline, dict):
-            baseline = {} if baseline is None else {METRICS["accuracy"].field: baseline}
+    def mask(self, frame: pd.DataFrame, baseline: dict[str, Any]) -> pd.Series:
+        """`baseline`: the baseline's figures (a relative limit without them is skipped)."""
         ok = pd.Series(True, index=frame.index)
         for name, limit in self.limits.items():
             m = METRICS[name]
@@ -193,10 +191,9 @@ def influence(results: StudyResults) -> pd.DataFrame:
     for param in params:
         row: dict[str, Any] = {"parameter": param.removeprefix("param.")}
         for m in metrics:
-            metric, column = m.name, m.field
-            pair = frame[[param, column]].dropna()
-            rho = pair[param].rank().corr(pair[column].rank()) if len(pair) > 2 else np.nan
-            row[metric] = abs(rho) if rho == rho else 0.0  # nan (a constant) -> no influence
+            pair = frame[[param, m.field]].dropna()
+            rho = pair[param].rank().corr(pair[m.field].rank()) if len(pair) > 2 else np.nan
+            row[m.name] = abs(rho) if rho == rho else 0.0  # nan (a constant) -> no influence
         rows.append(row)
     return pd.DataFrame(rows, columns=["parameter", *(m.name for m in metrics)])
 

@@ -64,7 +64,6 @@ class Metric:
     budget_span: float = 2.0  # the explorer's budget slider runs to this many baselines
     dense: bool = False  # dense kernels decide it: zeros in a weight do not move it
     default: bool = False  # an objective when the space file names none
-    doc: str = ""
 
     @property
     def maximize(self) -> bool:
@@ -141,7 +140,6 @@ ACCURACY = Metric(
     units={"": 1.0, "%": 1.0},
     display_unit="%",
     default=True,
-    doc="top-1 accuracy in percent of the deployed model on the validation split",
 )
 SIZE = Metric(
     name="size",
@@ -169,7 +167,6 @@ SIZE = Metric(
     integer=True,
     budget_span=2.0,
     default=True,
-    doc="bytes of the compressed file (model.safetensors)",
 )
 LATENCY = Metric(
     name="latency",
@@ -187,7 +184,6 @@ LATENCY = Metric(
     budget_span=4.0,
     dense=True,
     default=True,
-    doc="median time of one batch in the target runtime, drift-corrected (ms)",
 )
 MACS = Metric(
     name="macs",
@@ -212,19 +208,10 @@ MACS = Metric(
     integer=True,
     budget_span=1.0,
     dense=True,
-    doc="multiply-accumulates of one sample through the deployed model, counted dense",
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in (ACCURACY, SIZE, LATENCY, MACS)}
 DEFAULT_OBJECTIVES = tuple(m.name for m in METRICS.values() if m.default)
-
-
-def metric(name: str) -> Metric:
-    """The metric of that name; unknown names list the options."""
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise KeyError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}") from None
 
 
 def shown(objectives: tuple[str, ...] | list[str]) -> list[Metric]:

@@ -12,7 +12,7 @@ No torch, no numpy: the results layer reads records without the heavy stack.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -38,9 +38,6 @@ class _Readable:
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and key in {f.name for f in fields(self)}  # type: ignore[arg-type]
-
-    def keys(self) -> Iterator[str]:
-        return iter(f.name for f in fields(self))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

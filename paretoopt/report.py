@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .metrics import Metric, shown, si_bytes
+from .metrics import Metric, shown
 
 if TYPE_CHECKING:
     from .record import TrialRecord
@@ -62,9 +62,6 @@ class Reporter:
 
 
 SilentReporter = Reporter
-
-
-human_bytes = si_bytes  # the name this module had for it
 
 
 class RichReporter(Reporter):

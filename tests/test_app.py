@@ -220,7 +220,7 @@ def test_budget_mask_and_categories(root):
     kinds = explore.categories(results)
     assert set(kinds[results.trials["number"].isin(results.pareto["number"])]) == {"front"}
     frame = pd.DataFrame({"accuracy": [99.0, 97.0], "size_bytes": [10, 50], "latency_ms": [1, 2]})
-    mask = explore.Budget({"accuracy": 1.0, "size": 40}).mask(frame, 99.5)
+    mask = explore.Budget({"accuracy": 1.0, "size": 40}).mask(frame, {"accuracy": 99.5})
     assert list(mask) == [True, False]
 
 

@@ -89,3 +89,14 @@ def test_every_metric_reads_a_field_of_the_record_and_a_frame_column():
         assert m.field in record_field_names(), m.name
         assert columns[m.field] == getattr(record(), m.field)
     assert set(frame_columns(None).values()) == {None}
+
+
+def test_a_renamed_field_reads_from_its_old_name(monkeypatch):
+    """A rename is one line in RENAMED: records stored under the old name still read."""
+    import paretoopt.record as module
+
+    stored = record().to_attrs()
+    stored["bytes_on_disk"] = stored.pop("size_bytes")
+    assert stored_record(stored) is None  # without the line, the field is missing
+    monkeypatch.setattr(module, "RENAMED", (("size_bytes", "bytes_on_disk"),))
+    assert TrialRecord.from_attrs(stored).size_bytes == 1234

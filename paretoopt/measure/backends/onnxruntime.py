@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ...techniques.bench import prunable_layers
 from ..int8 import integer_initializers, quantize_model
 from ..onnx_export import export_onnx
 from .base import Deployment, DeployRequest
@@ -62,11 +63,11 @@ class OnnxRuntimeBackend:
 
     def __init__(self, threads: int, example: torch.Tensor) -> None:
         self.threads = threads
-        self.example = example
+        self.example = example  # one input, for export
 
     @classmethod
     def from_spec(cls, spec: TargetSpec, example: torch.Tensor) -> OnnxRuntimeBackend:
-        return cls(spec.threads, example)  # one input, for export
+        return cls(spec.threads, example)
 
     def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
         export_onnx(model, self.example, work / ONNX_FILE)
@@ -79,9 +80,7 @@ class OnnxRuntimeBackend:
             return Deployment(runner, work / ONNX_FILE)
         model = request.model
         request.timed("export", export_onnx, model, self.example, work / FLOAT_FILE)
-        floats = [
-            f"{n}.weight" for n, m in model.named_modules() if _prunable(m) and quant.layer(n) > 8
-        ]
+        floats = [f"{n}.weight" for n in prunable_layers(model) if quant.layer(n) > 8]
         if request.calibration is None:
             raise ValueError("an int8 deployment needs calibration samples")
         exact = request.timed(
@@ -113,9 +112,3 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         return str(ort.__version__)
-
-
-def _prunable(module: Any) -> bool:
-    from ...techniques.bench import PRUNABLE
-
-    return isinstance(module, PRUNABLE)

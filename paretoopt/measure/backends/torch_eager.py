@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...artifact import ARTIFACT, load_compressed
+from ...artifact import ARTIFACT, load_compressed, read_metadata
+from ...plan import CompressionPlan, QuantConfig
 from ...space import TargetSpec
 from ..protocol import Runner
 from .base import Deployment, DeployRequest
@@ -54,7 +55,7 @@ class TorchBackend:
 
     def __init__(self, threads: int, example: torch.Tensor) -> None:
         self.threads = threads
-        self.example = example
+        self.example = example  # one input, for export
 
     @classmethod
     def from_spec(cls, spec: TargetSpec, example: torch.Tensor) -> TorchBackend:
@@ -64,19 +65,15 @@ class TorchBackend:
         return TorchRunner(model, self.threads)
 
     def deploy(self, request: DeployRequest) -> Deployment:
-        half = half_type(request)
-        return Deployment(
-            request.timed("export", self.runner, request.model, request.work, half), None
-        )
+        half = half_type(request.quant)
+        runner = request.timed("export", self.runner, request.model, request.work, half)
+        return Deployment(runner, None)
 
     def reload(self, directory: Path, build: Callable[[], nn.Module]) -> Runner:
-        from ...artifact import read_metadata
-        from ...plan import CompressionPlan
-
-        quant = CompressionPlan.from_dict(read_metadata(directory / ARTIFACT)["plan"]).quant
+        metadata = read_metadata(directory / ARTIFACT)
+        quant = CompressionPlan.from_dict(metadata["plan"]).quant
         model = load_compressed(directory / ARTIFACT, build)
-        half = quant.half_type if quant.widths == {16} else None
-        return self.runner(model, directory, half)
+        return self.runner(model, directory, half_type(quant))
 
     def integer_weights(self, deployment: Deployment) -> set[str]:
         return set()  # eager PyTorch dequantizes integer weights to float32
@@ -85,7 +82,6 @@ class TorchBackend:
         return str(torch.__version__)
 
 
-def half_type(request: DeployRequest) -> str | None:
+def half_type(quant: QuantConfig) -> str | None:
     """The 16-bit type a model computes in, where every layer of the plan is 16-bit."""
-    quant = request.quant
     return quant.half_type if quant.widths == {16} else None
