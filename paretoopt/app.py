@@ -25,7 +25,7 @@ import streamlit as st
 from paretoopt import explore
 from paretoopt.errors import ParetoError
 from paretoopt.metrics import Metric, shown
-from paretoopt.results import StudyResults, trial_record
+from paretoopt.results import StudyResults, hardware_text, trial_record
 
 COLORS = {
     "front": "#1f77b4",
@@ -163,8 +163,7 @@ def header(results: StudyResults) -> None:
     st.caption(
         f"{len(results.trials)} trials, {len(results.pareto)} on the front"
         + (f", {running} running" if running else "")
-        + f" · measured on {hardware.get('cpu', '?')} ({hardware.get('cores', '?')} cores), "
-        f"timing mode {target.get('mode', 'cpu')}"
+        + f" · measured on {hardware_text(hardware)}, timing mode {target.get('mode', 'cpu')}"
     )
     if base:
         metrics = shown(results.metrics)

@@ -34,7 +34,7 @@ from .errors import StudyError
 from .metrics import Metric, shown
 from .pick import pick
 from .record import TrialRecord
-from .results import StudyResults, load_results, trial_record
+from .results import StudyResults, hardware_text, load_results, trial_record
 
 FORMATS = ("onnx", "pt2", "safetensors")
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
@@ -298,8 +298,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         )
     hardware = card.get("hardware") or {}
     lines += [
-        f"Measured on: {hardware.get('cpu', '?')} ({hardware.get('cores', '?')} cores), "
-        f"{hardware.get('system', '')}.",
+        f"Measured on: {hardware_text(hardware)}, {hardware.get('system', '')}.",
         f"PyTorch model (weights as deployed, float activations): validation "
         f"{m['torch_accuracy']:.2f} %; deployed minus PyTorch: {m.get('deploy_gap', 0):+.2f} pts.",
         "",

@@ -253,7 +253,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
     int8 = plan.quant.activations == "int8"
     with ctx.target.gate.computing():  # export and evaluation load the CPU too
         deployment = _deploy(ctx, deployed, work, plan, bench)
-        runner, exact = deployment.runner, deployment.exact
+        runner, exact = deployment.runner, deployment.int8_weights
         # int8 activations and 16-bit CUDA arithmetic round: compared within that rounding
         rounded = int8 or getattr(runner, "dtype", torch.float32) != torch.float32
         _check_runtime(runner, reloaded, checked, rounded)
@@ -277,7 +277,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
         # False: some layer was re-rounded by the int8 converter, so the runtime model is
         # not the file's model
-        exact_weights=all(exact.values()),
+        exact_weights=all(kind is not None for kind in exact.values()),
         layer_quant=layers,
         params=sum(p.numel() for p in deployed.parameters()),
         macs=_macs(deployed, ctx.splits.train.x[:1]),
@@ -313,15 +313,21 @@ def _deploy(
         calibration=ctx.splits.train.x[: cfg.calibration_samples],
         codes=bench.quantized,
         timed=bench.timed,
+        int8=ctx.target.int8_recipe() if cfg.activations == "int8" else None,
     )
     return ctx.target.backend.deploy(request)
 
 
 def _layer_quant(
-    plan: CompressionPlan, bench: Workbench, integer: set[str], exact: dict[str, bool]
+    plan: CompressionPlan,
+    bench: Workbench,
+    integer: set[str],
+    int8_weights: dict[str, str | None],
 ) -> dict[str, LayerQuant]:
     """Per layer: bit-width, number format, grid, and the kernel it really ran in
-    (`integer`: the weights the runtime ran in integer kernels, read from its graph)."""
+    (`integer`: the weights the runtime ran in integer kernels, read from its graph;
+    `int8_weights`: the type each int8 layer holds the plan's codes in, None if it does
+    not hold them)."""
     cfg = plan.quant
     out: dict[str, LayerQuant] = {}
     for name in prunable_layers(bench.model):
@@ -335,7 +341,8 @@ def _layer_quant(
             granularity=cfg.granularity if quantized else None,
             scheme=("symmetric" if is_symmetric(cfg, bits) else "affine") if quantized else None,
             # the int8 model holds the trial's own codes, not re-rounded ones
-            exact_weights=exact.get(param),
+            exact_weights=None if param not in int8_weights else int8_weights[param] is not None,
+            int8_weights=int8_weights.get(param),
         )
     return out
 
@@ -383,7 +390,8 @@ def _check_runtime(runner: Runner, expected: torch.Tensor, x: torch.Tensor, roun
             raise TrialError(
                 f"the {runner.name} model (int8 or 16-bit arithmetic) disagrees with the "
                 f"compressed model: relative logit error {error:.3g} (at most "
-                f"{INT8_TOLERANCE} expected)"
+                f"{INT8_TOLERANCE} expected); try target.int8_recipe: u8u8 (int8 kernels "
+                "that never saturate), fewer weight bits, or activations: float"
             )
         return
     if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-3):

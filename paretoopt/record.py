@@ -69,6 +69,7 @@ class LayerQuant(_Readable):
     granularity: str | None = None
     scheme: str | None = None
     exact_weights: bool | None = None  # the int8 model holds the trial's own codes
+    int8_weights: str | None = None  # "s8" or "u8" (no saturation without VNNI): see isa
 
 
 @dataclass(frozen=True)

@@ -221,6 +221,15 @@ def trial_record(results: StudyResults, number: int) -> TrialRecord:
     raise StudyError(f"trial {number} is not in study {results.name!r}")
 
 
+def hardware_text(hardware: dict[str, Any]) -> str:
+    """The machine in a few words: CPU, cores, and how it multiplies int8 (the int8
+    kernels, and their speed, depend on it; a study from before it was recorded says ?)."""
+    dot = hardware.get("int8_dot")
+    words = {"vnni": "VNNI", "amx": "AMX", "avx512": "AVX-512 without VNNI"}
+    isa = words.get(dot, str(dot).upper() if dot else "?")
+    return f"{hardware.get('cpu', '?')} ({hardware.get('cores', '?')} cores, int8 on {isa})"
+
+
 def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 

@@ -29,6 +29,7 @@ METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direct
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
+INT8_RECIPES = ("auto", "u8s8", "u8u8")  # int8 weight types: see measure/isa.py
 STRUCTURES = ("unstructured", "channel")
 SALIENCIES = ("l1", "l2", "taylor", "hessian")
 DISTRIBUTIONS = ("uniform", "global", "per_layer")
@@ -85,7 +86,7 @@ class BaselineSpec:
 # Settings added after the first release -> the value that reproduces what paretoopt did
 # before they existed; a stored study or an older agent client that lacks one meant this
 # value, not the current default (a setting not listed behaved as its default all along).
-BEFORE_IT_EXISTED = {"target.warmup_tolerance": 0.0}
+BEFORE_IT_EXISTED = {"target.warmup_tolerance": 0.0, "target.int8_recipe": "u8s8"}
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,13 @@ class TargetSpec:
         kind=float,
         low=0.0,
         high=100.0,
+    )
+    int8_recipe: str = setting(
+        "auto",
+        "int8 weight types: auto (s8 where the CPU's kernels are exact, u8 where s8 would "
+        "saturate: 8-bit codes on CPUs without VNNI), u8s8 (always s8), u8u8 (always u8)",
+        kind=str,
+        options=INT8_RECIPES,
     )
     cuda_graphs: bool = setting(
         True,

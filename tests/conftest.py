@@ -46,3 +46,11 @@ def write_space(path: Path, doc: dict[str, Any]) -> Path:
 @pytest.fixture
 def tiny_space_file(tmp_path: Path, tiny_doc: dict[str, Any]) -> Path:
     return write_space(tmp_path / "tiny.yaml", tiny_doc)
+
+
+def pytest_report_header() -> str:
+    """The log says which int8 kernels this run exercised (they differ by ISA)."""
+    from paretoopt.measure.isa import int8_dot, this_machine
+
+    isa, machine = this_machine()
+    return f"paretoopt: {machine}, int8 on {int8_dot(isa, machine)}, flags {isa}"

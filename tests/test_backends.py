@@ -12,6 +12,7 @@ import torch
 from paretoopt.artifact import ARTIFACT, save_compressed
 from paretoopt.data import create_data
 from paretoopt.measure.backends import BACKENDS, DeployRequest, backend_name, create_backend
+from paretoopt.measure.isa import Int8Recipe, this_machine
 from paretoopt.models import create_model
 from paretoopt.plan import CompressionPlan, QuantConfig
 from paretoopt.space import ComponentSpec, TargetSpec
@@ -67,12 +68,18 @@ def test_the_onnxruntime_backend_reads_its_int8_kernels_from_the_optimised_graph
     bench = _bench(plan)
     backend = create_backend(TargetSpec(), bench.splits.train.x[:1])
     request = DeployRequest(
-        bench.model, tmp_path, plan.quant, bench.splits.train.x[:64], bench.quantized
+        bench.model,
+        tmp_path,
+        plan.quant,
+        bench.splits.train.x[:64],
+        bench.quantized,
+        int8=Int8Recipe.choose("auto", *this_machine()),
     )
     deployment = backend.deploy(request)
     assert deployment.exact and all(deployment.exact.values())
+    assert set(deployment.int8_weights.values()) <= {"s8", "u8"}
     integer = backend.integer_weights(deployment)
     assert {n for n in integer if n.endswith(".weight")} == set(bench.quantized)
     assert not (tmp_path / "model.float.onnx").exists()  # only what it timed is kept
-    float_only = dataclasses.replace(deployment, exact={})
+    float_only = dataclasses.replace(deployment, int8_weights={})
     assert backend.integer_weights(float_only) == set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ from paretoopt.data import create_data
 from paretoopt.errors import PlanError, SpaceError
 from paretoopt.measure import OrtRunner, export_onnx
 from paretoopt.measure.int8 import _int8_weight, integer_initializers, quantize_model
+from paretoopt.measure.isa import Int8Recipe
 from paretoopt.models import mlp, tiny_conv
 from paretoopt.pipeline import RUNTIME_FILE, calibrate, prepare, run_trial
 from paretoopt.plan import CompressionPlan, FinetuneConfig, PruneConfig, QuantConfig
@@ -296,32 +298,44 @@ def test_plans_of_version_2_still_load():
 # --------------------------------------------------------------------------- int8 runtime
 
 
-def test_int8_model_keeps_the_exact_weights(splits, tmp_path):
+S8 = Int8Recipe("u8s8", saturates=False)
+U8 = Int8Recipe("u8u8", saturates=False)
+NO_VNNI = Int8Recipe("auto", saturates=True)  # what auto is on an AVX2-only CPU
+
+
+@pytest.mark.parametrize("recipe", [S8, U8, NO_VNNI])
+def test_int8_model_keeps_the_exact_weights(splits, tmp_path, recipe):
     """Without BatchNorm to fold, every int8 weight in the ONNX file, dequantized, is
-    bit-for-bit the trial's weight, and every layer runs in an integer kernel."""
+    bit-for-bit the trial's weight, and every layer runs in an integer kernel, whether the
+    codes are stored as s8 or as u8 around 128."""
     torch.manual_seed(0)
     model = mlp(in_features=64, hidden=(32, 16))
     train(model, splits.train, Recipe(2, 3e-3, 32, 0))
     for cfg in (QuantConfig(3, "per_tensor"), QuantConfig(8, activations="int8")):
         bench = _apply(model.eval(), splits, CompressionPlan(quant=cfg))
         export_onnx(bench.model, splits.train.x[:1], tmp_path / "f.onnx")
-        exact = quantize_model(
+        types = quantize_model(
             tmp_path / "f.onnx",
             tmp_path / "q.onnx",
             splits.train.x[:64].numpy(),
             bench.quantized,
             [],
+            recipe,
         )
-        assert all(exact.values()) and len(exact) == 3
+        # auto without VNNI: u8 only where 8-bit codes would saturate s8 kernels
+        want = "u8" if recipe is U8 or (recipe is NO_VNNI and cfg.bits == 8) else "s8"
+        assert types == dict.fromkeys(bench.quantized, want) and len(types) == 3
         inits = {
             i.name: numpy_helper.to_array(i)
             for i in onnx.load(tmp_path / "q.onnx").graph.initializer
         }
         for param in bench.quantized:
             layer = dict(bench.model.named_parameters())[param].detach().numpy()
-            ints = inits[f"{param}_quantized"].astype(np.float32)
+            codes, zero = inits[f"{param}_quantized"], inits[f"{param}_zero_point"]
+            assert codes.dtype == zero.dtype == (np.uint8 if want == "u8" else np.int8)
+            assert set(zero.tolist()) == {128 if want == "u8" else 0}
+            ints = codes.astype(np.float32) - zero.astype(np.float32).reshape(-1, 1)
             scale = inits[f"{param}_scale"].reshape(-1, 1)
-            assert inits[f"{param}_quantized"].dtype == np.int8
             np.testing.assert_allclose(ints * scale, layer, rtol=1e-6, atol=1e-7)
         used = integer_initializers(tmp_path / "q.onnx")
         assert {f"{p}_quantized" for p in bench.quantized} <= used
@@ -343,25 +357,37 @@ def digits_ctx(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "quant",
+    ("quant", "recipe"),
     [
-        QuantConfig(8, "per_channel", "symmetric", activations="int8"),
-        QuantConfig(4, "per_tensor", "affine", activations="int8"),
+        (QuantConfig(8, "per_channel", "symmetric", activations="int8"), "auto"),
+        (QuantConfig(8, "per_channel", "symmetric", activations="int8"), "u8u8"),
+        (QuantConfig(4, "per_tensor", "affine", activations="int8"), "auto"),
     ],
 )
-def test_int8_runtime_model_matches_its_fake_quantized_twin(digits_ctx, tmp_path, quant):
+def test_int8_runtime_model_matches_its_fake_quantized_twin(
+    digits_ctx, tmp_path, monkeypatch, quant, recipe
+):
+    """On any x86 CPU: auto picks weight types its int8 kernels compute exactly (an
+    8-bit plan lost 1.5 points to saturated s8 kernels on an AVX2-only CPU)."""
+    target = digits_ctx.target
+    chosen = dataclasses.replace(target.int8_recipe(), name=recipe)
+    monkeypatch.setattr(target, "_int8", chosen)
     plan = CompressionPlan(PruneConfig("channel", 0.25, round_to=8), quant)
     record = run_trial(digits_ctx, plan, tmp_path / "1", seed=0)
     assert abs(record["deploy_gap"]) <= 0.5, record["deploy_gap"]
     assert record["exact_weights"] is True
     assert record["int_kernels"] is True
-    for entry in record["layer_quant"].values():
+    kinds = {}
+    for name, entry in record["layer_quant"].items():
         assert entry["kernel"] == "int8" and entry["exact_weights"] is True
         assert entry["bits"] == quant.bits and entry["granularity"] == quant.granularity
+        kinds[f"{name}.weight_quantized"] = entry["int8_weights"]
+    if recipe == "u8u8" or quant.bits < 8:  # 4-bit codes never saturate s8 kernels
+        assert set(kinds.values()) == {"u8" if recipe == "u8u8" else "s8"}
+    types = {onnx.TensorProto.INT8: "s8", onnx.TensorProto.UINT8: "u8"}
     graph = onnx.load(tmp_path / "1" / RUNTIME_FILE).graph
-    assert {i.data_type for i in graph.initializer if i.name.endswith("weight_quantized")} == {
-        onnx.TensorProto.INT8
-    }
+    held = {i.name: types[i.data_type] for i in graph.initializer if i.name in kinds}
+    assert held == kinds  # the record says what the file holds
     # the file holds one byte per weight instead of four
     assert record["runtime_file_bytes"] < record["params"] * 2
 
@@ -410,9 +436,14 @@ def test_int8_weights_survive_batchnorm_folding_with_any_gamma(splits, tmp_path)
     bench = _apply(model, splits, CompressionPlan(quant=QuantConfig(4, "per_tensor")))
     export_onnx(bench.model, splits.train.x[:1], tmp_path / "f.onnx")
     exact = quantize_model(
-        tmp_path / "f.onnx", tmp_path / "q.onnx", splits.train.x[:128].numpy(), bench.quantized, []
+        tmp_path / "f.onnx",
+        tmp_path / "q.onnx",
+        splits.train.x[:128].numpy(),
+        bench.quantized,
+        [],
+        S8,
     )
-    assert exact == {"conv.weight": True, "fc.weight": True}
+    assert exact == {"conv.weight": "s8", "fc.weight": "s8"}
     floats = {
         i.name: numpy_helper.to_array(i) for i in onnx.load(tmp_path / "f.onnx").graph.initializer
     }

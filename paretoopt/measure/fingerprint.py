@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .isa import int8_dot, this_machine
+
 
 def hardware_fingerprint() -> dict[str, Any]:
     import os
@@ -22,8 +24,13 @@ def hardware_fingerprint() -> dict[str, Any]:
         pass
     import onnxruntime
 
+    isa, machine = this_machine()
     return {
         "cpu": cpu,
+        # the instruction set decides which int8 kernels run, and how fast: two machines
+        # with the same model name can differ here
+        "isa": isa,
+        "int8_dot": int8_dot(isa, machine),
         "cores": os.cpu_count(),
         "machine": platform.machine(),
         "system": platform.platform(),

@@ -14,6 +14,10 @@ folded into the convolution. The int32 bias, whose scale int8 kernels take to be
 input_scale x weight_scale, is requantized to match. The deployed weights then equal the
 trial's weights exactly; only the activations are rounded, and the trial measures what
 that costs (the gap between the PyTorch model and the runtime model).
+
+Each weight is stored as s8 (zero point 0) or, where the CPU's u8s8 kernels would
+saturate on its codes, as u8 around a zero point of 128: the same codes either way (see
+``isa``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from onnx import numpy_helper
 
 from ..errors import TrialError
 from ..techniques.qtensor import QTensor
+from .isa import Int8Recipe
 
 # fused operators that compute in integers (what ORT's CPU graph optimizer produces)
 INTEGER_OPS = frozenset(
@@ -61,11 +66,14 @@ def quantize_model(
     calibration: np.ndarray,
     codes: dict[str, QTensor],
     float_layers: list[str],
-) -> dict[str, bool]:
-    """Write the int8 model; return, per layer in `codes`, whether it kept the exact codes.
+    recipe: Int8Recipe,
+) -> dict[str, str | None]:
+    """Write the int8 model; return, per layer in `codes`, the type its exact codes were
+    stored in ("s8", "u8"), or None where the quantizer's own weight stayed.
 
     `codes` maps a weight's parameter name to its quantized codes; `float_layers` names the
-    parameters that stay in float (16 or 32 bits under mixed precision).
+    parameters that stay in float (16 or 32 bits under mixed precision); `recipe` says
+    which layers take u8 weights on the CPU that runs the model.
     """
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -106,10 +114,12 @@ def quantize_model(
         )
     model = onnx.load(str(staging))
     staging.unlink()
-    exact = {}
+    exact: dict[str, str | None] = {}
     for param, q in codes.items():
         weight = _int8_weight(q, weights.get(param))
-        exact[param] = weight is not None and _write_weight(model, param, weight, weights)
+        kind = recipe.weight_type(int(np.abs(weight.ints).max(initial=0))) if weight else None
+        written = kind is not None and _write_weight(model, param, weight, weights, kind)
+        exact[param] = kind if written else None
     tmp = out_path.with_name(out_path.name + ".tmp")
     onnx.save(model, str(tmp))
     tmp.replace(out_path)
@@ -162,17 +172,23 @@ def _write_weight(
     param: str,
     weight: Int8Weight,
     weights: dict[str, np.ndarray],
+    kind: str,
 ) -> bool:
-    """Put the weight in the graph in place of the quantizer's; False (and the graph
-    untouched) where the quantizer left the layer in float."""
+    """Put the weight in the graph in place of the quantizer's, as `kind` ("s8", or "u8"
+    shifted by 128); False (and the graph untouched) where the quantizer left the layer
+    in float."""
     inits = {i.name: i for i in model.graph.initializer}
     names = [f"{param}_quantized", f"{param}_scale", f"{param}_zero_point"]
     dq = _weight_dequantizer(model, names[0])
     if dq is None or not all(n in inits for n in names):
         return False
-    _replace(inits[names[0]], weight.ints)
+    ints, zero = weight.ints, np.zeros(len(weight.scale), np.int8)
+    if kind == "u8":  # the same codes, around 128: kernels that never saturate take them
+        ints = (ints.astype(np.int16) + 128).astype(np.uint8)
+        zero = np.full(len(weight.scale), 128, np.uint8)
+    _replace(inits[names[0]], ints)
     _replace(inits[names[1]], weight.scale)
-    _replace(inits[names[2]], np.zeros(len(weight.scale), np.int8))
+    _replace(inits[names[2]], zero)
     _set_axis(dq, weight.axis)
     _requantize_bias(model, dq.output[0], weight.scale, weights, inits)
     return True

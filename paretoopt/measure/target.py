@@ -22,6 +22,7 @@ from ..space import TargetSpec
 from .agent import AgentClient
 from .backends import Backend, create_backend
 from .gate import MeasurementGate
+from .isa import Int8Recipe, this_machine
 from .protocol import LatencyStats, Runner, time_paired, time_runner
 from .runtimes import runtime_threads, timing_batch
 
@@ -42,6 +43,19 @@ class Target:
         self.reference_file: Path | None = None
         self.reference_sha: str | None = None  # the baseline's name on the agent
         self.calibration: dict[str, Any] | None = None
+        self._int8: Int8Recipe | None = None
+
+    def int8_recipe(self) -> Int8Recipe:
+        """The int8 weight types for the CPU that times the models: the agent's, for a
+        remote target (an agent too old to report its flags counts as unknown)."""
+        if self._int8 is None:
+            if self.agent is not None:
+                found = self.agent.info()["fingerprint"]
+                isa, machine = found.get("isa"), str(found.get("machine", "x86_64"))
+            else:
+                isa, machine = this_machine()
+            self._int8 = Int8Recipe.choose(self.spec.int8_recipe, isa, machine)
+        return self._int8
 
     # ------------------------------------------------------------------ runners
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from ...plan import QuantConfig
     from ...techniques.qtensor import QTensor
+    from ..isa import Int8Recipe
     from ..protocol import Runner
 
 
@@ -36,14 +37,21 @@ class DeployRequest:
     calibration: torch.Tensor | None = None  # training samples: int8 activation ranges
     codes: Mapping[str, QTensor] = field(default_factory=dict)  # the plan's integer codes
     timed: Callable[..., Any] = _untimed  # (stage, fn, *args): the trial's stage clock
+    int8: Int8Recipe | None = None  # the weight types the timing CPU's int8 kernels want
 
 
 @dataclass(frozen=True)
 class Deployment:
     runner: Runner
     file: Path | None  # the file the runtime loads and times (None: it runs the module)
-    # int8 only: whether each layer's weight in the runtime model is the plan's own code
-    exact: dict[str, bool] = field(default_factory=dict)
+    # int8 only: per layer, the type ("s8", "u8") its weight holds the plan's own codes
+    # in, or None where the runtime model holds re-rounded ones
+    int8_weights: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def exact(self) -> dict[str, bool]:
+        """Whether each int8 layer's weight in the runtime model is the plan's own code."""
+        return {k: v is not None for k, v in self.int8_weights.items()}
 
 
 class Backend(Protocol):

@@ -81,9 +81,9 @@ class OnnxRuntimeBackend:
         model = request.model
         request.timed("export", export_onnx, model, self.example, work / FLOAT_FILE)
         floats = [f"{n}.weight" for n in prunable_layers(model) if quant.layer(n) > 8]
-        if request.calibration is None:
-            raise ValueError("an int8 deployment needs calibration samples")
-        exact = request.timed(
+        if request.calibration is None or request.int8 is None:
+            raise ValueError("an int8 deployment needs calibration samples and a recipe")
+        types = request.timed(
             "calibrate",
             quantize_model,
             work / FLOAT_FILE,
@@ -91,9 +91,10 @@ class OnnxRuntimeBackend:
             request.calibration.numpy(),
             dict(request.codes),
             floats,
+            request.int8,
         )
         (work / FLOAT_FILE).unlink()
-        return Deployment(OrtRunner(work / ONNX_FILE, self.threads), work / ONNX_FILE, exact)
+        return Deployment(OrtRunner(work / ONNX_FILE, self.threads), work / ONNX_FILE, types)
 
     def _export(self, request: DeployRequest) -> Runner:
         return self.runner(request.model, request.work)
