@@ -11,7 +11,18 @@ what isolation from training is worth.
    machine, once with that process passing the measurement gate at every step (as every
    paretoopt process does) and once without it.
 
-Writes results/bench/latency.csv and prints the tables for the README.
+3. With ``--study results/<study>`` (a finished search, e.g. ``make demo``), the
+   figures the search reports, on that study:
+   - one int8 model.onnx of its front timed 10 times with the study's protocol, each
+     time in fresh sessions: max/min of the 10 ratios <= 1.05 (and, for comparison, the
+     spread of the single sessions they pooled);
+   - its int8 trials of one deployed structure: max/min of their reported latencies
+     <= 1.05 (and of the trials' own figures, before pooling);
+   - every front trial's search-time latency within 5 % of its end-of-search
+     confirmation.
+
+Writes results/bench/latency.csv and prints the tables for the README, with the CPU's
+int8 instruction set.
 """
 
 from __future__ import annotations
@@ -25,12 +36,16 @@ from pathlib import Path
 
 from common import Record, arguments, context, progress, table, write_csv
 
-from paretoopt.measure import TorchRunner, runtime_threads, time_runner
+from paretoopt.measure import OrtRunner, TorchRunner, runtime_threads, time_runner
+from paretoopt.measure.isa import int8_dot, this_machine
 from paretoopt.pipeline import StudyContext, calibrate
 from paretoopt.plan import CompressionPlan, PruneConfig
+from paretoopt.results import StudyResults, load_results
 
 REPEATS = 10
 TARGET_CV = 0.05
+TARGET_MAX_MIN = 1.05  # one file timed again; trials of one structure
+TARGET_CONFIRM = 0.05  # a front trial's search figure against its confirmation
 
 # a training loop in another process: the same work a worker's fine-tuning does
 TRAINER = """
@@ -125,8 +140,104 @@ def _start_trainer(setting: str) -> subprocess.Popen[str]:
     return trainer
 
 
+def fresh_sessions(ctx: StudyContext, results: StudyResults) -> Record:
+    """The fastest int8 front trial's model.onnx, timed REPEATS times with the study's
+    protocol (each time in fresh sessions against the baseline)."""
+    front = results.pareto[results.pareto["int_kernels"].fillna(False).astype(bool)]
+    row = front.sort_values("latency_ms").iloc[0]
+    file = results.directory / str(row["artifact"]) / "model.onnx"
+    measured, sessions = [], []
+    for i in range(REPEATS):
+        runner = OrtRunner(file, ctx.space.target.threads)
+        figure = ctx.target.latency(runner, file)
+        measured.append(figure["ratio_to_baseline"])
+        sessions += figure["session_ratios"]
+        progress(f"trial {row['number']}, measurement {i + 1}: ratio {measured[-1]:.4f}")
+    return {
+        "trial": int(row["number"]),
+        "measurements": len(measured),
+        "sessions": len(sessions),
+        "session_max_min": round(max(sessions) / min(sessions), 4),
+        "max_min": round(max(measured) / min(measured), 4),
+    }
+
+
+def structures(results: StudyResults) -> Record:
+    """The int8 trials of each deployed structure held by two or more: the largest
+    max/min of their reported latencies, and of their own figures before pooling."""
+    done = results.trials[results.trials["state"] == "COMPLETE"]
+    int8 = done[done["int_kernels"].fillna(False).astype(bool)]
+    groups = [g for _, g in int8.groupby("latency_structure") if len(g) > 1]
+    spread = [float(g["latency_ms"].max() / g["latency_ms"].min()) for g in groups]
+    own = [float(g["latency_own_ms"].max() / g["latency_own_ms"].min()) for g in groups]
+    return {
+        "int8_trials": len(int8),
+        "structures_shared": len(groups),
+        "trials_in_them": sum(len(g) for g in groups),
+        "reported_max_min": round(max(spread, default=1.0), 4),
+        "own_max_min_median": round(statistics.median(own), 4) if own else None,
+        "own_max_min_worst": round(max(own, default=1.0), 4),
+    }
+
+
+def confirmations(results: StudyResults) -> Record:
+    """Each front trial's search-time latency against its end-of-search re-measurement."""
+    front = results.pareto
+    if "confirm_latency_ms" not in front:
+        return {"front": len(front), "confirmed": 0, "worst_gap": None, "within": 0}
+    confirmed = front[front["confirm_latency_ms"].notna()]
+    gaps = (confirmed["latency_ms"] / confirmed["confirm_latency_ms"] - 1.0).abs()
+    return {
+        "front": len(front),
+        "confirmed": len(confirmed),
+        "worst_gap": round(float(gaps.max()), 4) if len(gaps) else None,
+        "within": int((gaps <= TARGET_CONFIRM).sum()),
+    }
+
+
+def study_checks(study: Path, out: str) -> int:
+    """Section 3: the figures of a finished study, checked against their targets."""
+    results = load_results(study)
+    ctx = context(study / "space.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrate(ctx, Path(tmp) / "calibration")
+        again = fresh_sessions(ctx, results)
+    shared, confirmed = structures(results), confirmations(results)
+    isa, machine = this_machine()
+    row = {"study": results.name, "int8_dot": int8_dot(isa, machine), **again}
+    row.update({f"structure_{k}": v for k, v in shared.items()})
+    row.update({f"confirm_{k}": v for k, v in confirmed.items()})
+    write_csv([row], "latency_study.csv", out)
+    checks = [
+        (
+            again["max_min"] <= TARGET_MAX_MIN,
+            f"one int8 file timed {REPEATS} times: max/min "
+            f"{again['max_min']:.3f} (single sessions: {again['session_max_min']:.3f})",
+        ),
+        (
+            shared["reported_max_min"] <= TARGET_MAX_MIN,
+            f"{shared['structures_shared']} int8 "
+            f"structures of {shared['trials_in_them']} trials: reported max/min "
+            f"{shared['reported_max_min']:.3f} (own figures: median {shared['own_max_min_median']}"
+            f", worst {shared['own_max_min_worst']})",
+        ),
+        (
+            confirmed["within"] == confirmed["confirmed"] > 0,
+            f"{confirmed['within']} of "
+            f"{confirmed['confirmed']} confirmed front trials within {TARGET_CONFIRM:.0%} "
+            f"(worst {confirmed['worst_gap']})",
+        ),
+    ]
+    print(f"machine: {machine}, int8 on {row['int8_dot']}, flags {isa}")
+    for ok, text in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return 0 if all(ok for ok, _ in checks) else 1
+
+
 def main() -> int:
-    args = arguments(__doc__, epochs=False)
+    args = arguments(__doc__, epochs=False, study=True)
+    if args.study:
+        return study_checks(Path(args.study), args.out)
     ctx = context(args.space)
     with tempfile.TemporaryDirectory() as tmp:
         cal = calibrate(ctx, Path(tmp) / "calibration")

@@ -271,10 +271,15 @@ def _focus_on_front(
             update(range=[low - max(1.0, 0.2 * (high - low)), high + 0.5])
 
 
+def _confirmed(frame: pd.DataFrame) -> bool:
+    return "confirm_latency_ms" in frame and bool(frame["confirm_latency_ms"].notna().any())
+
+
 def candidate_table(results: StudyResults, pool: pd.DataFrame, knee: int | None) -> None:
     st.markdown(
         f"**Candidates within the budget: {len(pool)}**"
         + (f" · suggested: trial {knee} (knee)" if knee is not None else "")
+        + (" · latency as re-measured at the end of the search" if _confirmed(pool) else "")
     )
     if pool.empty:
         return

@@ -74,7 +74,8 @@ def _export(args: argparse.Namespace) -> int:
         force=args.force,
         tolerance=args.tolerance,
     )
-    print(f"exported trial {done.trial} of {args.study}:")
+    how = f" (picked by {args.pick!r}; latencies as re-measured when the search ended)"
+    print(f"exported trial {done.trial} of {args.study}{how if args.pick else ''}:")
     for fmt, path in done.files.items():
         check = done.checks[fmt]
         origin = "made afresh, verified" if check["made_afresh"] else "the measured file"

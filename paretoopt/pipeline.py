@@ -260,6 +260,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits)
     runtime_file = deployment.file  # none for the torch runtime: it runs the module
     latency = bench.timed("measure", ctx.target.latency, runner, runtime_file)
+    latency["structure"] = ctx.target.backend.structure(deployment)  # see pooling
     layers = _layer_quant(plan, bench, ctx.target.backend.integer_weights(deployment), exact)
     integer = [n for n, e in layers.items() if e.format == "int"]
     return TrialRecord(

@@ -56,6 +56,12 @@ class Latency(_Readable):
     reference_ms: float | None = None
     mode: str = "cpu"  # "cpu", "eager", "cuda-graph", "remote"
     peak_memory_bytes: int | None = None  # where the runtime reports it
+    # the candidate/baseline ratio of each fresh runtime session it was timed in
+    session_ratios: list[float] = field(default_factory=list)
+    structure: str | None = None  # the deployed graph, weights aside (measure/structure)
+    # the trial's latency_ms pools the sessions of every trial of its structure: how many
+    pooled_trials: int = 1
+    pooled_sessions: int = 1
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,10 @@ def frame_columns(record: TrialRecord | None) -> dict[str, Any]:
     out["latency_raw_median_ms"] = latency.median_ms if latency else None
     out["latency_raw_p90_ms"] = latency.p90_ms if latency else None
     out["latency_spread"] = latency.spread if latency else None
+    # latency_ms pools every trial of the structure; this trial's own sessions alone:
+    out["latency_own_ms"] = latency.latency_ms if latency else None
+    out["latency_pooled_trials"] = latency.pooled_trials if latency else None
+    out["latency_structure"] = latency.structure if latency else None
     out["params"] = record.params if record else None
     out["macs"] = record.macs if record else None
     return out

@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .metrics import Metric, shown
+from .metrics import METRICS, Metric, shown
 
 if TYPE_CHECKING:
     from .record import TrialRecord
@@ -175,6 +175,11 @@ def front_table(results: StudyResults) -> Table:
     headers = ["trial", "val acc %", "Δ pts", "test acc %"]
     for m in metrics:
         headers += [m.column, m.ratio_label]
+    latency = METRICS["latency"]
+    again = results.pareto.get("confirm_latency_ms")
+    confirmed = again is not None and bool(again.notna().any())
+    if confirmed:  # re-measured at the end of the search: what picks read
+        headers.append("confirmed")
     for col in headers:
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("plan", justify="left", no_wrap=True, overflow="ellipsis")
@@ -188,5 +193,8 @@ def front_table(results: StudyResults) -> Table:
         for m in metrics:
             figure = m.text(r[m.field]) if m.prefixed else m.show(r[m.field])
             cells += [figure, f"{r.get(m.ratio_column, 1):.{m.ratio_decimals}f}"]
+        if confirmed:
+            value = r.get("confirm_latency_ms")
+            cells.append(latency.show(value) if value is not None and value == value else "-")
         table.add_row(*cells, str(r["plan"]))
     return table

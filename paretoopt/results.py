@@ -21,6 +21,7 @@ import yaml
 
 from .errors import StudyError
 from .metrics import METRICS, ratios
+from .pooling import pool_study
 from .record import TrialRecord, frame_columns, stored_record
 
 BASELINE_ATTR = "paretoopt.baseline"
@@ -82,16 +83,20 @@ def is_interrupted(t: optuna.trial.FrozenTrial) -> bool:
 
 def trials_frame(study: optuna.Study, baseline: dict[str, Any] | None) -> pd.DataFrame:
     """One row per trial: state, measurements, ratios against the baseline, plan."""
-    rows = [_row(t, baseline) for t in study.get_trials(deepcopy=False)]
+    trials = study.get_trials(deepcopy=False)
+    complete = [stored_record(t.user_attrs) if t.state.name == "COMPLETE" else None for t in trials]
+    # trials of one deployed structure report one latency: the pool of all their sessions
+    rows = [_row(t, r, baseline) for t, r in zip(trials, pool_study(complete), strict=True)]
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
     return frame.sort_values("number").reset_index(drop=True)
 
 
-def _row(t: optuna.trial.FrozenTrial, baseline: dict[str, Any] | None) -> dict[str, Any]:
+def _row(
+    t: optuna.trial.FrozenTrial, record: TrialRecord | None, baseline: dict[str, Any] | None
+) -> dict[str, Any]:
     a = t.user_attrs
-    record = stored_record(a) if t.state.name == "COMPLETE" else None
     row: dict[str, Any] = {
         "number": t.number,
         "state": t.state.name,

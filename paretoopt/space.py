@@ -86,7 +86,11 @@ class BaselineSpec:
 # Settings added after the first release -> the value that reproduces what paretoopt did
 # before they existed; a stored study or an older agent client that lacks one meant this
 # value, not the current default (a setting not listed behaved as its default all along).
-BEFORE_IT_EXISTED = {"target.warmup_tolerance": 0.0, "target.int8_recipe": "u8s8"}
+BEFORE_IT_EXISTED = {
+    "target.warmup_tolerance": 0.0,
+    "target.int8_recipe": "u8s8",
+    "target.sessions": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,14 @@ class TargetSpec:
         5, "timed rounds; the spread is taken across them", kind=int, low=1, high=1000
     )
     iterations: int = setting(50, "timed runs per round", kind=int, low=1, high=100_000)
+    sessions: int = setting(
+        5,
+        "fresh runtime sessions each candidate is timed in against the baseline (each with "
+        "its own warm-up and repeats); the latency ratio is the median of theirs",
+        kind=int,
+        low=1,
+        high=100,
+    )
     max_spread: float = setting(
         0.10,
         "calibration warns when the baseline's round medians differ by more than this "

@@ -21,7 +21,8 @@ from .anchors import queue_anchors
 from .errors import StudyError, one_line
 from .metrics import METRICS, not_finite
 from .plan import CompressionPlan
-from .record import TrialRecord
+from .pooling import pooled
+from .record import TrialRecord, stored_record
 from .report import Reporter
 from .results import BASELINE_ATTR, TRIALS_DIR
 from .sampling import sample_plan
@@ -198,6 +199,7 @@ def _evaluate(
         raise ValueError(f"objective(s) {', '.join(bad)} not finite")
     artifact = str(out_dir.relative_to(session.directory))
     record = record.replace(artifact=artifact, plan_summary=plan.summary())
+    record = pooled(record, _completed_records(session.study))  # one latency per structure
     if is_baseline:
         store_baseline(session, record)
     base = baseline(session)  # read once: the constraints and the report both need it
@@ -205,6 +207,12 @@ def _evaluate(
         trial.set_user_attr(key, value)
     violations = _set_constraints(trial, session.space, record, base)
     return record, base, all(v <= 0 for v in violations.values())
+
+
+def _completed_records(study: optuna.Study) -> list[TrialRecord]:
+    states = (TrialState.COMPLETE,)
+    found = (stored_record(t.user_attrs) for t in study.get_trials(False, states=states))
+    return [r for r in found if r is not None]
 
 
 def _set_constraints(

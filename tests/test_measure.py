@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import http.client
+import statistics
 import threading
 import time
 
@@ -25,7 +27,7 @@ from paretoopt.train import Recipe, train
 from .conftest import TINY
 
 TOKEN = "a-long-enough-test-token"
-PROTOCOL = TargetSpec(warmup=5, repeats=5, iterations=30, batch_size=32)
+PROTOCOL = TargetSpec(warmup=5, repeats=5, iterations=30, batch_size=32, sessions=1)
 
 
 def _mlp(depth: int) -> nn.Module:
@@ -236,11 +238,13 @@ def test_agent_round_trip_on_loopback(agent, models):
     assert info["fingerprint"]["cores"] >= 1 and info["max_bytes"] == 2_000_000
     deep, shallow = client.upload(models / "d8.onnx"), client.upload(models / "d2.onnx")
     assert client.upload(models / "d8.onnx") == deep  # known: not sent twice
-    ours, theirs, ratio = client.measure(deep, shallow, PROTOCOL)
-    assert ours.runs == theirs.runs == 5 * 30 and ours.batch_size == 32
+    two = dataclasses.replace(PROTOCOL, sessions=2)
+    ours, theirs, ratio, sessions = client.measure(deep, shallow, two)
+    assert ours.runs == theirs.runs == 2 * 5 * 30 and ours.batch_size == 32
     assert ratio > 1.8  # the deeper model, timed on the agent, is slower there too
-    alone, nothing, no_ratio = client.measure(shallow, None, PROTOCOL)
-    assert alone.median_ms > 0 and nothing is None and no_ratio is None
+    assert len(sessions) == 2 and ratio == statistics.median(sessions)  # fresh sessions each
+    alone, nothing, no_ratio, none = client.measure(shallow, None, PROTOCOL)
+    assert alone.median_ms > 0 and nothing is None and no_ratio is None and none == []
 
 
 def _raw(address: str, method: str, path: str, body: bytes = b"", headers: dict | None = None):
@@ -256,7 +260,7 @@ def test_a_client_sends_models_again_when_the_agent_lost_them(served, models):
     client = AgentClient(address, TOKEN)
     deep, shallow = client.upload(models / "d8.onnx"), client.upload(models / "d2.onnx")
     state.models.clear()  # as after a restart of the agent
-    ours, theirs, ratio = client.measure(deep, shallow, PROTOCOL)
+    ours, theirs, ratio, _ = client.measure(deep, shallow, PROTOCOL)
     assert ratio is not None and ratio > 1.0 and set(state.models) == {deep, shallow}
 
 
@@ -328,13 +332,14 @@ def test_an_unreachable_agent_fails_clearly():
 def test_a_trial_measured_on_a_remote_agent(agent, tmp_path, monkeypatch):
     monkeypatch.setenv("PARETOOPT_AGENT_TOKEN", TOKEN)
     doc = copy.deepcopy(TINY)
-    doc["target"]["agent"] = agent
+    doc["target"].update({"agent": agent, "sessions": 2})
     ctx = prepare(parse_space(doc), tmp_path / "cache", log=lambda _: None)
     cal = calibrate(ctx, tmp_path / "cal")
     assert cal["mode"] == "remote" and cal["agent"]["cores"] >= 1
     record = run_trial(ctx, CompressionPlan(quant=QuantConfig(8)), tmp_path / "1", seed=0)
     assert record["latency"]["mode"] == "remote"
-    assert record["latency"]["runs"] == 2 * 5
+    assert record["latency"]["runs"] == 2 * 2 * 5  # sessions x repeats x iterations
+    assert len(record["latency"]["session_ratios"]) == 2
     assert record["latency_ms"] == pytest.approx(
         cal["reference_ms"] * record["latency"]["ratio_to_baseline"]
     )

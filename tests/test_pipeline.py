@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import copy
+import statistics
+
 import pytest
 import torch
 
 from paretoopt.artifact import load_compressed
 from paretoopt.pipeline import ARTIFACT, RUNTIME_FILE, calibrate, check_inputs, prepare, run_trial
 from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
+from paretoopt.pooling import pooled
 from paretoopt.space import parse_space
 from paretoopt.train import accuracy, logits_of
 
@@ -14,7 +18,9 @@ from .conftest import TINY
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    space = parse_space(TINY)
+    doc = copy.deepcopy(TINY)
+    doc["target"]["sessions"] = 2  # each candidate timed in two sessions
+    space = parse_space(doc)
     context = prepare(space, tmp_path_factory.mktemp("cache"), log=lambda _: None)
     calibrate(context, tmp_path_factory.mktemp("calibration"))
     return context
@@ -44,10 +50,14 @@ def test_one_trial_measures_the_model_rebuilt_from_its_file(ctx, tmp_path):
     assert 0 < record["macs"] < base["macs"]  # removed channels cost no multiply-adds
     assert record["int_kernels"] is False and record["runtime"] == "onnxruntime"
     latency = record["latency"]
-    assert latency["runs"] == 2 * 5 and latency["median_ms"] > 0
+    assert latency["runs"] == 2 * 2 * 5 and latency["median_ms"] > 0  # 2 sessions
+    assert len(latency["session_ratios"]) == 2
+    assert latency["ratio_to_baseline"] == statistics.median(latency["session_ratios"])
     assert record["latency_ms"] == pytest.approx(
         ctx.calibration["reference_ms"] * latency["ratio_to_baseline"]
     )
+    # the pruned graph is a structure of its own; the uncompressed one is the baseline's
+    assert len(latency["structure"]) == 16 and latency["structure"] != base["latency"]["structure"]
     assert set(record["layer_bits"].values()) == {4}
     assert record["saliency"] == "l2"
     channels = record["layer_channels"]  # kept of the original, per layer
@@ -136,3 +146,15 @@ def test_paired_timing_ignores_one_disturbed_round(monkeypatch):
     assert ratio == 0.5  # the per-round ratios are 0.5, 0.5, 2.0, 0.5, 0.5
     assert theirs.median_ms == 2.0 and ours.median_ms == 1.0
     assert ours.spread == 4.0  # the disturbed round still shows in the spread
+
+
+def test_unstructured_pruning_keeps_the_baselines_structure_and_shares_its_latency(ctx, tmp_path):
+    """Dense kernels do not skip zeros: a float plan that only zeroes weights deploys the
+    baseline's graph, so it pools with the baseline; pruned channels make another."""
+    base = run_trial(ctx, CompressionPlan(), tmp_path / "0", seed=0)
+    sparse = run_trial(ctx, CompressionPlan(PruneConfig("unstructured", 0.5)), tmp_path / "1", 0)
+    narrow = run_trial(ctx, CompressionPlan(PruneConfig("channel", 0.5)), tmp_path / "2", 0)
+    assert sparse["latency"]["structure"] == base["latency"]["structure"]
+    assert narrow["latency"]["structure"] != base["latency"]["structure"]
+    together = pooled(sparse, [base, narrow])
+    assert together.latency.pooled_trials == 2 and together.latency.pooled_sessions == 4

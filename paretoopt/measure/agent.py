@@ -40,7 +40,7 @@ from ..errors import ParetoError
 from ..space import BEFORE_IT_EXISTED, TargetSpec
 from .fingerprint import hardware_fingerprint
 from .gate import MeasurementGate
-from .protocol import LatencyStats, time_paired, time_runner
+from .protocol import LatencyStats, Timers, time_runner, time_sessions
 from .runtimes import OrtRunner
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -55,6 +55,7 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "warmup_tolerance": (0, 1),
     "repeats": (1, 1000),
     "iterations": (1, 100_000),
+    "sessions": (1, 100),
 }
 
 
@@ -109,10 +110,20 @@ class Agent:
             run = model.timer(_inputs(model, target.batch_size))
             if reference is None:
                 return {"candidate": asdict(time_runner(run, target))}
-            ours, theirs, ratio = time_paired(
-                run, reference.timer(_inputs(reference, target.batch_size)), target
-            )
-        return {"candidate": asdict(ours), "reference": asdict(theirs), "ratio": ratio}
+            pair = (model, reference)
+
+            def timers(k: int) -> Timers:  # a fresh session of both models after the first
+                ours, theirs = pair if k == 0 else (model.fresh(), reference.fresh())
+                batch = _inputs(ours, target.batch_size)
+                return ours.timer(batch), theirs.timer(batch)
+
+            timing = time_sessions(timers, target, target.sessions)
+        return {
+            "candidate": asdict(timing.ours),
+            "reference": asdict(timing.theirs),
+            "ratio": timing.ratio,
+            "session_ratios": list(timing.session_ratios),
+        }
 
     def _runner(self, sha: Any, threads: int) -> OrtRunner:
         if not isinstance(sha, str) or sha not in self.models:
@@ -313,7 +324,9 @@ class AgentClient:
 
     def measure(
         self, model: str, reference: str | None, target: TargetSpec
-    ) -> tuple[LatencyStats, LatencyStats | None, float | None]:
+    ) -> tuple[LatencyStats, LatencyStats | None, float | None, list[float]]:
+        """The candidate's and the reference's statistics, their ratio, and the ratio of
+        each session (an agent from before sessions times one and sends its ratio)."""
         job = {"model": model, "reference": reference}
         job.update({k: getattr(target, k) for k in PROTOCOL_LIMITS})
         body = json.dumps(job).encode()
@@ -326,11 +339,12 @@ class AgentClient:
                 if sha in self.sent:
                     self.upload(self.sent[sha], again=True)
             answer = self._call("POST", "/measure", body, "application/json")
-        theirs = answer.get("reference")
+        theirs, ratio = answer.get("reference"), answer.get("ratio")
         return (
             LatencyStats(**answer["candidate"]),
             LatencyStats(**theirs) if theirs else None,
-            answer.get("ratio"),
+            ratio,
+            answer.get("session_ratios") or ([ratio] if ratio is not None else []),
         )
 
     def _call(self, method: str, path: str, body: bytes | None, kind: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from .agent import AgentClient
 from .backends import Backend, create_backend
 from .gate import MeasurementGate
 from .isa import Int8Recipe, this_machine
-from .protocol import LatencyStats, Runner, time_paired, time_runner
+from .protocol import LatencyStats, PairedTiming, Runner, Timers, time_runner, time_sessions
 from .runtimes import runtime_threads, timing_batch
 
 CALIBRATION_ROUNDS = 3
@@ -127,14 +127,14 @@ class Target:
             if runtime_file is None:
                 raise StudyError("target.agent: the agent times ONNX files, and there is none")
             sha = self.agent.upload(runtime_file)
-            ours, theirs, ratio = self.agent.measure(sha, self.reference_sha, self.spec)
+            ours, theirs, ratio, sessions = self.agent.measure(sha, self.reference_sha, self.spec)
             if theirs is None or ratio is None:
                 raise StudyError("the agent returned no reference timing")
         else:
             with runtime_threads(runner), self.gate.measuring():
-                ours, theirs, ratio = time_paired(
-                    runner.timer(self.batch), self.reference.timer(self.batch), self.spec
-                )
+                timing = self._time_sessions(runner)
+            ours, theirs, ratio = timing.ours, timing.theirs, timing.ratio
+            sessions = list(timing.session_ratios)
             if runner.mode != self.reference.mode:  # e.g. a CUDA graph against eager launches
                 raise StudyError(
                     f"the candidate was timed as {runner.mode!r} but the baseline as "
@@ -144,11 +144,27 @@ class Target:
             **ours.to_dict(),
             "latency_ms": self.calibration["reference_ms"] * ratio,
             "ratio_to_baseline": ratio,
+            "session_ratios": sessions,
             "baseline_median_ms": theirs.median_ms,
             "reference_ms": self.calibration["reference_ms"],
             "mode": self.mode(runner),
             "peak_memory_bytes": runner.peak_memory(self.batch),
         }
+
+    def _time_sessions(self, runner: Runner) -> PairedTiming:
+        """Paired timing in `target.sessions` sessions: the first with the runners at
+        hand, each later one with both models loaded afresh (a runtime without sessions
+        to renew is timed in one)."""
+        reference = self.reference
+        assert reference is not None
+
+        def timers(k: int) -> Timers | None:
+            ours, theirs = (runner, reference) if k == 0 else (runner.fresh(), reference.fresh())
+            if ours is None or theirs is None:
+                return None
+            return ours.timer(self.batch), theirs.timer(self.batch)
+
+        return time_sessions(timers, self.spec, self.spec.sessions)
 
     def mode(self, runner: Runner) -> str:
         """How latency is taken: "cpu", "eager", "cuda-graph", or "remote" (an agent)."""

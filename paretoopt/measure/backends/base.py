@@ -76,4 +76,9 @@ class Backend(Protocol):
         deployment (weights, and the int32 biases beside them)."""
         ...
 
+    def structure(self, deployment: Deployment) -> str | None:
+        """A key equal for deployments that run the same kernels on the same shapes and
+        types, weights aside (see ``structure``): they share one latency estimate."""
+        ...
+
     def version(self) -> str: ...

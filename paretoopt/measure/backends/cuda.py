@@ -42,6 +42,9 @@ class CudaRunner:
             out = self.model(torch.from_numpy(x).to(self.device, self.dtype))
         return out.float().cpu().numpy()
 
+    def fresh(self) -> None:
+        return None  # a module keeps no session of its own to renew: timed in one
+
     def timer(self, batch: np.ndarray) -> Callable[[], Any]:
         x = torch.from_numpy(batch).to(self.device, self.dtype)
         step = self._graph(x) if self.mode == "cuda-graph" else None

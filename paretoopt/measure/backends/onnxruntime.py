@@ -17,6 +17,7 @@ import numpy as np
 from ...techniques.bench import prunable_layers
 from ..int8 import integer_initializers, quantize_model
 from ..onnx_export import export_onnx
+from ..structure import onnx_structure
 from .base import Deployment, DeployRequest
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ class OrtRunner:
     mode = "cpu"
 
     def __init__(self, model: Path | bytes, threads: int) -> None:
-        """`model`: an ONNX file, or its bytes."""
+        """`model`: an ONNX file, or its bytes. The bytes are kept, so that fresh
+        sessions can be made after the file is gone (the baseline's is a temporary)."""
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -43,12 +45,16 @@ class OrtRunner:
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
-        source = model if isinstance(model, bytes) else str(model)
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        self.model = model if isinstance(model, bytes) else Path(model).read_bytes()
+        self.threads = threads
+        self.session = ort.InferenceSession(self.model, options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: x})[0]
+
+    def fresh(self) -> OrtRunner:
+        return OrtRunner(self.model, self.threads)
 
     def timer(self, batch: np.ndarray) -> Callable[[], Any]:
         return lambda: self(batch)
@@ -108,6 +114,9 @@ class OnnxRuntimeBackend:
         suffix = "_quantized"
         found = integer_initializers(deployment.file)
         return {n.removesuffix(suffix) for n in found if n.endswith(suffix)}
+
+    def structure(self, deployment: Deployment) -> str | None:
+        return onnx_structure(deployment.file) if deployment.file else None
 
     def version(self) -> str:
         import onnxruntime as ort

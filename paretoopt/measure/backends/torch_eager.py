@@ -16,6 +16,7 @@ from ...artifact import ARTIFACT, load_compressed, read_metadata
 from ...plan import CompressionPlan, QuantConfig
 from ...space import TargetSpec
 from ..protocol import Runner
+from ..structure import module_structure
 from .base import Deployment, DeployRequest
 
 
@@ -35,6 +36,9 @@ class TorchRunner:
                 return self.model(torch.from_numpy(x)).numpy()
         finally:
             torch.set_num_threads(previous)
+
+    def fresh(self) -> None:
+        return None  # a module keeps no session of its own to renew: timed in one
 
     def timer(self, batch: np.ndarray) -> Callable[[], Any]:
         model, tensor = self.model, torch.from_numpy(batch)
@@ -77,6 +81,10 @@ class TorchBackend:
 
     def integer_weights(self, deployment: Deployment) -> set[str]:
         return set()  # eager PyTorch dequantizes integer weights to float32
+
+    def structure(self, deployment: Deployment) -> str | None:
+        model = getattr(deployment.runner, "model", None)  # the module the runner runs
+        return module_structure(model) if isinstance(model, nn.Module) else None
 
     def version(self) -> str:
         return str(torch.__version__)
