@@ -11,7 +11,8 @@ gave speed-ups of 3.1, 3.2, 3.9, 5.0 and 5.5x, each session steady across its ow
 (the float files varied far less). The state is drawn when a session is made (it did not
 go away with the memory arena, memory patterns or weight pre-packing switched off, nor with
 address randomisation off and the process pinned to one core), so no number of rounds in
-one session averages it out; the median over sessions does.
+one session averages it out. The median over sessions narrows it only a little: the slow
+state also lasts for seconds, across consecutive sessions (README, latency benchmark).
 """
 
 from __future__ import annotations
