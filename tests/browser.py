@@ -71,10 +71,30 @@ def browser_page(width: int = 1600, height: int = 1100) -> Iterator[object]:
             browser.close()
 
 
-def choose_candidate(page: object, number: int) -> None:
-    """Pick a trial in the "Candidate" box, the way a user does."""
-    page.get_by_role("combobox", name="Candidate").click()
-    page.get_by_role("option", name=str(number), exact=True).click()
+def wait_idle(page: object, timeout_s: float = 60.0) -> None:
+    """Until the app's script run has finished (Streamlit shows its status widget while
+    running): a box clicked mid-run is drawn again under the pointer and the click lost."""
+    deadline = time.monotonic() + timeout_s
+    while page.locator('[data-testid="stStatusWidget"]').count() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def choose_candidate(page: object, number: int, tries: int = 4) -> None:
+    """Pick a trial in the "Candidate" box, the way a user does: once the page is drawn,
+    and again if the box did not open (seen here: one click in two or three hung for
+    30 s in headless chromium, before and after the page finished running)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(tries):
+        wait_idle(page)
+        try:
+            page.get_by_role("combobox", name="Candidate").click(timeout=10_000)
+            page.get_by_role("option", name=str(number), exact=True).click(timeout=10_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
+            page.keyboard.press("Escape")  # close a half-open list before the next try
 
 
 def screenshot(results: Path, out: Path) -> None:
