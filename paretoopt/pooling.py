@@ -27,9 +27,10 @@ def pooled(record: TrialRecord, peers: Iterable[TrialRecord]) -> TrialRecord:
     own = record.latency
     if own.structure is None or not own.session_ratios or not own.reference_ms:
         return record  # an older record, or a runtime that reports no structure
-    group = [p for p in peers if _same(p, record)]
-    ratios = [r for p in [record, *group] for r in p.latency.session_ratios]
-    latency = dataclasses.replace(own, pooled_trials=1 + len(group), pooled_sessions=len(ratios))
+    group = [record, *(p for p in peers if _same(p, record))]
+    group = [p for p in group if p.latency.quiet is not False] or group
+    ratios = [r for p in group for r in p.latency.session_ratios]
+    latency = dataclasses.replace(own, pooled_trials=len(group), pooled_sessions=len(ratios))
     return record.replace(latency_ms=own.reference_ms * statistics.median(ratios), latency=latency)
 
 

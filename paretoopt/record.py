@@ -58,6 +58,11 @@ class Latency(_Readable):
     peak_memory_bytes: int | None = None  # where the runtime reports it
     # the candidate/baseline ratio of each fresh runtime session it was timed in
     session_ratios: list[float] = field(default_factory=list)
+    pairs: int = 0  # round pairs (candidate, baseline) timed
+    # of them, with the baseline at the machine's quiet level (measure/protocol); the
+    # ratio is read from those where quiet is True, from every pair where it is False
+    quiet_pairs: int = 0
+    quiet: bool | None = None  # None: timed before quiet rounds existed, or switched off
     structure: str | None = None  # the deployed graph, weights aside (measure/structure)
     # the trial's latency_ms pools the sessions of every trial of its structure: how many
     pooled_trials: int = 1

@@ -90,6 +90,9 @@ BEFORE_IT_EXISTED = {
     "target.warmup_tolerance": 0.0,
     "target.int8_recipe": "u8s8",
     "target.sessions": 1,
+    "target.quiet_rounds": 0,
+    "target.quiet_tolerance": 0.1,  # no pair was told apart then
+    "target.quiet_s": 0.0,
 }
 
 
@@ -130,12 +133,37 @@ class TargetSpec:
     )
     iterations: int = setting(50, "timed runs per round", kind=int, low=1, high=100_000)
     sessions: int = setting(
-        5,
+        1,
         "fresh runtime sessions each candidate is timed in against the baseline (each with "
-        "its own warm-up and repeats); the latency ratio is the median of theirs",
+        "its own warm-up and repeats)",
         kind=int,
         low=1,
         high=100,
+    )
+    quiet_rounds: int = setting(
+        10,
+        "round pairs at the machine's quiet level that the latency ratio is read from (0: "
+        "every pair, whatever the machine's state)",
+        kind=int,
+        low=0,
+        high=10_000,
+    )
+    quiet_tolerance: float = setting(
+        0.10,
+        "a round pair is quiet when the baseline's round is within this fraction of its "
+        "fastest round on this machine",
+        kind=float,
+        low=0.0,
+        high=10.0,
+    )
+    quiet_s: float = setting(
+        5.0,
+        "seconds of extra rounds at most, to find quiet_rounds quiet pairs (and at "
+        "calibration, to find the baseline's quiet level); a candidate that finds too few "
+        "is read from all its pairs and flagged",
+        kind=float,
+        low=0.0,
+        high=600.0,
     )
     max_spread: float = setting(
         0.10,

@@ -14,7 +14,14 @@ TINY: dict[str, Any] = {
     "model": {"name": "tiny_conv"},
     "data": {"name": "digits", "kwargs": {"size": 8}},
     "baseline": {"epochs": 3},
-    "target": {"warmup": 2, "warmup_s": 0.0, "repeats": 2, "iterations": 5, "sessions": 1},
+    "target": {
+        "warmup": 2,
+        "warmup_s": 0.0,
+        "repeats": 2,
+        "iterations": 5,
+        "sessions": 1,
+        "quiet_s": 0.0,  # the fixed rounds only: no waiting for a quiet machine
+    },
     "constraints": {"max_accuracy_drop": 100.0},
     "search": {"trials": 3, "seed": 0},
     "space": {

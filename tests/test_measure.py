@@ -27,7 +27,8 @@ from paretoopt.train import Recipe, train
 from .conftest import TINY
 
 TOKEN = "a-long-enough-test-token"
-PROTOCOL = TargetSpec(warmup=5, repeats=5, iterations=30, batch_size=32, sessions=1)
+# the fixed rounds, every pair read (tests/test_quiet.py covers the quiet rounds)
+PROTOCOL = TargetSpec(warmup=5, repeats=5, iterations=30, batch_size=32, sessions=1, quiet_rounds=0)
 
 
 def _mlp(depth: int) -> nn.Module:
@@ -245,6 +246,22 @@ def test_agent_round_trip_on_loopback(agent, models):
     assert len(sessions) == 2 and ratio == statistics.median(sessions)  # fresh sessions each
     alone, nothing, no_ratio, none = client.measure(shallow, None, PROTOCOL)
     assert alone.median_ms > 0 and nothing is None and no_ratio is None and none == []
+
+
+def test_the_agent_reads_at_its_quiet_level_and_keeps_it_per_reference(served, models):
+    address, state = served
+    client = AgentClient(address, TOKEN)
+    deep, shallow = client.upload(models / "d8.onnx"), client.upload(models / "d2.onnx")
+    spec = dataclasses.replace(PROTOCOL, quiet_rounds=3, quiet_s=2.0)
+    got = client.paired(deep, shallow, spec)
+    assert got.pairs >= spec.repeats and got.quiet_level_ms == state.quiet_levels[shallow]
+    assert got.ratio > 1.8 and got.quiet == (got.quiet_pairs >= 3)
+    again = client.paired(deep, shallow, spec)
+    assert again.quiet_level_ms <= got.quiet_level_ms  # the level it knew, or a faster one
+    older = {k: getattr(PROTOCOL, k) for k in ("batch_size", "threads", "warmup", "warmup_s")}
+    older |= {"repeats": 3, "iterations": 5, "model": deep, "reference": shallow}
+    answer = state.measure(older)  # a client from before quiet rounds and sessions
+    assert answer["quiet"] is False and answer["pairs"] == 3  # read as it did then
 
 
 def _raw(address: str, method: str, path: str, body: bytes = b"", headers: dict | None = None):

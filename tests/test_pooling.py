@@ -51,3 +51,19 @@ def test_the_study_frame_gives_one_figure_per_structure():
     assert out[1] is None
     assert out[0].latency_ms == out[2].latency_ms == pytest.approx(2.0 * 0.31)
     assert out[3].latency_ms == pytest.approx(1.4)
+
+
+def test_a_structure_pools_its_quiet_trials_where_it_has_any():
+    def read(ratios: list[float], quiet: bool | None):
+        r = timed("s1", ratios)
+        return r.replace(latency=dataclasses.replace(r.latency, quiet=quiet))
+
+    quiet, other_quiet = read([0.20], True), read([0.21], True)
+    disturbed = read([0.38], False)  # the machine never got quiet while it was timed
+    got = pooled(disturbed, [quiet, other_quiet])
+    assert got.latency_ms == pytest.approx(2.0 * 0.205)  # the quiet ones' figure
+    assert (got.latency.pooled_trials, got.latency.pooled_sessions) == (2, 2)
+    assert got.latency.latency_ms == pytest.approx(2.0 * 0.38)  # its own stays
+    assert pooled(disturbed, [read([0.40], False)]).latency_ms == pytest.approx(2.0 * 0.39)
+    older = read([0.30], None)  # timed before quiet rounds: pooled as before
+    assert pooled(older, [quiet]).latency_ms == pytest.approx(2.0 * 0.25)

@@ -349,7 +349,14 @@ def digits_ctx(tmp_path_factory):
         "model": {"name": "conv"},
         "data": {"name": "digits", "kwargs": {"size": 16}},
         "baseline": {"epochs": 5},
-        "target": {"threads": 1, "warmup": 5, "repeats": 3, "iterations": 40, "sessions": 2},
+        "target": {
+            "threads": 1,
+            "warmup": 5,
+            "repeats": 3,
+            "iterations": 40,
+            "sessions": 2,
+            "quiet_s": 0.0,
+        },
     }
     context = prepare(parse_space(doc), tmp_path_factory.mktemp("cache"), log=lambda _: None)
     calibrate(context, tmp_path_factory.mktemp("calibration"))

@@ -150,7 +150,7 @@ def test_user_model_and_dataset_factories(tmp_path):
         "model": {"factory": "user_model.py:build", "kwargs": {"channels": 8}},
         "data": {"factory": "user_model.py:signals"},
         "baseline": {"epochs": 4},
-        "target": {"warmup": 1, "repeats": 2, "iterations": 3, "sessions": 2},
+        "target": {"warmup": 1, "repeats": 2, "iterations": 3, "sessions": 2, "quiet_s": 0.0},
         "constraints": {"max_accuracy_drop": None},
         "search": {"trials": 3, "sampler": "random"},
         "space": {
@@ -182,7 +182,14 @@ def fragile_study(trials: int) -> dict:
         "model": {"factory": "user_model.py:build_fragile"},
         "data": {"factory": "user_model.py:signals"},
         "baseline": {"epochs": 2},
-        "target": {"warmup": 1, "warmup_s": 0.0, "repeats": 1, "iterations": 2, "sessions": 2},
+        "target": {
+            "warmup": 1,
+            "warmup_s": 0.0,
+            "repeats": 1,
+            "iterations": 2,
+            "sessions": 2,
+            "quiet_s": 0.0,
+        },
         "search": {"trials": trials, "sampler": "random"},
         "space": {
             "pruning": {"structure": "channel", "sparsity": 0.3},

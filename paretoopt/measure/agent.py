@@ -40,7 +40,7 @@ from ..errors import ParetoError
 from ..space import BEFORE_IT_EXISTED, TargetSpec
 from .fingerprint import hardware_fingerprint
 from .gate import MeasurementGate
-from .protocol import LatencyStats, Timers, time_runner, time_sessions
+from .protocol import LatencyStats, PairedTiming, Timers, time_runner, time_sessions
 from .runtimes import OrtRunner
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -56,10 +56,13 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "repeats": (1, 1000),
     "iterations": (1, 100_000),
     "sessions": (1, 100),
+    "quiet_rounds": (0, 10_000),
+    "quiet_tolerance": (0, 10),
+    "quiet_s": (0, 600),
 }
 
 
-FLOATS = {"warmup_s", "warmup_tolerance"}
+FLOATS = {"warmup_s", "warmup_tolerance", "quiet_tolerance", "quiet_s"}
 
 
 class AgentError(ParetoError):
@@ -88,6 +91,7 @@ class Agent:
         self.models: OrderedDict[str, bytes] = OrderedDict()
         self.gate = MeasurementGate()
         self.lock = threading.Lock()  # one measurement at a time
+        self.quiet_levels: dict[str, float] = {}  # reference -> its fastest round here
 
     def authorised(self, header: str | None) -> bool:
         given = (header or "").removeprefix("Bearer ").encode()
@@ -117,12 +121,19 @@ class Agent:
                 batch = _inputs(ours, target.batch_size)
                 return ours.timer(batch), theirs.timer(batch)
 
-            timing = time_sessions(timers, target, target.sessions)
+            level = self.quiet_levels.get(job["reference"])
+            timing = time_sessions(timers, target, target.sessions, level)
+            if timing.quiet_level_ms is not None:
+                self.quiet_levels[job["reference"]] = timing.quiet_level_ms
         return {
             "candidate": asdict(timing.ours),
             "reference": asdict(timing.theirs),
             "ratio": timing.ratio,
             "session_ratios": list(timing.session_ratios),
+            "pairs": timing.pairs,
+            "quiet_pairs": timing.quiet_pairs,
+            "quiet": timing.quiet,
+            "quiet_level_ms": timing.quiet_level_ms,
         }
 
     def _runner(self, sha: Any, threads: int) -> OrtRunner:
@@ -292,6 +303,18 @@ def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8765) -> Thre
 # --------------------------------------------------------------------------- the client
 
 
+def _timings(
+    answer: dict[str, Any],
+) -> tuple[LatencyStats, LatencyStats | None, float | None, list[float]]:
+    theirs, ratio = answer.get("reference"), answer.get("ratio")
+    return (
+        LatencyStats(**answer["candidate"]),
+        LatencyStats(**theirs) if theirs else None,
+        ratio,
+        answer.get("session_ratios") or ([ratio] if ratio is not None else []),
+    )
+
+
 class AgentClient:
     """What a search uses to measure on an agent."""
 
@@ -327,25 +350,39 @@ class AgentClient:
     ) -> tuple[LatencyStats, LatencyStats | None, float | None, list[float]]:
         """The candidate's and the reference's statistics, their ratio, and the ratio of
         each session (an agent from before sessions times one and sends its ratio)."""
+        return _timings(self._measure(model, reference, target))
+
+    def paired(self, model: str, reference: str | None, target: TargetSpec) -> PairedTiming:
+        """The candidate timed against the reference on the agent, as time_sessions does
+        here (an agent from before quiet rounds reads every pair: quiet False)."""
+        answer = self._measure(model, reference, target)
+        ours, theirs, ratio, sessions = _timings(answer)
+        if theirs is None or ratio is None:
+            raise AgentError(f"agent {self.base}: it returned no reference timing")
+        return PairedTiming(
+            ours,
+            theirs,
+            ratio,
+            tuple(sessions),
+            int(answer.get("pairs", 0)),
+            int(answer.get("quiet_pairs", 0)),
+            bool(answer.get("quiet", False)),
+            answer.get("quiet_level_ms"),
+        )
+
+    def _measure(self, model: str, reference: str | None, target: TargetSpec) -> dict[str, Any]:
         job = {"model": model, "reference": reference}
         job.update({k: getattr(target, k) for k in PROTOCOL_LIMITS})
         body = json.dumps(job).encode()
         try:
-            answer = self._call("POST", "/measure", body, "application/json")
+            return self._call("POST", "/measure", body, "application/json")
         except AgentError as exc:  # the agent restarted or dropped a model: send it again
             if exc.status != HTTPStatus.NOT_FOUND:
                 raise
             for sha in (model, reference):
                 if sha in self.sent:
                     self.upload(self.sent[sha], again=True)
-            answer = self._call("POST", "/measure", body, "application/json")
-        theirs, ratio = answer.get("reference"), answer.get("ratio")
-        return (
-            LatencyStats(**answer["candidate"]),
-            LatencyStats(**theirs) if theirs else None,
-            ratio,
-            answer.get("session_ratios") or ([ratio] if ratio is not None else []),
-        )
+            return self._call("POST", "/measure", body, "application/json")
 
     def _call(self, method: str, path: str, body: bytes | None, kind: str) -> dict[str, Any]:
         req = request.Request(self.base + path, data=body, method=method)

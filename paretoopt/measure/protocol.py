@@ -5,14 +5,13 @@ p90 are taken over every timed run, the spread is the ratio of the slowest to th
 round median. Candidates are timed in alternation with the baseline (``time_paired``), so
 that drift of the machine cancels out of the ratio between them.
 
-And in several fresh runtime sessions (``time_sessions``, ``target.sessions``): one int8
-ONNX file, timed against the baseline in fresh ONNX Runtime sessions on an AVX2-only EPYC,
-gave speed-ups of 3.1, 3.2, 3.9, 5.0 and 5.5x, each session steady across its own rounds
-(the float files varied far less). The state is drawn when a session is made (it did not
-go away with the memory arena, memory patterns or weight pre-packing switched off, nor with
-address randomisation off and the process pinned to one core), so no number of rounds in
-one session averages it out. The median over sessions narrows it only a little: the slow
-state also lasts for seconds, across consecutive sessions (README, latency benchmark).
+At the machine's quiet level (``time_sessions``, ``target.quiet_rounds``): on an AVX2-only
+EPYC VM the machine ran in two states, quiet 12-25 % of the time in stretches of 0.5-1.5 s,
+and an int8 model slowed by more than the float baseline in the other one (ratio
+0.203-0.209 quiet, 0.24-0.30 disturbed). The state is the machine's, not a session's: six
+sessions of one file, open at once and timed in turn, moved together. So the ratio is the
+median over round pairs whose reference round ran at the reference's quiet level, and
+rounds go on (for at most ``target.quiet_s``) until there are enough of them.
 """
 
 from __future__ import annotations
@@ -135,11 +134,28 @@ class PairedTiming:
 
     ours: LatencyStats  # over every timed run of every session
     theirs: LatencyStats
-    ratio: float  # candidate / reference: the median of the sessions' ratios
+    ratio: float  # candidate / reference (see time_sessions)
     session_ratios: tuple[float, ...]  # one per session, in the order they ran
+    pairs: int = 0  # round pairs timed
+    quiet_pairs: int = 0  # of them, with the reference at the machine's quiet level
+    quiet: bool = False  # the ratio is read from quiet pairs alone
+    quiet_level_ms: float | None = None  # the reference's fastest round on this machine
 
 
 Timers = tuple[Callable[[], Any], Callable[[], Any]]  # (candidate, reference)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """A round of the candidate and the adjacent round of the reference (medians, ms)."""
+
+    ours: float
+    theirs: float
+    session: int
+
+    @property
+    def ratio(self) -> float:
+        return self.ours / self.theirs
 
 
 def time_paired(
@@ -160,30 +176,118 @@ def time_paired(
 
 
 def time_sessions(
-    timers: Callable[[int], Timers | None], target: TargetSpec, sessions: int
+    timers: Callable[[int], Timers | None],
+    target: TargetSpec,
+    sessions: int,
+    quiet_level_ms: float | None = None,
 ) -> PairedTiming:
     """``time_paired`` in `sessions` sessions: `timers(k)` gives the candidate's and the
     reference's timers in session k (fresh sessions for k > 0), or None where there are
-    no fresh sessions to be had (the timing ends there). The ratio is the median of the
-    sessions' ratios, so one session's draw cannot set it."""
+    no fresh sessions to be had (the timing ends there).
+
+    Read at the machine's quiet level (``target.quiet_rounds`` > 0): a pair is quiet when
+    its reference round is within ``target.quiet_tolerance`` of the fastest reference
+    round known (`quiet_level_ms`, or the fastest of these rounds). Rounds go on, for at
+    most ``target.quiet_s`` seconds, until ``quiet_rounds`` pairs are quiet; the ratio is
+    then the median of the quiet pairs' ratios. A machine that never got quiet is read
+    from all its pairs (``quiet`` False). With ``quiet_rounds`` 0: the median of the
+    sessions' ratios, each the median of its pairs'."""
     ours: list[list[float]] = []
     theirs: list[list[float]] = []
-    ratios = []
+    pairs: list[_Pair] = []
+    last: Timers | None = None  # the latest session's, which goes on for quiet pairs
     for k in range(max(sessions, 1)):
         pair = timers(k)
         if pair is None:
             break
-        run, reference = pair
-        a, b = _paired_rounds(run, reference, target)
+        last = pair
+        a, b = _paired_rounds(*pair, target)
         ours += a
         theirs += b
-        ratios.append(_ratio(a, b))
-    return PairedTiming(
-        _stats(ours, target.batch_size),
-        _stats(theirs, target.batch_size),
-        statistics.median(ratios),
-        tuple(ratios),
+        medians = zip(map(statistics.median, a), map(statistics.median, b), strict=True)
+        pairs += [_Pair(x, y, k) for x, y in medians]
+    level = _quiet_level(quiet_level_ms, pairs)
+    deadline = time.perf_counter() + target.quiet_s
+    while (
+        last is not None
+        and target.quiet_rounds > 0
+        and _count_quiet(pairs, level, target) < target.quiet_rounds
+        and time.perf_counter() < deadline
+    ):
+        pairs.append(_timed_pair(last, len(pairs), pairs[-1].session, ours, theirs, target))
+        level = min(level, pairs[-1].theirs)
+    stats = _stats(ours, target.batch_size), _stats(theirs, target.batch_size)
+    return _reading(pairs, level, target, *stats)
+
+
+def _timed_pair(
+    timers: Timers,
+    i: int,
+    session: int,
+    ours: list[list[float]],
+    theirs: list[list[float]],
+    target: TargetSpec,
+) -> _Pair:
+    """One round of each in ABBA order (the reference first on even rounds)."""
+    run, reference = timers
+    if i % 2 == 0:
+        theirs.append(_round(reference, target.iterations))
+        ours.append(_round(run, target.iterations))
+    else:
+        ours.append(_round(run, target.iterations))
+        theirs.append(_round(reference, target.iterations))
+    return _Pair(statistics.median(ours[-1]), statistics.median(theirs[-1]), session)
+
+
+def _quiet_level(known: float | None, pairs: list[_Pair]) -> float:
+    fastest = min(p.theirs for p in pairs)
+    return fastest if known is None else min(known, fastest)
+
+
+def _is_quiet(pair: _Pair, level: float, target: TargetSpec) -> bool:
+    return pair.theirs <= level * (1.0 + target.quiet_tolerance)
+
+
+def _count_quiet(pairs: list[_Pair], level: float, target: TargetSpec) -> int:
+    return sum(_is_quiet(p, level, target) for p in pairs)
+
+
+def _reading(
+    pairs: list[_Pair], level: float, target: TargetSpec, ours: LatencyStats, theirs: LatencyStats
+) -> PairedTiming:
+    """The ratio, each session's, and how quiet the machine was."""
+    quiet_pairs = [p for p in pairs if _is_quiet(p, level, target)]
+    quiet = target.quiet_rounds > 0 and len(quiet_pairs) >= target.quiet_rounds
+    chosen = quiet_pairs if quiet else pairs
+    sessions = sorted({p.session for p in pairs})
+    per_session = tuple(
+        statistics.median(p.ratio for p in (_of(chosen, k) or _of(pairs, k))) for k in sessions
     )
+    ratio = statistics.median(p.ratio for p in chosen) if quiet else statistics.median(per_session)
+    counts = len(pairs), len(quiet_pairs)
+    return PairedTiming(ours, theirs, ratio, per_session, *counts, quiet, level)
+
+
+def _of(pairs: list[_Pair], session: int) -> list[_Pair]:
+    return [p for p in pairs if p.session == session]
+
+
+def round_medians(run: Callable[[], Any], target: TargetSpec, seconds: float) -> list[float]:
+    """Round medians of one model, timed for `seconds` (at least `repeats` rounds): the
+    fastest is its quiet level on this machine."""
+    _warm_up([run], target)
+    deadline = time.perf_counter() + seconds
+    medians: list[float] = []
+    while len(medians) < target.repeats or time.perf_counter() < deadline:
+        medians.append(statistics.median(_round(run, target.iterations)))
+    return medians
+
+
+def quiet_reference(medians: list[float], target: TargetSpec) -> tuple[float, float]:
+    """The quiet level of round medians (the fastest) and the median of the quiet ones."""
+    level = min(medians)
+    quiet = [m for m in medians if m <= level * (1.0 + target.quiet_tolerance)]
+    return level, statistics.median(quiet)
 
 
 def _paired_rounds(
@@ -193,12 +297,7 @@ def _paired_rounds(
     ours: list[list[float]] = []
     theirs: list[list[float]] = []
     for i in range(target.repeats):
-        if i % 2 == 0:
-            theirs.append(_round(reference, target.iterations))
-            ours.append(_round(run, target.iterations))
-        else:
-            ours.append(_round(run, target.iterations))
-            theirs.append(_round(reference, target.iterations))
+        _timed_pair((run, reference), i, 0, ours, theirs, target)
     return ours, theirs
 
 

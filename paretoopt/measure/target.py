@@ -23,7 +23,16 @@ from .agent import AgentClient
 from .backends import Backend, create_backend
 from .gate import MeasurementGate
 from .isa import Int8Recipe, this_machine
-from .protocol import LatencyStats, PairedTiming, Runner, Timers, time_runner, time_sessions
+from .protocol import (
+    LatencyStats,
+    PairedTiming,
+    Runner,
+    Timers,
+    quiet_reference,
+    round_medians,
+    time_runner,
+    time_sessions,
+)
 from .runtimes import runtime_threads, timing_batch
 
 CALIBRATION_ROUNDS = 3
@@ -43,6 +52,7 @@ class Target:
         self.reference_file: Path | None = None
         self.reference_sha: str | None = None  # the baseline's name on the agent
         self.calibration: dict[str, Any] | None = None
+        self.quiet_level_ms: float | None = None  # the baseline's fastest round here
         self._int8: Int8Recipe | None = None
 
     def int8_recipe(self) -> Int8Recipe:
@@ -85,10 +95,13 @@ class Target:
         settle = self._settle()
         medians = [self._time_alone().median_ms for _ in range(CALIBRATION_ROUNDS)]
         measured = sorted(medians)[len(medians) // 2]
+        quiet = self._quiet_reference()
         self.calibration = {
             "medians_ms": medians,
             "measured_ms": measured,
-            "reference_ms": reference_ms or measured,
+            "quiet_ms": quiet,
+            "quiet_level_ms": self.quiet_level_ms,
+            "reference_ms": reference_ms or quiet or measured,
             "spread": max(medians) / min(medians),
             "settle_runs": settle,
             "mode": self.mode(self.reference),
@@ -111,6 +124,18 @@ class Target:
             previous = current
         return SETTLE_LIMIT
 
+    def _quiet_reference(self) -> float | None:
+        """The baseline at this machine's quiet level: the median of its round medians
+        within target.quiet_tolerance of the fastest, over target.quiet_s seconds of
+        rounds. The level is where candidates are read (see protocol.time_sessions); the
+        agent finds its own."""
+        if self.spec.quiet_rounds == 0 or self.agent is not None or self.reference is None:
+            return None
+        with runtime_threads(self.reference), self.gate.measuring():
+            medians = round_medians(self.reference.timer(self.batch), self.spec, self.spec.quiet_s)
+        self.quiet_level_ms, quiet = quiet_reference(medians, self.spec)
+        return quiet
+
     def _time_alone(self) -> LatencyStats:
         if self.reference is None:
             raise StudyError("no baseline to time: calibrate first")
@@ -127,25 +152,25 @@ class Target:
             if runtime_file is None:
                 raise StudyError("target.agent: the agent times ONNX files, and there is none")
             sha = self.agent.upload(runtime_file)
-            ours, theirs, ratio, sessions = self.agent.measure(sha, self.reference_sha, self.spec)
-            if theirs is None or ratio is None:
-                raise StudyError("the agent returned no reference timing")
+            timing = self.agent.paired(sha, str(self.reference_sha), self.spec)
         else:
             with runtime_threads(runner), self.gate.measuring():
                 timing = self._time_sessions(runner)
-            ours, theirs, ratio = timing.ours, timing.theirs, timing.ratio
-            sessions = list(timing.session_ratios)
+            self.quiet_level_ms = timing.quiet_level_ms
             if runner.mode != self.reference.mode:  # e.g. a CUDA graph against eager launches
                 raise StudyError(
                     f"the candidate was timed as {runner.mode!r} but the baseline as "
                     f"{self.reference.mode!r}; their ratio would credit the difference"
                 )
         return {
-            **ours.to_dict(),
-            "latency_ms": self.calibration["reference_ms"] * ratio,
-            "ratio_to_baseline": ratio,
-            "session_ratios": sessions,
-            "baseline_median_ms": theirs.median_ms,
+            **timing.ours.to_dict(),
+            "latency_ms": self.calibration["reference_ms"] * timing.ratio,
+            "ratio_to_baseline": timing.ratio,
+            "session_ratios": list(timing.session_ratios),
+            "pairs": timing.pairs,
+            "quiet_pairs": timing.quiet_pairs,
+            "quiet": timing.quiet if self.spec.quiet_rounds > 0 else None,
+            "baseline_median_ms": timing.theirs.median_ms,
             "reference_ms": self.calibration["reference_ms"],
             "mode": self.mode(runner),
             "peak_memory_bytes": runner.peak_memory(self.batch),
@@ -164,7 +189,7 @@ class Target:
                 return None
             return ours.timer(self.batch), theirs.timer(self.batch)
 
-        return time_sessions(timers, self.spec, self.spec.sessions)
+        return time_sessions(timers, self.spec, self.spec.sessions, self.quiet_level_ms)
 
     def mode(self, runner: Runner) -> str:
         """How latency is taken: "cpu", "eager", "cuda-graph", or "remote" (an agent)."""

@@ -1,0 +1,101 @@
+"""The latency ratio read at the machine's quiet level (measure/protocol.time_sessions).
+
+A scripted machine: runs return their duration as a DeviceTime, disturbed (slower, and
+the int8 candidate slower by more than the float baseline, as measured on an AVX2 EPYC)
+for the first runs and quiet after them, so every figure below is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from paretoopt.measure.protocol import (
+    DeviceTime,
+    quiet_reference,
+    round_medians,
+    time_sessions,
+)
+from paretoopt.space import TargetSpec
+
+SPEC = TargetSpec(warmup=0, warmup_s=0.0, repeats=4, iterations=3, quiet_rounds=5, quiet_s=60.0)
+QUIET = (0.2, 1.0)  # candidate, reference (ms)
+DISTURBED = (0.5, 1.3)
+PAIR = 2 * SPEC.iterations  # runs in one round pair
+
+
+class Machine:
+    """Disturbed for its first `disturbed` runs, of either model; quiet after them."""
+
+    def __init__(self, disturbed: int) -> None:
+        self.runs = 0
+        self.disturbed = disturbed
+
+    def _timer(self, which: int):
+        def run() -> DeviceTime:
+            self.runs += 1
+            state = DISTURBED if self.runs <= self.disturbed else QUIET
+            return DeviceTime(state[which])
+
+        return run
+
+    def timers(self, k: int):
+        return self._timer(0), self._timer(1)
+
+
+def test_rounds_go_on_until_enough_pairs_are_quiet_and_the_ratio_is_theirs():
+    machine = Machine(disturbed=4 * PAIR)  # the fixed rounds all disturbed
+    got = time_sessions(machine.timers, SPEC, 1)
+    assert got.ratio == pytest.approx(0.2)  # the quiet state's, not 0.385 nor a mixture
+    assert (got.pairs, got.quiet_pairs, got.quiet) == (9, 5, True)
+    assert got.quiet_level_ms == pytest.approx(1.0)
+    assert got.session_ratios == (pytest.approx(0.2),)
+    assert got.ours.runs == 9 * SPEC.iterations  # every timed run is in the statistics
+
+
+def test_a_machine_that_never_gets_quiet_is_read_from_every_pair_and_flagged():
+    spec = dataclasses.replace(SPEC, quiet_s=0.0)
+    got = time_sessions(Machine(disturbed=10**9).timers, spec, 1)
+    assert got.ratio == pytest.approx(0.5 / 1.3)
+    assert (got.pairs, got.quiet_pairs, got.quiet) == (4, 4, False)  # 4 < quiet_rounds
+
+
+def test_a_known_quiet_level_rules_out_pairs_slower_than_it():
+    spec = dataclasses.replace(SPEC, quiet_s=0.05)
+    got = time_sessions(Machine(disturbed=10**9).timers, spec, 1, quiet_level_ms=1.0)
+    assert got.quiet_pairs == 0 and got.quiet is False and got.quiet_level_ms == 1.0
+    assert got.pairs > spec.repeats  # it went on looking, for quiet_s at most
+    assert got.ratio == pytest.approx(0.5 / 1.3)
+
+
+def test_quiet_pairs_of_any_session_count_and_each_session_keeps_its_own_ratio():
+    spec = dataclasses.replace(SPEC, repeats=5)
+    machine = Machine(disturbed=5 * PAIR)  # session 0 disturbed, session 1 quiet
+    got = time_sessions(machine.timers, spec, 2)
+    assert got.ratio == pytest.approx(0.2) and got.quiet
+    assert got.session_ratios == (pytest.approx(0.5 / 1.3), pytest.approx(0.2))
+    assert (got.pairs, got.quiet_pairs) == (10, 5)
+
+
+def test_quiet_rounds_0_is_the_median_of_the_sessions_whatever_the_state():
+    spec = dataclasses.replace(SPEC, repeats=5, quiet_rounds=0)
+    got = time_sessions(Machine(disturbed=5 * PAIR).timers, spec, 2)
+    assert got.ratio == pytest.approx((0.5 / 1.3 + 0.2) / 2)
+    assert got.pairs == 10 and got.quiet is False
+
+
+def test_no_fresh_session_ends_the_sessions_but_not_the_search_for_quiet_pairs():
+    machine = Machine(disturbed=4 * PAIR)
+
+    def timers(k: int):
+        return machine.timers(k) if k == 0 else None
+
+    got = time_sessions(timers, SPEC, 3)
+    assert got.ratio == pytest.approx(0.2) and got.pairs == 9 and len(got.session_ratios) == 1
+
+
+def test_the_quiet_reference_is_the_median_of_rounds_near_the_fastest():
+    assert quiet_reference([1.3, 1.0, 1.05, 1.2], SPEC) == (1.0, pytest.approx(1.025))
+    machine = Machine(disturbed=3 * SPEC.iterations)
+    medians = round_medians(machine.timers(0)[1], SPEC, seconds=0.0)
+    assert medians == [1.3, 1.3, 1.3, 1.0]  # `repeats` rounds at least
