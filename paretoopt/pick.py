@@ -41,23 +41,32 @@ _CONDITION = re.compile(
 
 CONFIRMED = "confirm_latency_ms"  # the end-of-search re-measurement (results.py)
 SEARCH_LATENCY = "search_latency_ms"  # the search-time figure, kept beside it
+CONFIRMED_QUIET = "confirm_quiet"  # whether the re-measurement found the machine quiet
 
 
 def confirmed(frame: pd.DataFrame, baseline: dict[str, Any] | None = None) -> pd.DataFrame:
     """The frame with each trial's latency as re-measured at the end of the search,
     wherever it was (the search-time figure moves to SEARCH_LATENCY): a pick made on the
-    search-time figure would favour the trials whose one measurement was lucky."""
+    search-time figure would favour the trials whose one measurement was lucky. A
+    re-measurement that never found the machine quiet (CONFIRMED_QUIET False) measured
+    another state of the machine, and is left aside."""
     if CONFIRMED not in frame or frame.empty:
         return frame
     m = METRICS["latency"]
     out = frame.copy()
     again = pd.to_numeric(out[CONFIRMED], errors="coerce")
+    if CONFIRMED_QUIET in out:
+        again = again.where(~out[CONFIRMED_QUIET].map(_is_false).astype(bool))
     out[SEARCH_LATENCY] = out[m.field]
     out[m.field] = again.where(again.notna(), out[m.field])
     base = (baseline or {}).get(m.field)
     if base and m.ratio_column in out:
         out[m.ratio_column] = [m.ratio(float(v), float(base)) for v in out[m.field]]
     return out
+
+
+def _is_false(value: object) -> bool:
+    return isinstance(value, (bool, np.bool_)) and not value  # None, NaN: not known
 
 
 def pick(

@@ -359,12 +359,22 @@ def _macs(model: nn.Module, example: torch.Tensor) -> int:
 
 def confirm(ctx: StudyContext, directory: Path) -> dict[str, Any]:
     """Time a kept trial's deployed model again, against the baseline (end of a search):
-    exactly the file the trial measured, where its runtime has one."""
+    exactly the file the trial measured, where its runtime has one. A timing that never
+    found the machine quiet is taken again, CONFIRM_TRIES times at most (`tries`), unless
+    target.quiet_s is 0 (no time to look for a quiet machine is given)."""
     backend = ctx.target.backend
     with ctx.target.gate.computing():
         runner = backend.reload(directory, ctx.build_model)
     file = directory / backend.file if backend.file else None
-    return ctx.target.latency(runner, file)
+    tries = 0
+    while True:
+        figure, tries = ctx.target.latency(runner, file), tries + 1
+        settled = figure["quiet"] is not False or ctx.space.target.quiet_s == 0
+        if settled or tries == CONFIRM_TRIES:
+            return {**figure, "tries": tries}
+
+
+CONFIRM_TRIES = 3
 
 
 def _check_reload(expected: torch.Tensor, deployed: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -216,6 +216,7 @@ def frame_columns(record: TrialRecord | None) -> dict[str, Any]:
     # latency_ms pools every trial of the structure; this trial's own sessions alone:
     out["latency_own_ms"] = latency.latency_ms if latency else None
     out["latency_pooled_trials"] = latency.pooled_trials if latency else None
+    out["latency_quiet"] = latency.quiet if latency else None
     out["latency_structure"] = latency.structure if latency else None
     out["params"] = record.params if record else None
     out["macs"] = record.macs if record else None

@@ -202,6 +202,7 @@ def _with_confirmations(
     found = [confirmed.get(str(n), {}) for n in frame["number"]]
     frame["confirm_latency_ms"] = [c.get("latency_ms") for c in found]
     frame["confirm_spread"] = [c.get("spread") for c in found]
+    frame["confirm_quiet"] = [c.get("quiet") for c in found]  # None: before quiet rounds
     if baseline.get("latency_ms"):
         frame["confirm_speedup"] = [
             baseline["latency_ms"] / c["latency_ms"] if c.get("latency_ms") else None for c in found

@@ -229,6 +229,15 @@ def test_picks_read_the_latency_confirmed_at_the_end_of_the_search():
     assert confirmed(FRONT) is FRONT  # nothing re-measured: nothing to change
 
 
+def test_a_confirmation_that_never_found_the_machine_quiet_is_left_aside():
+    front = FRONT.assign(
+        confirm_latency_ms=[0.41, None, 0.30, 0.095], confirm_quiet=[True, None, False, None]
+    )
+    fixed = confirmed(front)
+    assert fixed["latency_ms"].tolist() == [0.41, 0.25, 0.10, 0.095]  # trial 3 keeps 0.10
+    assert pick(front, "min latency where accuracy >= 97") == 3
+
+
 @pytest.mark.parametrize(
     ("rule", "message"),
     [

@@ -7,6 +7,8 @@ for the first runs and quiet after them, so every figure below is exact."""
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,6 +18,7 @@ from paretoopt.measure.protocol import (
     round_medians,
     time_sessions,
 )
+from paretoopt.pipeline import CONFIRM_TRIES, confirm
 from paretoopt.space import TargetSpec
 
 SPEC = TargetSpec(warmup=0, warmup_s=0.0, repeats=4, iterations=3, quiet_rounds=5, quiet_s=60.0)
@@ -99,3 +102,28 @@ def test_the_quiet_reference_is_the_median_of_rounds_near_the_fastest():
     machine = Machine(disturbed=3 * SPEC.iterations)
     medians = round_medians(machine.timers(0)[1], SPEC, seconds=0.0)
     assert medians == [1.3, 1.3, 1.3, 1.0]  # `repeats` rounds at least
+
+
+def _confirming(quiet: list[bool], quiet_s: float) -> tuple[SimpleNamespace, list[int]]:
+    """A study context whose target answers with `quiet`, one figure per timing."""
+    calls: list[int] = []
+
+    def latency(runner: object, file: object) -> dict:
+        calls.append(1)
+        return {"latency_ms": float(len(calls)), "quiet": quiet[len(calls) - 1]}
+
+    backend = SimpleNamespace(reload=lambda directory, build: "runner", file="model.onnx")
+    target = SimpleNamespace(
+        backend=backend, gate=SimpleNamespace(computing=nullcontext), latency=latency
+    )
+    space = SimpleNamespace(target=dataclasses.replace(SPEC, quiet_s=quiet_s))
+    return SimpleNamespace(target=target, build_model=None, space=space), calls
+
+
+def test_a_confirmation_is_taken_again_until_the_machine_is_quiet(tmp_path):
+    ctx, calls = _confirming([False, True, True], quiet_s=5.0)
+    assert confirm(ctx, tmp_path) == {"latency_ms": 2.0, "quiet": True, "tries": 2}
+    ctx, calls = _confirming([False] * CONFIRM_TRIES, quiet_s=5.0)
+    assert confirm(ctx, tmp_path)["tries"] == CONFIRM_TRIES == len(calls)  # then it gives up
+    ctx, calls = _confirming([False, True], quiet_s=0.0)
+    assert confirm(ctx, tmp_path)["tries"] == 1  # no time to look for a quiet machine
