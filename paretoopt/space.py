@@ -141,7 +141,7 @@ class TargetSpec:
         high=100,
     )
     quiet_rounds: int = setting(
-        10,
+        5,
         "round pairs at the machine's quiet level that the latency ratio is read from (0: "
         "every pair, whatever the machine's state)",
         kind=int,

@@ -137,7 +137,7 @@ class PairedTiming:
     ratio: float  # candidate / reference (see time_sessions)
     session_ratios: tuple[float, ...]  # one per session, in the order they ran
     pairs: int = 0  # round pairs timed
-    quiet_pairs: int = 0  # of them, with the reference at the machine's quiet level
+    quiet_pairs: int = 0  # of them, with both rounds at the machine's quiet level
     quiet: bool = False  # the ratio is read from quiet pairs alone
     quiet_level_ms: float | None = None  # the reference's fastest round on this machine
 
@@ -187,7 +187,8 @@ def time_sessions(
 
     Read at the machine's quiet level (``target.quiet_rounds`` > 0): a pair is quiet when
     its reference round is within ``target.quiet_tolerance`` of the fastest reference
-    round known (`quiet_level_ms`, or the fastest of these rounds). Rounds go on, for at
+    round known (`quiet_level_ms`, or the fastest of these rounds), and its candidate
+    round within as much of the candidate's fastest. Rounds go on, for at
     most ``target.quiet_s`` seconds, until ``quiet_rounds`` pairs are quiet; the ratio is
     then the median of the quiet pairs' ratios. A machine that never got quiet is read
     from all its pairs (``quiet`` False). With ``quiet_rounds`` 0: the median of the
@@ -211,7 +212,7 @@ def time_sessions(
     while (
         last is not None
         and target.quiet_rounds > 0
-        and _count_quiet(pairs, level, target) < target.quiet_rounds
+        and len(_quiet(pairs, level, target)) < target.quiet_rounds
         and time.perf_counter() < deadline
     ):
         pairs.append(_timed_pair(last, len(pairs), pairs[-1].session, ours, theirs, target))
@@ -244,19 +245,20 @@ def _quiet_level(known: float | None, pairs: list[_Pair]) -> float:
     return fastest if known is None else min(known, fastest)
 
 
-def _is_quiet(pair: _Pair, level: float, target: TargetSpec) -> bool:
-    return pair.theirs <= level * (1.0 + target.quiet_tolerance)
-
-
-def _count_quiet(pairs: list[_Pair], level: float, target: TargetSpec) -> int:
-    return sum(_is_quiet(p, level, target) for p in pairs)
+def _quiet(pairs: list[_Pair], level: float, target: TargetSpec) -> list[_Pair]:
+    """The pairs with both rounds at their quiet level: the reference's within tolerance
+    of `level`, the candidate's of its own fastest round. The state can change between
+    the two rounds of a pair; a pair whose candidate round was disturbed is left out."""
+    ours = min(p.ours for p in pairs)
+    bound = 1.0 + target.quiet_tolerance
+    return [p for p in pairs if p.theirs <= level * bound and p.ours <= ours * bound]
 
 
 def _reading(
     pairs: list[_Pair], level: float, target: TargetSpec, ours: LatencyStats, theirs: LatencyStats
 ) -> PairedTiming:
     """The ratio, each session's, and how quiet the machine was."""
-    quiet_pairs = [p for p in pairs if _is_quiet(p, level, target)]
+    quiet_pairs = _quiet(pairs, level, target)
     quiet = target.quiet_rounds > 0 and len(quiet_pairs) >= target.quiet_rounds
     chosen = quiet_pairs if quiet else pairs
     sessions = sorted({p.session for p in pairs})
