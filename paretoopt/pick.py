@@ -56,7 +56,7 @@ def confirmed(frame: pd.DataFrame, baseline: dict[str, Any] | None = None) -> pd
     out = frame.copy()
     again = pd.to_numeric(out[CONFIRMED], errors="coerce")
     if CONFIRMED_QUIET in out:
-        again = again.where(~out[CONFIRMED_QUIET].map(_is_false).astype(bool))
+        again = again.where(~out[CONFIRMED_QUIET].map(is_false).astype(bool))
     out[SEARCH_LATENCY] = out[m.field]
     out[m.field] = again.where(again.notna(), out[m.field])
     base = (baseline or {}).get(m.field)
@@ -65,7 +65,8 @@ def confirmed(frame: pd.DataFrame, baseline: dict[str, Any] | None = None) -> pd
     return out
 
 
-def _is_false(value: object) -> bool:
+def is_false(value: object) -> bool:
+    """A stored flag that is False (a bool of JSON or of numpy); None and NaN are unknown."""
     return isinstance(value, (bool, np.bool_)) and not value  # None, NaN: not known
 
 

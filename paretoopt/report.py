@@ -21,6 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .metrics import METRICS, Metric, shown
+from .pick import CONFIRMED_QUIET, is_false
 
 if TYPE_CHECKING:
     from .record import TrialRecord
@@ -172,6 +173,7 @@ def front_table(results: StudyResults) -> Table:
         )
     table = Table(title=title)
     metrics = shown(results.metrics)[1:]  # accuracy has its own columns
+    busy = False  # some confirmation never found the machine quiet
     headers = ["trial", "val acc %", "Δ pts", "test acc %"]
     for m in metrics:
         headers += [m.column, m.ratio_label]
@@ -195,6 +197,11 @@ def front_table(results: StudyResults) -> Table:
             cells += [figure, f"{r.get(m.ratio_column, 1):.{m.ratio_decimals}f}"]
         if confirmed:
             value = r.get("confirm_latency_ms")
-            cells.append(latency.show(value) if value is not None and value == value else "-")
+            mark = "*" if is_false(r.get(CONFIRMED_QUIET)) else ""
+            busy = busy or bool(mark)
+            known = value is not None and value == value
+            cells.append(latency.show(value) + mark if known else "-")
         table.add_row(*cells, str(r["plan"]))
+    if busy:
+        table.caption = "* confirmed while the machine was never quiet: picks read the search's"
     return table

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import optuna
 import pandas as pd
 import pytest
 import torch
+from rich.console import Console
 
 import paretoopt
 from paretoopt.artifact import load_compressed
@@ -25,7 +27,8 @@ from paretoopt.plan import (
     PruneConfig,
     QuantConfig,
 )
-from paretoopt.results import journal_storage
+from paretoopt.report import front_table
+from paretoopt.results import StudyResults, journal_storage
 from paretoopt.space import load_space
 from paretoopt.study import search
 from paretoopt.train import logits_of
@@ -236,6 +239,12 @@ def test_a_confirmation_that_never_found_the_machine_quiet_is_left_aside():
     fixed = confirmed(front)
     assert fixed["latency_ms"].tolist() == [0.41, 0.25, 0.10, 0.095]  # trial 3 keeps 0.10
     assert pick(front, "min latency where accuracy >= 97") == 3
+    shown = front.assign(accuracy_change=0.0, test_accuracy=front["accuracy"], plan="p")
+    results = StudyResults("s", Path("."), shown, shown, {}, {})
+    console = Console(width=200, record=True)
+    console.print(front_table(results))
+    text = console.export_text()
+    assert "0.3000*" in text and "0.4100*" not in text and "never quiet" in text
 
 
 @pytest.mark.parametrize(
