@@ -54,3 +54,40 @@ def test_find_classifier_uses_execution_order():
             return self.head(torch.relu(self.body(x)))
 
     assert find_classifier(Reordered(), torch.zeros(1, 4)) == "head"
+
+
+def test_techniques_run_by_stage_and_report_once_all_have_run(bench_factory, monkeypatch):
+    from paretoopt import techniques
+
+    ran: list[str] = []
+    monkeypatch.setattr(techniques, "TECHNIQUES", dict(techniques.TECHNIQUES))
+    for name in ORDER:  # the built-ins, watched
+        original = techniques.TECHNIQUES[name]
+        techniques.TECHNIQUES[name] = techniques.Technique(
+            name,
+            original.stage,
+            lambda b, p, f=original.apply, n=name: (ran.append(n), f(b, p))[1],
+            original.report,
+        )
+
+    def report(bench: Workbench, plan: CompressionPlan) -> None:
+        ran.append("report")
+
+    techniques.register("watch", techniques.Stage.STRUCTURE, report=report)(
+        lambda bench, plan: ran.append("watch")
+    )
+    with pytest.raises(ValueError, match="registered twice"):
+        techniques.register("watch", techniques.Stage.WEIGHTS)(lambda bench, plan: None)
+    bench = bench_factory()
+    apply_plan(bench, CompressionPlan())
+    # a structure technique runs with pruning, before fine-tuning; reports come last
+    assert ran == ["prune", "watch", "qat", "distill", "quantize", "report"]
+    assert "layer_sparsity" in bench.records  # pruning's report ran too
+    assert set(bench.timings) >= {"prune", "watch", "quantize"}
+
+
+def test_every_saliency_the_space_offers_is_implemented():
+    from paretoopt.space import SALIENCIES as OFFERED
+    from paretoopt.techniques.saliency import SALIENCIES
+
+    assert tuple(SALIENCIES) == OFFERED

@@ -1,41 +1,81 @@
-"""Compression techniques, one module each, applied in a fixed order.
+"""Compression techniques, one module each, registered with the stage they run in.
 
-A technique is a function ``apply(bench, plan)`` registered under a name. The pipeline
-runs them in ``ORDER``: structure changes first (pruning), then fine-tuning with
-distillation (which repairs what pruning broke while masks hold; with quantization-aware
-training the forward pass sees quantized weights, installed by ``qat`` just before), then
-weight quantization (on the fine-tuned weights).
+A technique is a ``Technique``: a name, a stage, ``apply(bench, plan)`` and, where it
+records something per layer once every technique has run, ``report(bench, plan)``. The
+pipeline runs the registered techniques by stage: structure changes first (pruning),
+then what fine-tuning needs set up (quantization-aware training installs the quantized
+weight view), then fine-tuning with distillation (which repairs what pruning broke while
+masks hold), then weight quantization (on the fine-tuned weights). A new technique is a
+module that registers itself, plus its name in ``BUILTIN``.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from enum import IntEnum
 
 from ..plan import CompressionPlan
 from .bench import Workbench
 
-Technique = Callable[[Workbench, CompressionPlan], None]
+Step = Callable[[Workbench, CompressionPlan], None]
+
+
+class Stage(IntEnum):
+    """When a technique runs; techniques of one stage run in the order they registered."""
+
+    STRUCTURE = 10  # shapes and masks: pruning
+    TRAINING_SETUP = 20  # what fine-tuning sees: the QAT weight view
+    FINETUNE = 30  # fine-tuning, with distillation
+    WEIGHTS = 40  # the fine-tuned weights rewritten: quantization
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    stage: Stage
+    apply: Step
+    report: Step | None = None  # per-layer records, once every technique has run
+
+    def __call__(self, bench: Workbench, plan: CompressionPlan) -> None:
+        self.apply(bench, plan)
+
+
 TECHNIQUES: dict[str, Technique] = {}
-ORDER = ("prune", "qat", "distill", "quantize")
+BUILTIN = ("prune", "qat", "distill", "quantize")  # modules of this package
 
 
-def register(name: str) -> Callable[[Technique], Technique]:
-    def decorator(fn: Technique) -> Technique:
+def register(name: str, stage: Stage, report: Step | None = None) -> Callable[[Step], Technique]:
+    """Register `apply` as the technique `name`, run at `stage`."""
+
+    def decorator(fn: Step) -> Technique:
         if name in TECHNIQUES:
             raise ValueError(f"technique {name!r} is registered twice")
-        TECHNIQUES[name] = fn
-        return fn
+        TECHNIQUES[name] = Technique(name, stage, fn, report)
+        return TECHNIQUES[name]
 
     return decorator
 
 
+def ordered() -> list[Technique]:
+    """Every registered technique, in the order a plan applies them."""
+    for module in BUILTIN:
+        importlib.import_module(f"{__name__}.{module}")  # registers it
+    return sorted(TECHNIQUES.values(), key=lambda t: t.stage)  # stable: registration order
+
+
 def apply_plan(bench: Workbench, plan: CompressionPlan) -> None:
-    """Run every technique of the plan on the bench's model, in order."""
-    from . import distill, prune, qat, quantize  # noqa: F401  (registration side effect)
+    """Run every technique of the plan on the bench's model, in order, then let each
+    record what it did per layer."""
+    techniques = ordered()
+    for technique in techniques:
+        bench.timed(technique.name, technique, bench, plan)
+    for technique in techniques:
+        if technique.report is not None:
+            technique.report(bench, plan)
 
-    for name in ORDER:
-        bench.timed(name, TECHNIQUES[name], bench, plan)
-    prune.layer_report(bench, plan)
 
+ORDER = tuple(t.name for t in ordered())
 
-__all__ = ["ORDER", "TECHNIQUES", "Workbench", "apply_plan", "register"]
+__all__ = ["ORDER", "TECHNIQUES", "Stage", "Technique", "Workbench", "apply_plan", "register"]

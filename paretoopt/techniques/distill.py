@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from ..plan import CompressionPlan
 from ..train import Recipe, train
-from . import register
+from . import Stage, register
 from .bench import Workbench
 
 
-@register("distill")
+@register("distill", Stage.FINETUNE)
 def distill(bench: Workbench, plan: CompressionPlan) -> None:
     ft = plan.finetune
     if ft.epochs == 0:

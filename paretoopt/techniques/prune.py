@@ -20,7 +20,7 @@ import torch_pruning as tp
 
 from ..errors import TrialError
 from ..plan import CompressionPlan, PruneConfig
-from . import register
+from . import Stage, register
 from .bench import StepHook, Workbench, prunable_layers
 from .saliency import SALIENCIES, fill_gradients, gradient_stats
 
@@ -28,8 +28,9 @@ GRADUAL_END = 0.75  # gradual pruning and regrowth stop here; the rest of fine-t
 REGROWTH_FRACTION = 0.3  # RigL's alpha: share of active weights moved at the first event
 
 
-@register("prune")
 def prune(bench: Workbench, plan: CompressionPlan) -> None:
+    """Prune to the plan's level now, or install the gradual schedule or regrowth that
+    fine-tuning steps through."""
     cfg = plan.prune
     if not cfg.active:
         return
@@ -291,3 +292,6 @@ def layer_report(bench: Workbench, plan: CompressionPlan) -> None:
     bench.records["layer_sparsity"] = sparsity
     bench.records["layer_channels"] = channels
     bench.records["saliency"] = plan.prune.saliency if plan.prune.active else None
+
+
+register("prune", Stage.STRUCTURE, report=layer_report)(prune)

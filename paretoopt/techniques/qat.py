@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..plan import CompressionPlan, QuantConfig
-from . import register
+from . import Stage, register
 from .bench import Workbench, prunable_layers
 from .quantize import fake_quantize
 
@@ -32,7 +32,7 @@ def straight_through(model: nn.Module, cfg: QuantConfig) -> dict[str, torch.Tens
     return out
 
 
-@register("qat")
+@register("qat", Stage.TRAINING_SETUP)
 def qat(bench: Workbench, plan: CompressionPlan) -> None:
     if plan.quant.method != "qat":  # the plan has checked that fine-tuning follows
         return

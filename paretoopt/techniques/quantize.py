@@ -17,7 +17,7 @@ import torch
 
 from ..errors import PlanError
 from ..plan import CompressionPlan, QuantConfig
-from . import register
+from . import Stage, register
 from .bench import Workbench, prunable_layers
 from .qtensor import QTensor
 
@@ -66,7 +66,7 @@ def fake_quantize(w: torch.Tensor, cfg: QuantConfig, bits: int) -> torch.Tensor:
     return quantize_tensor(w, cfg, bits).dequantize()
 
 
-@register("quantize")
+@register("quantize", Stage.WEIGHTS)
 def quantize(bench: Workbench, plan: CompressionPlan) -> None:
     cfg = plan.quant
     if not cfg.active:
