@@ -8,13 +8,9 @@ the study holds the requested number, then keeps and re-measures the front (``fi
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import optuna
-
-from .errors import StudyError, one_line
 from .report import Reporter, SilentReporter
 from .results import (
     TRIALS_DIR,
@@ -22,7 +18,6 @@ from .results import (
     load_results,
     write_tables,
 )
-from .sampling import make_sampler
 from .session import (
     Session,
     check_resumable,
@@ -32,12 +27,12 @@ from .session import (
     fail_interrupted,
     open_session,
     store_confirmations,
-    study_reference,
     write_metadata,
 )
 from .sharing import claim_lock
 from .space import Space, load_space
-from .trials import REASON_LIMIT, drain, run_trials
+from .startup import start
+from .trials import drain, run_trials
 from .workers import join_workers, share_cores, start_workers
 
 if TYPE_CHECKING:
@@ -72,16 +67,10 @@ def search(
     results_root = Path(results_root)
     check_resumable(space, results_root / space.study)  # refuse before training anything
     check_storage(space, results_root / space.study)
-    from .pipeline import prepare  # torch is imported only once the space is valid
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ctx = prepare(space, results_root / ".cache", log=reporter.log)
-    # measured before the study folder is touched: a model the runtime cannot take fails
-    # here with one line and leaves nothing behind
-    _calibrate(space, results_root / space.study, ctx, reporter)
-    offset = existing_trials(space, results_root)
-    sampler = make_sampler(space, offset, ctx.layer_names, ctx.quant_layers)
-    session = open_session(space, results_root, sampler)
+    # a resumed study's sampler is seeded past its trials, so it draws new points
+    started = start(space, results_root, existing_trials(space, results_root), reporter)
+    ctx = started.ctx
+    session = open_session(space, results_root, started.sampler)
     try:
         lost = fail_interrupted(session)
         if lost:
@@ -113,38 +102,6 @@ def search(
         return finish(session, reporter, ctx)
     finally:
         session.close()
-
-
-def _calibrate(space: Space, directory: Path, ctx: StudyContext, reporter: Reporter) -> None:
-    from .pipeline import calibrate
-
-    try:
-        with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
-            cal = calibrate(ctx, Path(tmp), study_reference(directory))
-    except Exception as exc:
-        raise StudyError(
-            f"the baseline cannot be measured in the target runtime "
-            f"({space.target.runtime}): {type(exc).__name__}: "
-            f"{one_line(str(exc))[:REASON_LIMIT]}"
-        ) from exc
-    rounds = ", ".join(f"{m:.4f}" for m in cal["medians_ms"])
-    if cal["reference_ms"] != cal["measured_ms"]:
-        reporter.log(
-            f"calibration: baseline latency now {rounds} ms; the study's reference "
-            f"stays {cal['reference_ms']:.4f} ms (candidates are timed against the "
-            "baseline)"
-        )
-    else:
-        reporter.log(
-            f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
-            f"(rounds {rounds}; spread {cal['spread']:.2f})"
-        )
-    if cal["spread"] > 1.0 + space.target.max_spread:  # too noisy to rank candidates
-        reporter.log(
-            f"[yellow]warning[/]: the baseline's latency varies by "
-            f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
-            "noisy. Stop other work on this machine for a fair comparison."
-        )
 
 
 def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None) -> StudyResults:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 import time
 import zlib
 from dataclasses import replace
@@ -25,10 +24,10 @@ import yaml
 from .errors import StudyError, one_line
 from .report import Reporter, SilentReporter
 from .results import SPACE_FILE
-from .sampling import make_sampler
 from .session import Session, existing_trials, space_difference, stored_space, study_reference
 from .sharing import writer_storage
 from .space import Space
+from .startup import start
 from .trials import run_trials
 
 JOIN_POLL_S = 2.0  # how often a joining worker looks for the study's calibration
@@ -81,17 +80,12 @@ def run_as_worker(
     """The study's context from the baseline cache, a calibration on the study's latency
     scale, a sampler of its own; then trials until the study is full. The process that
     started the study holds its folder lock, so a worker takes none."""
-    from .pipeline import calibrate, prepare
-
     directory = root / space.study
-    ctx = prepare(space, root / ".cache", log=reporter.log)
-    with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
-        calibrate(ctx, Path(tmp), study_reference(directory))
+    started = start(space, root, seed, reporter)
     storage = writer_storage(space.search.storage, directory, space.search.heartbeat_s)
-    sampler = make_sampler(space, seed, ctx.layer_names, ctx.quant_layers)
-    study = optuna.load_study(study_name=space.study, storage=storage, sampler=sampler)
+    study = optuna.load_study(study_name=space.study, storage=storage, sampler=started.sampler)
     try:
-        run_trials(Session(space, directory, study, storage), ctx, reporter, max_failures)
+        run_trials(Session(space, directory, study, storage), started.ctx, reporter, max_failures)
     finally:
         reporter.stop()
 
