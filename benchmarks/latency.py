@@ -182,7 +182,7 @@ def int8_file(ctx: StudyContext, results: StudyResults, work: Path) -> tuple[int
     if len(int8):
         return number, results.directory / str(row["artifact"]) / "model.onnx"
     plan = CompressionPlan.from_dict(trial_record(results, number).plan)
-    plan = dataclasses.replace(plan, quant=dataclasses.replace(plan.quant, activations="int8"))
+    plan = plan.replace(quant=dataclasses.replace(plan.quant, activations="int8"))
     progress(f"no int8 trial on the front: trial {number}'s plan with int8 activations")
     run_trial(ctx, plan, work / "int8", seed=0)
     return number, work / "int8" / "model.onnx"

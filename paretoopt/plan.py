@@ -7,8 +7,9 @@ every trial and every artifact. No torch here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
 from typing import Any
 
 from .errors import PlanError
@@ -195,6 +196,16 @@ class FinetuneConfig:
         _require(self.batch_size >= 1, f"finetune.batch_size: must be >= 1, got {self.batch_size}")
 
 
+# plan key -> config type: what a plan holds and what its stored form names. A technique
+# adds its config (a frozen dataclass whose defaults do nothing) here.
+PARTS: dict[str, type] = {
+    "prune": PruneConfig,
+    "quant": QuantConfig,
+    "distill": DistillConfig,
+    "finetune": FinetuneConfig,
+}
+
+
 def _from_version_1(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Version 1 had no distribution: per-layer multipliers meant per_layer, and
     unstructured pruning ranked weights globally."""
@@ -206,19 +217,85 @@ def _from_version_1(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {**raw, "prune": prune}
 
 
-@dataclass(frozen=True)
-class CompressionPlan:
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+class CompressionPlan(Mapping[str, Any]):
+    """The plan: a mapping of technique name to its frozen config (``PARTS``), every
+    registered part present (one not given is at its default, which does nothing).
 
-    def __post_init__(self) -> None:
+    Built like a dataclass: ``CompressionPlan(quant=QuantConfig(8))``, or with configs in
+    any order (``CompressionPlan(PruneConfig(...), QuantConfig(...))``, matched by type).
+    The built-in parts read as attributes (``plan.prune``), any part as ``plan["name"]``.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, *configs: Any, **named: Any) -> None:
+        by_type = {cls: name for name, cls in PARTS.items()}
+        given = dict(named)
+        for config in configs:
+            name = by_type.get(type(config))
+            _require(name is not None, f"plan: {type(config).__name__} is not a plan part")
+            _require(name not in given, f"plan: {name} is given twice")
+            given[str(name)] = config
+        unknown = sorted(set(given) - set(PARTS))
+        _require(not unknown, f"plan: unknown key {unknown[:1]}; allowed: {', '.join(PARTS)}")
+        for name, config in given.items():
+            _require(
+                isinstance(config, PARTS[name]),
+                f"plan: {name} must be a {PARTS[name].__name__}, got {type(config).__name__}",
+            )
+        parts = {name: given.get(name) or cls() for name, cls in PARTS.items()}
+        object.__setattr__(self, "_parts", MappingProxyType(parts))
         _require(
             self.quant.method != "qat" or self.finetune.epochs > 0,
             "quant.method: 'qat' trains with fake-quantized weights, so it needs "
             "finetune.epochs > 0, but got 0",
         )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a CompressionPlan is frozen; use replace()")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickle and deepcopy rebuild it from its parts
+        return (_from_parts, (dict(self._parts),))
+
+    # the mapping: technique name -> config
+    def __getitem__(self, name: str) -> Any:
+        return self._parts[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CompressionPlan) and dict(self._parts) == dict(other._parts)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._parts.items()))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self._parts.items())
+        return f"CompressionPlan({inner})"
+
+    def replace(self, **changes: Any) -> CompressionPlan:
+        """The plan with some parts swapped: ``plan.replace(quant=QuantConfig(8))``."""
+        return CompressionPlan(**{**self._parts, **changes})
+
+    @property
+    def prune(self) -> PruneConfig:
+        return self._parts["prune"]
+
+    @property
+    def quant(self) -> QuantConfig:
+        return self._parts["quant"]
+
+    @property
+    def distill(self) -> DistillConfig:
+        return self._parts["distill"]
+
+    @property
+    def finetune(self) -> FinetuneConfig:
+        return self._parts["finetune"]
 
     @property
     def is_identity(self) -> bool:
@@ -226,10 +303,14 @@ class CompressionPlan:
         return not self.prune.active and not self.quant.active and self.finetune.epochs == 0
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["prune"]["layer_scale"] = dict(self.prune.layer_scale)
-        out["quant"]["layer_bits"] = dict(self.quant.layer_bits)
-        return {"version": PLAN_VERSION, **out}
+        """The stored form: the version, then each part's fields (mappings as dicts)."""
+        out: dict[str, Any] = {"version": PLAN_VERSION}
+        for name, config in self._parts.items():
+            out[name] = {
+                f.name: dict(v) if isinstance(v := getattr(config, f.name), Mapping) else v
+                for f in fields(config)
+            }
+        return out
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> CompressionPlan:
@@ -241,16 +322,10 @@ class CompressionPlan:
         )
         if version == 1:
             raw = _from_version_1(raw)
-        parts = {
-            "prune": PruneConfig,
-            "quant": QuantConfig,
-            "distill": DistillConfig,
-            "finetune": FinetuneConfig,
-        }
-        unknown = sorted(set(raw) - set(parts) - {"version"})
-        _require(not unknown, f"plan: unknown key {unknown[:1]}; allowed: {', '.join(parts)}")
+        unknown = sorted(set(raw) - set(PARTS) - {"version"})
+        _require(not unknown, f"plan: unknown key {unknown[:1]}; allowed: {', '.join(PARTS)}")
         try:
-            return cls(**{k: c(**dict(raw.get(k, {}))) for k, c in parts.items()})
+            return cls(**{k: c(**dict(raw.get(k, {}))) for k, c in PARTS.items()})
         except (TypeError, AttributeError, ValueError) as exc:
             raise PlanError(f"plan: {exc}") from None
 
@@ -271,3 +346,7 @@ class CompressionPlan:
         )
         ft = f"ft {self.finetune.epochs}ep" if self.finetune.epochs else ""
         return ", ".join(p for p in (prune, bits, ft, kd) if p)
+
+
+def _from_parts(parts: dict[str, Any]) -> CompressionPlan:
+    return CompressionPlan(**parts)

@@ -88,3 +88,26 @@ def test_version_1_plans_keep_their_meaning():
         "prune": {"structure": "channel", "sparsity": 0.5, "layer_scale": {"a": 1.2}},
     }
     assert CompressionPlan.from_dict(v1).prune.distribution == "per_layer"
+
+
+def test_a_plan_is_a_mapping_of_technique_to_config():
+    import copy
+    import pickle
+
+    from paretoopt.plan import PARTS
+
+    plan = CompressionPlan(QuantConfig(4), PruneConfig("channel", 0.5))  # any order
+    assert list(plan) == list(PARTS) and plan["quant"] is plan.quant and plan.quant.bits == 4
+    assert plan.distill == DistillConfig()  # a part not given: its default does nothing
+    assert pickle.loads(pickle.dumps(plan)) == plan == copy.deepcopy(plan)
+    assert hash(plan) == hash(CompressionPlan(PruneConfig("channel", 0.5), QuantConfig(4)))
+    eight = plan.replace(quant=QuantConfig(8))
+    assert eight.quant.bits == 8 and eight.prune == plan.prune and plan.quant.bits == 4
+    with pytest.raises(AttributeError):
+        plan.quant = QuantConfig(8)  # frozen
+    with pytest.raises(PlanError, match="unknown key"):
+        CompressionPlan(lowrank=QuantConfig(8))
+    with pytest.raises(PlanError, match="quant must be a QuantConfig"):
+        CompressionPlan(quant=PruneConfig())
+    with pytest.raises(PlanError, match="quant is given twice"):
+        CompressionPlan(QuantConfig(8), quant=QuantConfig(4))
