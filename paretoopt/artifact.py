@@ -1,7 +1,8 @@
 """The compressed model file (``model.safetensors``): what the size objective counts.
 
 One safetensors file holds every tensor of the compressed model in its smallest honest
-form, plus JSON metadata (format version, plan, input shape, channel-pruning history):
+form, plus JSON metadata (format version, plan, input shape, and what each technique
+that changes the architecture keeps to replay it: the channel-pruning history):
 
 * integer-quantized weights (2-8 bits): codes bit-packed MSB-first, a float32 scale and a
   uint8 zero point per channel (or per tensor);
@@ -11,7 +12,8 @@ form, plus JSON metadata (format version, plan, input shape, channel-pruning his
   1-bit mask followed by the kept values only.
 
 ``load_compressed`` rebuilds the model from a fresh copy of the user's architecture: it
-replays the channel removal, then loads the decoded weights. A trial measures the model
+replays each technique's architecture change (``techniques.Rebuild``: the channel
+removal), then loads the decoded weights. A trial measures the model
 decoded from this file, so the file and the measured model cannot disagree.
 """
 
@@ -30,6 +32,7 @@ from torch import nn
 
 from .errors import ArtifactError
 from .plan import CompressionPlan
+from .techniques import rebuilds
 from .techniques.bench import Workbench, prunable_layers
 from .techniques.qtensor import QTensor, dequantize
 
@@ -78,7 +81,7 @@ def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
         "format_version": str(FORMAT_VERSION),
         "plan": json.dumps(plan.to_dict()),
         "input_shape": json.dumps(list(bench.example.shape[1:])),
-        "pruning_history": json.dumps(bench.pruning_history),
+        **{r.key: json.dumps(r.store(bench)) for r in rebuilds()},
         "layout": json.dumps(layout, separators=(",", ":")),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -198,19 +201,20 @@ def _scatter(values: np.ndarray, mask: np.ndarray | None, n: int, fill: float) -
 
 
 def load_compressed(path: Path, build_model: Callable[[], nn.Module]) -> nn.Module:
-    """Rebuild the compressed model on a fresh copy of the architecture."""
-    import torch_pruning as tp
-
+    """Rebuild the compressed model on a fresh copy of the architecture: replay each
+    technique's architecture change the file keeps, then load the decoded weights."""
     meta = read_metadata(path)
     model = build_model().eval()
-    if meta["pruning_history"]:
-        example = torch.zeros(1, *meta["input_shape"])
+    example = torch.zeros(1, *meta["input_shape"])
+    for rebuild in rebuilds():
+        kept = meta.get(rebuild.key)
+        if not kept:
+            continue
         try:
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-            graph.load_pruning_history([tuple(h) for h in meta["pruning_history"]])
-        except Exception as exc:  # the history names layers this architecture lacks
+            rebuild.replay(model, kept, example)
+        except Exception as exc:  # it names layers this architecture lacks
             raise ArtifactError(
-                f"{path}: its channel removal does not replay on this model: "
+                f"{path}: its {rebuild.what} does not replay on this model: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
     state = decode_state_dict(path)

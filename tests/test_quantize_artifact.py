@@ -208,6 +208,18 @@ def test_loading_into_the_wrong_architecture_fails_clearly(splits, tmp_path):
     assert copy.deepcopy(plan) == plan
 
 
+def test_a_channel_removal_that_does_not_replay_fails_clearly(splits, tmp_path):
+    plan = CompressionPlan(PruneConfig("channel", 0.5))
+    bench = _bench(splits)
+    apply_plan(bench, plan)
+    save_compressed(tmp_path / "m.safetensors", bench, plan)
+    assert load_compressed(tmp_path / "m.safetensors", tiny_conv)(splits.val.x[:2]).shape == (2, 10)
+    from paretoopt.models import mlp
+
+    with pytest.raises(ArtifactError, match="its channel removal does not replay on this model"):
+        load_compressed(tmp_path / "m.safetensors", lambda: mlp(in_features=64))
+
+
 @pytest.mark.parametrize("round_to", [1, 8])
 def test_channel_pruning_is_monotone_and_rounded(splits, round_to):
     from paretoopt.models import conv

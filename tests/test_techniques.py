@@ -91,3 +91,10 @@ def test_every_saliency_the_space_offers_is_implemented():
     from paretoopt.techniques.saliency import SALIENCIES
 
     assert tuple(SALIENCIES) == OFFERED
+
+
+def test_a_technique_that_changes_the_architecture_says_how_the_file_replays_it():
+    from paretoopt.techniques import rebuilds
+
+    (pruning,) = rebuilds()  # of the built-ins, only channel removal changes shapes
+    assert (pruning.key, pruning.what) == ("pruning_history", "channel removal")

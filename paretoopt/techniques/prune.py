@@ -14,13 +14,14 @@ rebuilt from the artifact without pickling modules.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch_pruning as tp
 
 from ..errors import TrialError
 from ..plan import CompressionPlan, PruneConfig
-from . import Stage, register
+from . import Rebuild, Stage, register
 from .bench import StepHook, Workbench, prunable_layers
 from .saliency import SALIENCIES, fill_gradients, gradient_stats
 
@@ -294,4 +295,18 @@ def layer_report(bench: Workbench, plan: CompressionPlan) -> None:
     bench.records["saliency"] = plan.prune.saliency if plan.prune.active else None
 
 
-register("prune", Stage.STRUCTURE, report=layer_report)(prune)
+# --------------------------------------------------------------------------- the file
+
+
+def _replay(model: torch.nn.Module, history: list[list[Any]], example: torch.Tensor) -> None:
+    """Remove the same channels from a fresh copy of the architecture."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph.load_pruning_history([tuple(h) for h in history])
+
+
+# the key is the file format's since its first version
+REBUILD = Rebuild(
+    "pruning_history", "channel removal", lambda bench: bench.pruning_history, _replay
+)
+
+register("prune", Stage.STRUCTURE, report=layer_report, rebuild=REBUILD)(prune)
