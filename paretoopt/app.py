@@ -25,6 +25,7 @@ import streamlit as st
 from paretoopt import explore
 from paretoopt.errors import ParetoError
 from paretoopt.metrics import Metric, shown
+from paretoopt.record import quiet_reading
 from paretoopt.results import StudyResults, hardware_text, trial_record
 
 COLORS = {
@@ -330,8 +331,10 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
         f"Latency p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
         f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs "
         f"({latency.get('mode', 'cpu')})"
+        + _also(quiet_reading(latency))
         + (
             f"; re-measured at the end of the search: {confirmation['latency_ms']:.4f} ms"
+            + _also(quiet_reading(confirmation))
             if confirmation
             else "; not re-measured (confirmation runs when a search ends)"
         )
@@ -452,3 +455,7 @@ def parameters(results: StudyResults) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _also(text: str) -> str:
+    return f", {text}" if text else ""

@@ -33,7 +33,7 @@ import numpy as np
 from .errors import StudyError
 from .metrics import Metric, shown
 from .pick import pick
-from .record import TrialRecord
+from .record import TrialRecord, quiet_reading
 from .results import StudyResults, hardware_text, load_results, trial_record
 
 FORMATS = ("onnx", "pt2", "safetensors")
@@ -290,11 +290,13 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"Latency: {t['runtime']} on {t['device']}, {t['threads']} thread(s), batch "
         f"{t['batch_size']}; p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
         f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs, "
-        f"mode {latency.get('mode', 'cpu')}.",
+        f"mode {latency.get('mode', 'cpu')}{_also(quiet_reading(latency))}.",
     ]
     if m.get("confirmation"):
+        again = m["confirmation"]
         lines.append(
-            f"Re-measured at the end of the search: {m['confirmation']['latency_ms']:.4f} ms."
+            f"Re-measured at the end of the search: {again['latency_ms']:.4f} ms"
+            f"{_also(quiet_reading(again))}."
         )
     hardware = card.get("hardware") or {}
     lines += [
@@ -388,3 +390,7 @@ def _card_model(path: Path) -> dict[str, Any]:
         )
     model = json.loads(card.read_text())["model"]
     return {k: model.get(k) for k in ("name", "factory", "kwargs", "checkpoint") if k in model}
+
+
+def _also(text: str) -> str:
+    return f"; {text}" if text else ""

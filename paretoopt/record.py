@@ -205,6 +205,17 @@ def technique_fields(records: Mapping[str, Any]) -> dict[str, Any]:
     return dict(records)
 
 
+def quiet_reading(latency: Mapping[str, Any]) -> str:
+    """How a latency was read, for captions and cards ("" before quiet rounds existed)."""
+    pairs = latency.get("pairs", 0)
+    if latency.get("quiet") is True:
+        quiet = latency.get("quiet_pairs", 0)
+        return f"read from {quiet} of {pairs} round pairs at the machine's quiet level"
+    if latency.get("quiet") is False:
+        return f"the machine was never quiet while it was timed: read from all {pairs} pairs"
+    return ""
+
+
 def frame_columns(record: TrialRecord | None) -> dict[str, Any]:
     """A trial's measured columns in the trials frame (None where it has no record)."""
     out: dict[str, Any] = {k: getattr(record, k) if record else None for k in FRAME_FIELDS}

@@ -100,3 +100,15 @@ def test_a_renamed_field_reads_from_its_old_name(monkeypatch):
     assert stored_record(stored) is None  # without the line, the field is missing
     monkeypatch.setattr(module, "RENAMED", (("size_bytes", "bytes_on_disk"),))
     assert TrialRecord.from_attrs(stored).size_bytes == 1234
+
+
+def test_a_latency_says_how_it_was_read():
+    from paretoopt.record import quiet_reading
+
+    assert quiet_reading({"quiet": True, "quiet_pairs": 5, "pairs": 64}) == (
+        "read from 5 of 64 round pairs at the machine's quiet level"
+    )
+    assert quiet_reading({"quiet": False, "pairs": 227}) == (
+        "the machine was never quiet while it was timed: read from all 227 pairs"
+    )
+    assert quiet_reading({"pairs": 5}) == ""  # timed before quiet rounds: nothing to say
