@@ -40,7 +40,7 @@ from common import Record, arguments, context, progress, table, write_csv
 from paretoopt.measure import OrtRunner, TorchRunner, runtime_threads, time_runner
 from paretoopt.measure.isa import int8_dot, this_machine
 from paretoopt.pipeline import StudyContext, calibrate, run_trial
-from paretoopt.plan import CompressionPlan, PruneConfig
+from paretoopt.plan import CompressionPlan, PruneConfig, QuantConfig
 from paretoopt.results import StudyResults, load_results, trial_record
 
 REPEATS = 10
@@ -175,14 +175,17 @@ def fresh_sessions(ctx: StudyContext, results: StudyResults, work: Path) -> Reco
 def int8_file(ctx: StudyContext, results: StudyResults, work: Path) -> tuple[int, Path]:
     """The fastest int8 front trial's model.onnx; where the front has none, the fastest
     front trial's plan run again with int8 activations (the file is written in `work`)."""
-    front = results.pareto[results.pareto["number"] != 0]
+    front = results.pareto[~results.pareto["baseline"].astype(bool)]
+    if front.empty:
+        raise SystemExit(f"{results.name}: no compressed trial on the front to time")
     int8 = front[front["int_kernels"].fillna(False).astype(bool)]
     row = (int8 if len(int8) else front).sort_values("latency_ms").iloc[0]
     number = int(row["number"])
     if len(int8):
         return number, results.directory / str(row["artifact"]) / "model.onnx"
     plan = CompressionPlan.from_dict(trial_record(results, number).plan)
-    plan = plan.replace(quant=dataclasses.replace(plan.quant, activations="int8"))
+    weights = plan.quant if plan.quant.integer else QuantConfig(8)  # int8 needs integer weights
+    plan = plan.replace(quant=dataclasses.replace(weights, activations="int8"))
     progress(f"no int8 trial on the front: trial {number}'s plan with int8 activations")
     run_trial(ctx, plan, work / "int8", seed=0)
     return number, work / "int8" / "model.onnx"

@@ -453,9 +453,9 @@ def parameters(results: StudyResults) -> None:
     st.dataframe(explore.influence(results).round(2), hide_index=True)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def _also(text: str) -> str:
     return f", {text}" if text else ""
+
+
+if __name__ == "__main__":  # streamlit runs this file as a script: everything is defined above
+    main()

@@ -42,6 +42,7 @@ _CONDITION = re.compile(
 CONFIRMED = "confirm_latency_ms"  # the end-of-search re-measurement (results.py)
 SEARCH_LATENCY = "search_latency_ms"  # the search-time figure, kept beside it
 CONFIRMED_QUIET = "confirm_quiet"  # whether the re-measurement found the machine quiet
+SEARCH_QUIET = "latency_quiet"  # whether the search-time figure did
 
 
 def confirmed(frame: pd.DataFrame, baseline: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -49,14 +50,17 @@ def confirmed(frame: pd.DataFrame, baseline: dict[str, Any] | None = None) -> pd
     wherever it was (the search-time figure moves to SEARCH_LATENCY): a pick made on the
     search-time figure would favour the trials whose one measurement was lucky. A
     re-measurement that never found the machine quiet (CONFIRMED_QUIET False) measured
-    another state of the machine, and is left aside."""
+    another state of the machine, and is left aside where the search-time figure was
+    read at the quiet level (SEARCH_QUIET True)."""
     if CONFIRMED not in frame or frame.empty:
         return frame
     m = METRICS["latency"]
     out = frame.copy()
     again = pd.to_numeric(out[CONFIRMED], errors="coerce")
-    if CONFIRMED_QUIET in out:
-        again = again.where(~out[CONFIRMED_QUIET].map(is_false).astype(bool))
+    if CONFIRMED_QUIET in out and SEARCH_QUIET in out:
+        busy = out[CONFIRMED_QUIET].map(is_false).astype(bool)
+        quiet_before = out[SEARCH_QUIET].map(lambda q: q is True or q is np.True_).astype(bool)
+        again = again.where(~(busy & quiet_before))
     out[SEARCH_LATENCY] = out[m.field]
     out[m.field] = again.where(again.notna(), out[m.field])
     base = (baseline or {}).get(m.field)

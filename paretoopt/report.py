@@ -203,5 +203,5 @@ def front_table(results: StudyResults) -> Table:
             cells.append(latency.show(value) + mark if known else "-")
         table.add_row(*cells, str(r["plan"]))
     if busy:
-        table.caption = "* confirmed while the machine was never quiet: picks read the search's"
+        table.caption = "* re-measured while the machine was never quiet (see trials.csv)"
     return table

@@ -127,14 +127,12 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 def open_session(space: Space, results_root: Path, sampler: optuna.samplers.BaseSampler) -> Session:
     """Lock the study folder, open its storage and queue the baseline where it is missing."""
     directory = results_root / space.study
+    check_resumable(space, directory)  # again: another search may have started it meanwhile
     embedded = space.search.storage is None
     storage = None if embedded else _storage(space, directory)  # a bad URL writes nothing
     directory.mkdir(parents=True, exist_ok=True)
     lock = _lock(directory, space.study)
     try:
-        # checked at start-up already; again under the lock, since another search may have
-        # started the folder while this one trained its baseline
-        check_resumable(space, directory)
         # the space first: a folder holding a journal but no space.yaml reads as foreign
         _write_text(directory / SPACE_FILE, dump_space(space))
         storage = storage or _storage(space, directory)

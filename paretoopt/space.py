@@ -163,7 +163,7 @@ class TargetSpec:
         "is read from all its pairs and flagged",
         kind=float,
         low=0.0,
-        high=600.0,
+        high=120.0,
     )
     max_spread: float = setting(
         0.10,

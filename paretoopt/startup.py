@@ -46,9 +46,10 @@ def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: 
     """Calibrate the target on the study's latency scale, and say how it went."""
     from .pipeline import calibrate
 
+    reference = study_reference(directory)  # a resumed study keeps its latency scale
     try:
         with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
-            cal = calibrate(ctx, Path(tmp), study_reference(directory))
+            cal = calibrate(ctx, Path(tmp), reference)
     except Exception as exc:
         raise StudyError(
             f"the baseline cannot be measured in the target runtime "
@@ -56,7 +57,7 @@ def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: 
             f"{one_line(str(exc))[:REASON_LIMIT]}"
         ) from exc
     rounds = ", ".join(f"{m:.4f}" for m in cal["medians_ms"])
-    if cal["reference_ms"] != cal["measured_ms"]:
+    if reference is not None:
         reporter.log(
             f"calibration: baseline latency now {rounds} ms; the study's reference "
             f"stays {cal['reference_ms']:.4f} ms (candidates are timed against the "

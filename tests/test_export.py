@@ -234,11 +234,14 @@ def test_picks_read_the_latency_confirmed_at_the_end_of_the_search():
 
 def test_a_confirmation_that_never_found_the_machine_quiet_is_left_aside():
     front = FRONT.assign(
-        confirm_latency_ms=[0.41, None, 0.30, 0.095], confirm_quiet=[True, None, False, None]
+        confirm_latency_ms=[0.41, None, 0.30, 0.095],
+        confirm_quiet=[True, None, False, False],
+        latency_quiet=[True, True, True, False],
     )
     fixed = confirmed(front)
     assert fixed["latency_ms"].tolist() == [0.41, 0.25, 0.10, 0.095]  # trial 3 keeps 0.10
     assert pick(front, "min latency where accuracy >= 97") == 3
+    # trial 4's search figure was not quiet either: the later figure stands
     shown = front.assign(accuracy_change=0.0, test_accuracy=front["accuracy"], plan="p")
     results = StudyResults("s", Path("."), shown, shown, {}, {})
     console = Console(width=200, record=True)

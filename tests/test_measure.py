@@ -254,7 +254,8 @@ def test_the_agent_reads_at_its_quiet_level_and_keeps_it_per_reference(served, m
     deep, shallow = client.upload(models / "d8.onnx"), client.upload(models / "d2.onnx")
     spec = dataclasses.replace(PROTOCOL, quiet_rounds=3, quiet_s=2.0)
     got = client.paired(deep, shallow, spec)
-    assert got.pairs >= spec.repeats and got.quiet_level_ms == state.quiet_levels[shallow]
+    key = (shallow, spec.batch_size, spec.threads)  # another batch or thread count: its own
+    assert got.pairs >= spec.repeats and got.quiet_level_ms == state.quiet_levels[key]
     assert got.ratio > 1.8 and got.quiet == (got.quiet_pairs >= 3)
     again = client.paired(deep, shallow, spec)
     assert again.quiet_level_ms <= got.quiet_level_ms  # the level it knew, or a faster one
@@ -523,3 +524,14 @@ def test_warm_up_with_tolerance_zero_lasts_warmup_s_and_zero_means_none():
     calls, run = _counted(DeviceTime(0.5))
     _warm_up([run], TargetSpec(warmup=0, warmup_s=0.0))
     assert calls == []
+
+
+def test_an_agent_from_before_quiet_rounds_reads_as_not_known(monkeypatch):
+    client = AgentClient("127.0.0.1:1", TOKEN)
+    stats = dataclasses.asdict(
+        time_runner(lambda: None, dataclasses.replace(PROTOCOL, iterations=2))
+    )
+    old = {"candidate": stats, "reference": stats, "ratio": 0.5, "session_ratios": [0.5]}
+    monkeypatch.setattr(client, "_measure", lambda *args: old)
+    got = client.paired("a", "b", PROTOCOL)
+    assert got.ratio == 0.5 and got.quiet is None  # not "never quiet": nobody looked

@@ -58,7 +58,7 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "sessions": (1, 100),
     "quiet_rounds": (0, 10_000),
     "quiet_tolerance": (0, 10),
-    "quiet_s": (0, 600),
+    "quiet_s": (0, 120),  # well inside the client's timeout
 }
 
 
@@ -91,7 +91,8 @@ class Agent:
         self.models: OrderedDict[str, bytes] = OrderedDict()
         self.gate = MeasurementGate()
         self.lock = threading.Lock()  # one measurement at a time
-        self.quiet_levels: dict[str, float] = {}  # reference -> its fastest round here
+        # (reference, batch size, threads) -> the reference's fastest round here
+        self.quiet_levels: dict[tuple[str, int, int], float] = {}
 
     def authorised(self, header: str | None) -> bool:
         given = (header or "").removeprefix("Bearer ").encode()
@@ -121,10 +122,10 @@ class Agent:
                 batch = _inputs(ours, target.batch_size)
                 return ours.timer(batch), theirs.timer(batch)
 
-            level = self.quiet_levels.get(job["reference"])
-            timing = time_sessions(timers, target, target.sessions, level)
+            key = (str(job["reference"]), target.batch_size, target.threads)
+            timing = time_sessions(timers, target, target.sessions, self.quiet_levels.get(key))
             if timing.quiet_level_ms is not None:
-                self.quiet_levels[job["reference"]] = timing.quiet_level_ms
+                self.quiet_levels[key] = timing.quiet_level_ms
         return {
             "candidate": asdict(timing.ours),
             "reference": asdict(timing.theirs),
@@ -354,7 +355,7 @@ class AgentClient:
 
     def paired(self, model: str, reference: str | None, target: TargetSpec) -> PairedTiming:
         """The candidate timed against the reference on the agent, as time_sessions does
-        here (an agent from before quiet rounds reads every pair: quiet False)."""
+        here (an agent from before quiet rounds reads every pair: quiet None, not known)."""
         answer = self._measure(model, reference, target)
         ours, theirs, ratio, sessions = _timings(answer)
         if theirs is None or ratio is None:
@@ -366,7 +367,7 @@ class AgentClient:
             tuple(sessions),
             int(answer.get("pairs", 0)),
             int(answer.get("quiet_pairs", 0)),
-            bool(answer.get("quiet", False)),
+            answer.get("quiet"),
             answer.get("quiet_level_ms"),
         )
 

@@ -138,7 +138,7 @@ class PairedTiming:
     session_ratios: tuple[float, ...]  # one per session, in the order they ran
     pairs: int = 0  # round pairs timed
     quiet_pairs: int = 0  # of them, with both rounds at the machine's quiet level
-    quiet: bool = False  # the ratio is read from quiet pairs alone
+    quiet: bool | None = False  # the ratio is read from quiet pairs alone (None: unknown)
     quiet_level_ms: float | None = None  # the reference's fastest round on this machine
 
 
@@ -208,15 +208,25 @@ def time_sessions(
         medians = zip(map(statistics.median, a), map(statistics.median, b), strict=True)
         pairs += [_Pair(x, y, k) for x, y in medians]
     level = _quiet_level(quiet_level_ms, pairs)
+    fastest = min(p.ours for p in pairs)
+    count = len(_quiet(pairs, level, fastest, target))
+    session = pairs[-1].session
+    index = len(_of(pairs, session))  # the ABBA order goes on within the last session
     deadline = time.perf_counter() + target.quiet_s
     while (
         last is not None
         and target.quiet_rounds > 0
-        and len(_quiet(pairs, level, target)) < target.quiet_rounds
+        and count < target.quiet_rounds
         and time.perf_counter() < deadline
     ):
-        pairs.append(_timed_pair(last, len(pairs), pairs[-1].session, ours, theirs, target))
-        level = min(level, pairs[-1].theirs)
+        new = _timed_pair(last, index, session, ours, theirs, target)
+        pairs.append(new)
+        index += 1
+        if new.theirs < level or new.ours < fastest:  # a new quiet level: count again
+            level, fastest = min(level, new.theirs), min(fastest, new.ours)
+            count = len(_quiet(pairs, level, fastest, target))
+        else:
+            count += len(_quiet([new], level, fastest, target))
     stats = _stats(ours, target.batch_size), _stats(theirs, target.batch_size)
     return _reading(pairs, level, target, *stats)
 
@@ -245,26 +255,24 @@ def _quiet_level(known: float | None, pairs: list[_Pair]) -> float:
     return fastest if known is None else min(known, fastest)
 
 
-def _quiet(pairs: list[_Pair], level: float, target: TargetSpec) -> list[_Pair]:
+def _quiet(pairs: list[_Pair], level: float, fastest: float, target: TargetSpec) -> list[_Pair]:
     """The pairs with both rounds at their quiet level: the reference's within tolerance
-    of `level`, the candidate's of its own fastest round. The state can change between
-    the two rounds of a pair; a pair whose candidate round was disturbed is left out."""
-    ours = min(p.ours for p in pairs)
+    of `level`, the candidate's of its `fastest` round. The state can change between the
+    two rounds of a pair; a pair whose candidate round was disturbed is left out."""
     bound = 1.0 + target.quiet_tolerance
-    return [p for p in pairs if p.theirs <= level * bound and p.ours <= ours * bound]
+    return [p for p in pairs if p.theirs <= level * bound and p.ours <= fastest * bound]
 
 
 def _reading(
     pairs: list[_Pair], level: float, target: TargetSpec, ours: LatencyStats, theirs: LatencyStats
 ) -> PairedTiming:
-    """The ratio, each session's, and how quiet the machine was."""
-    quiet_pairs = _quiet(pairs, level, target)
+    """The ratio, each session's (of a quiet reading: the sessions with quiet pairs, over
+    those; pooling reads them), and how quiet the machine was."""
+    quiet_pairs = _quiet(pairs, level, min(p.ours for p in pairs), target)
     quiet = target.quiet_rounds > 0 and len(quiet_pairs) >= target.quiet_rounds
     chosen = quiet_pairs if quiet else pairs
-    sessions = sorted({p.session for p in pairs})
-    per_session = tuple(
-        statistics.median(p.ratio for p in (_of(chosen, k) or _of(pairs, k))) for k in sessions
-    )
+    sessions = sorted({p.session for p in chosen})
+    per_session = tuple(statistics.median(p.ratio for p in _of(chosen, k)) for k in sessions)
     ratio = statistics.median(p.ratio for p in chosen) if quiet else statistics.median(per_session)
     counts = len(pairs), len(quiet_pairs)
     return PairedTiming(ours, theirs, ratio, per_session, *counts, quiet, level)
