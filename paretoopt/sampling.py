@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,36 +38,67 @@ def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
     return trial.suggest_float(name, knob.low, knob.high, step=knob.step, log=knob.log)
 
 
+@dataclass(frozen=True)
+class Drawing:
+    """What every part's draw reads: the trial, the space, the model's layers, and the
+    fine-tuning epochs, drawn first since most knobs matter only with fine-tuning."""
+
+    trial: optuna.Trial
+    space: Space
+    layer_names: list[str]  # per-layer pruning budgets
+    quant_layers: list[str]  # per-layer bit-widths
+    epochs: int
+
+
+Draw = Callable[[Drawing], Any]  # one plan part's config
+
+
 def sample_plan(
     trial: optuna.Trial,
     space: Space,
     layer_names: list[str],
     quant_layers: list[str] | None = None,
 ) -> CompressionPlan:
-    """Turn one Optuna trial into a compression plan. Fixed knobs are not parameters, and
-    neither is a knob that cannot matter for this plan (no saliency without pruning, no
-    temperature without distillation). `layer_names` get per-layer pruning budgets,
-    `quant_layers` (by default the same) per-layer bit-widths."""
-    s = space.space
-    epochs = int(suggest(trial, "finetune.epochs", s.finetune.epochs))
-    alpha = float(suggest(trial, "distill.alpha", s.distillation.alpha)) if epochs else 0.0
-    temperature = (
-        float(suggest(trial, "distill.temperature", s.distillation.temperature))
-        if alpha > 0
-        else 1.0
-    )
-    return CompressionPlan(
-        prune=_sample_prune(trial, space, layer_names, epochs),
-        quant=_sample_quant(
-            trial, space, layer_names if quant_layers is None else quant_layers, epochs
-        ),
-        distill=DistillConfig(temperature, alpha),
-        finetune=FinetuneConfig(
-            epochs,
-            float(suggest(trial, "finetune.lr", s.finetune.lr)) if epochs else 1e-3,
-            s.finetune.batch_size,
-        ),
-    )
+    """Turn one Optuna trial into a compression plan, one part at a time (``DRAWS``).
+    Fixed knobs are not parameters, and neither is a knob that cannot matter for this
+    plan (no saliency without pruning, no temperature without distillation).
+    `layer_names` get per-layer pruning budgets, `quant_layers` (by default the same)
+    per-layer bit-widths."""
+    epochs = int(suggest(trial, "finetune.epochs", space.space.finetune.epochs))
+    quant_layers = layer_names if quant_layers is None else quant_layers
+    drawing = Drawing(trial, space, layer_names, quant_layers, epochs)
+    return CompressionPlan(**{name: draw(drawing) for name, draw in DRAWS.items()})
+
+
+def _draw_distill(d: Drawing) -> DistillConfig:
+    k = d.space.space.distillation
+    alpha = float(suggest(d.trial, "distill.alpha", k.alpha)) if d.epochs else 0.0
+    temperature = float(suggest(d.trial, "distill.temperature", k.temperature)) if alpha else 1.0
+    return DistillConfig(temperature, alpha)
+
+
+def _draw_prune(d: Drawing) -> PruneConfig:
+    return _sample_prune(d.trial, d.space, d.layer_names, d.epochs)
+
+
+def _draw_quant(d: Drawing) -> QuantConfig:
+    return _sample_quant(d.trial, d.space, d.quant_layers, d.epochs)
+
+
+def _draw_finetune(d: Drawing) -> FinetuneConfig:
+    f = d.space.space.finetune
+    lr = float(suggest(d.trial, "finetune.lr", f.lr)) if d.epochs else 1e-3
+    return FinetuneConfig(d.epochs, lr, f.batch_size)
+
+
+# plan part -> its draw, in the order the parameters are suggested (a seeded sampler
+# reproduces its plans only in the same order); every part of plan.PARTS has one
+DRAWS: dict[str, Draw] = {
+    "distill": _draw_distill,
+    "prune": _draw_prune,
+    "quant": _draw_quant,
+    "finetune": _draw_finetune,
+}
 
 
 def _sample_prune(

@@ -251,3 +251,10 @@ def test_an_unknown_sampler_is_refused_not_replaced_by_random(tiny_doc):
     space = replace(space, search=replace(space.search, sampler="cmaes"))
     with pytest.raises(SpaceError, match="'cmaes' is not supported; choose from grid, tpe"):
         make_sampler(space, 0)
+
+
+def test_every_plan_part_has_a_draw():
+    from paretoopt.plan import PARTS
+    from paretoopt.sampling import DRAWS
+
+    assert set(DRAWS) == set(PARTS)
