@@ -28,20 +28,10 @@ import optuna
 
 from .metrics import METRICS
 from .results import BASELINE_ATTR
+from .sampling import preferred, sample_plan, stronger
 from .space import Space
 
 ANCHOR_ATTR = "paretoopt.anchor"  # user attr: the anchor's rank, 1 = lightest
-PREFERRED = {  # choice -> options to prefer, in order; "latency" entries depend on it
-    "prune.distribution": ("uniform",),
-    "prune.schedule": ("one_shot",),
-    "prune.regrowth": (False,),
-    "quant.distribution": ("uniform",),
-    "quant.granularity": ("per_channel",),
-    "quant.scheme": ("symmetric",),
-    "quant.method": ("qat",),  # only asked with fine-tuning
-}
-FOR_LATENCY = {"prune.structure": ("channel",), "quant.activations": ("int8",)}
-WITHOUT_LATENCY = {"prune.structure": ("unstructured",), "quant.activations": ("float",)}
 
 
 class _AnchorTrial:
@@ -49,17 +39,17 @@ class _AnchorTrial:
 
     def __init__(self, strength: float, latency: bool) -> None:
         self.strength = strength  # 0 mildest .. 1 strongest
-        self.latency = latency
+        self.preferred = preferred(dense=latency)  # each part's options to try first
         self.params: dict[str, Any] = {}
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
         numbers = all(isinstance(c, int | float) and not isinstance(c, bool) for c in choices)
-        if numbers and _strength_knob(name):  # listed values, e.g. bits: [4, 8, 32]
-            ordered = sorted(choices, reverse=name.startswith("quant.bits"))  # mildest first
+        way = stronger(name)
+        if numbers and way:  # listed values, e.g. bits: [4, 8, 32]
+            ordered = sorted(choices, reverse=way == "down")  # mildest first
             return self._keep(name, ordered[round(self.strength * (len(ordered) - 1))])
-        table = {**PREFERRED, **(FOR_LATENCY if self.latency else WITHOUT_LATENCY)}
-        preferred = [c for c in table.get(name, ()) if c in choices]
-        return self._keep(name, preferred[0] if preferred else choices[0])
+        options = [c for c in self.preferred.get(name, ()) if c in choices]
+        return self._keep(name, options[0] if options else choices[0])
 
     def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
         high = low + (high - low) // step * step  # Optuna's own top of the range
@@ -77,9 +67,10 @@ class _AnchorTrial:
         return self._keep(name, float(min(max(value, low), high)))
 
     def _position(self, name: str, low: float, high: float, log: bool) -> float:
-        if name.endswith(".sparsity"):  # stronger: more pruned
+        way = stronger(name)
+        if way == "up":  # e.g. more pruned
             return low + self.strength * (high - low)
-        if name.startswith("quant.bits"):  # stronger: fewer bits
+        if way == "down":  # e.g. fewer bits
             return high - self.strength * (high - low)
         if log and low > 0:
             return math.sqrt(low * high)
@@ -90,17 +81,11 @@ class _AnchorTrial:
         return value
 
 
-def _strength_knob(name: str) -> bool:
-    return name.endswith(".sparsity") or name.startswith("quant.bits")
-
-
 def anchor_params(
     space: Space, layer_names: list[str], quant_layers: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """The Optuna parameters of the space's anchor plans, lightest first; duplicates (a
     space whose only searched knobs do not change with strength) are dropped."""
-    from .sampling import sample_plan
-
     count = anchor_count(space)
     # an objective that dense kernels decide (latency, MACs): zeros do not move it
     latency = any(METRICS[m].dense for m in space.metrics)

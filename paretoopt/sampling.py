@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,19 @@ class Drawing:
 Draw = Callable[[Drawing], Any]  # one plan part's config
 
 
+@dataclass(frozen=True)
+class Part:
+    """How one plan part is sampled, and how the study's first plans (``anchors``) set
+    its parameters: the options an engineer would try first, and which way is stronger."""
+
+    draw: Draw
+    prefer: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # parameter -> options
+    # where a dense objective counts (latency, MACs: zeros skip no work), and where not
+    prefer_dense: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    prefer_sparse: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    stronger: Mapping[str, str] = field(default_factory=dict)  # name prefix -> "up" | "down"
+
+
 def sample_plan(
     trial: optuna.Trial,
     space: Space,
@@ -67,7 +80,7 @@ def sample_plan(
     epochs = int(suggest(trial, "finetune.epochs", space.space.finetune.epochs))
     quant_layers = layer_names if quant_layers is None else quant_layers
     drawing = Drawing(trial, space, layer_names, quant_layers, epochs)
-    return CompressionPlan(**{name: draw(drawing) for name, draw in DRAWS.items()})
+    return CompressionPlan(**{name: part.draw(drawing) for name, part in DRAWS.items()})
 
 
 def _draw_distill(d: Drawing) -> DistillConfig:
@@ -93,12 +106,50 @@ def _draw_finetune(d: Drawing) -> FinetuneConfig:
 
 # plan part -> its draw, in the order the parameters are suggested (a seeded sampler
 # reproduces its plans only in the same order); every part of plan.PARTS has one
-DRAWS: dict[str, Draw] = {
-    "distill": _draw_distill,
-    "prune": _draw_prune,
-    "quant": _draw_quant,
-    "finetune": _draw_finetune,
+DRAWS: dict[str, Part] = {
+    "distill": Part(_draw_distill),
+    "prune": Part(
+        _draw_prune,
+        prefer={
+            "prune.distribution": ("uniform",),
+            "prune.schedule": ("one_shot",),
+            "prune.regrowth": (False,),
+        },
+        prefer_dense={"prune.structure": ("channel",)},
+        prefer_sparse={"prune.structure": ("unstructured",)},
+        stronger={"prune.unstructured.sparsity": "up", "prune.channel.sparsity": "up"},
+    ),
+    "quant": Part(
+        _draw_quant,
+        prefer={
+            "quant.distribution": ("uniform",),
+            "quant.granularity": ("per_channel",),
+            "quant.scheme": ("symmetric",),
+            "quant.method": ("qat",),  # only asked with fine-tuning
+        },
+        prefer_dense={"quant.activations": ("int8",)},
+        prefer_sparse={"quant.activations": ("float",)},
+        stronger={"quant.bits": "down"},  # per-layer widths too: quant.bits.layer...
+    ),
+    "finetune": Part(_draw_finetune),
 }
+
+
+def preferred(dense: bool) -> dict[str, tuple[Any, ...]]:
+    """Every part's preferred options, for a study with (or without) a dense objective."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for part in DRAWS.values():
+        out |= {**part.prefer, **(part.prefer_dense if dense else part.prefer_sparse)}
+    return out
+
+
+def stronger(name: str) -> str | None:
+    """Which way parameter `name` makes a plan stronger ("up", "down"), if it does."""
+    for part in DRAWS.values():
+        for prefix, way in part.stronger.items():
+            if name.startswith(prefix):
+                return way
+    return None
 
 
 def _sample_prune(

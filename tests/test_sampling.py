@@ -258,3 +258,12 @@ def test_every_plan_part_has_a_draw():
     from paretoopt.sampling import DRAWS
 
     assert set(DRAWS) == set(PARTS)
+
+
+def test_each_part_says_which_way_its_knobs_are_stronger_and_what_to_try_first():
+    from paretoopt.sampling import preferred, stronger
+
+    assert stronger("prune.channel.sparsity") == "up" and stronger("quant.bits.layer.fc") == "down"
+    assert stronger("finetune.lr") is None and stronger("prune.layer.fc") is None
+    assert preferred(dense=True)["prune.structure"] == ("channel",)
+    assert preferred(dense=False)["quant.activations"] == ("float",)
