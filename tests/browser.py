@@ -31,7 +31,7 @@ def serve_app(results: Path, timeout: float = 60.0) -> Iterator[str]:
     """The app, headless on 127.0.0.1, as `paretoopt app` starts it; yields its URL."""
     port = free_port()
     command = [
-        sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+        sys.executable, "-m", "streamlit", "run", str(ROOT / "paretoopt" / "app.py"),
         "--server.headless", "true", "--server.address", "127.0.0.1",
         "--server.port", str(port), "--browser.gatherUsageStats", "false",
         "--", "--results", str(results),
