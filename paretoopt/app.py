@@ -331,10 +331,10 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
         f"Latency p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
         f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs "
         f"({latency.get('mode', 'cpu')})"
-        + _also(quiet_reading(latency))
+        + quiet_reading(latency, ", ")
         + (
             f"; re-measured at the end of the search: {confirmation['latency_ms']:.4f} ms"
-            + _also(quiet_reading(confirmation))
+            + quiet_reading(confirmation, ", ")
             if confirmation
             else "; not re-measured (confirmation runs when a search ends)"
         )
@@ -451,10 +451,6 @@ def parameters(results: StudyResults) -> None:
     st.plotly_chart(fig, key="parcoords")
     st.markdown("**Which parameters move each objective** (|Spearman rank correlation|)")
     st.dataframe(explore.influence(results).round(2), hide_index=True)
-
-
-def _also(text: str) -> str:
-    return f", {text}" if text else ""
 
 
 if __name__ == "__main__":  # streamlit runs this file as a script: everything is defined above

@@ -290,13 +290,13 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"Latency: {t['runtime']} on {t['device']}, {t['threads']} thread(s), batch "
         f"{t['batch_size']}; p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
         f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs, "
-        f"mode {latency.get('mode', 'cpu')}{_also(quiet_reading(latency))}.",
+        f"mode {latency.get('mode', 'cpu')}{quiet_reading(latency, '; ')}.",
     ]
     if m.get("confirmation"):
         again = m["confirmation"]
         lines.append(
             f"Re-measured at the end of the search: {again['latency_ms']:.4f} ms"
-            f"{_also(quiet_reading(again))}."
+            f"{quiet_reading(again, '; ')}."
         )
     hardware = card.get("hardware") or {}
     lines += [
@@ -390,7 +390,3 @@ def _card_model(path: Path) -> dict[str, Any]:
         )
     model = json.loads(card.read_text())["model"]
     return {k: model.get(k) for k in ("name", "factory", "kwargs", "checkpoint") if k in model}
-
-
-def _also(text: str) -> str:
-    return f"; {text}" if text else ""

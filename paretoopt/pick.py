@@ -58,8 +58,8 @@ def confirmed(frame: pd.DataFrame, baseline: dict[str, Any] | None = None) -> pd
     out = frame.copy()
     again = pd.to_numeric(out[CONFIRMED], errors="coerce")
     if CONFIRMED_QUIET in out and SEARCH_QUIET in out:
-        busy = out[CONFIRMED_QUIET].map(is_false).astype(bool)
-        quiet_before = out[SEARCH_QUIET].map(lambda q: q is True or q is np.True_).astype(bool)
+        busy = out[CONFIRMED_QUIET].map(lambda q: flag(q) is False).astype(bool)
+        quiet_before = out[SEARCH_QUIET].map(lambda q: flag(q) is True).astype(bool)
         again = again.where(~(busy & quiet_before))
     out[SEARCH_LATENCY] = out[m.field]
     out[m.field] = again.where(again.notna(), out[m.field])
@@ -69,9 +69,9 @@ def confirmed(frame: pd.DataFrame, baseline: dict[str, Any] | None = None) -> pd
     return out
 
 
-def is_false(value: object) -> bool:
-    """A stored flag that is False (a bool of JSON or of numpy); None and NaN are unknown."""
-    return isinstance(value, (bool, np.bool_)) and not value  # None, NaN: not known
+def flag(value: object) -> bool | None:
+    """A stored flag (a bool of JSON or of numpy) as a bool; None, NaN: not known."""
+    return bool(value) if isinstance(value, (bool, np.bool_)) else None
 
 
 def pick(

@@ -59,7 +59,7 @@ class Latency(_Readable):
     # the candidate/baseline ratio of each fresh runtime session it was timed in
     session_ratios: list[float] = field(default_factory=list)
     pairs: int = 0  # round pairs (candidate, baseline) timed
-    # of them, with the baseline at the machine's quiet level (measure/protocol); the
+    # of them, with both rounds at the machine's quiet level (measure/protocol); the
     # ratio is read from those where quiet is True, from every pair where it is False
     quiet_pairs: int = 0
     quiet: bool | None = None  # None: timed before quiet rounds existed, or switched off
@@ -205,14 +205,15 @@ def technique_fields(records: Mapping[str, Any]) -> dict[str, Any]:
     return dict(records)
 
 
-def quiet_reading(latency: Mapping[str, Any]) -> str:
-    """How a latency was read, for captions and cards ("" before quiet rounds existed)."""
+def quiet_reading(latency: Mapping[str, Any], lead: str = "") -> str:
+    """How a latency was read, after `lead`, for captions and cards ("" where nobody
+    looked: timed before quiet rounds existed, or with them switched off)."""
     pairs = latency.get("pairs", 0)
     if latency.get("quiet") is True:
         quiet = latency.get("quiet_pairs", 0)
-        return f"read from {quiet} of {pairs} round pairs at the machine's quiet level"
+        return f"{lead}read from {quiet} of {pairs} round pairs at the machine's quiet level"
     if latency.get("quiet") is False:
-        return f"the machine was never quiet while it was timed: read from all {pairs} pairs"
+        return f"{lead}the machine was never quiet while it was timed: read from all {pairs} pairs"
     return ""
 
 

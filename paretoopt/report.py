@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 
 from .metrics import METRICS, Metric, shown
-from .pick import CONFIRMED_QUIET, is_false
+from .pick import CONFIRMED_QUIET, flag
 
 if TYPE_CHECKING:
     from .record import TrialRecord
@@ -197,7 +197,7 @@ def front_table(results: StudyResults) -> Table:
             cells += [figure, f"{r.get(m.ratio_column, 1):.{m.ratio_decimals}f}"]
         if confirmed:
             value = r.get("confirm_latency_ms")
-            mark = "*" if is_false(r.get(CONFIRMED_QUIET)) else ""
+            mark = "*" if flag(r.get(CONFIRMED_QUIET)) is False else ""
             busy = busy or bool(mark)
             known = value is not None and value == value
             cells.append(latency.show(value) + mark if known else "-")

@@ -91,17 +91,117 @@ def _draw_distill(d: Drawing) -> DistillConfig:
 
 
 def _draw_prune(d: Drawing) -> PruneConfig:
-    return _sample_prune(d.trial, d.space, d.layer_names, d.epochs)
-
-
-def _draw_quant(d: Drawing) -> QuantConfig:
-    return _sample_quant(d.trial, d.space, d.quant_layers, d.epochs)
+    trial, space, layer_names, epochs = d.trial, d.space, d.layer_names, d.epochs
+    p = space.space.pruning
+    structure = str(suggest(trial, "prune.structure", p.structure))
+    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
+    # weights, so the two levels mean different things and the sampler must learn them apart.
+    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
+    fixed = {
+        "round_to": p.round_to,
+        "gradual_steps": p.gradual_steps,
+        "regrowth_interval": p.regrowth_interval,
+        "saliency_batches": p.saliency_batches,
+    }
+    if sparsity == 0.0:
+        return PruneConfig(structure, 0.0, **fixed)
+    distribution = str(suggest(trial, "prune.distribution", p.distribution))
+    if distribution == "per_layer" and not layer_names:  # only the classifier is prunable
+        distribution = "uniform"
+    scales = layer_multipliers(trial, space, layer_names) if distribution == "per_layer" else {}
+    schedule = str(suggest(trial, "prune.schedule", p.schedule)) if epochs else "one_shot"
+    regrowth = (
+        bool(suggest(trial, "prune.regrowth", p.regrowth))
+        if epochs and structure == "unstructured" and schedule == "one_shot"
+        else False
+    )
+    return PruneConfig(
+        structure,
+        sparsity,
+        str(suggest(trial, "prune.saliency", p.saliency)),
+        distribution,
+        scales,
+        schedule,
+        regrowth=regrowth,
+        **fixed,
+    )
 
 
 def _draw_finetune(d: Drawing) -> FinetuneConfig:
     f = d.space.space.finetune
     lr = float(suggest(d.trial, "finetune.lr", f.lr)) if d.epochs else 1e-3
     return FinetuneConfig(d.epochs, lr, f.batch_size)
+
+
+def layer_groups(layer_names: list[str], groups: int) -> list[list[str]]:
+    """Consecutive layers in at most `groups` groups of near-equal size (depth order)."""
+    n = len(layer_names)
+    if n == 0:
+        return []
+    count = min(groups, n)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [layer_names[bounds[i] : bounds[i + 1]] for i in range(count)]
+
+
+def group_parameters(
+    layer_names: list[str], groups: int, prefix: str
+) -> list[tuple[str, list[str]]]:
+    """One Optuna parameter per layer group: `<prefix>.layer.<name>` for a group of one
+    layer, `<prefix>.layers.<first>..<last>` for several."""
+    return [
+        (
+            f"{prefix}.layer.{group[0]}"
+            if len(group) == 1
+            else f"{prefix}.layers.{group[0]}..{group[-1]}",
+            group,
+        )
+        for group in layer_groups(layer_names, groups)
+    ]
+
+
+def layer_multipliers(
+    trial: optuna.Trial,
+    space: Space,
+    layer_names: list[str],
+) -> dict[str, float]:
+    """One pruning multiplier per layer group."""
+    p = space.space.pruning
+    out = {}
+    for name, group in group_parameters(layer_names, p.layer_groups, "prune"):
+        out.update(dict.fromkeys(group, float(suggest(trial, name, p.layer_scale))))
+    return out
+
+
+def _draw_quant(d: Drawing) -> QuantConfig:
+    trial, layer_names, epochs = d.trial, d.quant_layers, d.epochs
+    q = d.space.space.quantization
+    distribution = str(suggest(trial, "quant.distribution", q.distribution))
+    layer_bits: dict[str, int] = {}
+    if distribution == "per_layer" and layer_names:  # mixed precision, HAQ-style
+        for name, group in group_parameters(layer_names, q.layer_groups, "quant.bits"):
+            layer_bits.update(dict.fromkeys(group, int(suggest(trial, name, q.bits))))
+        bits = max(layer_bits.values())
+    else:
+        bits = int(suggest(trial, "quant.bits", q.bits))
+    widths = set(layer_bits.values()) or {bits}
+    fixed = {"layer_bits": layer_bits, "calibration_samples": q.calibration_samples}
+    half = str(suggest(trial, "quant.half_type", q.half_type)) if 16 in widths else "float16"
+    if min(widths) > 8:  # no integer grid: granularity, scheme, activations cannot matter
+        return QuantConfig(bits, half_type=half, **fixed)
+    activations = str(suggest(trial, "quant.activations", q.activations))
+    only_8 = {w for w in widths if w <= 8} == {8}
+    return QuantConfig(
+        bits,
+        granularity=str(suggest(trial, "quant.granularity", q.granularity)),
+        # 8-bit weights with int8 activations are always symmetric: nothing to choose
+        scheme="symmetric"
+        if activations == "int8" and only_8
+        else str(suggest(trial, "quant.scheme", q.scheme)),
+        half_type=half,
+        activations=activations,
+        method=str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
+        **fixed,
+    )
 
 
 # plan part -> its draw, in the order the parameters are suggested (a seeded sampler
@@ -150,119 +250,6 @@ def stronger(name: str) -> str | None:
             if name.startswith(prefix):
                 return way
     return None
-
-
-def _sample_prune(
-    trial: optuna.Trial,
-    space: Space,
-    layer_names: list[str],
-    epochs: int,
-) -> PruneConfig:
-    p = space.space.pruning
-    structure = str(suggest(trial, "prune.structure", p.structure))
-    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
-    # weights, so the two levels mean different things and the sampler must learn them apart.
-    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
-    fixed = {
-        "round_to": p.round_to,
-        "gradual_steps": p.gradual_steps,
-        "regrowth_interval": p.regrowth_interval,
-        "saliency_batches": p.saliency_batches,
-    }
-    if sparsity == 0.0:
-        return PruneConfig(structure, 0.0, **fixed)
-    distribution = str(suggest(trial, "prune.distribution", p.distribution))
-    if distribution == "per_layer" and not layer_names:  # only the classifier is prunable
-        distribution = "uniform"
-    scales = layer_multipliers(trial, space, layer_names) if distribution == "per_layer" else {}
-    schedule = str(suggest(trial, "prune.schedule", p.schedule)) if epochs else "one_shot"
-    regrowth = (
-        bool(suggest(trial, "prune.regrowth", p.regrowth))
-        if epochs and structure == "unstructured" and schedule == "one_shot"
-        else False
-    )
-    return PruneConfig(
-        structure,
-        sparsity,
-        str(suggest(trial, "prune.saliency", p.saliency)),
-        distribution,
-        scales,
-        schedule,
-        regrowth=regrowth,
-        **fixed,
-    )
-
-
-def layer_groups(layer_names: list[str], groups: int) -> list[list[str]]:
-    """Consecutive layers in at most `groups` groups of near-equal size (depth order)."""
-    n = len(layer_names)
-    if n == 0:
-        return []
-    count = min(groups, n)
-    bounds = [round(i * n / count) for i in range(count + 1)]
-    return [layer_names[bounds[i] : bounds[i + 1]] for i in range(count)]
-
-
-def group_parameters(
-    layer_names: list[str], groups: int, prefix: str
-) -> list[tuple[str, list[str]]]:
-    """One Optuna parameter per layer group: `<prefix>.layer.<name>` for a group of one
-    layer, `<prefix>.layers.<first>..<last>` for several."""
-    return [
-        (
-            f"{prefix}.layer.{group[0]}"
-            if len(group) == 1
-            else f"{prefix}.layers.{group[0]}..{group[-1]}",
-            group,
-        )
-        for group in layer_groups(layer_names, groups)
-    ]
-
-
-def layer_multipliers(
-    trial: optuna.Trial,
-    space: Space,
-    layer_names: list[str],
-) -> dict[str, float]:
-    """One pruning multiplier per layer group."""
-    p = space.space.pruning
-    out = {}
-    for name, group in group_parameters(layer_names, p.layer_groups, "prune"):
-        out.update(dict.fromkeys(group, float(suggest(trial, name, p.layer_scale))))
-    return out
-
-
-def _sample_quant(
-    trial: optuna.Trial, space: Space, layer_names: list[str], epochs: int
-) -> QuantConfig:
-    q = space.space.quantization
-    distribution = str(suggest(trial, "quant.distribution", q.distribution))
-    layer_bits: dict[str, int] = {}
-    if distribution == "per_layer" and layer_names:  # mixed precision, HAQ-style
-        for name, group in group_parameters(layer_names, q.layer_groups, "quant.bits"):
-            layer_bits.update(dict.fromkeys(group, int(suggest(trial, name, q.bits))))
-        bits = max(layer_bits.values())
-    else:
-        bits = int(suggest(trial, "quant.bits", q.bits))
-    widths = set(layer_bits.values()) or {bits}
-    fixed = {"layer_bits": layer_bits, "calibration_samples": q.calibration_samples}
-    half = str(suggest(trial, "quant.half_type", q.half_type)) if 16 in widths else "float16"
-    if min(widths) > 8:  # no integer grid: granularity, scheme, activations cannot matter
-        return QuantConfig(bits, half_type=half, **fixed)
-    activations = str(suggest(trial, "quant.activations", q.activations))
-    only_8 = {w for w in widths if w <= 8} == {8}
-    return QuantConfig(
-        bits,
-        granularity=str(suggest(trial, "quant.granularity", q.granularity)),
-        # 8-bit weights with int8 activations are always symmetric: nothing to choose
-        scheme="symmetric"
-        if activations == "int8" and only_8
-        else str(suggest(trial, "quant.scheme", q.scheme)),
-        half_type=half,
-        activations=activations,
-        method=str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
-        **fixed,
-    )
 
 
 def make_sampler(

@@ -151,7 +151,7 @@ class TargetSpec:
     quiet_tolerance: float = setting(
         0.10,
         "a round pair is quiet when the baseline's round is within this fraction of its "
-        "fastest round on this machine",
+        "fastest round on this machine, and the candidate's of its own",
         kind=float,
         low=0.0,
         high=10.0,

@@ -138,7 +138,7 @@ class PairedTiming:
     session_ratios: tuple[float, ...]  # one per session, in the order they ran
     pairs: int = 0  # round pairs timed
     quiet_pairs: int = 0  # of them, with both rounds at the machine's quiet level
-    quiet: bool | None = False  # the ratio is read from quiet pairs alone (None: unknown)
+    quiet: bool | None = None  # read from quiet pairs alone (None: quiet_rounds 0, nobody looked)
     quiet_level_ms: float | None = None  # the reference's fastest round on this machine
 
 
@@ -191,8 +191,8 @@ def time_sessions(
     round within as much of the candidate's fastest. Rounds go on, for at
     most ``target.quiet_s`` seconds, until ``quiet_rounds`` pairs are quiet; the ratio is
     then the median of the quiet pairs' ratios. A machine that never got quiet is read
-    from all its pairs (``quiet`` False). With ``quiet_rounds`` 0: the median of the
-    sessions' ratios, each the median of its pairs'."""
+    from all its pairs (``quiet`` False). With ``quiet_rounds`` 0 (``quiet`` None): the
+    median of the sessions' ratios, each the median of its pairs'."""
     ours: list[list[float]] = []
     theirs: list[list[float]] = []
     pairs: list[_Pair] = []
@@ -228,7 +228,7 @@ def time_sessions(
         else:
             count += len(_quiet([new], level, fastest, target))
     stats = _stats(ours, target.batch_size), _stats(theirs, target.batch_size)
-    return _reading(pairs, level, target, *stats)
+    return _reading(pairs, level, fastest, target, *stats)
 
 
 def _timed_pair(
@@ -264,12 +264,17 @@ def _quiet(pairs: list[_Pair], level: float, fastest: float, target: TargetSpec)
 
 
 def _reading(
-    pairs: list[_Pair], level: float, target: TargetSpec, ours: LatencyStats, theirs: LatencyStats
+    pairs: list[_Pair],
+    level: float,
+    fastest: float,
+    target: TargetSpec,
+    ours: LatencyStats,
+    theirs: LatencyStats,
 ) -> PairedTiming:
     """The ratio, each session's (of a quiet reading: the sessions with quiet pairs, over
     those; pooling reads them), and how quiet the machine was."""
-    quiet_pairs = _quiet(pairs, level, min(p.ours for p in pairs), target)
-    quiet = target.quiet_rounds > 0 and len(quiet_pairs) >= target.quiet_rounds
+    quiet_pairs = _quiet(pairs, level, fastest, target)
+    quiet = len(quiet_pairs) >= target.quiet_rounds if target.quiet_rounds > 0 else None
     chosen = quiet_pairs if quiet else pairs
     sessions = sorted({p.session for p in chosen})
     per_session = tuple(statistics.median(p.ratio for p in _of(chosen, k)) for k in sessions)

@@ -169,7 +169,7 @@ class Target:
             "session_ratios": list(timing.session_ratios),
             "pairs": timing.pairs,
             "quiet_pairs": timing.quiet_pairs,
-            "quiet": timing.quiet if self.spec.quiet_rounds > 0 else None,
+            "quiet": timing.quiet,
             "baseline_median_ms": timing.theirs.median_ms,
             "reference_ms": self.calibration["reference_ms"],
             "mode": self.mode(runner),
