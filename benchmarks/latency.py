@@ -39,7 +39,7 @@ from common import Record, arguments, context, progress, table, write_csv
 
 from paretoopt.measure import OrtRunner, TorchRunner, runtime_threads, time_runner
 from paretoopt.measure.isa import int8_dot, this_machine
-from paretoopt.pipeline import StudyContext, calibrate, run_trial
+from paretoopt.pipeline import StudyContext, calibrate, run_trial, settled_latency
 from paretoopt.plan import CompressionPlan, PruneConfig, QuantConfig
 from paretoopt.results import StudyResults, load_results, trial_record
 
@@ -151,14 +151,15 @@ def fresh_sessions(ctx: StudyContext, results: StudyResults, work: Path) -> Reco
         time.sleep(SPACING_S)  # not all in one stretch of the machine's state
         runner = OrtRunner(file, ctx.space.target.threads)
         start = time.perf_counter()
-        figure = ctx.target.latency(runner, file)
+        figure = settled_latency(ctx, runner, file)
         seconds.append(time.perf_counter() - start)
         measured.append(figure["ratio_to_baseline"])
         sessions += figure["session_ratios"]
         quiet += bool(figure["quiet"])
         progress(
             f"trial {number}, measurement {i + 1}: ratio {measured[-1]:.4f}, "
-            f"{figure['quiet_pairs']} of {figure['pairs']} pairs quiet, {seconds[-1]:.2f} s"
+            f"{figure['quiet_pairs']} of {figure['pairs']} pairs quiet, {seconds[-1]:.2f} s, "
+            f"{figure['tries']} tries"
         )
     return {
         "trial": number,

@@ -63,6 +63,7 @@ class Latency(_Readable):
     # ratio is read from those where quiet is True, from every pair where it is False
     quiet_pairs: int = 0
     quiet: bool | None = None  # None: timed before quiet rounds existed, or switched off
+    tries: int = 1  # timings taken: one more each time the machine was never quiet
     structure: str | None = None  # the deployed graph, weights aside (measure/structure)
     # the trial's latency_ms pools the sessions of every trial of its structure: how many
     pooled_trials: int = 1

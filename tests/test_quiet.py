@@ -18,7 +18,7 @@ from paretoopt.measure.protocol import (
     round_medians,
     time_sessions,
 )
-from paretoopt.pipeline import CONFIRM_TRIES, confirm
+from paretoopt.pipeline import QUIET_TRIES, confirm
 from paretoopt.space import TargetSpec
 
 SPEC = TargetSpec(warmup=0, warmup_s=0.0, repeats=4, iterations=3, quiet_rounds=5, quiet_s=60.0)
@@ -140,7 +140,7 @@ def _confirming(quiet: list[bool], quiet_s: float) -> tuple[SimpleNamespace, lis
 def test_a_confirmation_is_taken_again_until_the_machine_is_quiet(tmp_path):
     ctx, calls = _confirming([False, True, True], quiet_s=5.0)
     assert confirm(ctx, tmp_path) == {"latency_ms": 2.0, "quiet": True, "tries": 2}
-    ctx, calls = _confirming([False] * CONFIRM_TRIES, quiet_s=5.0)
-    assert confirm(ctx, tmp_path)["tries"] == CONFIRM_TRIES == len(calls)  # then it gives up
+    ctx, calls = _confirming([False] * QUIET_TRIES, quiet_s=5.0)
+    assert confirm(ctx, tmp_path)["tries"] == QUIET_TRIES == len(calls)  # then it gives up
     ctx, calls = _confirming([False, True], quiet_s=0.0)
     assert confirm(ctx, tmp_path)["tries"] == 1  # no time to look for a quiet machine
