@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from paretoopt.pipeline import StudyContext, calibrate, prepare, run_trial
-from paretoopt.plan import CompressionPlan
-from paretoopt.space import load_space
+from paretoopt.config.plan import CompressionPlan
+from paretoopt.config.space import load_space
+from paretoopt.study.trial import StudyContext, calibrate, prepare, run_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 CONV_SPACE = ROOT / "search_spaces" / "conv.yaml"

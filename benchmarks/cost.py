@@ -36,8 +36,8 @@ from common import (
     write_figure,
 )
 
-from paretoopt.results import BASELINE_ATTR, open_storage
-from paretoopt.space import load_space
+from paretoopt.config.space import load_space
+from paretoopt.results.frames import BASELINE_ATTR, open_storage
 
 STAGES = ("train", "compress", "export", "calibrate", "measure")
 RUNS = (("conv", CONV_SPACE, 30, 1), ("conv", CONV_SPACE, 30, 2), ("mlp", MLP_SPACE, 40, 1))
@@ -45,7 +45,7 @@ TARGET = 0.25  # overhead share on the default conv space
 
 
 def run(bench: str, file: Path, trials: int, workers: int, root: Path) -> Record:
-    from paretoopt.study import search
+    from paretoopt.study.search import search
 
     space = load_space(file)
     space = replace(

@@ -37,11 +37,11 @@ from pathlib import Path
 
 from common import Record, arguments, context, progress, table, write_csv
 
+from paretoopt.config.plan import CompressionPlan, PruneConfig, QuantConfig
 from paretoopt.measure import OrtRunner, TorchRunner, runtime_threads, time_runner
 from paretoopt.measure.isa import int8_dot, this_machine
-from paretoopt.pipeline import StudyContext, calibrate, run_trial, settled_latency
-from paretoopt.plan import CompressionPlan, PruneConfig, QuantConfig
-from paretoopt.results import StudyResults, load_results, trial_record
+from paretoopt.results.frames import StudyResults, load_results, trial_record
+from paretoopt.study.trial import StudyContext, calibrate, run_trial, settled_latency
 
 REPEATS = 10
 TARGET_CV = 0.05
@@ -71,7 +71,7 @@ while True:
 
 def repeatability(ctx: StudyContext, work: Path) -> list[Record]:
     """The baseline's median, and a candidate's paired ratio, each measured REPEATS times."""
-    from paretoopt.pipeline import run_trial
+    from paretoopt.study.trial import run_trial
 
     assert ctx.target.reference is not None
     run = ctx.target.reference.timer(ctx.target.batch)

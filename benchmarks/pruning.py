@@ -14,7 +14,7 @@ import sys
 
 from common import arguments, context, progress, ratios, run_plans, write_csv
 
-from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig
+from paretoopt.config.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig
 
 SALIENCIES = ("l1", "l2", "taylor", "hessian")
 SETTINGS = {  # structure -> sparsity compared at

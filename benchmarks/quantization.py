@@ -20,7 +20,7 @@ import sys
 
 from common import Record, arguments, context, progress, ratios, run_plans, table, write_csv
 
-from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, QuantConfig
+from paretoopt.config.plan import CompressionPlan, DistillConfig, FinetuneConfig, QuantConfig
 
 INT8 = {"bits": 8, "scheme": "symmetric", "activations": "int8"}
 

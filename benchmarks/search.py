@@ -7,7 +7,7 @@ Every run is a real study (the same space file, baseline, fine-tuning and measur
 differing only in `search.sampler` and `search.seed`:
 
 - tpe: paretoopt's default: the study's 3 anchor plans (light to strong, see
-  paretoopt/anchors.py), then multivariate TPE (10 start-up trials, the anchors and the
+  paretoopt/study/anchors.py), then multivariate TPE (10 start-up trials, the anchors and the
   baseline among them);
 - tpe-no-anchors: the same TPE without the anchors (`search.anchors: 0`), to show what
   each part contributes;
@@ -58,9 +58,9 @@ from common import (
     write_figure,
 )
 
-from paretoopt.explore import hypervolume_history
-from paretoopt.results import StudyResults
-from paretoopt.space import Space, load_space
+from paretoopt.config.space import Space, load_space
+from paretoopt.results.explore import hypervolume_history
+from paretoopt.results.frames import StudyResults
 
 BENCHES = {"conv": (CONV_SPACE, 60), "mlp": (MLP_SPACE, 80)}
 ARMS = {  # name: (search.sampler, search.anchors)
@@ -83,7 +83,7 @@ def bench_space(file: Path, bench: str, arm: str, seed: int, trials: int) -> Spa
 
 
 def run_study(space: Space, root: Path) -> StudyResults:
-    from paretoopt.study import search
+    from paretoopt.study.search import search
 
     start = time.perf_counter()
     results = search(space, results_root=root)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._version import __version__
+from paretoopt._version import __version__
 
 if TYPE_CHECKING:
-    from .export import export_trial, load
-    from .results import StudyResults, load_results
-    from .space import Space, load_space
-    from .study import search
+    from paretoopt.config.space import Space, load_space
+    from paretoopt.export import export_trial, load
+    from paretoopt.results.frames import StudyResults, load_results
+    from paretoopt.study.search import search
 
 __all__ = [
     "Space",
@@ -31,11 +31,11 @@ __all__ = [
 ]
 
 _LAZY = {
-    "search": "study",
+    "search": "study.search",
     "export_trial": "export",
     "load": "export",
-    "load_results": "results",
-    "StudyResults": "results",
+    "load_results": "results.frames",
+    "StudyResults": "results.frames",
     "load_space": "space",
     "Space": "space",
 }

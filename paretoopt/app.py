@@ -3,7 +3,7 @@
     paretoopt app                   # or: streamlit run app.py -- --results results
 
 Reads studies under a results folder read-only (no lock, so a running search is not
-disturbed) and draws everything from ``paretoopt.explore``. torch is imported only when a
+disturbed) and draws everything from ``paretoopt.results.explore``. torch is imported only when a
 candidate is exported.
 """
 
@@ -22,11 +22,11 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from paretoopt import explore
+from paretoopt.config.metrics import Metric, shown
 from paretoopt.errors import ParetoError
-from paretoopt.metrics import Metric, shown
-from paretoopt.record import quiet_reading
-from paretoopt.results import StudyResults, hardware_text, trial_record
+from paretoopt.results import explore
+from paretoopt.results.frames import StudyResults, hardware_text, trial_record
+from paretoopt.results.record import quiet_reading
 
 COLORS = {
     "front": "#1f77b4",

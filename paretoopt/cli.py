@@ -11,15 +11,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import ParetoError, one_line
+from paretoopt.errors import ParetoError, one_line
 
 EXIT_BAD_INPUT = 2
 MIN_TOKEN = 16  # characters of the agent's shared token
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .report import RichReporter
-    from .study import search
+    from paretoopt.results.report import RichReporter
+    from paretoopt.study.search import search
 
     search(
         args.space,
@@ -33,16 +33,16 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .report import RichReporter
-    from .workers import join_study
+    from paretoopt.results.report import RichReporter
+    from paretoopt.study.workers import join_study
 
     join_study(args.storage, args.study, Path(args.results), RichReporter(), args.max_failures)
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from .pipeline import check_inputs
-    from .space import dump_space, load_space
+    from paretoopt.config.space import dump_space, load_space
+    from paretoopt.study.trial import check_inputs
 
     space = load_space(args.space)
     check_inputs(space)
@@ -54,15 +54,15 @@ def _validate(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .report import front_table
-    from .results import load_results
+    from paretoopt.results.frames import load_results
+    from paretoopt.results.report import front_table
 
     Console().print(front_table(load_results(Path(args.results) / args.study)))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import FORMATS, export_trial
+    from paretoopt.export import FORMATS, export_trial
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip()) or FORMATS
     done = export_trial(
@@ -108,7 +108,7 @@ def _app(args: argparse.Namespace) -> int:
 def _agent(args: argparse.Namespace) -> int:
     import os
 
-    from .measure.agent import Agent, make_server
+    from paretoopt.measure.agent import Agent, make_server
 
     token = os.environ.get(args.token_env, "")
     if len(token) < MIN_TOKEN:

@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from .errors import StudyError
-from .metrics import Metric, shown
-from .pick import pick
-from .record import TrialRecord, quiet_reading
-from .results import StudyResults, hardware_text, load_results, trial_record
+from paretoopt.config.metrics import Metric, shown
+from paretoopt.errors import StudyError
+from paretoopt.results.frames import StudyResults, hardware_text, load_results, trial_record
+from paretoopt.results.pick import pick
+from paretoopt.results.record import TrialRecord, quiet_reading
 
 FORMATS = ("onnx", "pt2", "safetensors")
 SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
@@ -159,8 +159,8 @@ def _write_and_verify(
     formats: tuple[str, ...],
     tolerance: float,
 ) -> dict[str, dict[str, Any]]:
-    from .data import create_data
-    from .space import load_space
+    from paretoopt.config.space import load_space
+    from paretoopt.workload.data import create_data
 
     space = load_space(results.directory / "space.yaml")
     test = create_data(space.data).test
@@ -202,13 +202,13 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
         return False
     import torch
 
-    from .artifact import load_compressed, read_metadata
-    from .models import create_model
+    from paretoopt.compress.artifact import load_compressed, read_metadata
+    from paretoopt.workload.models import create_model
 
     model = load_compressed(source / ARTIFACT, lambda: create_model(space.model))
     example = torch.zeros(1, *read_metadata(source / ARTIFACT)["input_shape"])
     if fmt == "onnx":
-        from .measure.onnx_export import export_onnx
+        from paretoopt.measure.onnx_export import export_onnx
 
         export_onnx(model, example, path)
         return True
@@ -229,8 +229,8 @@ def model_card(
     files: dict[str, Path],
     checks: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    from ._version import __version__
-    from .space import load_space, space_to_dict
+    from paretoopt._version import __version__
+    from paretoopt.config.space import load_space, space_to_dict
 
     space = space_to_dict(load_space(results.directory / "space.yaml"))
     keys = ("accuracy", "test_accuracy", "torch_accuracy", "torch_test_accuracy", "deploy_gap")
@@ -350,7 +350,7 @@ def load(path: str | Path, *, space: Any = None) -> LoadedModel:
     if not path.is_file():
         raise StudyError(f"{path}: no such file")
     if path.suffix == ".onnx":
-        from .measure.backends.onnxruntime import OrtRunner
+        from paretoopt.measure.backends.onnxruntime import OrtRunner
 
         return LoadedModel("onnx", path, OrtRunner(path, threads=1))
     import torch
@@ -359,9 +359,9 @@ def load(path: str | Path, *, space: Any = None) -> LoadedModel:
         module = torch.export.load(str(path)).module()
         return LoadedModel("pt2", path, _torch_call(module), module)
     if path.suffix == ".safetensors":
-        from .artifact import load_compressed
-        from .models import create_model
-        from .space import ComponentSpec
+        from paretoopt.compress.artifact import load_compressed
+        from paretoopt.config.space import ComponentSpec
+        from paretoopt.workload.models import create_model
 
         spec = space.model if space is not None else ComponentSpec(**_card_model(path))
         module = load_compressed(path, lambda: create_model(spec))

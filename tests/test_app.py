@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from paretoopt import explore
-from paretoopt.results import journal_storage, load_results
-from paretoopt.study import search
+from paretoopt.results import explore
+from paretoopt.results.frames import journal_storage, load_results
+from paretoopt.study.search import search
 
 from .conftest import TINY, write_space
 
@@ -226,7 +226,7 @@ def test_budget_mask_and_categories(root):
 
 def test_layer_table_and_influence(root):
     results = load_results(root / "tiny")
-    from paretoopt.results import trial_record
+    from paretoopt.results.frames import trial_record
 
     number = int(results.pareto["number"].iloc[0])
     table = explore.layer_table(trial_record(results, number))

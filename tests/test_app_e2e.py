@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from paretoopt.results import load_results
-from paretoopt.study import search
+from paretoopt.results.frames import load_results
+from paretoopt.study.search import search
 
 from .browser import CHROMIUM, ROOT, browser_page, choose_candidate, serve_app
 from .conftest import TINY, write_space

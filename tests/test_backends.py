@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from paretoopt.artifact import ARTIFACT, save_compressed
-from paretoopt.data import create_data
+from paretoopt.compress.artifact import ARTIFACT, save_compressed
+from paretoopt.compress.techniques import Workbench, apply_plan
+from paretoopt.compress.techniques.bench import find_classifier
+from paretoopt.compress.train import logits_of
+from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.space import ComponentSpec, TargetSpec
 from paretoopt.measure.backends import BACKENDS, DeployRequest, backend_name, create_backend
 from paretoopt.measure.isa import Int8Recipe, this_machine
-from paretoopt.models import create_model
-from paretoopt.plan import CompressionPlan, QuantConfig
-from paretoopt.space import ComponentSpec, TargetSpec
-from paretoopt.techniques import Workbench, apply_plan
-from paretoopt.techniques.bench import find_classifier
-from paretoopt.train import logits_of
+from paretoopt.workload.data import create_data
+from paretoopt.workload.models import create_model
 
 SPEC = ComponentSpec(name="tiny_conv")
 NEEDS = {"torch-cuda": torch.cuda.is_available()}

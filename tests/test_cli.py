@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from paretoopt.cli import build_parser, main
-from paretoopt.models import tiny_conv
+from paretoopt.workload.models import tiny_conv
 
 from .conftest import write_space
 

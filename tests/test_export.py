@@ -14,24 +14,24 @@ import torch
 from rich.console import Console
 
 import paretoopt
-from paretoopt.artifact import load_compressed
 from paretoopt.cli import main
-from paretoopt.errors import StudyError
-from paretoopt.export import export_trial, load
-from paretoopt.pick import confirmed, knee, pick
-from paretoopt.pipeline import calibrate, prepare, run_trial
-from paretoopt.plan import (
+from paretoopt.compress.artifact import load_compressed
+from paretoopt.compress.train import logits_of
+from paretoopt.config.plan import (
     CompressionPlan,
     DistillConfig,
     FinetuneConfig,
     PruneConfig,
     QuantConfig,
 )
-from paretoopt.report import front_table
-from paretoopt.results import StudyResults, journal_storage
-from paretoopt.space import load_space
-from paretoopt.study import search
-from paretoopt.train import logits_of
+from paretoopt.config.space import load_space
+from paretoopt.errors import StudyError
+from paretoopt.export import export_trial, load
+from paretoopt.results.frames import StudyResults, journal_storage
+from paretoopt.results.pick import confirmed, knee, pick
+from paretoopt.results.report import front_table
+from paretoopt.study.search import search
+from paretoopt.study.trial import calibrate, prepare, run_trial
 
 from .conftest import TINY, write_space
 
@@ -105,7 +105,7 @@ def test_every_kind_exports_in_every_format_and_reloads(study, tmp_path, kind, f
 
 
 def tiny() -> torch.nn.Module:
-    from paretoopt.models import tiny_conv
+    from paretoopt.workload.models import tiny_conv
 
     return tiny_conv()
 

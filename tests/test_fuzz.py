@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from paretoopt.cli import main
+from paretoopt.config.space import parse_space
 from paretoopt.errors import SpaceError
-from paretoopt.space import parse_space
 
 from .conftest import TINY
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from paretoopt.measure.isa import SATURATION_FREE, Int8Recipe, cpu_isa, int8_dot
-from paretoopt.results import hardware_text
+from paretoopt.results.frames import hardware_text
 
 AVX2 = ["sse4_1", "avx2"]
 SKYLAKE = ["sse4_1", "avx2", "avx512f", "avx512bw"]

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+from paretoopt.compress.train import Recipe, train
+from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.space import TargetSpec, parse_space
 from paretoopt.errors import SpaceError
 from paretoopt.measure import OrtRunner, TorchRunner, export_onnx, time_paired, time_runner
 from paretoopt.measure.agent import Agent, AgentClient, AgentError, make_server
 from paretoopt.measure.gate import MeasurementGate
-from paretoopt.pipeline import calibrate, check_inputs, prepare, run_trial
-from paretoopt.plan import CompressionPlan, QuantConfig
-from paretoopt.space import TargetSpec, parse_space
-from paretoopt.train import Recipe, train
+from paretoopt.study.trial import calibrate, check_inputs, prepare, run_trial
 
 from .conftest import TINY
 
@@ -132,9 +132,9 @@ def test_measurement_waits_for_a_running_step_and_steps_wait_for_it(tmp_path):
 
 
 def test_every_training_step_passes_the_gate():
-    from paretoopt.data import create_data
-    from paretoopt.models import tiny_conv
-    from paretoopt.space import ComponentSpec
+    from paretoopt.config.space import ComponentSpec
+    from paretoopt.workload.data import create_data
+    from paretoopt.workload.models import tiny_conv
 
     splits = create_data(ComponentSpec(name="digits", kwargs={"size": 8}))
     entered = []

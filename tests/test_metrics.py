@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from paretoopt import explore
 from paretoopt.cli import main
-from paretoopt.metrics import DEFAULT_OBJECTIVES, METRICS, ratios, shown
-from paretoopt.pick import knee, pick
-from paretoopt.report import front_table
-from paretoopt.results import METRIC_COLUMNS, load_results, pareto_mask
-from paretoopt.space import ConstraintsSpec, parse_space
+from paretoopt.config.metrics import DEFAULT_OBJECTIVES, METRICS, ratios, shown
+from paretoopt.config.space import ConstraintsSpec, parse_space
+from paretoopt.results import explore
+from paretoopt.results.frames import METRIC_COLUMNS, load_results, pareto_mask
+from paretoopt.results.pick import knee, pick
+from paretoopt.results.report import front_table
 
 from .conftest import write_space
 

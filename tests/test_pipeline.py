@@ -6,12 +6,25 @@ import statistics
 import pytest
 import torch
 
-from paretoopt.artifact import load_compressed
-from paretoopt.pipeline import ARTIFACT, RUNTIME_FILE, calibrate, check_inputs, prepare, run_trial
-from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
-from paretoopt.pooling import pooled
-from paretoopt.space import parse_space
-from paretoopt.train import accuracy, logits_of
+from paretoopt.compress.artifact import load_compressed
+from paretoopt.compress.train import accuracy, logits_of
+from paretoopt.config.plan import (
+    CompressionPlan,
+    DistillConfig,
+    FinetuneConfig,
+    PruneConfig,
+    QuantConfig,
+)
+from paretoopt.config.space import parse_space
+from paretoopt.results.pooling import pooled
+from paretoopt.study.trial import (
+    ARTIFACT,
+    RUNTIME_FILE,
+    calibrate,
+    check_inputs,
+    prepare,
+    run_trial,
+)
 
 from .conftest import TINY
 
@@ -126,8 +139,8 @@ def test_check_inputs_finds_the_classes():
 def test_paired_timing_ignores_one_disturbed_round(monkeypatch):
     import types
 
+    from paretoopt.config.space import TargetSpec
     from paretoopt.measure import protocol
-    from paretoopt.space import TargetSpec
 
     now = {"ns": 0, "calls": 0}  # a fake clock: the models advance it, nothing sleeps
     monkeypatch.setattr(protocol, "time", types.SimpleNamespace(perf_counter_ns=lambda: now["ns"]))

@@ -4,8 +4,14 @@ import json
 
 import pytest
 
+from paretoopt.config.plan import (
+    CompressionPlan,
+    DistillConfig,
+    FinetuneConfig,
+    PruneConfig,
+    QuantConfig,
+)
 from paretoopt.errors import PlanError
-from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig, QuantConfig
 
 
 def test_plan_round_trips_through_json():
@@ -94,7 +100,7 @@ def test_a_plan_is_a_mapping_of_technique_to_config():
     import copy
     import pickle
 
-    from paretoopt.plan import PARTS
+    from paretoopt.config.plan import PARTS
 
     plan = CompressionPlan(QuantConfig(4), PruneConfig("channel", 0.5))  # any order
     assert list(plan) == list(PARTS) and plan["quant"] is plan.quant and plan.quant.bits == 4

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from paretoopt.pooling import pool_study, pooled
+from paretoopt.results.pooling import pool_study, pooled
 
 from .test_record import LATENCY, record
 

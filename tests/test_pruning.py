@@ -8,14 +8,14 @@ import itertools
 import pytest
 import torch
 
-from paretoopt.data import Split, Splits, create_data
-from paretoopt.models import conv
-from paretoopt.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig
-from paretoopt.space import ComponentSpec
-from paretoopt.techniques import Workbench, apply_plan
-from paretoopt.techniques.bench import find_classifier, prunable_layers
-from paretoopt.techniques.prune import cubic_ratios
-from paretoopt.train import logits_of
+from paretoopt.compress.techniques import Workbench, apply_plan
+from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
+from paretoopt.compress.techniques.prune import cubic_ratios
+from paretoopt.compress.train import logits_of
+from paretoopt.config.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig
+from paretoopt.config.space import ComponentSpec
+from paretoopt.workload.data import Split, Splits, create_data
+from paretoopt.workload.models import conv
 
 from .user_model import SignalNet, signals
 

@@ -12,21 +12,21 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from paretoopt.artifact import load_compressed, save_compressed
-from paretoopt.data import create_data
+from paretoopt.compress.artifact import load_compressed, save_compressed
+from paretoopt.compress.techniques import Workbench, apply_plan
+from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
+from paretoopt.compress.techniques.quantize import quantize_tensor
+from paretoopt.compress.train import Recipe, accuracy, logits_of, train
+from paretoopt.config.plan import CompressionPlan, FinetuneConfig, PruneConfig, QuantConfig
+from paretoopt.config.space import ComponentSpec, parse_space
 from paretoopt.errors import PlanError, SpaceError
 from paretoopt.measure import OrtRunner, export_onnx
 from paretoopt.measure.int8 import _int8_weight, integer_initializers, quantize_model
 from paretoopt.measure.isa import Int8Recipe
-from paretoopt.models import mlp, tiny_conv
-from paretoopt.pipeline import RUNTIME_FILE, calibrate, prepare, run_trial
-from paretoopt.plan import CompressionPlan, FinetuneConfig, PruneConfig, QuantConfig
-from paretoopt.sampling import sample_plan
-from paretoopt.space import ComponentSpec, parse_space
-from paretoopt.techniques import Workbench, apply_plan
-from paretoopt.techniques.bench import find_classifier, prunable_layers
-from paretoopt.techniques.quantize import quantize_tensor
-from paretoopt.train import Recipe, accuracy, logits_of, train
+from paretoopt.study.sampling import sample_plan
+from paretoopt.study.trial import RUNTIME_FILE, calibrate, prepare, run_trial
+from paretoopt.workload.data import create_data
+from paretoopt.workload.models import mlp, tiny_conv
 
 from .conftest import TINY
 

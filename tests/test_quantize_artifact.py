@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from paretoopt.artifact import (
+from paretoopt.compress.artifact import (
     decode_state_dict,
     load_compressed,
     pack_bits,
@@ -14,15 +14,15 @@ from paretoopt.artifact import (
     save_compressed,
     unpack_bits,
 )
-from paretoopt.data import create_data
+from paretoopt.compress.techniques import Workbench, apply_plan
+from paretoopt.compress.techniques.bench import find_classifier
+from paretoopt.compress.techniques.quantize import quantize_tensor
+from paretoopt.compress.train import logits_of
+from paretoopt.config.plan import CompressionPlan, PruneConfig, QuantConfig
+from paretoopt.config.space import ComponentSpec
 from paretoopt.errors import ArtifactError
-from paretoopt.models import tiny_conv
-from paretoopt.plan import CompressionPlan, PruneConfig, QuantConfig
-from paretoopt.space import ComponentSpec
-from paretoopt.techniques import Workbench, apply_plan
-from paretoopt.techniques.bench import find_classifier
-from paretoopt.techniques.quantize import quantize_tensor
-from paretoopt.train import logits_of
+from paretoopt.workload.data import create_data
+from paretoopt.workload.models import tiny_conv
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
@@ -171,7 +171,7 @@ def test_per_layer_budgets_differ_by_layer(splits):
 
 
 def test_fine_tuning_keeps_pruned_weights_at_zero(splits):
-    from paretoopt.plan import DistillConfig, FinetuneConfig
+    from paretoopt.config.plan import DistillConfig, FinetuneConfig
 
     bench = _bench(splits)
     plan = CompressionPlan(
@@ -201,7 +201,7 @@ def test_loading_into_the_wrong_architecture_fails_clearly(splits, tmp_path):
     plan = CompressionPlan()
     bench = _bench(splits)
     save_compressed(tmp_path / "m.safetensors", bench, plan)
-    from paretoopt.models import mlp
+    from paretoopt.workload.models import mlp
 
     with pytest.raises(ArtifactError, match="does not fit the model"):
         load_compressed(tmp_path / "m.safetensors", lambda: mlp(in_features=64))
@@ -214,7 +214,7 @@ def test_a_channel_removal_that_does_not_replay_fails_clearly(splits, tmp_path):
     apply_plan(bench, plan)
     save_compressed(tmp_path / "m.safetensors", bench, plan)
     assert load_compressed(tmp_path / "m.safetensors", tiny_conv)(splits.val.x[:2]).shape == (2, 10)
-    from paretoopt.models import mlp
+    from paretoopt.workload.models import mlp
 
     with pytest.raises(ArtifactError, match="its channel removal does not replay on this model"):
         load_compressed(tmp_path / "m.safetensors", lambda: mlp(in_features=64))
@@ -222,7 +222,7 @@ def test_a_channel_removal_that_does_not_replay_fails_clearly(splits, tmp_path):
 
 @pytest.mark.parametrize("round_to", [1, 8])
 def test_channel_pruning_is_monotone_and_rounded(splits, round_to):
-    from paretoopt.models import conv
+    from paretoopt.workload.models import conv
 
     widths = []
     for sparsity in (0.3, 0.8, 0.95):

@@ -12,14 +12,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from paretoopt.config.space import TargetSpec
 from paretoopt.measure.protocol import (
     DeviceTime,
     quiet_reference,
     round_medians,
     time_sessions,
 )
-from paretoopt.pipeline import QUIET_TRIES, confirm
-from paretoopt.space import TargetSpec
+from paretoopt.study.trial import QUIET_TRIES, confirm
 
 SPEC = TargetSpec(warmup=0, warmup_s=0.0, repeats=4, iterations=3, quiet_rounds=5, quiet_s=60.0)
 QUIET = (0.2, 1.0)  # candidate, reference (ms)

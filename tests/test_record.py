@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from paretoopt.metrics import METRICS
-from paretoopt.record import (
+from paretoopt.config.metrics import METRICS
+from paretoopt.results.record import (
     RECORD_VERSION,
     VERSION_ATTR,
     Latency,
@@ -93,7 +93,7 @@ def test_every_metric_reads_a_field_of_the_record_and_a_frame_column():
 
 def test_a_renamed_field_reads_from_its_old_name(monkeypatch):
     """A rename is one line in RENAMED: records stored under the old name still read."""
-    import paretoopt.record as module
+    import paretoopt.results.record as module
 
     stored = record().to_attrs()
     stored["bytes_on_disk"] = stored.pop("size_bytes")
@@ -103,7 +103,7 @@ def test_a_renamed_field_reads_from_its_old_name(monkeypatch):
 
 
 def test_a_latency_says_how_it_was_read():
-    from paretoopt.record import quiet_reading
+    from paretoopt.results.record import quiet_reading
 
     assert quiet_reading({"quiet": True, "quiet_pairs": 5, "pairs": 64}) == (
         "read from 5 of 64 round pairs at the machine's quiet level"

@@ -7,7 +7,7 @@ import numpy as np
 import optuna
 import pytest
 
-from paretoopt.results import pareto_mask
+from paretoopt.results.frames import pareto_mask
 
 
 def brute_force(values, directions):
@@ -52,7 +52,8 @@ def test_empty_input():
 
 def test_results_layer_does_not_import_torch():
     code = (
-        "import sys, paretoopt, paretoopt.results, paretoopt.space, paretoopt.plan; "
+        "import sys, paretoopt, paretoopt.results.frames, paretoopt.config.space, "
+        "paretoopt.config.plan; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -61,8 +62,8 @@ def test_results_layer_does_not_import_torch():
 
 def test_search_stays_a_function_after_its_module_is_imported():
     code = (
-        "import paretoopt; f = paretoopt.search; import paretoopt.study; "
-        "import paretoopt.results; print(callable(paretoopt.search), paretoopt.search is f)"
+        "import paretoopt; f = paretoopt.search; import paretoopt.study.search; "
+        "import paretoopt.results.frames; print(callable(paretoopt.search), paretoopt.search is f)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True True"

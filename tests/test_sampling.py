@@ -3,9 +3,9 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from paretoopt.plan import CompressionPlan
-from paretoopt.sampling import grid_space, lattice, make_sampler, sample_plan
-from paretoopt.space import parse_space
+from paretoopt.config.plan import CompressionPlan
+from paretoopt.config.space import parse_space
+from paretoopt.study.sampling import grid_space, lattice, make_sampler, sample_plan
 
 from .conftest import TINY
 
@@ -174,7 +174,7 @@ def _conv_like(objectives: list[str] | None = None, trials: int = 60) -> dict:
 
 
 def test_anchor_plans_go_from_light_to_strong_with_the_knobs_that_move_the_objectives():
-    from paretoopt.anchors import anchor_params
+    from paretoopt.study.anchors import anchor_params
 
     anchors = anchor_params(parse_space(_conv_like()), ["conv1", "fc"])
     assert [a["prune.channel.sparsity"] for a in anchors] == pytest.approx([0.225, 0.45, 0.675])
@@ -195,7 +195,7 @@ def test_anchor_plans_go_from_light_to_strong_with_the_knobs_that_move_the_objec
 
 
 def test_listed_values_are_taken_by_strength_and_per_layer_knobs_each_get_one():
-    from paretoopt.anchors import anchor_params
+    from paretoopt.study.anchors import anchor_params
 
     doc = _conv_like()
     doc["space"]["quantization"] = {"bits": [4, 8, 32], "distribution": "per_layer"}
@@ -207,7 +207,7 @@ def test_listed_values_are_taken_by_strength_and_per_layer_knobs_each_get_one():
 
 
 def test_anchors_are_queued_once_and_drawn_as_the_plans_they_were_built_as():
-    from paretoopt.anchors import ANCHOR_ATTR, anchor_count, anchor_params, queue_anchors
+    from paretoopt.study.anchors import ANCHOR_ATTR, anchor_count, anchor_params, queue_anchors
 
     space = parse_space(_conv_like())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -228,7 +228,7 @@ def test_anchors_are_queued_once_and_drawn_as_the_plans_they_were_built_as():
 def test_anchor_values_lie_on_optunas_own_grid():
     """A range that its step does not divide ends, for Optuna, at the last step inside
     it; an anchor never lands beyond it or between two steps."""
-    from paretoopt.anchors import _AnchorTrial
+    from paretoopt.study.anchors import _AnchorTrial
 
     with pytest.warns(UserWarning, match="not divisible"):
         optunas = optuna.distributions.FloatDistribution(0.0, 0.78, step=0.2)
@@ -254,14 +254,14 @@ def test_an_unknown_sampler_is_refused_not_replaced_by_random(tiny_doc):
 
 
 def test_every_plan_part_has_a_draw():
-    from paretoopt.plan import PARTS
-    from paretoopt.sampling import DRAWS
+    from paretoopt.config.plan import PARTS
+    from paretoopt.study.sampling import DRAWS
 
     assert set(DRAWS) == set(PARTS)
 
 
 def test_each_part_says_which_way_its_knobs_are_stronger_and_what_to_try_first():
-    from paretoopt.sampling import preferred, stronger
+    from paretoopt.study.sampling import preferred, stronger
 
     assert stronger("prune.channel.sparsity") == "up" and stronger("quant.bits.layer.fc") == "down"
     assert stronger("finetune.lr") is None and stronger("prune.layer.fc") is None

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from paretoopt.cli import main
-from paretoopt.results import load_results
+from paretoopt.results.frames import load_results
 
 from .conftest import write_space
 
@@ -110,8 +110,8 @@ def test_resume_refuses_a_changed_space(finished, tmp_path, capsys):
 def test_a_setting_added_since_the_study_began_does_not_block_its_resume(tiny_doc):
     """A space.yaml written before a setting existed reads as that setting's default; a
     setting it holds at another value is still a difference."""
-    from paretoopt.session import space_difference
-    from paretoopt.space import parse_space, space_to_dict
+    from paretoopt.config.space import parse_space, space_to_dict
+    from paretoopt.study.session import space_difference
 
     space = parse_space(tiny_doc)
     older = space_to_dict(space)
@@ -128,7 +128,7 @@ def test_a_setting_added_since_the_study_began_does_not_block_its_resume(tiny_do
 def test_interrupted_trials_are_failed_and_replaced(finished, tmp_path):
     import optuna
 
-    from paretoopt.results import journal_storage
+    from paretoopt.results.frames import journal_storage
 
     root, space = finished
     results = tmp_path / "results"
@@ -223,7 +223,7 @@ def test_max_failures_stops_a_study_that_keeps_failing(tmp_path, capsys):
 
 
 def test_a_second_process_on_the_same_study_is_refused(finished, tmp_path, capsys):
-    from paretoopt.session import _lock
+    from paretoopt.study.session import _lock
 
     root, space = finished
     results = tmp_path / "results"
@@ -242,8 +242,8 @@ def test_a_failed_baseline_is_queued_again_and_does_not_count():
     import optuna
     from optuna.trial import TrialState
 
-    from paretoopt.results import BASELINE_ATTR
-    from paretoopt.session import ensure_baseline, finished
+    from paretoopt.results.frames import BASELINE_ATTR
+    from paretoopt.study.session import ensure_baseline, finished
 
     study = optuna.create_study(directions=["maximize", "minimize"])
     ensure_baseline(study)
@@ -280,7 +280,7 @@ def test_a_killed_search_resumes_to_the_requested_count(tmp_path, tiny_doc):
 
     import optuna
 
-    from paretoopt.results import journal_storage
+    from paretoopt.results.frames import journal_storage
 
     tiny_doc["search"]["trials"] = 6
     space = write_space(tmp_path / "tiny.yaml", tiny_doc)
@@ -327,7 +327,7 @@ def test_killed_at_random_moments_a_search_loses_only_running_trials(tmp_path, t
 
     import optuna
 
-    from paretoopt.results import journal_storage
+    from paretoopt.results.frames import journal_storage
 
     tiny_doc["search"]["trials"] = 8
     space = write_space(tmp_path / "tiny.yaml", tiny_doc)
@@ -384,7 +384,7 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     assert list(frame["number"]) == list(range(14)) and (frame["state"] == "COMPLETE").all()
     import optuna
 
-    from paretoopt.results import journal_storage
+    from paretoopt.results.frames import journal_storage
 
     study = optuna.load_study(study_name="tiny", storage=journal_storage(results / "tiny"))
     workers = {t.user_attrs["worker"] for t in study.get_trials()}
@@ -404,7 +404,7 @@ def test_a_helper_killed_mid_trial_is_replaced_in_the_same_session(tmp_path):
 
     import optuna
 
-    from paretoopt.results import journal_storage
+    from paretoopt.results.frames import journal_storage
 
     from .conftest import TINY
 
@@ -439,8 +439,8 @@ def test_a_search_starts_with_its_anchor_plans(tmp_path, tiny_doc):
     """Right after the baseline, the anchors run (here one: a quarter of 5 trials)."""
     import optuna
 
-    from paretoopt.anchors import ANCHOR_ATTR
-    from paretoopt.results import journal_storage
+    from paretoopt.results.frames import journal_storage
+    from paretoopt.study.anchors import ANCHOR_ATTR
 
     tiny_doc["search"] = {"trials": 5, "seed": 0}
     space = write_space(tmp_path / "tiny.yaml", tiny_doc)
@@ -457,8 +457,8 @@ def test_a_search_starts_with_its_anchor_plans(tmp_path, tiny_doc):
 def test_the_sampler_is_told_no_accuracy_above_the_baseline(tiny_doc):
     """A gain over the baseline is told to the sampler as the baseline's accuracy; the
     record (and the front built from it) keeps the measured figure."""
-    from paretoopt.space import parse_space
-    from paretoopt.trials import told_values
+    from paretoopt.config.space import parse_space
+    from paretoopt.study.loop import told_values
 
     space = parse_space(tiny_doc)  # objectives: accuracy, size, latency
     base = {"accuracy": 98.0, "size_bytes": 1000, "latency_ms": 0.2}
@@ -478,11 +478,11 @@ def test_a_baseline_queued_again_runs_before_the_anchors(tmp_path, tiny_doc):
 
     import optuna
 
-    from paretoopt.anchors import ANCHOR_ATTR
-    from paretoopt.results import BASELINE_ATTR
-    from paretoopt.session import ensure_baseline
-    from paretoopt.space import parse_space
-    from paretoopt.trials import _claim
+    from paretoopt.config.space import parse_space
+    from paretoopt.results.frames import BASELINE_ATTR
+    from paretoopt.study.anchors import ANCHOR_ATTR
+    from paretoopt.study.loop import _claim
+    from paretoopt.study.session import ensure_baseline
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = parse_space({**tiny_doc, "search": {"trials": 20, "seed": 0}})

@@ -24,10 +24,10 @@ import pandas as pd
 import pytest
 from optuna.trial import TrialState
 
-from paretoopt import sharing
 from paretoopt.cli import main
-from paretoopt.results import BASELINE_ATTR, STALE, fail_reason
-from paretoopt.session import finished
+from paretoopt.results.frames import BASELINE_ATTR, STALE, fail_reason
+from paretoopt.study import sharing
+from paretoopt.study.session import finished
 
 from .conftest import write_space
 
@@ -238,8 +238,8 @@ def test_a_worker_names_what_is_missing(tmp_path, postgres, shared_doc, capsys):
     assert main(args) == 2  # a study of that name, but not one paretoopt started
     assert "holds no space" in capsys.readouterr().err
 
-    from paretoopt.session import SPACE_ATTR
-    from paretoopt.space import dump_space, load_space
+    from paretoopt.config.space import dump_space, load_space
+    from paretoopt.study.session import SPACE_ATTR
 
     study.set_user_attr(SPACE_ATTR, dump_space(load_space(space)))
     assert main(args) == 2  # this machine does not see the study's results folder
@@ -254,8 +254,8 @@ def test_a_second_folder_cannot_reuse_a_study_name_with_another_space(
     space = write_space(tmp_path / "a.yaml", shared_doc)
     storage = sharing.writer_storage(postgres, tmp_path, 1)
     study = optuna.create_study(study_name=name, storage=storage)
-    from paretoopt.session import SPACE_ATTR
-    from paretoopt.space import dump_space, load_space
+    from paretoopt.config.space import dump_space, load_space
+    from paretoopt.study.session import SPACE_ATTR
 
     study.set_user_attr(SPACE_ATTR, dump_space(load_space(space)))
     shared_doc["space"]["quantization"]["bits"] = [2, 4]

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from paretoopt.config.knobs import Choice, Fixed, Range
+from paretoopt.config.space import dump_space, load_space, parse_space, reference_rows
 from paretoopt.errors import SpaceError
-from paretoopt.knobs import Choice, Fixed, Range
-from paretoopt.space import dump_space, load_space, parse_space, reference_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "search_spaces").glob("*.yaml"))

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from paretoopt.data import create_data
-from paretoopt.models import tiny_conv
-from paretoopt.plan import CompressionPlan
-from paretoopt.space import ComponentSpec
-from paretoopt.techniques import ORDER, TECHNIQUES, Workbench, apply_plan
-from paretoopt.techniques.bench import find_classifier
-from paretoopt.train import logits_of
+from paretoopt.compress.techniques import ORDER, TECHNIQUES, Workbench, apply_plan
+from paretoopt.compress.techniques.bench import find_classifier
+from paretoopt.compress.train import logits_of
+from paretoopt.config.plan import CompressionPlan
+from paretoopt.config.space import ComponentSpec
+from paretoopt.workload.data import create_data
+from paretoopt.workload.models import tiny_conv
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_find_classifier_uses_execution_order():
 
 
 def test_techniques_run_by_stage_and_report_once_all_have_run(bench_factory, monkeypatch):
-    from paretoopt import techniques
+    from paretoopt.compress import techniques
 
     ran: list[str] = []
     monkeypatch.setattr(techniques, "TECHNIQUES", dict(techniques.TECHNIQUES))
@@ -87,14 +87,14 @@ def test_techniques_run_by_stage_and_report_once_all_have_run(bench_factory, mon
 
 
 def test_every_saliency_the_space_offers_is_implemented():
-    from paretoopt.space import SALIENCIES as OFFERED
-    from paretoopt.techniques.saliency import SALIENCIES
+    from paretoopt.compress.techniques.saliency import SALIENCIES
+    from paretoopt.config.space import SALIENCIES as OFFERED
 
     assert tuple(SALIENCIES) == OFFERED
 
 
 def test_a_technique_that_changes_the_architecture_says_how_the_file_replays_it():
-    from paretoopt.techniques import rebuilds
+    from paretoopt.compress.techniques import rebuilds
 
     (pruning,) = rebuilds()  # of the built-ins, only channel removal changes shapes
     assert (pruning.key, pruning.what) == ("pruning_history", "channel removal")

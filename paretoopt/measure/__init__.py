@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
-from .fingerprint import hardware_fingerprint
-from .onnx_export import export_onnx
-from .protocol import LatencyStats, Runner, time_paired, time_runner
-from .runtimes import (
+from paretoopt.measure.fingerprint import hardware_fingerprint
+from paretoopt.measure.onnx_export import export_onnx
+from paretoopt.measure.protocol import LatencyStats, Runner, time_paired, time_runner
+from paretoopt.measure.runtimes import (
     OrtRunner,
     TorchRunner,
     runtime_accuracy,

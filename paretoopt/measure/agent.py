@@ -36,12 +36,18 @@ from urllib import error, request
 
 import numpy as np
 
-from ..errors import ParetoError
-from ..space import BEFORE_IT_EXISTED, TargetSpec
-from .fingerprint import hardware_fingerprint
-from .gate import MeasurementGate
-from .protocol import LatencyStats, PairedTiming, Timers, time_runner, time_sessions
-from .runtimes import OrtRunner
+from paretoopt.config.space import BEFORE_IT_EXISTED, TargetSpec
+from paretoopt.errors import ParetoError
+from paretoopt.measure.fingerprint import hardware_fingerprint
+from paretoopt.measure.gate import MeasurementGate
+from paretoopt.measure.protocol import (
+    LatencyStats,
+    PairedTiming,
+    Timers,
+    time_runner,
+    time_sessions,
+)
+from paretoopt.measure.runtimes import OrtRunner
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024

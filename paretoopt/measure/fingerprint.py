@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .isa import int8_dot, this_machine
+from paretoopt.measure.isa import int8_dot, this_machine
 
 
 def hardware_fingerprint() -> dict[str, Any]:

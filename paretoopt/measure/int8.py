@@ -32,9 +32,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..errors import TrialError
-from ..techniques.qtensor import QTensor
-from .isa import Int8Recipe
+from paretoopt.compress.techniques.qtensor import QTensor
+from paretoopt.errors import TrialError
+from paretoopt.measure.isa import Int8Recipe
 
 # fused operators that compute in integers (what ORT's CPU graph optimizer produces)
 INTEGER_OPS = frozenset(

@@ -20,7 +20,7 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..space import INT8_RECIPES
+from paretoopt.config.space import INT8_RECIPES
 
 # the flags (as /proc/cpuinfo names them) that decide which int8 kernels a CPU runs
 FLAGS = ("sse4_1", "avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")

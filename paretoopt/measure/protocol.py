@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..space import TargetSpec
+from paretoopt.config.space import TargetSpec
 
 
 @dataclass(frozen=True)

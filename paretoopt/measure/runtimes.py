@@ -15,13 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import Split
-
 # the runners live with their backends; named here too, as this module always had them
-from .backends.cuda import CudaRunner
-from .backends.onnxruntime import OrtRunner
-from .backends.torch_eager import TorchRunner
-from .protocol import Runner
+from paretoopt.measure.backends.cuda import CudaRunner
+from paretoopt.measure.backends.onnxruntime import OrtRunner
+from paretoopt.measure.backends.torch_eager import TorchRunner
+from paretoopt.measure.protocol import Runner
+from paretoopt.workload.data import Split
 
 __all__ = ["CudaRunner", "OrtRunner", "TorchRunner"]
 

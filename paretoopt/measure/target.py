@@ -16,14 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import Split
-from ..errors import StudyError
-from ..space import TargetSpec
-from .agent import AgentClient
-from .backends import Backend, create_backend
-from .gate import MeasurementGate
-from .isa import Int8Recipe, this_machine
-from .protocol import (
+from paretoopt.config.space import TargetSpec
+from paretoopt.errors import StudyError
+from paretoopt.measure.agent import AgentClient
+from paretoopt.measure.backends import Backend, create_backend
+from paretoopt.measure.gate import MeasurementGate
+from paretoopt.measure.isa import Int8Recipe, this_machine
+from paretoopt.measure.protocol import (
     LatencyStats,
     PairedTiming,
     Runner,
@@ -33,7 +32,8 @@ from .protocol import (
     time_runner,
     time_sessions,
 )
-from .runtimes import runtime_threads, timing_batch
+from paretoopt.measure.runtimes import runtime_threads, timing_batch
+from paretoopt.workload.data import Split
 
 CALIBRATION_ROUNDS = 3
 SETTLE_TOLERANCE = 0.02

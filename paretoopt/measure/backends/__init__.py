@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .base import Backend, Deployment, DeployRequest
+from paretoopt.measure.backends.base import Backend, Deployment, DeployRequest
 
 if TYPE_CHECKING:
     import torch
 
-    from ...space import TargetSpec
+    from paretoopt.config.space import TargetSpec
 
 # backend name -> (module in this package, class); the name is what records say ran
 BACKENDS = {

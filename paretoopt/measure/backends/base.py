@@ -17,10 +17,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ...plan import QuantConfig
-    from ...techniques.qtensor import QTensor
-    from ..isa import Int8Recipe
-    from ..protocol import Runner
+    from paretoopt.compress.techniques.qtensor import QTensor
+    from paretoopt.config.plan import QuantConfig
+    from paretoopt.measure.isa import Int8Recipe
+    from paretoopt.measure.protocol import Runner
 
 
 def _untimed(_stage: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...space import TargetSpec
-from ..protocol import DeviceTime, Runner
-from .torch_eager import TorchBackend
+from paretoopt.config.space import TargetSpec
+from paretoopt.measure.backends.torch_eager import TorchBackend
+from paretoopt.measure.protocol import DeviceTime, Runner
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 

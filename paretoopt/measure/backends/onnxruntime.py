@@ -14,18 +14,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ...techniques.bench import prunable_layers
-from ..int8 import integer_initializers, quantize_model
-from ..onnx_export import export_onnx
-from ..structure import onnx_structure
-from .base import Deployment, DeployRequest
+from paretoopt.compress.techniques.bench import prunable_layers
+from paretoopt.measure.backends.base import Deployment, DeployRequest
+from paretoopt.measure.int8 import integer_initializers, quantize_model
+from paretoopt.measure.onnx_export import export_onnx
+from paretoopt.measure.structure import onnx_structure
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ...space import TargetSpec
-    from ..protocol import Runner
+    from paretoopt.config.space import TargetSpec
+    from paretoopt.measure.protocol import Runner
 
 ONNX_FILE = "model.onnx"  # the file this runtime loads, times, and export hands over
 FLOAT_FILE = "model.float.onnx"  # the float graph an int8 model is made from (not kept)

@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...artifact import ARTIFACT, load_compressed, read_metadata
-from ...plan import CompressionPlan, QuantConfig
-from ...space import TargetSpec
-from ..protocol import Runner
-from ..structure import module_structure
-from .base import Deployment, DeployRequest
+from paretoopt.compress.artifact import ARTIFACT, load_compressed, read_metadata
+from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.space import TargetSpec
+from paretoopt.measure.backends.base import Deployment, DeployRequest
+from paretoopt.measure.protocol import Runner
+from paretoopt.measure.structure import module_structure
 
 
 class TorchRunner:

@@ -1,0 +1,225 @@
+"""The compressed model file (``model.safetensors``): what the size objective counts.
+
+One safetensors file holds every tensor of the compressed model in its smallest honest
+form, plus JSON metadata (format version, plan, input shape, and what each technique
+that changes the architecture keeps to replay it: the channel-pruning history):
+
+* integer-quantized weights (2-8 bits): codes bit-packed MSB-first, a float32 scale and a
+  uint8 zero point per channel (or per tensor);
+* 16-bit weights as float16, or as bfloat16 (the top half of each float32, kept as
+  uint16 since numpy has no bfloat16); everything else (biases, BatchNorm) as stored;
+* a weight whose pruning mask pays for itself (n + nnz*b < n*b bits) is stored as a packed
+  1-bit mask followed by the kept values only.
+
+``load_compressed`` rebuilds the model from a fresh copy of the user's architecture: it
+replays each technique's architecture change (``techniques.Rebuild``: the channel
+removal), then loads the decoded weights. A trial measures the model
+decoded from this file, so the file and the measured model cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+
+from paretoopt.compress.techniques import rebuilds
+from paretoopt.compress.techniques.bench import Workbench, prunable_layers
+from paretoopt.compress.techniques.qtensor import QTensor, dequantize
+from paretoopt.config.plan import CompressionPlan
+from paretoopt.errors import ArtifactError
+
+FORMAT = "paretoopt-compressed"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- bit packing
+
+
+ARTIFACT = "model.safetensors"  # the compressed file: the size objective counts its bytes
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the low `bits` bits of each code, most significant first, into bytes."""
+    codes = codes.astype(np.uint16).ravel()
+    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint16)
+    return np.packbits(((codes[:, None] >> shifts) & 1).astype(np.uint8).ravel())
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    flat = np.unpackbits(packed)[: count * bits].reshape(count, bits).astype(np.uint16)
+    return (flat << np.arange(bits - 1, -1, -1, dtype=np.uint16)).sum(axis=1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
+    """Write the compressed model atomically; return its size in bytes."""
+    tensors: dict[str, np.ndarray] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    weights = {f"{n}.weight" for n in prunable_layers(bench.model)}
+    for key, value in bench.model.state_dict().items():
+        if key in bench.quantized:
+            layout[key] = _put_codes(tensors, key, bench.quantized[key])
+        elif key in bench.halved:
+            layout[key] = _put_float(tensors, key, value, bench.halved[key])
+        elif key in weights:
+            layout[key] = _put_float(tensors, key, value, "float32")
+        else:
+            tensors[key] = value.detach().cpu().numpy()
+            layout[key] = {"encoding": "raw"}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "plan": json.dumps(plan.to_dict()),
+        "input_shape": json.dumps(list(bench.example.shape[1:])),
+        **{r.key: json.dumps(r.store(bench)) for r in rebuilds()},
+        "layout": json.dumps(layout, separators=(",", ":")),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)  # a reader never sees half a file
+    return path.stat().st_size
+
+
+def _mask_pays(values: np.ndarray, bits: int) -> bool:
+    n, nnz = values.size, int(np.count_nonzero(values))
+    return n + nnz * bits < n * bits
+
+
+def _put_codes(out: dict[str, np.ndarray], key: str, q: QTensor) -> dict[str, Any]:
+    codes = q.codes.numpy()
+    zp = q.zero_point.numpy()
+    shape = list(codes.shape)
+    # a pruned weight's code equals its channel's zero point; a mask can drop it
+    zero_codes = np.broadcast_to(zp.reshape((-1,) + (1,) * (codes.ndim - 1)), codes.shape)
+    nonzero = codes != zero_codes
+    entry: dict[str, Any] = {"encoding": "int", "bits": q.bits, "shape": shape}
+    if _mask_pays(nonzero.astype(np.uint8), q.bits):
+        out[f"{key}::mask"] = np.packbits(nonzero.ravel())
+        codes = codes[nonzero]
+        entry["masked"] = True
+    out[f"{key}::codes"] = pack_bits(codes, q.bits)
+    out[f"{key}::scale"] = q.scale.numpy().astype(np.float32)
+    out[f"{key}::zero_point"] = zp.astype(np.uint8)
+    return entry
+
+
+def _put_float(
+    out: dict[str, np.ndarray], key: str, value: torch.Tensor, dtype: str
+) -> dict[str, Any]:
+    array = value.detach().cpu().float().numpy()
+    if dtype == "bfloat16":  # exact: the quantize technique already rounded to bfloat16
+        array = (array.view(np.uint32) >> 16).astype(np.uint16)
+    else:
+        array = array.astype(dtype)
+    entry: dict[str, Any] = {"encoding": "float", "shape": list(array.shape), "dtype": dtype}
+    bits = array.dtype.itemsize * 8
+    if _mask_pays(array, bits):
+        nonzero = array != 0
+        out[f"{key}::mask"] = np.packbits(nonzero.ravel())
+        array = array[nonzero]
+        entry["masked"] = True
+    out[f"{key}::values"] = np.ascontiguousarray(array)
+    return entry
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise ArtifactError(f"{path}: not a readable compressed model: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{path}: not a paretoopt compressed model (format {meta.get('format')!r})"
+        )
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise ArtifactError(
+            f"{path}: format version {meta.get('format_version')} is not "
+            f"supported (this paretoopt reads {FORMAT_VERSION})"
+        )
+    try:
+        return {
+            k: (v if k in ("format", "format_version") else json.loads(v)) for k, v in meta.items()
+        }
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: damaged metadata: {exc}") from None
+
+
+def decode_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    meta = read_metadata(path)
+    arrays = load_file(str(path))
+    try:
+        return {key: _decode(arrays, key, entry) for key, entry in meta["layout"].items()}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ArtifactError(f"{path}: damaged tensor data: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> torch.Tensor:
+    if entry["encoding"] == "raw":
+        return torch.from_numpy(arrays[key].copy())
+    shape = tuple(entry["shape"])
+    n = int(np.prod(shape))
+    mask = np.unpackbits(arrays[f"{key}::mask"])[:n].astype(bool) if entry.get("masked") else None
+    if entry["encoding"] == "float":
+        values = arrays[f"{key}::values"]
+        if entry.get("dtype") == "bfloat16":
+            values = (values.astype(np.uint32) << 16).view(np.float32)
+        values = values.astype(np.float32)
+        return torch.from_numpy(_scatter(values, mask, n, 0.0).reshape(shape))
+    zp = arrays[f"{key}::zero_point"].astype(np.int64)
+    count = int(mask.sum()) if mask is not None else n
+    codes = unpack_bits(arrays[f"{key}::codes"], entry["bits"], count)
+    if mask is not None:  # dropped codes are their channel's zero point
+        full = np.broadcast_to(zp.reshape(-1, 1), (shape[0], n // shape[0])).ravel().copy()
+        full[mask] = codes
+        codes = full
+    scale = torch.from_numpy(arrays[f"{key}::scale"].copy())
+    return dequantize(torch.from_numpy(codes.reshape(shape)), scale, torch.from_numpy(zp))
+
+
+def _scatter(values: np.ndarray, mask: np.ndarray | None, n: int, fill: float) -> np.ndarray:
+    if mask is None:
+        return values.ravel().copy()
+    full = np.full(n, fill, dtype=values.dtype)
+    full[mask] = values
+    return full
+
+
+def load_compressed(path: Path, build_model: Callable[[], nn.Module]) -> nn.Module:
+    """Rebuild the compressed model on a fresh copy of the architecture: replay each
+    technique's architecture change the file keeps, then load the decoded weights."""
+    meta = read_metadata(path)
+    model = build_model().eval()
+    example = torch.zeros(1, *meta["input_shape"])
+    for rebuild in rebuilds():
+        kept = meta.get(rebuild.key)
+        if not kept:
+            continue
+        try:
+            rebuild.replay(model, kept, example)
+        except Exception as exc:  # it names layers this architecture lacks
+            raise ArtifactError(
+                f"{path}: its {rebuild.what} does not replay on this model: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+    state = decode_state_dict(path)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path}: does not fit the model: {exc}") from None
+    return model.eval()

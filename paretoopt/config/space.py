@@ -1,0 +1,857 @@
+"""The search-space file: one YAML document that describes a whole study.
+
+``load_space(path)`` reads, validates and normalises it into a frozen :class:`Space`.
+Every rule lives in the field declarations below, so the validation, the defaults, the
+normalised copy written to ``results/<study>/space.yaml`` and the README's reference all
+come from one place. Messages name the YAML path, the rule and the value.
+
+No torch here: the space is checked before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, make_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from paretoopt.config.knobs import Choice, Fixed, Knob, KnobRule, Range, parse_knob
+from paretoopt.config.metrics import DEFAULT_OBJECTIVES
+from paretoopt.config.metrics import METRICS as METRIC_TABLE
+from paretoopt.errors import SpaceError
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
+METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direction
+SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
+RUNTIMES = ("onnxruntime", "torch")
+DEVICES = ("cpu", "cuda")
+INT8_RECIPES = ("auto", "u8s8", "u8u8")  # int8 weight types: see measure/isa.py
+STRUCTURES = ("unstructured", "channel")
+SALIENCIES = ("l1", "l2", "taylor", "hessian")
+DISTRIBUTIONS = ("uniform", "global", "per_layer")
+SCHEDULES = ("one_shot", "gradual")
+GRANULARITIES = ("per_channel", "per_tensor")
+SCHEMES = ("affine", "symmetric")
+ACTIVATIONS = ("float", "int8")
+QUANT_METHODS = ("ptq", "qat")
+HALF_TYPES = ("float16", "bfloat16")
+QUANT_DISTRIBUTIONS = ("uniform", "per_layer")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    options: tuple[Any, ...] | None = None,
+    knob: bool = False,
+    nullable: bool = False,
+) -> Any:
+    """Declare one setting of a section: its type, bounds, default and documentation."""
+    rule = KnobRule(kind, low, high, options, searchable=knob)
+    meta = {"rule": rule, "knob": knob, "nullable": nullable, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"section": cls, "doc": doc})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class BaselineSpec:
+    epochs: int = setting(
+        15, "epochs to train the baseline when no checkpoint is given", kind=int, low=1, high=10_000
+    )
+    lr: float = setting(
+        0.002,
+        "Adam learning rate of baseline training (cosine decay)",
+        kind=float,
+        low=1e-8,
+        high=1.0,
+    )
+    batch_size: int = setting(64, "baseline training batch size", kind=int, low=1, high=65_536)
+    seed: int = setting(0, "seed of baseline training", kind=int, low=0)
+
+
+# Settings added after the first release -> the value that reproduces what paretoopt did
+# before they existed; a stored study or an older agent client that lacks one meant this
+# value, not the current default (a setting not listed behaved as its default all along).
+BEFORE_IT_EXISTED = {
+    "target.warmup_tolerance": 0.0,
+    "target.int8_recipe": "u8s8",
+    "target.sessions": 1,
+    "target.quiet_rounds": 0,
+    "target.quiet_tolerance": 0.1,  # no pair was told apart then
+    "target.quiet_s": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    runtime: str = setting(
+        "onnxruntime", "runtime the deployed model is measured in", kind=str, options=RUNTIMES
+    )
+    device: str = setting("cpu", "device latency is measured on", kind=str, options=DEVICES)
+    threads: int = setting(1, "intra-op threads of the runtime", kind=int, low=1, high=256)
+    batch_size: int = setting(
+        1, "batch size of the latency measurement", kind=int, low=1, high=4096
+    )
+    warmup: int = setting(
+        10,
+        "untimed runs per warm-up block (0 with warmup_s 0: no warm-up)",
+        kind=int,
+        low=0,
+        high=100_000,
+    )
+    warmup_s: float = setting(
+        0.25,
+        "untimed seconds before timing, at most: warm-up ends sooner once two blocks agree",
+        kind=float,
+        low=0.0,
+        high=600.0,
+    )
+    warmup_tolerance: float = setting(
+        0.03,
+        "warm-up ends when each model's block median moved by at most this fraction "
+        "(0: always the full warmup_s)",
+        kind=float,
+        low=0.0,
+        high=1.0,
+    )
+    repeats: int = setting(
+        5, "timed rounds; the spread is taken across them", kind=int, low=1, high=1000
+    )
+    iterations: int = setting(50, "timed runs per round", kind=int, low=1, high=100_000)
+    sessions: int = setting(
+        1,
+        "fresh runtime sessions each candidate is timed in against the baseline (each with "
+        "its own warm-up and repeats)",
+        kind=int,
+        low=1,
+        high=100,
+    )
+    quiet_rounds: int = setting(
+        5,
+        "round pairs at the machine's quiet level that the latency ratio is read from (0: "
+        "every pair, whatever the machine's state)",
+        kind=int,
+        low=0,
+        high=10_000,
+    )
+    quiet_tolerance: float = setting(
+        0.10,
+        "a round pair is quiet when the baseline's round is within this fraction of its "
+        "fastest round on this machine, and the candidate's of its own",
+        kind=float,
+        low=0.0,
+        high=10.0,
+    )
+    quiet_s: float = setting(
+        5.0,
+        "seconds of extra rounds at most, to find quiet_rounds quiet pairs (and at "
+        "calibration, to find the baseline's quiet level); a candidate that finds too few "
+        "is read from all its pairs and flagged",
+        kind=float,
+        low=0.0,
+        high=120.0,
+    )
+    max_spread: float = setting(
+        0.10,
+        "calibration warns when the baseline's round medians differ by more than this "
+        "fraction (latencies that vary more cannot rank candidates)",
+        kind=float,
+        low=0.0,
+        high=100.0,
+    )
+    int8_recipe: str = setting(
+        "auto",
+        "int8 weight types: auto (s8 where the CPU's kernels are exact, u8 where s8 would "
+        "saturate: 8-bit codes on CPUs without VNNI), u8s8 (always s8), u8u8 (always u8)",
+        kind=str,
+        options=INT8_RECIPES,
+    )
+    cuda_graphs: bool = setting(
+        True,
+        "device cuda: time a captured CUDA graph (no kernel-launch overhead) instead of "
+        "eager launches",
+        kind=bool,
+        options=(False, True),
+    )
+    agent: str | None = setting(
+        None,
+        "host:port of a paretoopt agent on the target machine that times the ONNX model "
+        "(accuracy is still measured here)",
+        kind=str,
+        nullable=True,
+    )
+    agent_token_env: str = setting(
+        "PARETOOPT_AGENT_TOKEN",
+        "environment variable holding the agent's shared token (never the space file)",
+        kind=str,
+    )
+
+
+def _constraint_settings() -> list[tuple[str, Any, Any]]:
+    """One optional limit per metric (see metrics.Limit), in the metrics' order."""
+    out = []
+    for m in METRIC_TABLE.values():
+        limit = m.limit
+        rule = setting(
+            limit.default, limit.doc, kind=limit.kind, low=limit.low, high=limit.high, nullable=True
+        )
+        out.append((limit.key, f"{limit.kind.__name__} | None", rule))
+    return out
+
+
+# the constraints section: its settings come from the metrics, so a new metric brings its
+# limit with it
+ConstraintsSpec = make_dataclass("ConstraintsSpec", _constraint_settings(), frozen=True)
+ConstraintsSpec.__module__ = __name__  # make_dataclass takes `module=` only from 3.12
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    trials: int = setting(
+        40, "trials in the study, the baseline trial included", kind=int, low=1, high=1_000_000
+    )
+    sampler: str = setting(
+        "tpe",
+        "Optuna sampler (tpe is multivariate; grid draws, in a seeded order, from a lattice "
+        "of grid_levels values per searched knob)",
+        kind=str,
+        options=SAMPLERS,
+    )
+    grid_levels: int = setting(
+        3,
+        "values per range knob for the grid sampler (choices: every option)",
+        kind=int,
+        low=2,
+        high=20,
+    )
+    seed: int = setting(0, "sampler and fine-tuning seed", kind=int, low=0)
+    anchors: int = setting(
+        3,
+        "plans the study starts with before the sampler draws, light to strong, built from "
+        "the knobs that move its objectives (0: none; at most a quarter of the trials; "
+        "none for the grid)",
+        kind=int,
+        low=0,
+        high=10,
+    )
+    storage: str | None = setting(
+        None,
+        "Optuna storage URL (postgresql://... for workers on several machines); default: "
+        "a journal file in results/<study>/",
+        kind=str,
+        nullable=True,
+    )
+    heartbeat_s: int = setting(
+        30,
+        "seconds between a running trial's heartbeats in a database storage; a trial "
+        "silent for 4 heartbeats is marked failed and retried by another worker",
+        kind=int,
+        low=1,
+        high=3600,
+    )
+
+
+@dataclass(frozen=True)
+class PruningSpace:
+    structure: Knob = setting(
+        Choice(STRUCTURES),
+        "unstructured (weights) or channel (whole channels, physically removed)",
+        kind=str,
+        options=STRUCTURES,
+        knob=True,
+    )
+    sparsity: Knob = setting(
+        Range(0.0, 0.9),
+        "fraction of weights (or channels) removed",
+        kind=float,
+        low=0.0,
+        high=0.99,
+        knob=True,
+    )
+    saliency: Knob = setting(
+        Fixed("l2"),
+        "which weights or channels go: l1 or l2 magnitude, taylor (|w x grad|), "
+        "hessian (OBD: w^2 x diagonal Fisher)",
+        kind=str,
+        options=SALIENCIES,
+        knob=True,
+    )
+    distribution: Knob = setting(
+        Fixed("uniform"),
+        "how the budget spreads over layers: uniform, global (one ranking across layers) "
+        "or per_layer (a searched multiplier per layer group)",
+        kind=str,
+        options=DISTRIBUTIONS,
+        knob=True,
+    )
+    layer_scale: Knob = setting(
+        Range(0.5, 1.5),
+        "per-layer multiplier of the global sparsity (distribution per_layer)",
+        kind=float,
+        low=0.0,
+        high=10.0,
+        knob=True,
+    )
+    layer_groups: int = setting(
+        8,
+        "most per-layer parameters: more prunable layers than this are split into this many "
+        "groups of consecutive layers, one multiplier each",
+        kind=int,
+        low=1,
+        high=1024,
+    )
+    schedule: Knob = setting(
+        Fixed("one_shot"),
+        "one_shot (prune, then fine-tune) or gradual (cubic schedule over fine-tuning)",
+        kind=str,
+        options=SCHEDULES,
+        knob=True,
+    )
+    gradual_steps: int = setting(
+        4, "pruning events of the gradual schedule", kind=int, low=1, high=1000
+    )
+    regrowth: Knob = setting(
+        Fixed(False),
+        "RigL-style drop-and-regrow at constant sparsity during fine-tuning (unstructured, "
+        "one-shot)",
+        kind=bool,
+        options=(False, True),
+        knob=True,
+    )
+    regrowth_interval: int = setting(
+        10, "optimizer steps between regrowth events", kind=int, low=1, high=1_000_000
+    )
+    saliency_batches: int = setting(
+        4,
+        "batches used to estimate gradients for taylor and hessian",
+        kind=int,
+        low=1,
+        high=10_000,
+    )
+    round_to: int = setting(
+        1, "keep channel counts at multiples of this (channel pruning)", kind=int, low=1, high=1024
+    )
+
+
+@dataclass(frozen=True)
+class QuantizationSpace:
+    bits: Knob = setting(
+        Choice((2, 3, 4, 6, 8, 16, 32)),
+        "weight bit-width: 2-8 integer, 16 float16 or bfloat16 (half_type), 32 unquantized",
+        kind=int,
+        options=SUPPORTED_BITS,
+        knob=True,
+    )
+    granularity: Knob = setting(
+        Fixed("per_channel"),
+        "one scale per output channel or per tensor",
+        kind=str,
+        options=GRANULARITIES,
+        knob=True,
+    )
+    scheme: Knob = setting(
+        Fixed("affine"),
+        "affine min-max (with zero point) or symmetric; 8-bit weights with int8 "
+        "activations are always symmetric (int8 kernels take no weight zero point)",
+        kind=str,
+        options=SCHEMES,
+        knob=True,
+    )
+    half_type: Knob = setting(
+        Fixed("float16"),
+        "the 16-bit format: float16 or bfloat16",
+        kind=str,
+        options=HALF_TYPES,
+        knob=True,
+    )
+    activations: Knob = setting(
+        Fixed("float"),
+        "float, or int8 (static: scales calibrated on training samples; the model runs in "
+        "ONNX Runtime's int8 kernels)",
+        kind=str,
+        options=ACTIVATIONS,
+        knob=True,
+    )
+    method: Knob = setting(
+        Fixed("ptq"),
+        "ptq (quantize after fine-tuning) or qat (fake-quantized weights with a "
+        "straight-through gradient during fine-tuning)",
+        kind=str,
+        options=QUANT_METHODS,
+        knob=True,
+    )
+    distribution: Knob = setting(
+        Fixed("uniform"),
+        "uniform (one bit-width for every layer) or per_layer (mixed precision: a searched "
+        "bit-width per layer group, drawn from bits)",
+        kind=str,
+        options=QUANT_DISTRIBUTIONS,
+        knob=True,
+    )
+    layer_groups: int = setting(
+        8,
+        "most per-layer bit-widths: more layers than this are split into this many groups "
+        "of consecutive layers, one bit-width each",
+        kind=int,
+        low=1,
+        high=1024,
+    )
+    calibration_samples: int = setting(
+        256,
+        "training samples that calibrate int8 activation scales",
+        kind=int,
+        low=1,
+        high=1_000_000,
+    )
+
+
+@dataclass(frozen=True)
+class DistillationSpace:
+    temperature: Knob = setting(
+        Range(1.0, 8.0),
+        "softmax temperature of the teacher",
+        kind=float,
+        low=0.1,
+        high=100.0,
+        knob=True,
+    )
+    alpha: Knob = setting(
+        Range(0.0, 0.9),
+        "weight of the distillation loss; 0 = plain fine-tuning",
+        kind=float,
+        low=0.0,
+        high=1.0,
+        knob=True,
+    )
+
+
+@dataclass(frozen=True)
+class FinetuneSpace:
+    epochs: Knob = setting(
+        Fixed(2), "fine-tuning epochs after pruning", kind=int, low=0, high=10_000, knob=True
+    )
+    lr: Knob = setting(
+        Range(1e-4, 3e-3, log=True),
+        "Adam learning rate of fine-tuning",
+        kind=float,
+        low=1e-8,
+        high=1.0,
+        knob=True,
+    )
+    batch_size: int = setting(64, "fine-tuning batch size", kind=int, low=1, high=65_536)
+
+
+@dataclass(frozen=True)
+class CompressionSpace:
+    pruning: PruningSpace = section(PruningSpace, "pruning knobs")
+    quantization: QuantizationSpace = section(QuantizationSpace, "quantization knobs")
+    distillation: DistillationSpace = section(DistillationSpace, "distillation knobs")
+    finetune: FinetuneSpace = section(FinetuneSpace, "fine-tuning knobs")
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A built-in name or a user factory, with keyword arguments (model or data)."""
+
+    name: str | None = None
+    factory: str | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    metric: str
+    direction: str
+
+
+@dataclass(frozen=True)
+class Space:
+    study: str
+    model: ComponentSpec
+    data: ComponentSpec
+    objectives: tuple[Objective, ...]
+    baseline: BaselineSpec = field(default_factory=BaselineSpec)
+    target: TargetSpec = field(default_factory=TargetSpec)
+    constraints: ConstraintsSpec = field(default_factory=ConstraintsSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    space: CompressionSpace = field(default_factory=CompressionSpace)
+    source: str = ""  # the file it came from; relative paths are resolved against its folder
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def with_trials(self, trials: int) -> Space:
+        return replace(self, search=replace(self.search, trials=trials))
+
+
+TOP_LEVEL = (
+    "study",
+    "model",
+    "data",
+    "baseline",
+    "target",
+    "objectives",
+    "constraints",
+    "search",
+    "space",
+)
+_SECTIONS: dict[str, type] = {
+    "baseline": BaselineSpec,
+    "target": TargetSpec,
+    "constraints": ConstraintsSpec,
+    "search": SearchSpec,
+    "space": CompressionSpace,
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_space(path: str | Path) -> Space:
+    """Read and validate a space file; raise SpaceError naming the YAML path on any fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"--space: file {str(path)!r} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpaceError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise SpaceError(f"{path}: not a text file") from None
+    return parse_space(doc, source=path)
+
+
+def parse_space(doc: Any, source: str | Path = "<space>") -> Space:
+    """Validate an already-parsed YAML document (a dict) into a Space."""
+    if not isinstance(doc, dict):
+        raise SpaceError(
+            f"{source}: expected a mapping of top-level keys "
+            f"({', '.join(TOP_LEVEL)}), but got {type(doc).__name__}"
+        )
+    _check_keys(doc, TOP_LEVEL, "")
+    root = Path(source).resolve().parent if str(source) != "<space>" else Path.cwd()
+    for key in ("model", "data"):
+        if key not in doc:
+            raise SpaceError(f"{key}: required; give a built-in 'name' or a 'factory'")
+    values: dict[str, Any] = {
+        "study": _parse_study_name(doc.get("study", _default_study_name(source))),
+        "model": _parse_component(doc["model"], "model", root, checkpoint=True),
+        "data": _parse_component(doc["data"], "data", root, checkpoint=False),
+        "objectives": _parse_objectives(doc.get("objectives")),
+        "source": str(source),
+    }
+    for key, cls in _SECTIONS.items():
+        values[key] = _parse_section(cls, doc.get(key), key)
+    space = Space(**values)
+    _check_combinations(space)
+    return space
+
+
+def knob_values(knob: Knob) -> tuple[Any, ...]:
+    """Every value a discrete knob can take (an integer range counts as discrete)."""
+    if isinstance(knob, Fixed):
+        return (knob.value,)
+    if isinstance(knob, Choice):
+        return knob.options
+    return tuple(knob.values()) if knob.integer else ()
+
+
+def _is_address(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _check_combinations(space: Space) -> None:
+    """Rules that span settings (each setting has already checked its own value): a
+    choice that could never take effect is an error, not a silent no-op."""
+    q, epochs = space.space.quantization, knob_values(space.space.finetune.epochs)
+    bits = set(knob_values(q.bits))
+    at = "space.quantization"
+    t = space.target
+    rules = [
+        (
+            t.device == "cuda" and t.runtime != "torch",
+            f"target.device: cuda is measured with runtime torch (ONNX Runtime has no CUDA "
+            f"provider here), but target.runtime is {t.runtime!r}",
+        ),
+        (
+            t.agent is not None and (t.runtime != "onnxruntime" or t.device != "cpu"),
+            f"target.agent: an agent times ONNX models on its CPU, so it needs runtime "
+            f"onnxruntime and device cpu, but got {t.runtime!r} on {t.device!r}",
+        ),
+        (
+            t.agent is not None and not _is_address(t.agent),
+            f"target.agent: expected host:port (e.g. 192.168.1.20:8765), but got {t.agent!r}",
+        ),
+        (
+            "int8" in knob_values(q.activations) and space.target.runtime != "onnxruntime",
+            f"{at}.activations: int8 needs target.runtime onnxruntime (the only runtime here "
+            f"with maintained int8 kernels), but target.runtime is {space.target.runtime!r}",
+        ),
+        (
+            "int8" in knob_values(q.activations) and not bits & set(range(2, 9)),
+            f"{at}.activations: int8 needs integer weights, but bits allows only "
+            f"{sorted(bits)}; add a width of 2-8",
+        ),
+        (
+            "qat" in knob_values(q.method) and set(epochs) == {0},
+            f"{at}.method: qat trains through the quantizer, but finetune.epochs is always 0",
+        ),
+        (
+            not isinstance(q.half_type, Fixed) and 16 not in bits,
+            f"{at}.half_type: searched, but bits never takes 16 ({sorted(bits)})",
+        ),
+        (
+            "per_layer" in knob_values(q.distribution) and isinstance(q.bits, Fixed),
+            f"{at}.distribution: per_layer draws each layer's width from bits, but bits is "
+            f"fixed at {sorted(bits)[0] if bits else q.bits}; give bits a list or a range",
+        ),
+    ]
+    for broken, message in rules:
+        if broken:
+            raise SpaceError(message)
+
+
+def _default_study_name(source: str | Path) -> str:
+    return "study" if str(source) == "<space>" else Path(source).stem
+
+
+def _parse_study_name(raw: Any) -> str:
+    if not isinstance(raw, str) or not _NAME_RE.match(raw):
+        raise SpaceError(
+            f"study: {raw!r} is not a valid study name; use letters, digits, "
+            "'.', '_' and '-' (it names the folder results/<study>/)"
+        )
+    return raw
+
+
+def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...] | list[str], where: str) -> None:
+    for key in raw:
+        if key not in allowed:
+            hint = difflib.get_close_matches(str(key), allowed, n=1)
+            maybe = f" (did you mean {hint[0]!r}?)" if hint else ""
+            at = f"{where}." if where else ""
+            # a key with spaces, line breaks or other odd characters is quoted, so the
+            # message stays one readable line
+            plain = isinstance(key, str) and key.isprintable() and key.strip() == key and key
+            shown = key if plain else repr(key)
+            raise SpaceError(f"{at}{shown}: unknown key{maybe}; allowed keys: {', '.join(allowed)}")
+
+
+def _parse_section(cls: type, raw: Any, where: str) -> Any:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{where}: expected a mapping of settings, but got {raw!r}")
+    _check_keys(raw, [f.name for f in fields(cls)], where)
+    values = {}
+    for f in fields(cls):
+        if f.name in raw:
+            values[f.name] = _parse_value(f.metadata, raw[f.name], f"{where}.{f.name}")
+    return cls(**values)
+
+
+def _parse_value(meta: Mapping[str, Any], raw: Any, where: str) -> Any:
+    if "section" in meta:
+        return _parse_section(meta["section"], raw, where)
+    if raw is None:
+        if meta["nullable"]:
+            return None
+        raise SpaceError(f"{where}: a value is required here (null is not allowed)")
+    if meta["knob"]:
+        return parse_knob(raw, meta["rule"], where)
+    if isinstance(raw, (list, dict)):
+        raise SpaceError(f"{where}: this setting cannot be searched; give a single value")
+    return meta["rule"].check(raw, where)
+
+
+def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> ComponentSpec:
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, dict):
+        raise SpaceError(
+            f"{where}: expected a built-in name or a mapping with 'name' or "
+            f"'factory', but got {raw!r}"
+        )
+    keys = ["name", "factory", "kwargs"] + (["checkpoint"] if checkpoint else [])
+    _check_keys(raw, keys, where)
+    name, factory = raw.get("name"), raw.get("factory")
+    if (name is None) == (factory is None):
+        raise SpaceError(
+            f"{where}: give exactly one of 'name' (built-in) or 'factory' "
+            "('module.path:callable' or 'path/file.py:callable')"
+        )
+    if name is not None and not isinstance(name, str):
+        raise SpaceError(f"{where}.name: expected a string, but got {name!r}")
+    kwargs = raw.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise SpaceError(
+            f"{where}.kwargs: expected a mapping of keyword arguments, "
+            f"but got {raw.get('kwargs')!r}"
+        )
+    return ComponentSpec(
+        name=name,
+        factory=_parse_factory(factory, f"{where}.factory", root) if factory else None,
+        kwargs=dict(kwargs),
+        checkpoint=_parse_checkpoint(raw.get("checkpoint"), f"{where}.checkpoint", root),
+    )
+
+
+def _parse_factory(raw: Any, where: str, root: Path) -> str:
+    if not isinstance(raw, str) or raw.count(":") != 1 or not all(raw.split(":")):
+        raise SpaceError(
+            f"{where}: expected 'module.path:callable' or "
+            f"'path/to/file.py:callable', but got {raw!r}"
+        )
+    target, attr = raw.split(":")
+    if target.endswith(".py"):
+        file = (root / target).resolve()
+        if not file.is_file():
+            raise SpaceError(f"{where}: file {target!r} does not exist (looked in {root})")
+        return f"{file}:{attr}"
+    return raw
+
+
+def _parse_checkpoint(raw: Any, where: str, root: Path) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str):
+        raise SpaceError(f"{where}: expected a file path, but got {raw!r}")
+    file = (root / raw).resolve()
+    if not file.is_file():
+        raise SpaceError(f"{where}: file {raw!r} does not exist (looked in {root})")
+    return str(file)
+
+
+def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
+    if raw is None:
+        return tuple(Objective(m, METRICS[m]) for m in DEFAULT_OBJECTIVES)
+    if isinstance(raw, list):
+        bad = [m for m in raw if not isinstance(m, str)]
+        if bad:
+            raise SpaceError(
+                f"objectives: expected metric names ({', '.join(METRICS)}), but got {bad[0]!r}"
+            )
+        raw = {m: METRICS.get(m) for m in raw}
+    if not isinstance(raw, dict):
+        raise SpaceError(
+            f"objectives: expected a list of metrics ({', '.join(METRICS)}) or "
+            f"a mapping metric: direction, but got {raw!r}"
+        )
+    out = []
+    for metric, direction in raw.items():
+        if metric not in METRICS:
+            raise SpaceError(
+                f"objectives: unknown metric {metric!r}; choose from {', '.join(METRICS)}"
+            )
+        if direction != METRICS[metric]:
+            raise SpaceError(
+                f"objectives.{metric}: must be {METRICS[metric]!r}, but got {direction!r}"
+            )
+        out.append(Objective(metric, direction))
+    if len(out) < 2:
+        raise SpaceError(
+            f"objectives: a Pareto search needs at least two metrics, but got "
+            f"{[o.metric for o in out]}; choose from {', '.join(METRICS)}"
+        )
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- normal form
+
+
+def space_to_dict(space: Space) -> dict[str, Any]:
+    """The normalised document: every default filled in, paths resolved."""
+    return {
+        "study": space.study,
+        "model": _component_to_dict(space.model),
+        "data": _component_to_dict(space.data),
+        "objectives": {o.metric: o.direction for o in space.objectives},
+        **{key: _section_to_dict(getattr(space, key)) for key in _SECTIONS},
+    }
+
+
+def _component_to_dict(spec: ComponentSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": spec.name} if spec.name else {"factory": spec.factory}
+    out["kwargs"] = dict(spec.kwargs)
+    if spec.checkpoint:
+        out["checkpoint"] = spec.checkpoint
+    return out
+
+
+def _section_to_dict(obj: Any) -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, (Fixed, Choice, Range)):
+            out[f.name] = value.to_yaml()
+        elif is_dataclass(value):
+            out[f.name] = _section_to_dict(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def dump_space(space: Space) -> str:
+    return yaml.safe_dump(space_to_dict(space), sort_keys=False)
+
+
+def reference_rows() -> list[tuple[str, str, str, str]]:
+    """(YAML path, default, searchable, description) for every setting: the README reference."""
+    rows: list[tuple[str, str, str, str]] = []
+    for key, cls in _SECTIONS.items():
+        rows.extend(_reference(cls, key))
+    return rows
+
+
+def _reference(cls: type, where: str) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for f in fields(cls):
+        path = f"{where}.{f.name}"
+        if "section" in f.metadata:
+            rows.extend(_reference(f.metadata["section"], path))
+            continue
+        default = f.default if f.default is not MISSING else None
+        shown = default.to_yaml() if isinstance(default, (Fixed, Choice, Range)) else default
+        rows.append(
+            (
+                path,
+                yaml.safe_dump(shown, default_flow_style=True, sort_keys=False)
+                .strip()
+                .removesuffix("...")
+                .strip(),
+                "yes" if f.metadata["knob"] else "no",
+                f.metadata["doc"] + _choices(f.metadata["rule"]),
+            )
+        )
+    return rows
+
+
+def _choices(rule: KnobRule) -> str:
+    """The allowed values of a plain string setting, for the reference table."""
+    if rule.options and rule.kind is str and not rule.searchable:
+        return ": " + ", ".join(f"`{o}`" for o in rule.options)
+    return ""

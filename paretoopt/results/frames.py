@@ -1,0 +1,267 @@
+"""The pure data layer over a study: trial frames, the Pareto front, baseline ratios.
+
+The CLI's tables, the CSV files and the explorer app all read from here. No torch: this
+module must stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import yaml
+
+from paretoopt.config.metrics import METRICS, ratios
+from paretoopt.errors import StudyError
+from paretoopt.results.pooling import pool_study
+from paretoopt.results.record import TrialRecord, frame_columns, stored_record
+
+BASELINE_ATTR = "paretoopt.baseline"
+METRIC_COLUMNS = {m.name: m.field for m in METRICS.values()}  # objective -> frame column
+SPACE_FILE = "space.yaml"
+RUN_FILE = "run.json"
+JOURNAL_FILE = "study.journal"
+INTERRUPTED = "interrupted: the process running this trial stopped before it finished"
+STALE = "interrupted: its worker stopped sending heartbeats; the plan was queued again"
+TRIALS_DIR = "trials"
+
+
+@dataclass(frozen=True)
+class StudyResults:
+    """What a study holds: every trial, the feasible Pareto front and the baseline."""
+
+    name: str
+    directory: Path
+    trials: pd.DataFrame
+    pareto: pd.DataFrame
+    baseline: dict[str, Any]
+    metadata: dict[str, Any]
+    metrics: tuple[str, ...] = ("accuracy", "size", "latency")  # the study's objectives
+    storage: str | None = None  # the storage URL it was read from (None: its journal)
+
+    def __repr__(self) -> str:
+        return (
+            f"StudyResults({self.name!r}: {len(self.trials)} trials, "
+            f"{len(self.pareto)} on the Pareto front)"
+        )
+
+
+def pareto_mask(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
+    """Rows of `values` that no other row dominates (O(n^2); studies are small)."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=bool)
+    signs = np.array([-1.0 if d == "maximize" else 1.0 for d in directions])
+    loss = values * signs  # every column minimised
+    keep = np.ones(len(loss), dtype=bool)
+    for i in range(len(loss)):
+        no_worse = (loss <= loss[i]).all(axis=1)
+        better = (loss < loss[i]).any(axis=1)
+        if (no_worse & better).any():
+            keep[i] = False
+    return keep
+
+
+def fail_reason(t: optuna.trial.FrozenTrial) -> str:
+    """Why a trial failed. paretoopt records a reason with every failure it sees; a
+    failed trial without one was failed by another worker, through the heartbeats."""
+    reason = t.user_attrs.get("fail_reason", "")
+    return reason or (STALE if t.state.name == "FAIL" else "")
+
+
+def is_interrupted(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial lost with its process (not the plan's fault): replaced, not counted."""
+    return t.state.name == "FAIL" and fail_reason(t).startswith("interrupted:")
+
+
+def trials_frame(study: optuna.Study, baseline: dict[str, Any] | None) -> pd.DataFrame:
+    """One row per trial: state, measurements, ratios against the baseline, plan."""
+    trials = study.get_trials(deepcopy=False)
+    complete = [stored_record(t.user_attrs) if t.state.name == "COMPLETE" else None for t in trials]
+    # trials of one deployed structure report one latency: the pool of all their sessions
+    rows = [_row(t, r, baseline) for t, r in zip(trials, pool_study(complete), strict=True)]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values("number").reset_index(drop=True)
+
+
+def _row(
+    t: optuna.trial.FrozenTrial, record: TrialRecord | None, baseline: dict[str, Any] | None
+) -> dict[str, Any]:
+    a = t.user_attrs
+    row: dict[str, Any] = {
+        "number": t.number,
+        "state": t.state.name,
+        "baseline": bool(a.get(BASELINE_ATTR, False)),
+        "feasible": bool(
+            t.state.name == "COMPLETE" and all(v <= 0 for v in (t.constraints or {}).values())
+        ),
+        **frame_columns(record),
+        "plan": a.get("plan_summary", ""),  # set before the trial runs: failures have it too
+        "duration_s": t.duration.total_seconds() if t.duration else None,
+        "fail_reason": fail_reason(t),
+        "artifact": record.artifact if record else "",
+    }
+    if baseline and record is not None:
+        row.update(ratios(row, baseline))  # accuracy_change, size_ratio, speedup, ...
+    for key, value in t.params.items():
+        row[f"param.{key}"] = value
+    return row
+
+
+def front(
+    frame: pd.DataFrame,
+    metrics: Sequence[str],
+    directions: Sequence[str],
+) -> pd.DataFrame:
+    """The feasible, completed trials that no other such trial dominates."""
+    if frame.empty:
+        return frame
+    ok = frame[frame["feasible"]]
+    columns = [METRIC_COLUMNS[m] for m in metrics]
+    mask = pareto_mask(ok[columns].to_numpy(dtype=float), directions)
+    return ok[mask].sort_values(METRICS["size"].field).reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def journal_storage(directory: Path) -> optuna.storages.BaseStorage:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = str(directory / JOURNAL_FILE)
+    return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def open_storage(url: str | None, directory: Path) -> optuna.storages.BaseStorage:
+    """The study's storage: an Optuna URL, or the embedded journal file by default."""
+    if url is None:
+        return journal_storage(directory)
+    return optuna.storages.get_storage(url)
+
+
+def load_results(directory: str | Path, storage: str | None = None) -> StudyResults:
+    """Open a study folder under results/ read-only and return its frames."""
+    directory = Path(directory)
+    space_file = directory / SPACE_FILE
+    if not space_file.is_file():
+        parent = directory.parent
+        found = sorted(p.name for p in parent.glob("*") if (p / SPACE_FILE).is_file())
+        listing = ", ".join(found) if found else "none"
+        raise StudyError(
+            f"{directory}: not a paretoopt study folder (no {SPACE_FILE}); "
+            f"studies in {parent}: {listing}"
+        )
+    space = yaml.safe_load(space_file.read_text())
+    if not isinstance(space, dict) or "study" not in space:
+        raise StudyError(f"{space_file} is damaged; it does not name a study")
+    metadata = read_json(directory / RUN_FILE)
+    url = storage or space.get("search", {}).get("storage")
+    if url is None and not (directory / JOURNAL_FILE).is_file():  # reading must not create it
+        raise StudyError(f"{directory}: the study has no storage yet ({JOURNAL_FILE} is missing)")
+    try:
+        study = optuna.load_study(study_name=space["study"], storage=open_storage(url, directory))
+    except Exception as exc:
+        raise StudyError(
+            f"{directory}: cannot open study {space['study']!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    baseline = metadata.get("baseline") or {}
+    frame = _with_confirmations(trials_frame(study, baseline or None), metadata, baseline)
+    if len(frame):  # artifacts of trials off the front are removed when a search ends
+        frame["artifact"] = [a if a and (directory / a).is_dir() else "" for a in frame["artifact"]]
+    metrics = list(space["objectives"])
+    directions = [space["objectives"][m] for m in metrics]
+    return StudyResults(
+        space["study"],
+        directory,
+        frame,
+        front(frame, metrics, directions),
+        baseline,
+        metadata,
+        tuple(metrics),
+        url,
+    )
+
+
+def _with_confirmations(
+    frame: pd.DataFrame, metadata: dict[str, Any], baseline: dict[str, Any]
+) -> pd.DataFrame:
+    """Columns for the latency re-measured at the end of a session (front trials only)."""
+    confirmed = metadata.get("confirmations", {})
+    if not len(frame) or not confirmed:
+        return frame
+    found = [confirmed.get(str(n), {}) for n in frame["number"]]
+    frame["confirm_latency_ms"] = [c.get("latency_ms") for c in found]
+    frame["confirm_spread"] = [c.get("spread") for c in found]
+    frame["confirm_quiet"] = [c.get("quiet") for c in found]  # None: before quiet rounds
+    if baseline.get("latency_ms"):
+        frame["confirm_speedup"] = [
+            baseline["latency_ms"] / c["latency_ms"] if c.get("latency_ms") else None for c in found
+        ]
+    return frame
+
+
+def trial_record(results: StudyResults, number: int) -> TrialRecord:
+    """Everything a trial recorded (its plan, measurements, file hashes), read-only."""
+    study = optuna.load_study(
+        study_name=results.name, storage=open_storage(results.storage, results.directory)
+    )
+    for trial in study.get_trials(deepcopy=False):
+        if trial.number == number:
+            record = stored_record(trial.user_attrs)
+            if record is None:
+                raise StudyError(
+                    f"trial {number} of study {results.name!r} holds no complete record "
+                    f"({trial.state.name})"
+                )
+            return record
+    raise StudyError(f"trial {number} is not in study {results.name!r}")
+
+
+def hardware_text(hardware: dict[str, Any]) -> str:
+    """The machine in a few words: CPU, cores, and how it multiplies int8 (the int8
+    kernels, and their speed, depend on it; a study from before it was recorded says ?)."""
+    dot = hardware.get("int8_dot")
+    words = {"vnni": "VNNI", "amx": "AMX", "avx512": "AVX-512 without VNNI"}
+    isa = words.get(dot, str(dot).upper() if dot else "?")
+    return f"{hardware.get('cpu', '?')} ({hardware.get('cores', '?')} cores, int8 on {isa})"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@contextmanager
+def updating_json(path: Path) -> Iterator[dict[str, Any]]:
+    """Read, change and write a JSON file under a lock: several workers (on several
+    machines, through a shared folder) update run.json."""
+    import fcntl
+
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        data = read_json(path)
+        yield data
+        write_json(path, data)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_tables(results: StudyResults) -> None:
+    """trials.csv and pareto.csv beside the study, written atomically."""
+    for name, frame in (("trials.csv", results.trials), ("pareto.csv", results.pareto)):
+        tmp = results.directory / f"{name}.tmp"
+        frame.to_csv(tmp, index=False)
+        os.replace(tmp, results.directory / name)

@@ -1,0 +1,148 @@
+"""The search: thin glue between the space file, Optuna and the trial pipeline.
+
+``search`` validates the space, prepares the baseline, calibrates, opens (or resumes)
+the study in ``results/<study>/``, runs the trial loop (``trials``) with any workers until
+the study holds the requested number, then keeps and re-measures the front (``finish``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from paretoopt.config.space import Space, load_space
+from paretoopt.results.frames import (
+    TRIALS_DIR,
+    StudyResults,
+    load_results,
+    write_tables,
+)
+from paretoopt.results.report import Reporter, SilentReporter
+from paretoopt.study.loop import drain, run_trials
+from paretoopt.study.session import (
+    Session,
+    check_resumable,
+    check_storage,
+    ensure_baseline,
+    existing_trials,
+    fail_interrupted,
+    open_session,
+    store_confirmations,
+    write_metadata,
+)
+from paretoopt.study.sharing import claim_lock
+from paretoopt.study.startup import start
+from paretoopt.study.workers import join_workers, share_cores, start_workers
+
+if TYPE_CHECKING:
+    from paretoopt.study.trial import StudyContext
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def search(
+    space: Space | str | Path,
+    *,
+    trials: int | None = None,
+    results_root: str | Path = "results",
+    reporter: Reporter | None = None,
+    max_failures: int | None = None,
+    workers: int = 1,
+) -> StudyResults:
+    """Run (or resume) the study a space describes; return its results.
+
+    ``trials`` overrides ``search.trials`` (the total, baseline included), so a finished
+    study can be continued: ``search("conv.yaml", trials=60)``. ``max_failures`` stops the
+    session once that many of its trials have failed, with a summary of the reasons.
+    ``workers`` runs that many trial processes on this machine, sharing the study; their
+    timing is kept apart from each other's training by the measurement gate.
+    """
+    if not isinstance(space, Space):
+        space = load_space(space)
+    if trials is not None:
+        space = space.with_trials(trials)
+    reporter = reporter or SilentReporter()
+    results_root = Path(results_root)
+    check_resumable(space, results_root / space.study)  # refuse before training anything
+    check_storage(space, results_root / space.study)
+    # a resumed study's sampler is seeded past its trials, so it draws new points
+    started = start(space, results_root, existing_trials(space, results_root), reporter)
+    ctx = started.ctx
+    session = open_session(space, results_root, started.sampler)
+    try:
+        lost = fail_interrupted(session)
+        if lost:
+            reporter.log(
+                f"resume: {lost} trial(s) interrupted earlier are marked failed and "
+                "will be replaced"
+            )
+        with claim_lock(session.storage, session.directory, space.study):
+            ensure_baseline(session.study)  # a worker may be queueing it too
+        write_metadata(session, ctx)
+        helpers: list[Any] = []
+        try:
+            if workers > 1:  # helpers wait for the baseline in their claims (see trials)
+                helpers = start_workers(space, results_root, workers - 1, max_failures)
+                share_cores(workers)
+            run_trials(session, ctx, reporter, max_failures)
+            join_workers(helpers, reporter)
+            dead = {h.pid for h in helpers if h.exitcode}
+            if dead and fail_interrupted(session, dead):  # replace what they left running
+                run_trials(session, ctx, reporter, max_failures)
+            if not session.embedded:
+                drain(session, ctx, reporter, max_failures)
+        finally:  # an interrupt must not leave a live progress display or helpers behind
+            reporter.stop()
+            for helper in helpers:
+                if helper.is_alive():
+                    helper.terminate()
+                    helper.join()
+        return finish(session, reporter, ctx)
+    finally:
+        session.close()
+
+
+def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None) -> StudyResults:
+    """Keep only the front's (and the baseline's) artifacts, re-measure the front's
+    latency against the baseline (given the study context), then write the tables."""
+    results = load_results(session.directory, session.space.search.storage)
+    frame = results.trials
+    baseline_ids, live = set(), set()
+    if len(frame):
+        baseline_ids = set(frame.loc[frame["baseline"], "number"])
+        live = set(frame.loc[frame["state"].isin(["RUNNING", "WAITING"]), "number"])
+    keep = set(results.pareto.get("number", [])) | baseline_ids
+    trials_dir = session.directory / TRIALS_DIR
+    if trials_dir.is_dir():
+        for child in trials_dir.iterdir():
+            stem = child.name.removesuffix(".partial")
+            number = int(stem) if stem.isdigit() else None
+            if number in live:  # another worker is still writing it
+                continue
+            if number not in keep or child.name != stem:
+                shutil.rmtree(child, ignore_errors=True)
+    if ctx is not None:
+        front = [int(n) for n in results.pareto.get("number", []) if int(n) not in baseline_ids]
+        _confirm(session, ctx, front, reporter)
+    results = load_results(session.directory, session.space.search.storage)
+    write_tables(results)
+    reporter.finish(results)
+    return results
+
+
+def _confirm(session: Session, ctx: StudyContext, numbers: list[int], reporter: Reporter) -> None:
+    """Time each front trial's deployed files again, against the baseline, once the search
+    is over: a point that owes its place to one lucky measurement shows here."""
+    from paretoopt.study.trial import confirm
+
+    out = {}
+    for n in numbers:
+        try:
+            out[n] = confirm(ctx, session.directory / TRIALS_DIR / str(n))
+        except Exception as exc:  # a confirmation that fails leaves the search's figures
+            reporter.log(f"confirmation of trial {n} failed: {type(exc).__name__}: {exc}")
+    if out:
+        store_confirmations(session, out)
+        reporter.log(f"confirmation: re-measured the latency of {len(out)} front trial(s)")

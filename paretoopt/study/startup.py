@@ -1,0 +1,76 @@
+"""Start-up, the same for ``search`` and for every worker: the study context (the baseline,
+trained or from the cache), the calibration on the study's latency scale, and a sampler of
+the process's own.
+
+Refused before anything is trained or written: a baseline the target runtime cannot
+measure fails here with one line, before the study folder is touched.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import optuna
+
+from paretoopt.config.space import Space
+from paretoopt.errors import StudyError, one_line
+from paretoopt.results.report import Reporter
+from paretoopt.study.loop import REASON_LIMIT
+from paretoopt.study.sampling import make_sampler
+from paretoopt.study.session import study_reference
+
+if TYPE_CHECKING:
+    from paretoopt.study.trial import StudyContext
+
+
+@dataclass(frozen=True)
+class Started:
+    ctx: StudyContext
+    sampler: optuna.samplers.BaseSampler
+
+
+def start(space: Space, results_root: Path, seed: int, reporter: Reporter) -> Started:
+    """Prepare the baseline, calibrate against the study's reference, seed a sampler."""
+    from paretoopt.study.trial import prepare  # torch is imported only once the space is valid
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ctx = prepare(space, results_root / ".cache", log=reporter.log)
+    calibrate_study(space, results_root / space.study, ctx, reporter)
+    return Started(ctx, make_sampler(space, seed, ctx.layer_names, ctx.quant_layers))
+
+
+def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: Reporter) -> None:
+    """Calibrate the target on the study's latency scale, and say how it went."""
+    from paretoopt.study.trial import calibrate
+
+    reference = study_reference(directory)  # a resumed study keeps its latency scale
+    try:
+        with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
+            cal = calibrate(ctx, Path(tmp), reference)
+    except Exception as exc:
+        raise StudyError(
+            f"the baseline cannot be measured in the target runtime "
+            f"({space.target.runtime}): {type(exc).__name__}: "
+            f"{one_line(str(exc))[:REASON_LIMIT]}"
+        ) from exc
+    rounds = ", ".join(f"{m:.4f}" for m in cal["medians_ms"])
+    if reference is not None:
+        reporter.log(
+            f"calibration: baseline latency now {rounds} ms; the study's reference "
+            f"stays {cal['reference_ms']:.4f} ms (candidates are timed against the "
+            "baseline)"
+        )
+    else:
+        reporter.log(
+            f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
+            f"(rounds {rounds}; spread {cal['spread']:.2f})"
+        )
+    if cal["spread"] > 1.0 + space.target.max_spread:  # too noisy to rank candidates
+        reporter.log(
+            f"[yellow]warning[/]: the baseline's latency varies by "
+            f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
+            "noisy. Stop other work on this machine for a fair comparison."
+        )

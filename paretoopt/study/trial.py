@@ -1,0 +1,419 @@
+"""One study's fixed context (data, baseline, teacher) and one trial's pipeline.
+
+``prepare`` checks everything a space file names (model, data, checkpoint) before anything
+is written, then trains the baseline or takes it from the cache. ``run_trial`` copies the
+baseline, applies the plan's techniques, writes the compressed file, rebuilds the model
+from that file and measures the rebuilt model in the target runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from paretoopt.compress.artifact import ARTIFACT, load_compressed, save_compressed
+from paretoopt.compress.techniques import Workbench, apply_plan
+from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
+from paretoopt.compress.techniques.quantize import is_symmetric
+from paretoopt.compress.train import Recipe, accuracy, logits_of, train
+from paretoopt.config.plan import CompressionPlan
+from paretoopt.config.space import Space, space_to_dict
+from paretoopt.errors import SpaceError, TrialError
+from paretoopt.measure import Runner, runtime_accuracy
+from paretoopt.measure.backends import Deployment, DeployRequest
+from paretoopt.measure.backends.onnxruntime import ONNX_FILE
+from paretoopt.measure.gate import MeasurementGate
+from paretoopt.measure.target import Target
+from paretoopt.results.record import Latency, LayerQuant, TrialRecord, technique_fields
+from paretoopt.workload.data import Splits, create_data
+from paretoopt.workload.models import create_model, load_checkpoint
+
+RUNTIME_FILE = ONNX_FILE  # the file the default (onnxruntime) target loads and times
+
+
+@dataclass
+class StudyContext:
+    space: Space
+    splits: Splits
+    baseline: nn.Module
+    teacher_logits: torch.Tensor
+    classifier: str
+    baseline_source: str  # "checkpoint", "trained" or "cache"
+    target: Target  # the runtime, the gate, the reference and the calibration
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        return self.target.calibration
+
+    def build_model(self) -> nn.Module:
+        return create_model(self.space.model)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Layers that get their own budget in per-layer search (all but the classifier)."""
+        return [n for n in prunable_layers(self.baseline) if n != self.classifier]
+
+    @property
+    def quant_layers(self) -> list[str]:
+        """Layers that get their own bit-width under mixed precision (all of them)."""
+        return list(prunable_layers(self.baseline))
+
+
+def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
+    """Build the model and data and run one forward pass; SpaceError on any fault."""
+    splits = create_data(space.data)
+    model = create_model(space.model)
+    if space.model.checkpoint:
+        load_checkpoint(model, space.model.checkpoint)
+    try:
+        with torch.no_grad():
+            out = model.eval()(splits.train.x[:2])
+    except Exception as exc:
+        raise SpaceError(
+            f"model: a forward pass on the data's inputs of shape "
+            f"{list(splits.input_shape)} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    classes = int(torch.cat([splits.train.y, splits.val.y, splits.test.y]).max()) + 1
+    if out.dim() != 2 or out.shape[1] < classes:
+        raise SpaceError(
+            f"model: expected logits of shape (batch, {classes}) for the data's "
+            f"{classes} classes, but got {list(out.shape)}"
+        )
+    if not prunable_layers(model):
+        raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
+    if space.target.device == "cuda" and not torch.cuda.is_available():
+        raise SpaceError("target.device: cuda, but this machine has no usable CUDA device")
+    return model, splits
+
+
+def prepare(
+    space: Space,
+    cache_dir: Path,
+    log: Callable[[str], None] = print,
+) -> StudyContext:
+    model, splits = check_inputs(space)
+    target = Target(space.target, splits.val, splits.train.x[:1])
+    source = "checkpoint"
+    if not space.model.checkpoint:
+        source = _baseline_from_cache(model, space, splits, cache_dir, log, target.gate)
+    model.eval()
+    teacher = logits_of(model, splits.train.x)
+    classifier = find_classifier(model, splits.train.x[:1])
+    return StudyContext(space, splits, model, teacher, classifier, source, target)
+
+
+def baseline_key(space: Space) -> str:
+    """Everything that decides the trained baseline, hashed: model, data, recipe, code."""
+    from paretoopt._version import __version__
+
+    doc = space_to_dict(space)
+    parts: dict[str, Any] = {k: doc[k] for k in ("model", "data", "baseline")}
+    parts["code"] = (__version__, torch.__version__)
+    for key in ("model", "data"):
+        factory = doc[key].get("factory", "")
+        source = _factory_source(factory.rsplit(":", 1)[0]) if factory else None
+        if source is not None:  # an edited factory must not reuse a stale baseline
+            parts[f"{key}_source"] = hashlib.sha256(source.read_bytes()).hexdigest()
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _factory_source(target: str) -> Path | None:
+    """The file a factory lives in: a .py path, or the origin of an importable module."""
+    if target.endswith(".py"):
+        return Path(target) if Path(target).is_file() else None
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None)
+    return Path(origin) if origin and Path(origin).is_file() else None
+
+
+def _baseline_from_cache(
+    model: nn.Module,
+    space: Space,
+    splits: Splits,
+    cache_dir: Path,
+    log: Callable[[str], None],
+    gate: MeasurementGate,
+) -> str:
+    path = cache_dir / f"baseline-{baseline_key(space)}.pt"
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # a damaged cache entry is retrained, not trusted
+            log(
+                f"baseline: the cached model {path} cannot be used ({type(exc).__name__}); "
+                "training it again"
+            )
+        else:
+            log(f"baseline: reusing the trained model cached in {path}")
+            return "cache"
+    b = space.baseline
+    log(f"baseline: training {b.epochs} epochs (no checkpoint given; cached afterwards)")
+    torch.manual_seed(b.seed)
+    for m in model.modules():  # a seeded fresh init, so the cache key fully decides it
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    start = time.perf_counter()
+    train(
+        model, splits.train, Recipe(b.epochs, b.lr, b.batch_size, b.seed), step_guard=gate.computing
+    )
+    val = accuracy(logits_of(model, splits.val.x), splits.val.y)
+    log(f"baseline: val accuracy {val:.2f} % after {time.perf_counter() - start:.0f} s")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return "trained"
+
+
+INT8_TOLERANCE = 0.15  # relative logit error of an int8 model; measured 0.008 on the conv study
+CHECKED = 64  # validation samples the reload and runtime checks compare logit by logit
+
+
+def calibrate(
+    ctx: StudyContext,
+    work: Path,
+    reference_ms: float | None = None,
+) -> dict[str, Any]:
+    """Time the baseline in the target runtime; see Target.calibrate."""
+    return ctx.target.calibrate(ctx.baseline, work, reference_ms)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(
+    ctx: StudyContext,
+    plan: CompressionPlan,
+    out_dir: Path,
+    seed: int,
+) -> TrialRecord:
+    """Compress, write, rebuild from the file, measure. Writes out_dir atomically."""
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        record = _run(ctx, plan, work, seed)
+        # export hands over these very files, and checks them against these hashes
+        files = {p.name: _sha256(p) for p in sorted(work.iterdir()) if p.is_file()}
+        record = record.replace(files=files)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        work.replace(out_dir)
+        return record
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+STAGES = {  # what each stage of a trial's time is made of (bench.timings keys)
+    "train": ("distill",),  # fine-tuning, with gradual pruning and QAT inside it
+    "compress": ("prune", "qat", "quantize", "write", "reload"),
+    "export": ("export",),
+    "calibrate": ("calibrate",),  # int8 activation ranges
+    "measure": ("evaluate", "measure"),  # accuracy in the runtime, then latency
+}
+
+
+def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> TrialRecord:
+    torch.manual_seed(seed)
+    bench = Workbench(
+        copy.deepcopy(ctx.baseline),
+        ctx.splits,
+        ctx.teacher_logits,
+        ctx.classifier,
+        seed=seed,
+        step_guard=ctx.target.gate.computing,
+    )
+    apply_plan(bench, plan)
+    checked = ctx.splits.val.x[:CHECKED]
+    # the checked samples as a batch of their own: the checks compare them to the last bit
+    ours = logits_of(bench.model, checked)
+    rest = ctx.splits.val.x[CHECKED:]
+    torch_val_logits = torch.cat([ours, logits_of(bench.model, rest)]) if len(rest) else ours
+    torch_val = accuracy(torch_val_logits, ctx.splits.val.y)
+    torch_test = accuracy(logits_of(bench.model, ctx.splits.test.x), ctx.splits.test.y)
+    size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
+    deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
+    reloaded = _check_reload(ours, deployed, checked)
+    int8 = plan.quant.activations == "int8"
+    with ctx.target.gate.computing():  # export and evaluation load the CPU too
+        deployment = _deploy(ctx, deployed, work, plan, bench)
+        runner, exact = deployment.runner, deployment.int8_weights
+        # int8 activations and 16-bit CUDA arithmetic round: compared within that rounding
+        rounded = int8 or getattr(runner, "dtype", torch.float32) != torch.float32
+        _check_runtime(runner, reloaded, checked, rounded)
+        val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits)
+    runtime_file = deployment.file  # none for the torch runtime: it runs the module
+    latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file)
+    latency["structure"] = ctx.target.backend.structure(deployment)  # see pooling
+    layers = _layer_quant(plan, bench, ctx.target.backend.integer_weights(deployment), exact)
+    integer = [n for n, e in layers.items() if e.format == "int"]
+    return TrialRecord(
+        plan=plan.to_dict(),
+        accuracy=val,
+        test_accuracy=test,
+        torch_accuracy=torch_val,
+        torch_test_accuracy=torch_test,
+        deploy_gap=val - torch_val,
+        size_bytes=size,
+        runtime_file_bytes=runtime_file.stat().st_size if runtime_file else None,
+        latency_ms=latency["latency_ms"],
+        latency=Latency(**latency),
+        runtime=runner.name,
+        int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
+        # False: some layer was re-rounded by the int8 converter, so the runtime model is
+        # not the file's model
+        exact_weights=all(kind is not None for kind in exact.values()),
+        layer_quant=layers,
+        params=sum(p.numel() for p in deployed.parameters()),
+        macs=_macs(deployed, ctx.splits.train.x[:1]),
+        nonzero_params=sum(int((p != 0).sum()) for p in deployed.parameters()),
+        # what the techniques recorded: per-layer sparsity, channels kept, saliency, ...
+        **technique_fields(bench.records),
+        timings={k: round(v, 4) for k, v in bench.timings.items()},
+        stages={
+            stage: round(sum(bench.timings.get(k, 0.0) for k in keys), 4)
+            for stage, keys in STAGES.items()
+        },
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _evaluate(runner: Runner, splits: Splits) -> tuple[float, float]:
+    return runtime_accuracy(runner, splits.val), runtime_accuracy(runner, splits.test)
+
+
+def _deploy(
+    ctx: StudyContext, model: nn.Module, work: Path, plan: CompressionPlan, bench: Workbench
+) -> Deployment:
+    """The model in the target's runtime. Int8: activations calibrated on training
+    samples, the plan's own weights."""
+    cfg = plan.quant
+    request = DeployRequest(
+        model,
+        work,
+        cfg,
+        calibration=ctx.splits.train.x[: cfg.calibration_samples],
+        codes=bench.quantized,
+        timed=bench.timed,
+        int8=ctx.target.int8_recipe() if cfg.activations == "int8" else None,
+    )
+    return ctx.target.backend.deploy(request)
+
+
+def _layer_quant(
+    plan: CompressionPlan,
+    bench: Workbench,
+    integer: set[str],
+    int8_weights: dict[str, str | None],
+) -> dict[str, LayerQuant]:
+    """Per layer: bit-width, number format, grid, and the kernel it really ran in
+    (`integer`: the weights the runtime ran in integer kernels, read from its graph;
+    `int8_weights`: the type each int8 layer holds the plan's codes in, None if it does
+    not hold them)."""
+    cfg = plan.quant
+    out: dict[str, LayerQuant] = {}
+    for name in prunable_layers(bench.model):
+        bits, param = cfg.layer(name), f"{name}.weight"
+        quantized = param in bench.quantized
+        out[name] = LayerQuant(
+            bits=bits,
+            format={32: "float32", 16: cfg.half_type}.get(bits, "int"),
+            # on this target, float32 kernels also run 16-bit and dequantized integer weights
+            kernel="int8" if param in integer else "float32",
+            granularity=cfg.granularity if quantized else None,
+            scheme=("symmetric" if is_symmetric(cfg, bits) else "affine") if quantized else None,
+            # the int8 model holds the trial's own codes, not re-rounded ones
+            exact_weights=None if param not in int8_weights else int8_weights[param] is not None,
+            int8_weights=int8_weights.get(param),
+        )
+    return out
+
+
+def _macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one sample through the deployed model (dense count: masked
+    weights still cost a MAC in a dense kernel)."""
+    import torch_pruning as tp
+
+    macs, _ = tp.utils.count_ops_and_params(model, example)
+    return int(macs)
+
+
+def confirm(ctx: StudyContext, directory: Path) -> dict[str, Any]:
+    """Time a kept trial's deployed model again, against the baseline (end of a search):
+    exactly the file the trial measured, where its runtime has one."""
+    backend = ctx.target.backend
+    with ctx.target.gate.computing():
+        runner = backend.reload(directory, ctx.build_model)
+    return settled_latency(ctx, runner, directory / backend.file if backend.file else None)
+
+
+def settled_latency(ctx: StudyContext, runner: Runner, file: Path | None) -> dict[str, Any]:
+    """The target's latency figure; a timing that never found the machine quiet is taken
+    again, QUIET_TRIES times at most (`tries`), unless target.quiet_s is 0 (no time to
+    look for a quiet machine is given). On the AVX2 EPYC VM one int8 file timed 12 times
+    for 5 s each read 0.292-0.307 of the baseline where quiet, but 0.42 in the one timing
+    that never got quiet (a disturbed stretch of more than 5 s): its figure is a draw
+    from the other state, so it is not kept while another try can do better."""
+    tries = 0
+    while True:
+        figure, tries = ctx.target.latency(runner, file), tries + 1
+        settled = figure["quiet"] is not False or ctx.space.target.quiet_s == 0
+        if settled or tries == QUIET_TRIES:
+            return {**figure, "tries": tries}
+
+
+QUIET_TRIES = 3
+
+
+def _check_reload(expected: torch.Tensor, deployed: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The file must give back the very model that was compressed (`expected`: that
+    model's logits on `x`). Returns the reloaded model's logits."""
+    got = logits_of(deployed, x)
+    if not torch.allclose(expected, got, rtol=1e-5, atol=1e-5):
+        raise TrialError(
+            f"the compressed file does not reproduce the model: max logit "
+            f"difference {float((expected - got).abs().max()):.3g}"
+        )
+    return got
+
+
+def _check_runtime(runner: Runner, expected: torch.Tensor, x: torch.Tensor, rounded: bool) -> None:
+    """The runtime model must compute what the compressed model computes (`expected`: its
+    logits on `x`): to float rounding, or, with int8 activations, to within their
+    rounding (a broken conversion is off by the size of the logits themselves)."""
+    ours = expected.numpy()
+    theirs = runner(x.numpy())
+    if rounded:
+        error = float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(ours), 1e-12))
+        if error > INT8_TOLERANCE:
+            raise TrialError(
+                f"the {runner.name} model (int8 or 16-bit arithmetic) disagrees with the "
+                f"compressed model: relative logit error {error:.3g} (at most "
+                f"{INT8_TOLERANCE} expected); try target.int8_recipe: u8u8 (int8 kernels "
+                "that never saturate), fewer weight bits, or activations: float"
+            )
+        return
+    if not np.allclose(ours, theirs, rtol=1e-3, atol=1e-3):
+        raise TrialError(
+            f"the {runner.name} model disagrees with the compressed model: max "
+            f"logit difference {float(np.abs(ours - theirs).max()):.3g}"
+        )
