@@ -37,7 +37,9 @@ from pathlib import Path
 
 from common import Record, arguments, context, progress, table, write_csv
 
-from paretoopt.config.plan import CompressionPlan, PruneConfig, QuantConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.measure import OrtRunner, TorchRunner, runtime_threads, time_runner
 from paretoopt.measure.isa import int8_dot, this_machine
 from paretoopt.results.frames import StudyResults, load_results, trial_record

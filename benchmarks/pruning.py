@@ -14,7 +14,10 @@ import sys
 
 from common import arguments, context, progress, ratios, run_plans, write_csv
 
-from paretoopt.config.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig
+from paretoopt.config.parts.distill import DistillConfig
+from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.plan import CompressionPlan
 
 SALIENCIES = ("l1", "l2", "taylor", "hessian")
 SETTINGS = {  # structure -> sparsity compared at

@@ -20,7 +20,10 @@ import sys
 
 from common import Record, arguments, context, progress, ratios, run_plans, table, write_csv
 
-from paretoopt.config.plan import CompressionPlan, DistillConfig, FinetuneConfig, QuantConfig
+from paretoopt.config.parts.distill import DistillConfig
+from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 
 INT8 = {"bits": 8, "scheme": "symmetric", "activations": "int8"}
 

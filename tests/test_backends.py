@@ -13,7 +13,8 @@ from paretoopt.compress.artifact import ARTIFACT, save_compressed
 from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier
 from paretoopt.compress.train import logits_of
-from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import ComponentSpec, TargetSpec
 from paretoopt.measure.backends import BACKENDS, DeployRequest, backend_name, create_backend
 from paretoopt.measure.isa import Int8Recipe, this_machine

@@ -17,13 +17,11 @@ import paretoopt
 from paretoopt.cli import main
 from paretoopt.compress.artifact import load_compressed
 from paretoopt.compress.train import logits_of
-from paretoopt.config.plan import (
-    CompressionPlan,
-    DistillConfig,
-    FinetuneConfig,
-    PruneConfig,
-    QuantConfig,
-)
+from paretoopt.config.parts.distill import DistillConfig
+from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import load_space
 from paretoopt.errors import StudyError
 from paretoopt.export import export_trial, load

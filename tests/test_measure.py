@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from paretoopt.compress.train import Recipe, train
-from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import TargetSpec, parse_space
 from paretoopt.errors import SpaceError
 from paretoopt.measure import OrtRunner, TorchRunner, export_onnx, time_paired, time_runner

@@ -8,13 +8,11 @@ import torch
 
 from paretoopt.compress.artifact import load_compressed
 from paretoopt.compress.train import accuracy, logits_of
-from paretoopt.config.plan import (
-    CompressionPlan,
-    DistillConfig,
-    FinetuneConfig,
-    PruneConfig,
-    QuantConfig,
-)
+from paretoopt.config.parts.distill import DistillConfig
+from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import parse_space
 from paretoopt.results.pooling import pooled
 from paretoopt.study.trial import (

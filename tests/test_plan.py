@@ -4,13 +4,11 @@ import json
 
 import pytest
 
-from paretoopt.config.plan import (
-    CompressionPlan,
-    DistillConfig,
-    FinetuneConfig,
-    PruneConfig,
-    QuantConfig,
-)
+from paretoopt.config.parts.distill import DistillConfig
+from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import PlanError
 
 

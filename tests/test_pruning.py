@@ -12,7 +12,10 @@ from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
 from paretoopt.compress.techniques.prune import cubic_ratios
 from paretoopt.compress.train import logits_of
-from paretoopt.config.plan import CompressionPlan, DistillConfig, FinetuneConfig, PruneConfig
+from paretoopt.config.parts.distill import DistillConfig
+from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import ComponentSpec
 from paretoopt.workload.data import Split, Splits, create_data
 from paretoopt.workload.models import conv

@@ -17,7 +17,10 @@ from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
 from paretoopt.compress.techniques.quantize import quantize_tensor
 from paretoopt.compress.train import Recipe, accuracy, logits_of, train
-from paretoopt.config.plan import CompressionPlan, FinetuneConfig, PruneConfig, QuantConfig
+from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import ComponentSpec, parse_space
 from paretoopt.errors import PlanError, SpaceError
 from paretoopt.measure import OrtRunner, export_onnx

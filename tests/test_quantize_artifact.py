@@ -18,7 +18,9 @@ from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier
 from paretoopt.compress.techniques.quantize import quantize_tensor
 from paretoopt.compress.train import logits_of
-from paretoopt.config.plan import CompressionPlan, PruneConfig, QuantConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import ComponentSpec
 from paretoopt.errors import ArtifactError
 from paretoopt.workload.data import create_data
@@ -171,7 +173,8 @@ def test_per_layer_budgets_differ_by_layer(splits):
 
 
 def test_fine_tuning_keeps_pruned_weights_at_zero(splits):
-    from paretoopt.config.plan import DistillConfig, FinetuneConfig
+    from paretoopt.config.parts.distill import DistillConfig
+    from paretoopt.config.parts.finetune import FinetuneConfig
 
     bench = _bench(splits)
     plan = CompressionPlan(

@@ -88,7 +88,7 @@ def test_techniques_run_by_stage_and_report_once_all_have_run(bench_factory, mon
 
 def test_every_saliency_the_space_offers_is_implemented():
     from paretoopt.compress.techniques.saliency import SALIENCIES
-    from paretoopt.config.space import SALIENCIES as OFFERED
+    from paretoopt.config.parts.prune import SALIENCIES as OFFERED
 
     assert tuple(SALIENCIES) == OFFERED
 
@@ -98,3 +98,12 @@ def test_a_technique_that_changes_the_architecture_says_how_the_file_replays_it(
 
     (pruning,) = rebuilds()  # of the built-ins, only channel removal changes shapes
     assert (pruning.key, pruning.what) == ("pruning_history", "channel removal")
+
+
+def test_a_rebuild_key_is_one_technique_s(monkeypatch):
+    from paretoopt.compress import techniques
+
+    (pruning,) = techniques.rebuilds()
+    monkeypatch.setattr(techniques, "TECHNIQUES", dict(techniques.TECHNIQUES))
+    with pytest.raises(ValueError, match="rebuild key 'pruning_history' is taken"):
+        techniques.register("other", techniques.Stage.STRUCTURE, rebuild=pruning)(lambda b, p: None)

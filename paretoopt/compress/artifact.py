@@ -81,9 +81,12 @@ def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
         "format_version": str(FORMAT_VERSION),
         "plan": json.dumps(plan.to_dict()),
         "input_shape": json.dumps(list(bench.example.shape[1:])),
-        **{r.key: json.dumps(r.store(bench)) for r in rebuilds()},
         "layout": json.dumps(layout, separators=(",", ":")),
     }
+    for rebuild in rebuilds():
+        if rebuild.key in meta:  # a technique's entry must not overwrite the file's own
+            raise ValueError(f"artifact: rebuild key {rebuild.key!r} is taken")
+        meta[rebuild.key] = json.dumps(rebuild.store(bench))
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)  # a reader never sees half a file

@@ -12,7 +12,7 @@ This module does not import torch or optuna: it is pure, validated data.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from paretoopt.errors import SpaceError
@@ -153,3 +153,54 @@ def _parse_range(raw: dict[str, Any], rule: KnobRule, where: str) -> Knob:
         for v in knob.values():  # every integer the range can produce must be allowed
             rule.check(v, where)
     return Fixed(low) if low == high else knob
+
+
+# --------------------------------------------------------------------------- declaring
+
+
+def setting(
+    default: Any,
+    doc: str,
+    *,
+    kind: type,
+    low: float | None = None,
+    high: float | None = None,
+    options: tuple[Any, ...] | None = None,
+    knob: bool = False,
+    nullable: bool = False,
+) -> Any:
+    """Declare one setting of a section: its type, bounds, default and documentation."""
+    rule = KnobRule(kind, low, high, options, searchable=knob)
+    meta = {"rule": rule, "knob": knob, "nullable": nullable, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str) -> Any:
+    return field(default_factory=cls, metadata={"section": cls, "doc": doc})
+
+
+def knob_values(knob: Knob) -> tuple[Any, ...]:
+    """Every value a discrete knob can take (an integer range counts as discrete)."""
+    if isinstance(knob, Fixed):
+        return (knob.value,)
+    if isinstance(knob, Choice):
+        return knob.options
+    return tuple(knob.values()) if knob.integer else ()
+
+
+def suggest(trial: Any, name: str, knob: Knob) -> Scalar:
+    """The knob's value for one trial: a fixed knob's own, a searched one drawn as
+    parameter `name` (the trial is an optuna.Trial; no import of Optuna here)."""
+    if isinstance(knob, Fixed):
+        return knob.value
+    if isinstance(knob, Choice):
+        return trial.suggest_categorical(name, list(knob.options))
+    return _suggest_range(trial, name, knob)
+
+
+def _suggest_range(trial: Any, name: str, knob: Range) -> Scalar:
+    if knob.integer:
+        return trial.suggest_int(
+            name, int(knob.low), int(knob.high), step=int(knob.step or 1), log=knob.log
+        )
+    return trial.suggest_float(name, knob.low, knob.high, step=knob.step, log=knob.log)

@@ -19,49 +19,26 @@ from typing import Any
 
 import yaml
 
-from paretoopt.config.knobs import Choice, Fixed, Knob, KnobRule, Range, parse_knob
+from paretoopt.config.knobs import (
+    Choice,
+    Fixed,
+    KnobRule,
+    Range,
+    parse_knob,
+    section,
+    setting,
+)
 from paretoopt.config.metrics import DEFAULT_OBJECTIVES
 from paretoopt.config.metrics import METRICS as METRIC_TABLE
+from paretoopt.config.parts import registered
 from paretoopt.errors import SpaceError
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direction
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
 INT8_RECIPES = ("auto", "u8s8", "u8u8")  # int8 weight types: see measure/isa.py
-STRUCTURES = ("unstructured", "channel")
-SALIENCIES = ("l1", "l2", "taylor", "hessian")
-DISTRIBUTIONS = ("uniform", "global", "per_layer")
-SCHEDULES = ("one_shot", "gradual")
-GRANULARITIES = ("per_channel", "per_tensor")
-SCHEMES = ("affine", "symmetric")
-ACTIVATIONS = ("float", "int8")
-QUANT_METHODS = ("ptq", "qat")
-HALF_TYPES = ("float16", "bfloat16")
-QUANT_DISTRIBUTIONS = ("uniform", "per_layer")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
-
-
-def setting(
-    default: Any,
-    doc: str,
-    *,
-    kind: type,
-    low: float | None = None,
-    high: float | None = None,
-    options: tuple[Any, ...] | None = None,
-    knob: bool = False,
-    nullable: bool = False,
-) -> Any:
-    """Declare one setting of a section: its type, bounds, default and documentation."""
-    rule = KnobRule(kind, low, high, options, searchable=knob)
-    meta = {"rule": rule, "knob": knob, "nullable": nullable, "doc": doc}
-    return field(default=default, metadata=meta)
-
-
-def section(cls: type, doc: str) -> Any:
-    return field(default_factory=cls, metadata={"section": cls, "doc": doc})
 
 
 # --------------------------------------------------------------------------- sections
@@ -265,202 +242,13 @@ class SearchSpec:
     )
 
 
-@dataclass(frozen=True)
-class PruningSpace:
-    structure: Knob = setting(
-        Choice(STRUCTURES),
-        "unstructured (weights) or channel (whole channels, physically removed)",
-        kind=str,
-        options=STRUCTURES,
-        knob=True,
-    )
-    sparsity: Knob = setting(
-        Range(0.0, 0.9),
-        "fraction of weights (or channels) removed",
-        kind=float,
-        low=0.0,
-        high=0.99,
-        knob=True,
-    )
-    saliency: Knob = setting(
-        Fixed("l2"),
-        "which weights or channels go: l1 or l2 magnitude, taylor (|w x grad|), "
-        "hessian (OBD: w^2 x diagonal Fisher)",
-        kind=str,
-        options=SALIENCIES,
-        knob=True,
-    )
-    distribution: Knob = setting(
-        Fixed("uniform"),
-        "how the budget spreads over layers: uniform, global (one ranking across layers) "
-        "or per_layer (a searched multiplier per layer group)",
-        kind=str,
-        options=DISTRIBUTIONS,
-        knob=True,
-    )
-    layer_scale: Knob = setting(
-        Range(0.5, 1.5),
-        "per-layer multiplier of the global sparsity (distribution per_layer)",
-        kind=float,
-        low=0.0,
-        high=10.0,
-        knob=True,
-    )
-    layer_groups: int = setting(
-        8,
-        "most per-layer parameters: more prunable layers than this are split into this many "
-        "groups of consecutive layers, one multiplier each",
-        kind=int,
-        low=1,
-        high=1024,
-    )
-    schedule: Knob = setting(
-        Fixed("one_shot"),
-        "one_shot (prune, then fine-tune) or gradual (cubic schedule over fine-tuning)",
-        kind=str,
-        options=SCHEDULES,
-        knob=True,
-    )
-    gradual_steps: int = setting(
-        4, "pruning events of the gradual schedule", kind=int, low=1, high=1000
-    )
-    regrowth: Knob = setting(
-        Fixed(False),
-        "RigL-style drop-and-regrow at constant sparsity during fine-tuning (unstructured, "
-        "one-shot)",
-        kind=bool,
-        options=(False, True),
-        knob=True,
-    )
-    regrowth_interval: int = setting(
-        10, "optimizer steps between regrowth events", kind=int, low=1, high=1_000_000
-    )
-    saliency_batches: int = setting(
-        4,
-        "batches used to estimate gradients for taylor and hessian",
-        kind=int,
-        low=1,
-        high=10_000,
-    )
-    round_to: int = setting(
-        1, "keep channel counts at multiples of this (channel pruning)", kind=int, low=1, high=1024
-    )
-
-
-@dataclass(frozen=True)
-class QuantizationSpace:
-    bits: Knob = setting(
-        Choice((2, 3, 4, 6, 8, 16, 32)),
-        "weight bit-width: 2-8 integer, 16 float16 or bfloat16 (half_type), 32 unquantized",
-        kind=int,
-        options=SUPPORTED_BITS,
-        knob=True,
-    )
-    granularity: Knob = setting(
-        Fixed("per_channel"),
-        "one scale per output channel or per tensor",
-        kind=str,
-        options=GRANULARITIES,
-        knob=True,
-    )
-    scheme: Knob = setting(
-        Fixed("affine"),
-        "affine min-max (with zero point) or symmetric; 8-bit weights with int8 "
-        "activations are always symmetric (int8 kernels take no weight zero point)",
-        kind=str,
-        options=SCHEMES,
-        knob=True,
-    )
-    half_type: Knob = setting(
-        Fixed("float16"),
-        "the 16-bit format: float16 or bfloat16",
-        kind=str,
-        options=HALF_TYPES,
-        knob=True,
-    )
-    activations: Knob = setting(
-        Fixed("float"),
-        "float, or int8 (static: scales calibrated on training samples; the model runs in "
-        "ONNX Runtime's int8 kernels)",
-        kind=str,
-        options=ACTIVATIONS,
-        knob=True,
-    )
-    method: Knob = setting(
-        Fixed("ptq"),
-        "ptq (quantize after fine-tuning) or qat (fake-quantized weights with a "
-        "straight-through gradient during fine-tuning)",
-        kind=str,
-        options=QUANT_METHODS,
-        knob=True,
-    )
-    distribution: Knob = setting(
-        Fixed("uniform"),
-        "uniform (one bit-width for every layer) or per_layer (mixed precision: a searched "
-        "bit-width per layer group, drawn from bits)",
-        kind=str,
-        options=QUANT_DISTRIBUTIONS,
-        knob=True,
-    )
-    layer_groups: int = setting(
-        8,
-        "most per-layer bit-widths: more layers than this are split into this many groups "
-        "of consecutive layers, one bit-width each",
-        kind=int,
-        low=1,
-        high=1024,
-    )
-    calibration_samples: int = setting(
-        256,
-        "training samples that calibrate int8 activation scales",
-        kind=int,
-        low=1,
-        high=1_000_000,
-    )
-
-
-@dataclass(frozen=True)
-class DistillationSpace:
-    temperature: Knob = setting(
-        Range(1.0, 8.0),
-        "softmax temperature of the teacher",
-        kind=float,
-        low=0.1,
-        high=100.0,
-        knob=True,
-    )
-    alpha: Knob = setting(
-        Range(0.0, 0.9),
-        "weight of the distillation loss; 0 = plain fine-tuning",
-        kind=float,
-        low=0.0,
-        high=1.0,
-        knob=True,
-    )
-
-
-@dataclass(frozen=True)
-class FinetuneSpace:
-    epochs: Knob = setting(
-        Fixed(2), "fine-tuning epochs after pruning", kind=int, low=0, high=10_000, knob=True
-    )
-    lr: Knob = setting(
-        Range(1e-4, 3e-3, log=True),
-        "Adam learning rate of fine-tuning",
-        kind=float,
-        low=1e-8,
-        high=1.0,
-        knob=True,
-    )
-    batch_size: int = setting(64, "fine-tuning batch size", kind=int, low=1, high=65_536)
-
-
-@dataclass(frozen=True)
-class CompressionSpace:
-    pruning: PruningSpace = section(PruningSpace, "pruning knobs")
-    quantization: QuantizationSpace = section(QuantizationSpace, "quantization knobs")
-    distillation: DistillationSpace = section(DistillationSpace, "distillation knobs")
-    finetune: FinetuneSpace = section(FinetuneSpace, "fine-tuning knobs")
+# space: one section per plan part (config/parts), in plan order
+CompressionSpace = make_dataclass(
+    "CompressionSpace",
+    [(p.section, p.settings, section(p.settings, p.doc)) for p in registered().values()],
+    frozen=True,
+)
+CompressionSpace.__module__ = __name__  # so that a Space pickles (worker processes)
 
 
 @dataclass(frozen=True)
@@ -570,15 +358,6 @@ def parse_space(doc: Any, source: str | Path = "<space>") -> Space:
     return space
 
 
-def knob_values(knob: Knob) -> tuple[Any, ...]:
-    """Every value a discrete knob can take (an integer range counts as discrete)."""
-    if isinstance(knob, Fixed):
-        return (knob.value,)
-    if isinstance(knob, Choice):
-        return knob.options
-    return tuple(knob.values()) if knob.integer else ()
-
-
 def _is_address(text: str) -> bool:
     host, _, port = text.rpartition(":")
     return bool(host) and port.isdigit() and 0 < int(port) < 65536
@@ -587,9 +366,6 @@ def _is_address(text: str) -> bool:
 def _check_combinations(space: Space) -> None:
     """Rules that span settings (each setting has already checked its own value): a
     choice that could never take effect is an error, not a silent no-op."""
-    q, epochs = space.space.quantization, knob_values(space.space.finetune.epochs)
-    bits = set(knob_values(q.bits))
-    at = "space.quantization"
     t = space.target
     rules = [
         (
@@ -606,33 +382,12 @@ def _check_combinations(space: Space) -> None:
             t.agent is not None and not _is_address(t.agent),
             f"target.agent: expected host:port (e.g. 192.168.1.20:8765), but got {t.agent!r}",
         ),
-        (
-            "int8" in knob_values(q.activations) and space.target.runtime != "onnxruntime",
-            f"{at}.activations: int8 needs target.runtime onnxruntime (the only runtime here "
-            f"with maintained int8 kernels), but target.runtime is {space.target.runtime!r}",
-        ),
-        (
-            "int8" in knob_values(q.activations) and not bits & set(range(2, 9)),
-            f"{at}.activations: int8 needs integer weights, but bits allows only "
-            f"{sorted(bits)}; add a width of 2-8",
-        ),
-        (
-            "qat" in knob_values(q.method) and set(epochs) == {0},
-            f"{at}.method: qat trains through the quantizer, but finetune.epochs is always 0",
-        ),
-        (
-            not isinstance(q.half_type, Fixed) and 16 not in bits,
-            f"{at}.half_type: searched, but bits never takes 16 ({sorted(bits)})",
-        ),
-        (
-            "per_layer" in knob_values(q.distribution) and isinstance(q.bits, Fixed),
-            f"{at}.distribution: per_layer draws each layer's width from bits, but bits is "
-            f"fixed at {sorted(bits)[0] if bits else q.bits}; give bits a list or a range",
-        ),
     ]
-    for broken, message in rules:
-        if broken:
-            raise SpaceError(message)
+    messages = [message for broken, message in rules if broken]
+    for part in registered().values():  # each plan part's own rules (config/parts)
+        messages += part.check(space)
+    if messages:
+        raise SpaceError(messages[0])
 
 
 def _default_study_name(source: str | Path) -> str:

@@ -9,67 +9,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import optuna
 
-from paretoopt.config.knobs import Choice, Fixed, Knob, Range, Scalar
-from paretoopt.config.plan import (
-    CompressionPlan,
-    DistillConfig,
-    FinetuneConfig,
-    PruneConfig,
-    QuantConfig,
-)
+from paretoopt.config.knobs import suggest
+from paretoopt.config.parts import Drawing, Part, drawn
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import Space
 from paretoopt.errors import SpaceError
-
-
-def suggest(trial: optuna.Trial, name: str, knob: Knob) -> Scalar:
-    if isinstance(knob, Fixed):
-        return knob.value
-    if isinstance(knob, Choice):
-        return trial.suggest_categorical(name, list(knob.options))
-    return _suggest_range(trial, name, knob)
-
-
-def _suggest_range(trial: optuna.Trial, name: str, knob: Range) -> Scalar:
-    if knob.integer:
-        return trial.suggest_int(
-            name, int(knob.low), int(knob.high), step=int(knob.step or 1), log=knob.log
-        )
-    return trial.suggest_float(name, knob.low, knob.high, step=knob.step, log=knob.log)
-
-
-@dataclass(frozen=True)
-class Drawing:
-    """What every part's draw reads: the trial, the space, the model's layers, and the
-    fine-tuning epochs, drawn first since most knobs matter only with fine-tuning."""
-
-    trial: optuna.Trial
-    space: Space
-    layer_names: list[str]  # per-layer pruning budgets
-    quant_layers: list[str]  # per-layer bit-widths
-    epochs: int
-
-
-Draw = Callable[[Drawing], Any]  # one plan part's config
-
-
-@dataclass(frozen=True)
-class Part:
-    """How one plan part is sampled, and how the study's first plans (``anchors``) set
-    its parameters: the options an engineer would try first, and which way is stronger."""
-
-    draw: Draw
-    prefer: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # parameter -> options
-    # where a dense objective counts (latency, MACs: zeros skip no work), and where not
-    prefer_dense: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    prefer_sparse: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    stronger: Mapping[str, str] = field(default_factory=dict)  # name prefix -> "up" | "down"
 
 
 def sample_plan(
@@ -78,7 +27,8 @@ def sample_plan(
     layer_names: list[str],
     quant_layers: list[str] | None = None,
 ) -> CompressionPlan:
-    """Turn one Optuna trial into a compression plan, one part at a time (``DRAWS``).
+    """Turn one Optuna trial into a compression plan, one part at a time (``DRAWS``),
+    the fine-tuning epochs first (most knobs matter only with fine-tuning).
     Fixed knobs are not parameters, and neither is a knob that cannot matter for this
     plan (no saliency without pruning, no temperature without distillation).
     `layer_names` get per-layer pruning budgets, `quant_layers` (by default the same)
@@ -89,156 +39,9 @@ def sample_plan(
     return CompressionPlan(**{name: part.draw(drawing) for name, part in DRAWS.items()})
 
 
-def _draw_distill(d: Drawing) -> DistillConfig:
-    k = d.space.space.distillation
-    alpha = float(suggest(d.trial, "distill.alpha", k.alpha)) if d.epochs else 0.0
-    temperature = float(suggest(d.trial, "distill.temperature", k.temperature)) if alpha else 1.0
-    return DistillConfig(temperature, alpha)
-
-
-def _draw_prune(d: Drawing) -> PruneConfig:
-    trial, space, layer_names, epochs = d.trial, d.space, d.layer_names, d.epochs
-    p = space.space.pruning
-    structure = str(suggest(trial, "prune.structure", p.structure))
-    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
-    # weights, so the two levels mean different things and the sampler must learn them apart.
-    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
-    fixed = {
-        "round_to": p.round_to,
-        "gradual_steps": p.gradual_steps,
-        "regrowth_interval": p.regrowth_interval,
-        "saliency_batches": p.saliency_batches,
-    }
-    if sparsity == 0.0:
-        return PruneConfig(structure, 0.0, **fixed)
-    distribution = str(suggest(trial, "prune.distribution", p.distribution))
-    if distribution == "per_layer" and not layer_names:  # only the classifier is prunable
-        distribution = "uniform"
-    scales = layer_multipliers(trial, space, layer_names) if distribution == "per_layer" else {}
-    schedule = str(suggest(trial, "prune.schedule", p.schedule)) if epochs else "one_shot"
-    regrowth = (
-        bool(suggest(trial, "prune.regrowth", p.regrowth))
-        if epochs and structure == "unstructured" and schedule == "one_shot"
-        else False
-    )
-    return PruneConfig(
-        structure,
-        sparsity,
-        str(suggest(trial, "prune.saliency", p.saliency)),
-        distribution,
-        scales,
-        schedule,
-        regrowth=regrowth,
-        **fixed,
-    )
-
-
-def _draw_finetune(d: Drawing) -> FinetuneConfig:
-    f = d.space.space.finetune
-    lr = float(suggest(d.trial, "finetune.lr", f.lr)) if d.epochs else 1e-3
-    return FinetuneConfig(d.epochs, lr, f.batch_size)
-
-
-def layer_groups(layer_names: list[str], groups: int) -> list[list[str]]:
-    """Consecutive layers in at most `groups` groups of near-equal size (depth order)."""
-    n = len(layer_names)
-    if n == 0:
-        return []
-    count = min(groups, n)
-    bounds = [round(i * n / count) for i in range(count + 1)]
-    return [layer_names[bounds[i] : bounds[i + 1]] for i in range(count)]
-
-
-def group_parameters(
-    layer_names: list[str], groups: int, prefix: str
-) -> list[tuple[str, list[str]]]:
-    """One Optuna parameter per layer group: `<prefix>.layer.<name>` for a group of one
-    layer, `<prefix>.layers.<first>..<last>` for several."""
-    return [
-        (
-            f"{prefix}.layer.{group[0]}"
-            if len(group) == 1
-            else f"{prefix}.layers.{group[0]}..{group[-1]}",
-            group,
-        )
-        for group in layer_groups(layer_names, groups)
-    ]
-
-
-def layer_multipliers(
-    trial: optuna.Trial,
-    space: Space,
-    layer_names: list[str],
-) -> dict[str, float]:
-    """One pruning multiplier per layer group."""
-    p = space.space.pruning
-    out = {}
-    for name, group in group_parameters(layer_names, p.layer_groups, "prune"):
-        out.update(dict.fromkeys(group, float(suggest(trial, name, p.layer_scale))))
-    return out
-
-
-def _draw_quant(d: Drawing) -> QuantConfig:
-    trial, layer_names, epochs = d.trial, d.quant_layers, d.epochs
-    q = d.space.space.quantization
-    distribution = str(suggest(trial, "quant.distribution", q.distribution))
-    layer_bits: dict[str, int] = {}
-    if distribution == "per_layer" and layer_names:  # mixed precision, HAQ-style
-        for name, group in group_parameters(layer_names, q.layer_groups, "quant.bits"):
-            layer_bits.update(dict.fromkeys(group, int(suggest(trial, name, q.bits))))
-        bits = max(layer_bits.values())
-    else:
-        bits = int(suggest(trial, "quant.bits", q.bits))
-    widths = set(layer_bits.values()) or {bits}
-    fixed = {"layer_bits": layer_bits, "calibration_samples": q.calibration_samples}
-    half = str(suggest(trial, "quant.half_type", q.half_type)) if 16 in widths else "float16"
-    if min(widths) > 8:  # no integer grid: granularity, scheme, activations cannot matter
-        return QuantConfig(bits, half_type=half, **fixed)
-    activations = str(suggest(trial, "quant.activations", q.activations))
-    only_8 = {w for w in widths if w <= 8} == {8}
-    return QuantConfig(
-        bits,
-        granularity=str(suggest(trial, "quant.granularity", q.granularity)),
-        # 8-bit weights with int8 activations are always symmetric: nothing to choose
-        scheme="symmetric"
-        if activations == "int8" and only_8
-        else str(suggest(trial, "quant.scheme", q.scheme)),
-        half_type=half,
-        activations=activations,
-        method=str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
-        **fixed,
-    )
-
-
-# plan part -> its draw, in the order the parameters are suggested (a seeded sampler
-# reproduces its plans only in the same order); every part of plan.PARTS has one
-DRAWS: dict[str, Part] = {
-    "distill": Part(_draw_distill),
-    "prune": Part(
-        _draw_prune,
-        prefer={
-            "prune.distribution": ("uniform",),
-            "prune.schedule": ("one_shot",),
-            "prune.regrowth": (False,),
-        },
-        prefer_dense={"prune.structure": ("channel",)},
-        prefer_sparse={"prune.structure": ("unstructured",)},
-        stronger={"prune.unstructured.sparsity": "up", "prune.channel.sparsity": "up"},
-    ),
-    "quant": Part(
-        _draw_quant,
-        prefer={
-            "quant.distribution": ("uniform",),
-            "quant.granularity": ("per_channel",),
-            "quant.scheme": ("symmetric",),
-            "quant.method": ("qat",),  # only asked with fine-tuning
-        },
-        prefer_dense={"quant.activations": ("int8",)},
-        prefer_sparse={"quant.activations": ("float",)},
-        stronger={"quant.bits": "down"},  # per-layer widths too: quant.bits.layer...
-    ),
-    "finetune": Part(_draw_finetune),
-}
+# plan part -> how it is drawn (config/parts), in the order the parameters are suggested
+# (a seeded sampler reproduces its plans only in the same order)
+DRAWS: dict[str, Part] = {part.name: part for part in drawn()}
 
 
 def preferred(dense: bool) -> dict[str, tuple[Any, ...]]:

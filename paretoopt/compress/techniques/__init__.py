@@ -72,6 +72,9 @@ def register(
     def decorator(fn: Step) -> Technique:
         if name in TECHNIQUES:
             raise ValueError(f"technique {name!r} is registered twice")
+        keys = {t.rebuild.key for t in TECHNIQUES.values() if t.rebuild is not None}
+        if rebuild is not None and rebuild.key in keys:
+            raise ValueError(f"technique {name!r}: rebuild key {rebuild.key!r} is taken")
         TECHNIQUES[name] = Technique(name, stage, fn, report, rebuild)
         return TECHNIQUES[name]
 

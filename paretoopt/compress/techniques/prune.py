@@ -22,7 +22,8 @@ import torch_pruning as tp
 from paretoopt.compress.techniques import Rebuild, Stage, register
 from paretoopt.compress.techniques.bench import StepHook, Workbench, prunable_layers
 from paretoopt.compress.techniques.saliency import SALIENCIES, fill_gradients, gradient_stats
-from paretoopt.config.plan import CompressionPlan, PruneConfig
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import TrialError
 
 GRADUAL_END = 0.75  # gradual pruning and regrowth stop here; the rest of fine-tuning recovers

@@ -18,7 +18,8 @@ from torch import nn
 from paretoopt.compress.techniques import Stage, register
 from paretoopt.compress.techniques.bench import Workbench, prunable_layers
 from paretoopt.compress.techniques.quantize import fake_quantize
-from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 
 
 def straight_through(model: nn.Module, cfg: QuantConfig) -> dict[str, torch.Tensor]:

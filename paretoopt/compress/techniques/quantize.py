@@ -18,7 +18,8 @@ import torch
 from paretoopt.compress.techniques import Stage, register
 from paretoopt.compress.techniques.bench import Workbench, prunable_layers
 from paretoopt.compress.techniques.qtensor import QTensor
-from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import PlanError
 
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from paretoopt.compress.techniques.qtensor import QTensor
-    from paretoopt.config.plan import QuantConfig
+    from paretoopt.config.parts.quant import QuantConfig
     from paretoopt.measure.isa import Int8Recipe
     from paretoopt.measure.protocol import Runner
 

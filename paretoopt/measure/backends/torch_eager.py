@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from paretoopt.compress.artifact import ARTIFACT, load_compressed, read_metadata
-from paretoopt.config.plan import CompressionPlan, QuantConfig
+from paretoopt.config.parts.quant import QuantConfig
+from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import TargetSpec
 from paretoopt.measure.backends.base import Deployment, DeployRequest
 from paretoopt.measure.protocol import Runner

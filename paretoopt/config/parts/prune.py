@@ -1,0 +1,237 @@
+"""Pruning: which weights or whole channels go, how the budget spreads over layers, and
+when (one shot or gradually, with or without regrowth). Applied by
+``compress/techniques/prune``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from paretoopt.config.knobs import Choice, Fixed, Knob, Range, setting, suggest
+from paretoopt.config.parts import Drawing, Part, group_parameters, register, require
+
+STRUCTURES = ("unstructured", "channel")
+SALIENCIES = ("l1", "l2", "taylor", "hessian")
+DISTRIBUTIONS = ("uniform", "global", "per_layer")
+SCHEDULES = ("one_shot", "gradual")
+
+
+@dataclass(frozen=True)
+class PruningSpace:
+    structure: Knob = setting(
+        Choice(STRUCTURES),
+        "unstructured (weights) or channel (whole channels, physically removed)",
+        kind=str,
+        options=STRUCTURES,
+        knob=True,
+    )
+    sparsity: Knob = setting(
+        Range(0.0, 0.9),
+        "fraction of weights (or channels) removed",
+        kind=float,
+        low=0.0,
+        high=0.99,
+        knob=True,
+    )
+    saliency: Knob = setting(
+        Fixed("l2"),
+        "which weights or channels go: l1 or l2 magnitude, taylor (|w x grad|), "
+        "hessian (OBD: w^2 x diagonal Fisher)",
+        kind=str,
+        options=SALIENCIES,
+        knob=True,
+    )
+    distribution: Knob = setting(
+        Fixed("uniform"),
+        "how the budget spreads over layers: uniform, global (one ranking across layers) "
+        "or per_layer (a searched multiplier per layer group)",
+        kind=str,
+        options=DISTRIBUTIONS,
+        knob=True,
+    )
+    layer_scale: Knob = setting(
+        Range(0.5, 1.5),
+        "per-layer multiplier of the global sparsity (distribution per_layer)",
+        kind=float,
+        low=0.0,
+        high=10.0,
+        knob=True,
+    )
+    layer_groups: int = setting(
+        8,
+        "most per-layer parameters: more prunable layers than this are split into this many "
+        "groups of consecutive layers, one multiplier each",
+        kind=int,
+        low=1,
+        high=1024,
+    )
+    schedule: Knob = setting(
+        Fixed("one_shot"),
+        "one_shot (prune, then fine-tune) or gradual (cubic schedule over fine-tuning)",
+        kind=str,
+        options=SCHEDULES,
+        knob=True,
+    )
+    gradual_steps: int = setting(
+        4, "pruning events of the gradual schedule", kind=int, low=1, high=1000
+    )
+    regrowth: Knob = setting(
+        Fixed(False),
+        "RigL-style drop-and-regrow at constant sparsity during fine-tuning (unstructured, "
+        "one-shot)",
+        kind=bool,
+        options=(False, True),
+        knob=True,
+    )
+    regrowth_interval: int = setting(
+        10, "optimizer steps between regrowth events", kind=int, low=1, high=1_000_000
+    )
+    saliency_batches: int = setting(
+        4,
+        "batches used to estimate gradients for taylor and hessian",
+        kind=int,
+        low=1,
+        high=10_000,
+    )
+    round_to: int = setting(
+        1, "keep channel counts at multiples of this (channel pruning)", kind=int, low=1, high=1024
+    )
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    structure: str = "unstructured"
+    sparsity: float = 0.0
+    saliency: str = "l2"
+    distribution: str = "uniform"
+    # per-layer multipliers (distribution per_layer); out of the hash so a plan stays hashable
+    layer_scale: Mapping[str, float] = field(default_factory=dict, hash=False)
+    schedule: str = "one_shot"
+    gradual_steps: int = 4
+    regrowth: bool = False
+    regrowth_interval: int = 10
+    saliency_batches: int = 4
+    round_to: int = 1
+
+    def __post_init__(self) -> None:
+        for name, value, options in (
+            ("structure", self.structure, STRUCTURES),
+            ("saliency", self.saliency, SALIENCIES),
+            ("distribution", self.distribution, DISTRIBUTIONS),
+            ("schedule", self.schedule, SCHEDULES),
+        ):
+            require(
+                value in options,
+                f"prune.{name}: {value!r} is not supported; choose from {', '.join(options)}",
+            )
+        require(
+            0.0 <= self.sparsity < 1.0,
+            f"prune.sparsity: 0 <= sparsity < 1 must hold, but got {self.sparsity}",
+        )
+        for name in ("round_to", "gradual_steps", "regrowth_interval", "saliency_batches"):
+            require(
+                getattr(self, name) >= 1, f"prune.{name}: must be >= 1, got {getattr(self, name)}"
+            )
+        require(
+            not self.regrowth or (self.structure == "unstructured" and self.schedule == "one_shot"),
+            "prune.regrowth: needs structure 'unstructured' and schedule 'one_shot' "
+            f"(sparsity stays constant), but got {self.structure!r}, {self.schedule!r}",
+        )
+        require(
+            bool(self.layer_scale) == (self.distribution == "per_layer" and self.active)
+            or not self.active,
+            "prune.layer_scale: given exactly when the distribution "
+            f"is per_layer, but got {self.distribution!r} with "
+            f"{len(self.layer_scale)} multipliers",
+        )
+        for name, scale in self.layer_scale.items():
+            require(scale >= 0.0, f"prune.layer_scale[{name!r}]: must be >= 0, got {scale}")
+
+    def layer_sparsity(self, layer: str) -> float:
+        """The budget of one layer: the global level scaled by its multiplier, capped."""
+        return min(self.sparsity * self.layer_scale.get(layer, 1.0), 0.99)
+
+    @property
+    def active(self) -> bool:
+        return self.sparsity > 0.0
+
+
+def draw(d: Drawing) -> PruneConfig:
+    trial, layer_names, epochs = d.trial, d.layer_names, d.epochs
+    p = d.section("prune")
+    structure = str(suggest(trial, "prune.structure", p.structure))
+    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
+    # weights, so the two levels mean different things and the sampler must learn them apart.
+    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
+    fixed = {
+        "round_to": p.round_to,
+        "gradual_steps": p.gradual_steps,
+        "regrowth_interval": p.regrowth_interval,
+        "saliency_batches": p.saliency_batches,
+    }
+    if sparsity == 0.0:
+        return PruneConfig(structure, 0.0, **fixed)
+    distribution = str(suggest(trial, "prune.distribution", p.distribution))
+    if distribution == "per_layer" and not layer_names:  # only the classifier is prunable
+        distribution = "uniform"
+    scales = layer_multipliers(d) if distribution == "per_layer" else {}
+    schedule = str(suggest(trial, "prune.schedule", p.schedule)) if epochs else "one_shot"
+    regrowth = (
+        bool(suggest(trial, "prune.regrowth", p.regrowth))
+        if epochs and structure == "unstructured" and schedule == "one_shot"
+        else False
+    )
+    return PruneConfig(
+        structure,
+        sparsity,
+        str(suggest(trial, "prune.saliency", p.saliency)),
+        distribution,
+        scales,
+        schedule,
+        regrowth=regrowth,
+        **fixed,
+    )
+
+
+def layer_multipliers(d: Drawing) -> dict[str, float]:
+    """One pruning multiplier per layer group."""
+    p = d.section("prune")
+    out = {}
+    for name, group in group_parameters(d.layer_names, p.layer_groups, "prune"):
+        out.update(dict.fromkeys(group, float(suggest(d.trial, name, p.layer_scale))))
+    return out
+
+
+def describe(plan: Mapping[str, Any]) -> str:
+    """e.g. "dense", "channel 0.50 l2 uniform", "unstructured 0.80 taylor global gradual"."""
+    p = plan["prune"]
+    if not p.active:
+        return "dense"
+    parts = [p.structure, f"{p.sparsity:.2f}", p.saliency, p.distribution.replace("_", "-")]
+    parts += ["gradual"] if p.schedule == "gradual" else []
+    parts += ["regrow"] if p.regrowth else []
+    return " ".join(parts)
+
+
+PART = register(
+    Part(
+        name="prune",
+        section="pruning",
+        doc="pruning knobs",
+        settings=PruningSpace,
+        config=PruneConfig,
+        draw=draw,
+        draw_order=1,
+        changes_model=lambda cfg: cfg.active,
+        describe=describe,
+        prefer={
+            "prune.distribution": ("uniform",),
+            "prune.schedule": ("one_shot",),
+            "prune.regrowth": (False,),
+        },
+        prefer_dense={"prune.structure": ("channel",)},
+        prefer_sparse={"prune.structure": ("unstructured",)},
+        stronger={"prune.unstructured.sparsity": "up", "prune.channel.sparsity": "up"},
+    )
+)
