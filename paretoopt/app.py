@@ -41,6 +41,7 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--results", default="results")
     parser.add_argument("--storage", default=None)
+    parser.add_argument("--space", default=None)  # trusted factories, for the download
     args, _ = parser.parse_known_args(sys.argv[1:])  # under tests, argv is pytest's
     return args
 
@@ -365,6 +366,16 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
         return
     command = explore.export_command(results, number)
     st.code(command, language="bash")
+    from paretoopt.export import untrusted_factories
+
+    untrusted = untrusted_factories(results) if arguments().space is None else []
+    if untrusted:  # a results folder is data: the code it names is not imported
+        st.info(
+            f"This study's model is built by {' and '.join(untrusted)}. Export it with "
+            "`--space <your space file>` added to the command above, or start the explorer "
+            "with `paretoopt app --space <your space file>` to download it here."
+        )
+        return
     st.download_button(
         "Download model files and card (.zip)",
         data=lambda: export_zip(results, number),
@@ -379,7 +390,9 @@ def export_zip(results: StudyResults, number: int) -> bytes:
     from paretoopt.export import export_trial  # imports torch: only when asked
 
     with tempfile.TemporaryDirectory() as tmp:
-        export_trial(results.directory, tmp, trial=number, storage=results.storage)
+        export_trial(
+            results.directory, tmp, trial=number, storage=results.storage, space=arguments().space
+        )
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for path in sorted(Path(tmp).iterdir()):

@@ -57,7 +57,7 @@ def _show(args: argparse.Namespace) -> int:
     from paretoopt.results.frames import load_results
     from paretoopt.results.report import front_table
 
-    Console().print(front_table(load_results(Path(args.results) / args.study)))
+    Console().print(front_table(load_results(Path(args.results) / args.study, args.storage)))
     return 0
 
 
@@ -73,6 +73,8 @@ def _export(args: argparse.Namespace) -> int:
         formats=formats,
         force=args.force,
         tolerance=args.tolerance,
+        storage=args.storage,
+        space=args.space,
     )
     how = f" (picked by {args.pick!r}; latencies as re-measured when the search ended)"
     print(f"exported trial {done.trial} of {args.study}{how if args.pick else ''}:")
@@ -101,6 +103,8 @@ def _app(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     if args.storage:
         command += ["--storage", args.storage]
+    if args.space:
+        command += ["--space", str(Path(args.space).resolve())]
     print(f"paretoopt explorer on http://{args.host}:{args.port} (Ctrl-C stops it)")
     return subprocess.call(command)
 
@@ -203,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", parents=[debug], help="print the Pareto front of a study")
     p.add_argument("--study", required=True, help="study name (folder under results/)")
     p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument(
+        "--storage", default=None, help="the study's database URL (a folder's is never opened)"
+    )
     p.set_defaults(func=_show)
 
     p = sub.add_parser(
@@ -229,11 +236,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="largest accepted test-accuracy difference to the recorded figure, in points",
     )
+    p.add_argument(
+        "--storage", default=None, help="the study's database URL (a folder's is never opened)"
+    )
+    p.add_argument(
+        "--space",
+        default=None,
+        help="the space file you searched with: its model and data factories rebuild and "
+        "check the model (a results folder's are never imported)",
+    )
     p.set_defaults(func=_export)
 
     p = sub.add_parser("app", parents=[debug], help="explore the fronts in a browser")
     p.add_argument("--results", default="results", help="results root (default: results)")
     p.add_argument("--storage", default=None, help="an Optuna storage URL to read instead")
+    p.add_argument(
+        "--space",
+        default=None,
+        help="the space file you searched with, for the download button of a study built "
+        "from your own factories",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8501, help="port (default: 8501)")
     p.set_defaults(func=_app)

@@ -7,6 +7,8 @@ flag), the rule and the value, and list the options where there are some.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ParetoError(Exception):
     """Root of paretoopt's deliberate errors: bad input, not a bug."""
@@ -35,3 +37,10 @@ class StudyError(ParetoError):
 def one_line(message: str) -> str:
     """Errors are shown on one line: a user module's multi-line message is folded."""
     return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A user's value in a message, cut to `limit` characters: a message stays one short
+    line whatever the file held."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,9 +61,21 @@ def export_trial(
     force: bool = False,
     tolerance: float = 0.5,
     storage: str | None = None,
+    space: str | Path | None = None,
 ) -> Exported:
-    """Export one trial (by number, or by a pick rule such as "knee") into `out`."""
+    """Export one trial (by number, or by a pick rule such as "knee") into `out`.
+
+    A results folder is data: the model and data factories its space.yaml names are not
+    imported. A study built from user factories is exported with `space`, the space
+    file the caller searched with (and trusts)."""
     results = load_results(study_dir, storage)
+    untrusted = untrusted_factories(results) if space is None else []
+    if untrusted:
+        raise StudyError(
+            f"{results.directory / 'space.yaml'} names {' and '.join(untrusted)}: a results "
+            "folder is data, and paretoopt imports no code that it names; pass --space "
+            "with the space file you searched with (its factories are yours)"
+        )
     number = _choose(results, trial, rule)
     record = _checked_record(results, number)
     unknown = sorted(set(formats) - set(FORMATS))
@@ -78,7 +92,9 @@ def export_trial(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        checks = _write_and_verify(results, source, record, staging, stem, formats, tolerance)
+        checks = _write_and_verify(
+            results, source, record, staging, stem, formats, tolerance, space
+        )
         card = model_card(results, number, record, {f: targets[f] for f in formats}, checks)
         (staging / cards[0].name).write_text(json.dumps(card, indent=2, default=str) + "\n")
         (staging / cards[1].name).write_text(card_markdown(card))
@@ -87,6 +103,16 @@ def export_trial(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Exported(number, targets, cards[0], checks)
+
+
+def untrusted_factories(results: StudyResults) -> list[str]:
+    """The factories a study folder's space.yaml names (built-in names need none):
+    what exporting it would import, were it trusted."""
+    from paretoopt.config.space import load_space  # parsing imports nothing it names
+
+    stored = load_space(results.directory / "space.yaml")
+    parts = (("model", stored.model), ("data", stored.data))
+    return [f"{key}.factory {c.factory!r}" for key, c in parts if c.factory]
 
 
 # --------------------------------------------------------------------------- choosing
@@ -158,11 +184,12 @@ def _write_and_verify(
     stem: str,
     formats: tuple[str, ...],
     tolerance: float,
+    space_file: str | Path | None,
 ) -> dict[str, dict[str, Any]]:
     from paretoopt.config.space import load_space
     from paretoopt.workload.data import create_data
 
-    space = load_space(results.directory / "space.yaml")
+    space = load_space(space_file or results.directory / "space.yaml")
     test = create_data(space.data).test
     checks = {}
     for fmt in formats:
@@ -340,11 +367,20 @@ class LoadedModel:
         return f"LoadedModel({self.format}: {self.path})"
 
 
-def load(path: str | Path, *, space: Any = None) -> LoadedModel:
+def load(
+    path: str | Path,
+    *,
+    space: Any = None,
+    build: Callable[[], Any] | None = None,
+    trust: bool = False,
+) -> LoadedModel:
     """Load an exported model (.onnx, .pt2 or .safetensors) for inference.
 
-    A .safetensors file is rebuilt on a fresh copy of the architecture named in the model
-    card beside it (``<stem>.card.json``), or in `space` when given.
+    A file is data: loading it runs no code it names or holds. A .safetensors file is
+    rebuilt on a fresh copy of the architecture from `build` (a function returning the
+    model), from `space` (its model section), or from the built-in model the card beside
+    it (``<stem>.card.json``) names; a card naming a factory is not imported. A .pt2
+    whose archive holds pickled objects beyond tensors is refused, unless `trust`.
     """
     path = Path(path)
     if not path.is_file():
@@ -353,22 +389,58 @@ def load(path: str | Path, *, space: Any = None) -> LoadedModel:
         from paretoopt.measure.backends.onnxruntime import OrtRunner
 
         return LoadedModel("onnx", path, OrtRunner(path, threads=1))
-    import torch
-
     if path.suffix == ".pt2":
-        module = torch.export.load(str(path)).module()
+        module = _load_program(path, trust).module()
         return LoadedModel("pt2", path, _torch_call(module), module)
     if path.suffix == ".safetensors":
         from paretoopt.compress.artifact import load_compressed
-        from paretoopt.config.space import ComponentSpec
-        from paretoopt.workload.models import create_model
 
-        spec = space.model if space is not None else ComponentSpec(**_card_model(path))
-        module = load_compressed(path, lambda: create_model(spec))
+        module = load_compressed(path, build or _builder(path, space))
         return LoadedModel("safetensors", path, _torch_call(module), module)
     raise StudyError(
         f"{path}: unknown format {path.suffix!r}; expected .onnx, .pt2 or .safetensors"
     )
+
+
+def _load_program(path: Path, trust: bool) -> Any:
+    """torch.export.load, with every pickle in the archive read as weights only (torch
+    falls back to full unpickling when that fails, which ran a crafted file's code)."""
+    import torch
+
+    if trust:
+        return torch.export.load(str(path))
+    before = os.environ.get(WEIGHTS_ONLY)
+    os.environ[WEIGHTS_ONLY] = "1"
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:
+        raise StudyError(
+            f"{path}: holds pickled objects that are not plain tensors "
+            f"({type(exc).__name__}); a file is loaded without running code from it, "
+            "so it is refused (load(path, trust=True) runs what it holds)"
+        ) from None
+    finally:
+        if before is None:
+            os.environ.pop(WEIGHTS_ONLY, None)
+        else:
+            os.environ[WEIGHTS_ONLY] = before
+
+
+WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
+
+
+def _builder(path: Path, space: Any) -> Callable[[], Any]:
+    from paretoopt.config.space import ComponentSpec
+    from paretoopt.workload.models import create_model
+
+    spec = space.model if space is not None else ComponentSpec(**_card_model(path))
+    if space is None and spec.factory:
+        raise StudyError(
+            f"{path}: its card names model.factory {spec.factory!r}; a card is data, and "
+            "paretoopt imports no code it names: pass build= (a function returning the "
+            "architecture) or space= (the space you searched with)"
+        )
+    return lambda: create_model(spec)
 
 
 def _torch_call(module: Any) -> Any:

@@ -25,7 +25,7 @@ import pytest
 from optuna.trial import TrialState
 
 from paretoopt.cli import main
-from paretoopt.results.frames import BASELINE_ATTR, STALE, fail_reason
+from paretoopt.results.frames import BASELINE_ATTR, STALE, fail_reason, redact
 from paretoopt.study import sharing
 from paretoopt.study.session import finished
 
@@ -117,10 +117,10 @@ def test_the_journal_file_has_no_heartbeats(tmp_path):
 
 
 def test_storage_urls_in_messages_hide_the_password():
-    assert sharing.redact("postgresql://me:s3cr@t@db:5432/x") == "postgresql://me:***@db:5432/x"
-    assert sharing.redact("postgresql://me@db/x") == "postgresql://me@db/x"
-    assert sharing.redact("sqlite:///a.db") == "sqlite:///a.db"
-    assert sharing.redact("postgresql://db/x?user=me&password=pw") == (
+    assert redact("postgresql://me:s3cr@t@db:5432/x") == "postgresql://me:***@db:5432/x"
+    assert redact("postgresql://me@db/x") == "postgresql://me@db/x"
+    assert redact("sqlite:///a.db") == "sqlite:///a.db"
+    assert redact("postgresql://db/x?user=me&password=pw") == (
         "postgresql://db/x?user=me&password=***"
     )
 

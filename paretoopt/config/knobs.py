@@ -11,11 +11,12 @@ This module does not import torch or optuna: it is pure, validated data.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from paretoopt.errors import SpaceError
+from paretoopt.errors import SpaceError, shown
 
 Scalar = int | float | str | bool
 
@@ -75,17 +76,20 @@ class KnobRule:
         value = _coerce(value, self.kind, where)
         if self.options is not None and value not in self.options:
             allowed = ", ".join(str(o) for o in self.options)
-            raise SpaceError(f"{where}: {value!r} is not supported; choose from {allowed}")
+            raise SpaceError(f"{where}: {shown(value)} is not supported; choose from {allowed}")
         if self.low is not None and value < self.low:
-            raise SpaceError(f"{where}: must be >= {self.low}, but got {value!r}")
+            raise SpaceError(f"{where}: must be >= {self.low}, but got {shown(value)}")
         if self.high is not None and value > self.high:
-            raise SpaceError(f"{where}: must be <= {self.high}, but got {value!r}")
+            raise SpaceError(f"{where}: must be <= {self.high}, but got {shown(value)}")
         return value
 
 
 def _coerce(value: Any, kind: type, where: str) -> Scalar:
-    """Accept YAML's natural spellings (an int where a float is wanted), nothing looser."""
+    """Accept YAML's natural spellings (an int where a float is wanted), nothing looser:
+    no NaN or infinity (``.nan`` passed every bound check, and every trial then failed)."""
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise SpaceError(f"{where}: expected a finite number, but got {shown(value)}")
         return float(value)
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -93,7 +97,7 @@ def _coerce(value: Any, kind: type, where: str) -> Scalar:
         return int(value)
     if kind in (str, bool) and isinstance(value, kind):
         return value
-    raise SpaceError(f"{where}: expected {_kind_name(kind)}, but got {value!r}")
+    raise SpaceError(f"{where}: expected {_kind_name(kind)}, but got {shown(value)}")
 
 
 def _kind_name(kind: type) -> str:
@@ -116,7 +120,7 @@ def _parse_choice(raw: Sequence[Any], rule: KnobRule, where: str) -> Knob:
         raise SpaceError(f"{where}: a list of choices must not be empty")
     options = tuple(rule.check(v, f"{where}[{i}]") for i, v in enumerate(raw))
     if len(set(options)) != len(options):
-        raise SpaceError(f"{where}: choices must be distinct, but got {list(raw)!r}")
+        raise SpaceError(f"{where}: choices must be distinct, but got {shown(list(raw))}")
     return Fixed(options[0]) if len(options) == 1 else Choice(options)
 
 
@@ -130,7 +134,9 @@ def _parse_range(raw: dict[str, Any], rule: KnobRule, where: str) -> Knob:
         raise SpaceError(f"{where}: a low/high range needs a numeric setting; use a list")
     unknown = sorted(set(raw) - set(_RANGE_KEYS))
     if unknown:
-        raise SpaceError(f"{where}: unknown key {unknown[0]!r}; allowed keys: low, high, log, step")
+        raise SpaceError(
+            f"{where}: unknown key {shown(unknown[0])}; allowed keys: low, high, log, step"
+        )
     for key in ("low", "high"):
         if key not in raw:
             raise SpaceError(f"{where}: a range needs both 'low' and 'high' (missing {key!r})")
@@ -143,7 +149,7 @@ def _parse_range(raw: dict[str, Any], rule: KnobRule, where: str) -> Knob:
     if step is not None:
         step = _coerce(step, rule.kind, f"{where}.step")
         if step <= 0:  # type: ignore[operator]
-            raise SpaceError(f"{where}.step: must be > 0, but got {step!r}")
+            raise SpaceError(f"{where}.step: must be > 0, but got {shown(step)}")
     if log and low <= 0:  # type: ignore[operator]
         raise SpaceError(f"{where}: a log range needs low > 0, but got low={low}")
     if log and step is not None:

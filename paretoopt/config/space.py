@@ -31,7 +31,8 @@ from paretoopt.config.knobs import (
 from paretoopt.config.metrics import DEFAULT_OBJECTIVES
 from paretoopt.config.metrics import METRICS as METRIC_TABLE
 from paretoopt.config.parts import registered
-from paretoopt.errors import SpaceError
+from paretoopt.config.yamlfile import load_yaml
+from paretoopt.errors import SpaceError, shown
 
 METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direction
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
@@ -321,7 +322,9 @@ def load_space(path: str | Path) -> Space:
     if not path.is_file():
         raise SpaceError(f"--space: file {str(path)!r} does not exist")
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = load_yaml(path.read_text())
+    except SpaceError as exc:  # an alias, deep nesting or a duplicate key
+        raise SpaceError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -397,7 +400,7 @@ def _default_study_name(source: str | Path) -> str:
 def _parse_study_name(raw: Any) -> str:
     if not isinstance(raw, str) or not _NAME_RE.match(raw):
         raise SpaceError(
-            f"study: {raw!r} is not a valid study name; use letters, digits, "
+            f"study: {shown(raw)} is not a valid study name; use letters, digits, "
             "'.', '_' and '-' (it names the folder results/<study>/)"
         )
     return raw
@@ -412,15 +415,15 @@ def _check_keys(raw: Mapping[str, Any], allowed: tuple[str, ...] | list[str], wh
             # a key with spaces, line breaks or other odd characters is quoted, so the
             # message stays one readable line
             plain = isinstance(key, str) and key.isprintable() and key.strip() == key and key
-            shown = key if plain else repr(key)
-            raise SpaceError(f"{at}{shown}: unknown key{maybe}; allowed keys: {', '.join(allowed)}")
+            text = key if plain and len(key) <= 60 else shown(key)
+            raise SpaceError(f"{at}{text}: unknown key{maybe}; allowed keys: {', '.join(allowed)}")
 
 
 def _parse_section(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise SpaceError(f"{where}: expected a mapping of settings, but got {raw!r}")
+        raise SpaceError(f"{where}: expected a mapping of settings, but got {shown(raw)}")
     _check_keys(raw, [f.name for f in fields(cls)], where)
     values = {}
     for f in fields(cls):
@@ -449,7 +452,7 @@ def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> C
     if not isinstance(raw, dict):
         raise SpaceError(
             f"{where}: expected a built-in name or a mapping with 'name' or "
-            f"'factory', but got {raw!r}"
+            f"'factory', but got {shown(raw)}"
         )
     keys = ["name", "factory", "kwargs"] + (["checkpoint"] if checkpoint else [])
     _check_keys(raw, keys, where)
@@ -460,12 +463,12 @@ def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> C
             "('module.path:callable' or 'path/file.py:callable')"
         )
     if name is not None and not isinstance(name, str):
-        raise SpaceError(f"{where}.name: expected a string, but got {name!r}")
+        raise SpaceError(f"{where}.name: expected a string, but got {shown(name)}")
     kwargs = raw.get("kwargs") or {}
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise SpaceError(
             f"{where}.kwargs: expected a mapping of keyword arguments, "
-            f"but got {raw.get('kwargs')!r}"
+            f"but got {shown(raw.get('kwargs'))}"
         )
     return ComponentSpec(
         name=name,
@@ -479,7 +482,7 @@ def _parse_factory(raw: Any, where: str, root: Path) -> str:
     if not isinstance(raw, str) or raw.count(":") != 1 or not all(raw.split(":")):
         raise SpaceError(
             f"{where}: expected 'module.path:callable' or "
-            f"'path/to/file.py:callable', but got {raw!r}"
+            f"'path/to/file.py:callable', but got {shown(raw)}"
         )
     target, attr = raw.split(":")
     if target.endswith(".py"):
@@ -494,10 +497,10 @@ def _parse_checkpoint(raw: Any, where: str, root: Path) -> str | None:
     if raw is None:
         return None
     if not isinstance(raw, str):
-        raise SpaceError(f"{where}: expected a file path, but got {raw!r}")
+        raise SpaceError(f"{where}: expected a file path, but got {shown(raw)}")
     file = (root / raw).resolve()
     if not file.is_file():
-        raise SpaceError(f"{where}: file {raw!r} does not exist (looked in {root})")
+        raise SpaceError(f"{where}: file {shown(raw)} does not exist (looked in {root})")
     return str(file)
 
 
@@ -508,23 +511,23 @@ def _parse_objectives(raw: Any) -> tuple[Objective, ...]:
         bad = [m for m in raw if not isinstance(m, str)]
         if bad:
             raise SpaceError(
-                f"objectives: expected metric names ({', '.join(METRICS)}), but got {bad[0]!r}"
+                f"objectives: expected metric names ({', '.join(METRICS)}), but got {shown(bad[0])}"
             )
         raw = {m: METRICS.get(m) for m in raw}
     if not isinstance(raw, dict):
         raise SpaceError(
             f"objectives: expected a list of metrics ({', '.join(METRICS)}) or "
-            f"a mapping metric: direction, but got {raw!r}"
+            f"a mapping metric: direction, but got {shown(raw)}"
         )
     out = []
     for metric, direction in raw.items():
         if metric not in METRICS:
             raise SpaceError(
-                f"objectives: unknown metric {metric!r}; choose from {', '.join(METRICS)}"
+                f"objectives: unknown metric {shown(metric)}; choose from {', '.join(METRICS)}"
             )
         if direction != METRICS[metric]:
             raise SpaceError(
-                f"objectives.{metric}: must be {METRICS[metric]!r}, but got {direction!r}"
+                f"objectives.{metric}: must be {METRICS[metric]!r}, but got {shown(direction)}"
             )
         out.append(Objective(metric, direction))
     if len(out) < 2:
@@ -570,8 +573,13 @@ def _section_to_dict(obj: Any) -> dict[str, Any]:
     return out
 
 
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a stored space is read back by load_yaml, which refuses aliases
+
+
 def dump_space(space: Space) -> str:
-    return yaml.safe_dump(space_to_dict(space), sort_keys=False)
+    return yaml.dump(space_to_dict(space), Dumper=_Dumper, sort_keys=False)
 
 
 def reference_rows() -> list[tuple[str, str, str, str]]:
@@ -590,11 +598,11 @@ def _reference(cls: type, where: str) -> list[tuple[str, str, str, str]]:
             rows.extend(_reference(f.metadata["section"], path))
             continue
         default = f.default if f.default is not MISSING else None
-        shown = default.to_yaml() if isinstance(default, (Fixed, Choice, Range)) else default
+        value = default.to_yaml() if isinstance(default, (Fixed, Choice, Range)) else default
         rows.append(
             (
                 path,
-                yaml.safe_dump(shown, default_flow_style=True, sort_keys=False)
+                yaml.safe_dump(value, default_flow_style=True, sort_keys=False)
                 .strip()
                 .removesuffix("...")
                 .strip(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
-import yaml
 
 from paretoopt.config.metrics import METRICS, ratios
+from paretoopt.config.yamlfile import load_yaml
 from paretoopt.errors import StudyError
 from paretoopt.results.pooling import pool_study
 from paretoopt.results.record import TrialRecord, frame_columns, stored_record
@@ -142,6 +143,13 @@ def journal_storage(directory: Path) -> optuna.storages.BaseStorage:
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
 
 
+def redact(url: str) -> str:
+    """A storage URL fit for a message or a file: any password (between "user:" and the
+    last "@", or a password= query parameter) replaced by ***."""
+    url = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", url)
+    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
+
+
 def open_storage(url: str | None, directory: Path) -> optuna.storages.BaseStorage:
     """The study's storage: an Optuna URL, or the embedded journal file by default."""
     if url is None:
@@ -161,11 +169,17 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
             f"{directory}: not a paretoopt study folder (no {SPACE_FILE}); "
             f"studies in {parent}: {listing}"
         )
-    space = yaml.safe_load(space_file.read_text())
+    space = load_yaml(space_file.read_text())
     if not isinstance(space, dict) or "study" not in space:
         raise StudyError(f"{space_file} is damaged; it does not name a study")
     metadata = read_json(directory / RUN_FILE)
-    url = storage or space.get("search", {}).get("storage")
+    url, named = storage, space.get("search", {}).get("storage")
+    if url is None and named:  # a folder is data: what it names is not opened, or created
+        raise StudyError(
+            f"{directory}: study {space['study']!r} keeps its trials in a database "
+            f"({redact(str(named))}); paretoopt opens no storage that a results folder "
+            "names: pass --storage URL to read it"
+        )
     if url is None and not (directory / JOURNAL_FILE).is_file():  # reading must not create it
         raise StudyError(f"{directory}: the study has no storage yet ({JOURNAL_FILE} is missing)")
     try:

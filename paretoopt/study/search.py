@@ -22,6 +22,7 @@ from paretoopt.results.report import Reporter, SilentReporter
 from paretoopt.study.loop import drain, run_trials
 from paretoopt.study.session import (
     Session,
+    check_folder,
     check_resumable,
     check_storage,
     ensure_baseline,
@@ -115,10 +116,13 @@ def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None
         live = set(frame.loc[frame["state"].isin(["RUNNING", "WAITING"]), "number"])
     keep = set(results.pareto.get("number", [])) | baseline_ids
     trials_dir = session.directory / TRIALS_DIR
+    check_folder(session.directory)  # never delete through a link
     if trials_dir.is_dir():
         for child in trials_dir.iterdir():
             stem = child.name.removesuffix(".partial")
-            number = int(stem) if stem.isdigit() else None
+            if not stem.isdigit() or child.is_symlink() or not child.is_dir():
+                continue  # not a trial folder paretoopt wrote: not ours to delete
+            number = int(stem)
             if number in live:  # another worker is still writing it
                 continue
             if number not in keep or child.name != stem:

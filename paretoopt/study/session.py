@@ -21,18 +21,21 @@ from optuna.trial import TrialState
 
 from paretoopt._version import __version__
 from paretoopt.config.space import BEFORE_IT_EXISTED, Space, dump_space, parse_space, space_to_dict
+from paretoopt.config.yamlfile import load_yaml
 from paretoopt.errors import SpaceError, StudyError
 from paretoopt.results.frames import (
     BASELINE_ATTR,
     JOURNAL_FILE,
     RUN_FILE,
     SPACE_FILE,
+    TRIALS_DIR,
     is_interrupted,
     read_json,
+    redact,
     updating_json,
 )
 from paretoopt.study import sharing
-from paretoopt.study.sharing import redact, writer_storage
+from paretoopt.study.sharing import writer_storage
 
 if TYPE_CHECKING:
     from paretoopt.results.record import TrialRecord
@@ -61,8 +64,24 @@ class Session:
             self.lock = None
 
 
+def check_folder(directory: Path) -> None:
+    """A study folder, and its trials/ folder, must be real folders inside the results
+    root: the end of a search deletes the trials off the front, and through a link it
+    deleted another folder's contents."""
+    root = directory.parent.resolve()
+    for path in (directory, directory / TRIALS_DIR):
+        if path.is_symlink():
+            raise StudyError(
+                f"{path} is a symbolic link; paretoopt writes and deletes there, "
+                "so it must be a real folder (move the link away)"
+            )
+        if path.exists() and not path.resolve().is_relative_to(root):
+            raise StudyError(f"{path} resolves outside the results folder {root}")
+
+
 def check_resumable(space: Space, directory: Path) -> None:
     """A study folder may be resumed only with the same space (the trial count aside)."""
+    check_folder(directory)
     stored = directory / SPACE_FILE
     if not stored.is_file():
         leftovers = {LOCK_FILE, SPACE_FILE + ".tmp"}  # a start killed before the space landed
@@ -73,8 +92,8 @@ def check_resumable(space: Space, directory: Path) -> None:
             )
         return
     try:
-        before = yaml.safe_load(stored.read_text())
-    except yaml.YAMLError:
+        before = load_yaml(stored.read_text())
+    except (yaml.YAMLError, SpaceError):
         before = None
     if not isinstance(before, dict):
         raise StudyError(f"{stored} is damaged; delete the folder {directory} to start over")
@@ -161,7 +180,7 @@ def stored_space(study: optuna.Study, url: str) -> Space:
             f"study {study.study_name!r} in {redact(url)} was not started by paretoopt "
             "search (it holds no space)"
         )
-    return parse_space(yaml.safe_load(stored), source=f"<study {study.study_name}>")
+    return parse_space(load_yaml(stored), source=f"<study {study.study_name}>")
 
 
 def check_storage(space: Space, directory: Path) -> None:
@@ -182,7 +201,7 @@ def check_storage(space: Space, directory: Path) -> None:
             "another study name"
         )
     stored = storage.get_study_user_attrs(study_id).get(SPACE_ATTR)
-    difference = space_difference(yaml.safe_load(stored), space) if stored else ""
+    difference = space_difference(load_yaml(stored), space) if stored else ""
     if difference:
         raise StudyError(
             f"study {space.study!r} in the database was started with a different space "

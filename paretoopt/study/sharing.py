@@ -16,7 +16,6 @@ import contextlib
 import copy
 import hashlib
 import os
-import re
 import socket
 import threading
 import warnings
@@ -53,13 +52,6 @@ def writer_storage(url: str | None, directory: Path, heartbeat_s: int) -> BaseSt
             grace_period=GRACE_BEATS * heartbeat_s,
             heartbeat_stale_trial_callback=_Retry(max_retry=RETRIES),
         )
-
-
-def redact(url: str) -> str:
-    """A storage URL fit for a message or a file: any password (between "user:" and the
-    last "@", or a password= query parameter) replaced by ***."""
-    url = re.sub(r"(://[^:/@]*:)[^/]*@", r"\1***@", url)
-    return re.sub(r"(?i)(password=)[^&]*", r"\1***", url)
 
 
 def is_postgres(storage: BaseStorage) -> bool:

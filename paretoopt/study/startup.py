@@ -74,3 +74,25 @@ def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: 
             f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
             "noisy. Stop other work on this machine for a fair comparison."
         )
+    _warn_slow_protocol(space, cal["reference_ms"], reporter)
+
+
+SLOW_MEASUREMENT_S = 60.0  # a candidate's timing alone; a conv trial here takes 1-5 s
+
+
+def _warn_slow_protocol(space: Space, baseline_ms: float, reporter: Reporter) -> None:
+    """Say what the protocol settings cost, where a candidate's timing alone would take
+    more than SLOW_MEASUREMENT_S: `repeats` x `iterations` runs of the candidate and of
+    the baseline in every session, before warm-up and quiet rounds."""
+    t = space.target
+    runs = 2 * t.repeats * t.iterations * max(t.sessions, 1)
+    seconds = runs * baseline_ms / 1000 + t.warmup_s * max(t.sessions, 1)
+    if seconds > SLOW_MEASUREMENT_S:
+        hours = seconds * space.search.trials / 3600
+        reporter.log(
+            f"[yellow]warning[/]: each candidate's timing takes at least {seconds:.0f} s "
+            f"(target.repeats {t.repeats} x target.iterations {t.iterations} runs of it and "
+            f"of the baseline at {baseline_ms:.3g} ms, in {max(t.sessions, 1)} session(s), "
+            f"plus target.warmup_s {t.warmup_s:g}): {hours:.1f} h over "
+            f"{space.search.trials} trials"
+        )

@@ -29,7 +29,7 @@ from paretoopt.compress.techniques.quantize import is_symmetric
 from paretoopt.compress.train import Recipe, accuracy, logits_of, train
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import Space, space_to_dict
-from paretoopt.errors import SpaceError, TrialError
+from paretoopt.errors import SpaceError, TrialError, one_line
 from paretoopt.measure import Runner, runtime_accuracy
 from paretoopt.measure.backends import Deployment, DeployRequest
 from paretoopt.measure.backends.onnxruntime import ONNX_FILE
@@ -76,14 +76,8 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
     model = create_model(space.model)
     if space.model.checkpoint:
         load_checkpoint(model, space.model.checkpoint)
-    try:
-        with torch.no_grad():
-            out = model.eval()(splits.train.x[:2])
-    except Exception as exc:
-        raise SpaceError(
-            f"model: a forward pass on the data's inputs of shape "
-            f"{list(splits.input_shape)} failed: {type(exc).__name__}: {exc}"
-        ) from None
+    out = _forward(model, splits, 2, "")
+    _forward(model, splits, 1, " at batch size 1 (latency is timed at batch 1)")
     classes = int(torch.cat([splits.train.y, splits.val.y, splits.test.y]).max()) + 1
     if out.dim() != 2 or out.shape[1] < classes:
         raise SpaceError(
@@ -95,6 +89,18 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
     if space.target.device == "cuda" and not torch.cuda.is_available():
         raise SpaceError("target.device: cuda, but this machine has no usable CUDA device")
     return model, splits
+
+
+def _forward(model: nn.Module, splits: Splits, batch: int, at: str) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            return model.eval()(splits.train.x[:batch])
+    except Exception as exc:
+        raise SpaceError(
+            f"model: a forward pass on the data's inputs of shape "
+            f"{list(splits.input_shape)} failed{at}: {type(exc).__name__}: "
+            f"{one_line(str(exc))[:300]}"
+        ) from None
 
 
 def prepare(

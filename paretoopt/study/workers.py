@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 
 from paretoopt.config.space import Space
+from paretoopt.config.yamlfile import load_yaml
 from paretoopt.errors import StudyError, one_line
 from paretoopt.results.frames import SPACE_FILE
 from paretoopt.results.report import Reporter, SilentReporter
@@ -141,7 +141,7 @@ def _joinable_space(url: str, name: str, results_root: Path) -> Space:
             f"--results: {folder} does not exist; every worker writes its trials to the "
             "study's results folder, which must be the same shared folder on every machine"
         )
-    difference = space_difference(yaml.safe_load(folder.read_text()), space, where=False)
+    difference = space_difference(load_yaml(folder.read_text()), space, where=False)
     if difference:
         raise StudyError(
             f"--results: {folder} belongs to another study of that name ({difference})"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from paretoopt.config.space import ComponentSpec
-from paretoopt.errors import SpaceError
+from paretoopt.errors import SpaceError, shown
 from paretoopt.workload.registry import Registry, call_factory, load_callable
 
 DATASETS: Registry[Any] = Registry("dataset")
@@ -115,7 +115,7 @@ def _materialise(dataset: Any, where: str) -> Split:
             raise SpaceError(f"{where}: item {i} must be (input, label), got {type(item).__name__}")
         try:
             xs.append(torch.as_tensor(item[0], dtype=torch.float32))
-            ys.append(int(item[1]))
+            ys.append(_label(item[1], f"{where}: item {i}"))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise SpaceError(
                 f"{where}: item {i} is not (tensor-like input, integer label): {exc}"
@@ -124,4 +124,21 @@ def _materialise(dataset: Any, where: str) -> Split:
         x = torch.stack(xs)
     except RuntimeError as exc:
         raise SpaceError(f"{where}: inputs do not share one shape: {exc}") from None
+    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    if not bool(finite.all()):  # else training reports it as "fine-tuning diverged"
+        bad = int((~finite).nonzero()[0])
+        raise SpaceError(f"{where}: item {bad}'s input holds NaN or infinity")
     return Split(x.contiguous(), torch.tensor(ys, dtype=torch.long))
+
+
+def _label(raw: Any, where: str) -> int:
+    """A class index: an integer >= 0 (a float label was truncated, a negative one made
+    training fail with an IndexError)."""
+    value = raw.item() if hasattr(raw, "item") else raw  # a 0-d tensor or numpy scalar
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpaceError(f"{where}: the label must be an integer class index, got {shown(raw)}")
+    if isinstance(value, float) and not value.is_integer():
+        raise SpaceError(f"{where}: the label {value!r} is not an integer class index")
+    if value < 0:
+        raise SpaceError(f"{where}: the label {int(value)} is negative; classes are 0, 1, ...")
+    return int(value)
