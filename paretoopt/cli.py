@@ -54,10 +54,20 @@ def _validate(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from paretoopt.results.frames import load_results
+    from paretoopt.results.frames import JOURNAL_FILE, load_results, torn_tail
     from paretoopt.results.report import front_table
 
-    Console().print(front_table(load_results(Path(args.results) / args.study, args.storage)))
+    folder = Path(args.results) / args.study
+    torn = torn_tail(folder / JOURNAL_FILE) if args.storage is None else 0
+    if torn:  # reading changes nothing: the next search cuts it back, keeping a copy
+        print(
+            f"warning: {folder / JOURNAL_FILE} ends in {torn} bytes that are not a whole "
+            "record (a crash or a full disk mid-write); a trial whose end was in them "
+            "reads as running. The next `paretoopt search` of this study cuts them off "
+            "and keeps a copy.",
+            file=sys.stderr,
+        )
+    Console().print(front_table(load_results(folder, args.storage)))
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -141,6 +143,50 @@ def journal_storage(directory: Path) -> optuna.storages.BaseStorage:
 
     path = str(directory / JOURNAL_FILE)
     return JournalStorage(JournalFileBackend(path, lock_obj=JournalFileOpenLock(path)))
+
+
+def torn_tail(path: Path) -> int:
+    """Bytes at the end of a journal after its last whole record: a line cut short (a
+    crash or a full disk mid-write) or garbage appended. 0 when it ends cleanly. Optuna
+    skips such a tail silently (a COMPLETE trial read as RUNNING), and the next append
+    glued a record onto it, which made the journal unreadable from then on."""
+    if not path.is_file():
+        return 0
+    data = path.read_bytes()
+    end = len(data)
+    for line in reversed(data.splitlines(keepends=True)):
+        if line.endswith(b"\n") and _is_record(line):
+            break
+        end -= len(line)
+    return len(data) - end
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError both
+        return False
+
+
+def cut_torn_tail(directory: Path) -> str | None:
+    """Cut a torn journal tail back to the last whole record, keeping the whole file as a
+    backup beside it; the one line to say so, or None when there was none. Call under
+    the study's lock: nothing may append meanwhile."""
+    path = directory / JOURNAL_FILE
+    torn = torn_tail(path)
+    if not torn:
+        return None
+    backup = path.with_name(f"{JOURNAL_FILE}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copyfile(path, backup)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - torn)
+        f.flush()
+        os.fsync(f.fileno())
+    return (
+        f"{path}: its last {torn} bytes were not a whole record (a crash or a full disk "
+        f"mid-write); cut back to the last whole one, the file as it was kept as "
+        f"{backup.name}. A trial whose end was in them is run again."
+    )
 
 
 def redact(url: str) -> str:

@@ -9,6 +9,8 @@ through Optuna 5's ``trial.set_constraint``, so infeasible trials never enter th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -87,6 +89,13 @@ def _run_one(
     except UpdateFinishedTrialError:
         raise
     except Exception as exc:  # a failed trial is data: record the reason, go on
+        if _disk_full(exc):  # not the plan's fault: the session stops, the trial reruns
+            _interrupt(study, trial, DISK_FULL)
+            raise StudyError(
+                f"no space left on device while trial {trial.number} ran (in "
+                f"{session.directory}): the search stops, and the trial runs again when "
+                "the study resumes; free some space and run the same command again"
+            ) from exc
         reason = f"{type(exc).__name__}: {one_line(str(exc))}"[:REASON_LIMIT]
         trial.set_user_attr("fail_reason", reason)
         study.tell(trial, state=TrialState.FAIL)
@@ -101,6 +110,31 @@ def _run_one(
     else:
         study.tell(trial, told_values(space, record, base))
         reporter.trial_done(trial.number, record, time.perf_counter() - start, base, feasible)
+
+
+DISK_FULL = "interrupted: no space left on device"  # replaced on resume, not counted
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC or a full quota, raw or wrapped by a library that kept only the message."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain of causes, bounded (a chain can loop)
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _interrupt(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
+    """Mark the trial interrupted, if the storage still takes a write (a full disk may
+    refuse it: the trial then stays RUNNING and the next start fails it as interrupted)."""
+    with contextlib.suppress(Exception):
+        trial.set_user_attr("fail_reason", reason)
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def told_values(

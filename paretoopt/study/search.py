@@ -73,6 +73,8 @@ def search(
     ctx = started.ctx
     session = open_session(space, results_root, started.sampler)
     try:
+        if session.repaired:
+            reporter.log(f"[yellow]warning[/]: {session.repaired}")
         lost = fail_interrupted(session)
         if lost:
             reporter.log(

@@ -29,6 +29,7 @@ from paretoopt.results.frames import (
     RUN_FILE,
     SPACE_FILE,
     TRIALS_DIR,
+    cut_torn_tail,
     is_interrupted,
     read_json,
     redact,
@@ -52,6 +53,7 @@ class Session:
     study: optuna.Study
     storage: optuna.storages.BaseStorage
     lock: IO[str] | None = field(default=None, repr=False)
+    repaired: str | None = None  # what opening it cut from a torn journal (cut_torn_tail)
 
     @property
     def embedded(self) -> bool:
@@ -152,6 +154,11 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
     directory.mkdir(parents=True, exist_ok=True)
     lock = _lock(directory, space.study)
     try:
+        if embedded:  # under the study's lock no other process writes the journal, so
+            # a journal lock left by a process killed mid-write is stale (Optuna waited
+            # 30 s for it to age)
+            (directory / (JOURNAL_FILE + ".lock")).unlink(missing_ok=True)  # Optuna's name
+        repaired = cut_torn_tail(directory) if embedded else None
         # the space first: a folder holding a journal but no space.yaml reads as foreign
         _write_text(directory / SPACE_FILE, dump_space(space))
         storage = storage or _storage(space, directory)
@@ -169,7 +176,7 @@ def open_session(space: Space, results_root: Path, sampler: optuna.samplers.Base
     except BaseException:
         lock.close()
         raise
-    return Session(space, directory, study, storage, lock)
+    return Session(space, directory, study, storage, lock, repaired)
 
 
 def stored_space(study: optuna.Study, url: str) -> Space:
