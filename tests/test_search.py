@@ -314,12 +314,13 @@ def test_a_killed_search_resumes_to_the_requested_count(tmp_path, tiny_doc):
     assert not list((tmp_path / "r" / "tiny" / "trials").glob("*.partial"))
 
 
-def test_killed_at_random_moments_a_search_loses_only_running_trials(tmp_path, tiny_doc):
-    """SIGKILL a real search three times at seeded random moments (start-up, baseline,
-    calibration or a trial), rerun the same command each time: every trial completed
-    before a kill is still complete at the end, and the study reaches its count."""
+def test_killed_at_three_moments_a_search_loses_only_running_trials(tmp_path, tiny_doc):
+    """SIGKILL a real search at moments read from its own journal: while the baseline
+    runs, mid-trial with trials already complete, and after the last trial (the end of
+    the search: clean-up, confirmation, tables). Rerun the same command each time: every
+    trial completed before a kill is still complete at the end, and the study reaches
+    its count."""
     import os
-    import random
     import signal
     import subprocess
     import sys
@@ -329,34 +330,49 @@ def test_killed_at_random_moments_a_search_loses_only_running_trials(tmp_path, t
 
     from paretoopt.results.frames import journal_storage
 
-    tiny_doc["search"]["trials"] = 8
+    total = 8
+    tiny_doc["search"]["trials"] = total
     space = write_space(tmp_path / "tiny.yaml", tiny_doc)
     command = [sys.executable, "-m", "paretoopt.cli", "search", "--space", str(space)]
     command += ["--results", str(tmp_path / "r")]
     journal = tmp_path / "r" / "tiny" / "study.journal"
 
-    def completed() -> set[int]:
+    def states() -> dict[int, str]:
         if not journal.is_file():
-            return set()
+            return {}
         study = optuna.load_study(study_name="tiny", storage=journal_storage(journal.parent))
-        return {t.number for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+        return {t.number: t.state.name for t in study.get_trials(deepcopy=False)}
 
+    def completed() -> set[int]:
+        return {n for n, state in states().items() if state == "COMPLETE"}
+
+    moments = {  # what the journal shows when the kill comes
+        "baseline": lambda s: s.get(0) == "RUNNING",
+        "mid-trial": lambda s: (
+            sum(v == "COMPLETE" for v in s.values()) >= 3 and "RUNNING" in s.values()
+        ),
+        "end of search": lambda s: sum(v == "COMPLETE" for v in s.values()) == total,
+    }
     kept: set[int] = set()
-    moments = random.Random(0)
-    for _ in range(3):
+    for moment, reached in moments.items():
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(moments.uniform(2.0, 9.0))
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while process.poll() is None and not reached(states()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, f"the search ended before the {moment} kill"
+        assert reached(states()), f"the search never reached the {moment} moment"
+        os.kill(process.pid, signal.SIGKILL)
         process.wait()
         now = completed()
-        assert kept <= now, f"completed trials were lost: {sorted(kept - now)}"
+        assert kept <= now, f"completed trials were lost at the {moment} kill"
         kept = now
+        if moment != "baseline":
+            assert kept, "no trial had completed: the check would compare empty sets"
     assert subprocess.run(command, capture_output=True).returncode == 0
     final = completed()
-    assert kept <= final and len(final) == 8
+    assert kept <= final and len(final) == total
     trials = pd.read_csv(tmp_path / "r" / "tiny" / "trials.csv")
-    assert (trials["state"] == "COMPLETE").sum() == 8
+    assert (trials["state"] == "COMPLETE").sum() == total
     assert all(
         r.startswith("interrupted") for r in trials.loc[trials["state"] == "FAIL", "fail_reason"]
     )
