@@ -121,6 +121,7 @@ def _app(args: argparse.Namespace) -> int:
 
 def _agent(args: argparse.Namespace) -> int:
     import os
+    import tempfile
 
     from paretoopt.measure.agent import Agent, make_server
 
@@ -132,6 +133,8 @@ def _agent(args: argparse.Namespace) -> int:
             f"{'unset' if not token else f'{len(token)} characters'}"
         )
     server = make_server(Agent(token, args.max_bytes), args.host, args.port)
+    # an empty working folder: nothing a model could name relative to it exists
+    os.chdir(tempfile.mkdtemp(prefix="paretoopt-agent-"))
     print(
         f"paretoopt agent on {args.host}:{server.server_port} (ONNX models up to "
         f"{args.max_bytes} bytes); Ctrl-C stops it",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import http.client
@@ -543,3 +544,114 @@ def test_an_agent_from_before_quiet_rounds_reads_as_not_known(monkeypatch):
     monkeypatch.setattr(client, "_measure", lambda *args: old)
     got = client.paired("a", "b", PROTOCOL)
     assert got.ratio == 0.5 and got.quiet is None  # not "never quiet": nobody looked
+
+
+# --------------------------------------------------------------------------- a hostile client
+
+
+def test_the_agent_requires_the_bearer_scheme(agent):
+    status, text = _raw(agent, "GET", "/info", headers={"Authorization": TOKEN})
+    assert status == 401 and "missing or wrong token" in text  # a bare token was accepted
+    assert _raw(agent, "GET", "/info", headers={"Authorization": f"Bearer {TOKEN}"})[0] == 200
+
+
+def test_an_input_the_model_does_not_take_is_a_4xx_with_the_runtime_s_reason(agent, tmp_path):
+    class Fixed(nn.Module):
+        def forward(self, x):
+            return x.reshape(1, 16)  # only a batch of one
+
+    export_onnx(Fixed(), torch.zeros(1, 1, 4, 4), tmp_path / "one.onnx")
+    client = AgentClient(agent, TOKEN)
+    sha = client.upload(tmp_path / "one.onnx")
+    with pytest.raises(AgentError) as info:
+        client.measure(sha, None, PROTOCOL)  # batch 32
+    assert "422" in str(info.value) and "does not run on a batch of shape [32" in str(info.value)
+
+
+def test_a_model_declaring_a_huge_input_is_refused_before_it_runs(agent, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "huge",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16384, 16384])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16384, 16384])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, tmp_path / "huge.onnx")
+    client = AgentClient(agent, TOKEN)
+    sha = client.upload(tmp_path / "huge.onnx")
+    start = time.perf_counter()
+    with pytest.raises(AgentError, match="413 .*holds 268435456 values; this agent takes at most"):
+        client.measure(sha, None, dataclasses.replace(PROTOCOL, batch_size=1))
+    assert time.perf_counter() - start < 5.0  # was 11.8 s and 2.8 GB
+
+
+def _loopback(**limits):
+    state = Agent(TOKEN, max_bytes=2_000_000)
+    server = make_server(state, "127.0.0.1", 0, **limits)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, state
+
+
+def test_a_client_trickling_its_request_is_cut_off_at_the_deadline():
+    import socket
+
+    server, _ = _loopback(read_deadline_s=1.0)
+    try:
+        conn = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        conn.sendall(b"GET /info HTTP/1.1\r\n")
+        start, closed = time.perf_counter(), False
+        while time.perf_counter() - start < 4.0:  # one header byte every 0.2 s
+            time.sleep(0.2)
+            try:
+                conn.sendall(b"X")
+            except OSError:
+                closed = True
+                break
+            conn.settimeout(0.01)
+            with contextlib.suppress(TimeoutError):
+                closed = conn.recv(1) == b""
+            if closed:
+                break
+        assert closed and time.perf_counter() - start < 3.0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_connections_beyond_the_cap_are_closed_unanswered():
+    import socket
+
+    server, _ = _loopback(max_connections=3, read_deadline_s=5.0)
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.server_port)) for _ in range(3)]
+        time.sleep(0.3)  # the three are being served (waiting for their requests)
+        extra = socket.create_connection(("127.0.0.1", server.server_port), timeout=5)
+        assert extra.recv(1) == b""  # closed at once, without an answer
+        for conn in idle:
+            conn.close()
+        time.sleep(0.3)
+        status, _ = _raw(f"127.0.0.1:{server.server_port}", "GET", "/info",
+                         headers={"Authorization": f"Bearer {TOKEN}"})  # fmt: skip
+        assert status == 200  # slots come back
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_upload_is_checked_only_while_nothing_is_timed(served, models):
+    address, state = served
+    done = threading.Event()
+
+    def upload() -> None:
+        AgentClient(address, TOKEN).upload(models / "d2.onnx")
+        done.set()
+
+    with MeasurementGate().measuring():  # as the agent's own timing holds it
+        thread = threading.Thread(target=upload, daemon=True)
+        thread.start()
+        assert not done.wait(1.0)  # the check waits for the timing to end
+    assert done.wait(30.0)
+    thread.join()

@@ -22,9 +22,11 @@ answer with one line saying why. Nothing but ONNX Runtime ever runs what is uplo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
+import socket
 import threading
 from collections import OrderedDict
 from dataclasses import asdict
@@ -52,6 +54,10 @@ from paretoopt.measure.runtimes import OrtRunner
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
 KEPT_MODELS = 32  # models held in memory; the oldest is dropped beyond this
+MAX_INPUT_ELEMENTS = 16 * 1024 * 1024  # values in one timing batch (64 MB of float32)
+UPLOAD_SLOTS = 2  # upload bodies held at once (20 parallel 40 MB uploads took 2.3 GB)
+MAX_CONNECTIONS = 64  # open at once; beyond, a connection is closed unanswered
+READ_DEADLINE_S = 30.0  # to send a whole request (one byte every 20 s held one forever)
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "batch_size": (1, 4096),
@@ -97,15 +103,23 @@ class Agent:
         self.models: OrderedDict[str, bytes] = OrderedDict()
         self.gate = MeasurementGate()
         self.lock = threading.Lock()  # one measurement at a time
+        # uploads: at most UPLOAD_SLOTS bodies in memory at once, checked one at a time,
+        # never while a model is timed (the check ran beside timing: medians +10-29 %)
+        self.upload_slots = threading.BoundedSemaphore(UPLOAD_SLOTS)
+        self.checking = threading.Lock()
+        self.check_gate = MeasurementGate()  # its own open files: flock sees the timing
         # (reference, batch size, threads) -> the reference's fastest round here
         self.quiet_levels: dict[tuple[str, int, int], float] = {}
 
     def authorised(self, header: str | None) -> bool:
-        given = (header or "").removeprefix("Bearer ").encode()
-        return hmac.compare_digest(given, self.token.encode())
+        scheme, _, given = (header or "").partition(" ")
+        if scheme != "Bearer":  # a bare token was taken too: the scheme is required
+            return False
+        return hmac.compare_digest(given.encode(), self.token.encode())
 
     def add_model(self, body: bytes) -> str:
-        check_onnx(body)
+        with self.checking, self.check_gate.computing():
+            check_onnx(body)
         sha = hashlib.sha256(body).hexdigest()
         self.models[sha] = body
         self.models.move_to_end(sha)
@@ -118,7 +132,10 @@ class Agent:
         model = self._runner(job.get("model"), target.threads)
         reference = self._runner(job["reference"], target.threads) if job.get("reference") else None
         with self.lock, self.gate.measuring():
-            run = model.timer(_inputs(model, target.batch_size))
+            batch = _inputs(model, target.batch_size)
+            for runner in (model, reference) if reference is not None else (model,):
+                _runs_on(runner, batch)
+            run = model.timer(batch)
             if reference is None:
                 return {"candidate": asdict(time_runner(run, target))}
             pair = (model, reference)
@@ -230,19 +247,59 @@ def _protocol(job: dict[str, Any]) -> TargetSpec:
 
 
 def _inputs(runner: Any, batch_size: int) -> np.ndarray:
-    """A seeded batch in the model's input shape (the batch axis is the first)."""
+    """A seeded batch in the model's input shape (the batch axis is the first), of at
+    most MAX_INPUT_ELEMENTS values (a 98-byte model declaring a 16384x16384 input took
+    11.8 s and 2.8 GB)."""
     shape = runner.session.get_inputs()[0].shape
     dims = [batch_size] + [d if isinstance(d, int) and d > 0 else 0 for d in shape[1:]]
     if 0 in dims[1:]:
         raise Rejected(HTTPStatus.BAD_REQUEST, f"the input shape {shape} is not fixed")
+    elements = int(np.prod(dims, dtype=np.int64))
+    if elements > MAX_INPUT_ELEMENTS:
+        raise Rejected(
+            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+            f"an input batch of shape {dims} holds {elements} values; this agent takes at "
+            f"most {MAX_INPUT_ELEMENTS}",
+        )
     return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+
+
+def _runs_on(runner: Any, batch: np.ndarray) -> None:
+    """One untimed run: a model that does not take the batch is the client's mistake."""
+    try:
+        runner(batch)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise Rejected(
+            HTTPStatus.UNPROCESSABLE_ENTITY,
+            f"the model does not run on a batch of shape {list(batch.shape)}: {reason}",
+        ) from None
 
 
 class _Handler(BaseHTTPRequestHandler):
     agent: Agent  # set on the subclass that make_server() makes
     timeout = 60  # seconds: a connection that stalls is dropped, not waited on forever
+    read_deadline_s = READ_DEADLINE_S
+
+    def setup(self) -> None:
+        super().setup()
+        self.read = threading.Event()
+        self.deadline = threading.Timer(self.read_deadline_s, self._expire)
+        self.deadline.daemon = True
+        self.deadline.start()
+
+    def _expire(self) -> None:
+        """The request was not all in by its deadline: the connection is closed."""
+        if not self.read.is_set():
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+    def finish(self) -> None:
+        self.deadline.cancel()
+        super().finish()
 
     def do_GET(self) -> None:  # noqa: N802  (the name http.server calls)
+        self.read.set()  # a GET has no body: its headers were the whole request
         self._answer(self._info)
 
     def do_POST(self) -> None:  # noqa: N802
@@ -255,7 +312,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post(self) -> dict[str, Any]:
         if self.path == "/models":
-            return {"sha256": self.agent.add_model(self._body(self.agent.max_bytes))}
+            with self.agent.upload_slots:
+                return {"sha256": self.agent.add_model(self._body(self.agent.max_bytes))}
         if self.path == "/measure":
             try:
                 job = json.loads(self._body(MAX_JSON_BYTES))
@@ -275,7 +333,9 @@ class _Handler(BaseHTTPRequestHandler):
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the upload is {int(length)} bytes; this agent takes at most {limit}",
             )
-        return self.rfile.read(int(length))
+        body = self.rfile.read(int(length))
+        self.read.set()  # the whole request is in: the read deadline no longer applies
+        return body
 
     def _answer(self, handle: Any) -> None:
         try:
@@ -299,12 +359,41 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # the CLI reports what matters; no per-request noise
 
 
-def make_server(agent: Agent, host: str = "127.0.0.1", port: int = 8765) -> ThreadingHTTPServer:
+def make_server(
+    agent: Agent,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    read_deadline_s: float = READ_DEADLINE_S,
+) -> ThreadingHTTPServer:
     """An HTTP server for the agent (port 0 picks a free one: see server.server_port).
     Requests are served in threads, so a stalled client cannot hold the others up;
-    measurements still run one at a time (Agent.lock)."""
-    handler = type("Handler", (_Handler,), {"agent": agent})
-    return ThreadingHTTPServer((host, port), handler)
+    measurements still run one at a time (Agent.lock). At most `max_connections` are
+    open at once, each must send its whole request within `read_deadline_s`."""
+    handler = type("Handler", (_Handler,), {"agent": agent, "read_deadline_s": read_deadline_s})
+    return _Server((host, port), handler, max_connections)
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog (5 by default)
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, max_connections: int) -> None:
+        self.slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):  # full: closed at once, not queued
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 # --------------------------------------------------------------------------- the client
