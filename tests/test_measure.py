@@ -22,7 +22,7 @@ from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import TargetSpec, parse_space
 from paretoopt.errors import SpaceError
 from paretoopt.measure import OrtRunner, TorchRunner, export_onnx, time_paired, time_runner
-from paretoopt.measure.agent import Agent, AgentClient, AgentError, make_server
+from paretoopt.measure.agent import Agent, AgentClient, AgentError, Rejected, make_server
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.protocol import time_sessions
 from paretoopt.study.trial import calibrate, check_inputs, prepare, run_trial
@@ -655,3 +655,12 @@ def test_an_upload_is_checked_only_while_nothing_is_timed(served, models):
         assert not done.wait(1.0)  # the check waits for the timing to end
     assert done.wait(30.0)
     thread.join()
+
+
+def test_a_job_asking_for_days_of_timing_is_refused(served, models):
+    address, state = served
+    sha = AgentClient(address, TOKEN).upload(models / "d2.onnx")
+    job = {k: getattr(PROTOCOL, k) for k in ("batch_size", "threads", "warmup", "warmup_s")}
+    job |= {"model": sha, "repeats": 1000, "iterations": 100_000, "sessions": 100}
+    with pytest.raises(Rejected, match="10000000000 timed runs; this agent times at most"):
+        state.measure(job)

@@ -54,6 +54,7 @@ from paretoopt.measure.runtimes import OrtRunner
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
 KEPT_MODELS = 32  # models held in memory; the oldest is dropped beyond this
+MAX_RUNS = 1_000_000  # timed runs of one model per job (a 0.1 ms model: under 2 min)
 MAX_INPUT_ELEMENTS = 16 * 1024 * 1024  # values in one timing batch (64 MB of float32)
 UPLOAD_SLOTS = 2  # upload bodies held at once (20 parallel 40 MB uploads took 2.3 GB)
 MAX_CONNECTIONS = 64  # open at once; beyond, a connection is closed unanswered
@@ -243,6 +244,13 @@ def _protocol(job: dict[str, Any]) -> TargetSpec:
                 "is required",
             )
         values[key] = value
+    runs = values["repeats"] * values["iterations"] * values["sessions"]
+    if runs > MAX_RUNS:  # each bound alone allowed a job of 10^10 runs
+        raise Rejected(
+            HTTPStatus.BAD_REQUEST,
+            f"repeats x iterations x sessions is {runs} timed runs; this agent times at most "
+            f"{MAX_RUNS} per job",
+        )
     return TargetSpec(**values)
 
 
