@@ -664,3 +664,51 @@ def test_a_job_asking_for_days_of_timing_is_refused(served, models):
     job |= {"model": sha, "repeats": 1000, "iterations": 100_000, "sessions": 100}
     with pytest.raises(Rejected, match="10000000000 timed runs; this agent times at most"):
         state.measure(job)
+
+
+def test_external_data_inside_a_function_s_subgraph_is_found():
+    from onnx import TensorProto, helper
+
+    from paretoopt.measure.agent import check_onnx
+
+    outside = helper.make_tensor("w", TensorProto.FLOAT, [1], [1.0])
+    outside.ClearField("float_data")
+    outside.data_location = TensorProto.EXTERNAL
+    outside.external_data.add(key="location", value="/etc/passwd")
+    out = [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])]
+    then = helper.make_graph([helper.make_node("Constant", [], ["t"], value=outside)], "a", [], out)
+    inside = helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])
+    other = helper.make_graph([helper.make_node("Constant", [], ["t"], value=inside)], "b", [], out)
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)
+    opsets = [helper.make_opsetid("", 17)]
+    function = helper.make_function("ai.onnx.ml", "F", ["c"], ["y"], [branch], opsets)
+    graph = helper.make_graph(
+        [helper.make_node("F", ["c"], ["y"], domain="ai.onnx.ml")],
+        "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(
+        graph, functions=[function], opset_imports=[*opsets, helper.make_opsetid("ai.onnx.ml", 3)]
+    )
+    with pytest.raises(Rejected, match="tensors stored outside the file are refused"):
+        check_onnx(model.SerializeToString())
+
+
+def test_at_most_two_upload_bodies_are_held_at_once(served, models):
+    address, state = served
+    state.upload_slots.acquire()
+    state.upload_slots.acquire()  # two uploads in flight
+    done = threading.Event()
+
+    def upload() -> None:
+        AgentClient(address, TOKEN).upload(models / "d2.onnx")
+        done.set()
+
+    thread = threading.Thread(target=upload, daemon=True)
+    thread.start()
+    assert not done.wait(0.5)  # a third waits before its body is read
+    state.upload_slots.release()
+    assert done.wait(30.0)
+    state.upload_slots.release()
+    thread.join()

@@ -200,15 +200,19 @@ def _graphs(model: Any) -> list[Any]:
     import onnx
 
     out, todo = [], [model.graph]
-    while todo:
-        graph = todo.pop()
-        out.append(graph)
-        for node in graph.node:
+    nodes = [n for f in model.functions for n in f.node]  # a function's If/Loop bodies too
+    while todo or nodes:
+        if todo:
+            graph = todo.pop()
+            out.append(graph)
+            nodes += list(graph.node)
+        for node in nodes:
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     todo.append(a.g)
                 elif a.type == onnx.AttributeProto.GRAPHS:
                     todo.extend(a.graphs)
+        nodes = []
     return out
 
 
