@@ -242,3 +242,19 @@ def test_layer_table_and_influence(root):
         .all()
         .all()
     )
+
+
+def test_a_handed_study_with_its_own_factory_offers_no_download(root, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(root / "tiny", results / "handed")
+    folder = results / "handed"
+    (folder / "helper.py").write_text("raise SystemExit('imported')\n")
+    space = (folder / "space.yaml").read_text().replace("study: tiny", "study: handed")
+    space = space.replace("name: tiny_conv", f"factory: {folder / 'helper.py'}:build")
+    (folder / "space.yaml").write_text(space)
+    (folder / "study.journal").write_text(  # the journal names the study too
+        (root / "tiny" / "study.journal").read_text().replace('"tiny"', '"handed"')
+    )
+    at = app(results, "handed")
+    assert not at.get("download_button")
+    assert "helper.py:build" in texts(at) and "paretoopt app --space" in texts(at)

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from paretoopt.cli import main
 from paretoopt.config.space import dump_space, parse_space
 from paretoopt.errors import StudyError
 from paretoopt.results.frames import JOURNAL_FILE, journal_storage, torn_tail
@@ -100,6 +101,17 @@ def test_a_full_disk_stops_the_search_and_the_trial_runs_again(tmp_path, monkeyp
     results = search(doc, results_root=tmp_path)  # space freed: the same command again
     done = results.trials[results.trials["state"] == "COMPLETE"]
     assert len(done) == TINY["search"]["trials"]  # the interrupted one did not count
+
+
+def test_show_warns_of_a_torn_journal_and_changes_nothing(tmp_path, capsys):
+    search(parse_space(TINY), results_root=tmp_path)
+    journal = tmp_path / "tiny" / JOURNAL_FILE
+    journal.write_bytes(journal.read_bytes()[:-5])  # the last record, the end of a trial
+    torn = journal.read_bytes()
+    assert main(["show", "--study", "tiny", "--results", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "ends in" in err and "not a whole record" in err and "next `paretoopt search`" in err
+    assert journal.read_bytes() == torn and not list(journal.parent.glob("*.torn-*"))
 
 
 def test_a_journal_lock_left_by_a_killed_process_does_not_stall_the_next_start(tmp_path):
