@@ -24,7 +24,9 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ import numpy as np
 
 from paretoopt.config.metrics import Metric, shown
 from paretoopt.errors import StudyError
+from paretoopt.errors import shown as quoted
 from paretoopt.results.frames import StudyResults, hardware_text, load_results, trial_record
 from paretoopt.results.pick import pick
 from paretoopt.results.record import TrialRecord, quiet_reading
@@ -107,12 +110,17 @@ def export_trial(
 
 def untrusted_factories(results: StudyResults) -> list[str]:
     """The factories a study folder's space.yaml names (built-in names need none):
-    what exporting it would import, were it trusted."""
-    from paretoopt.config.space import load_space  # parsing imports nothing it names
+    what exporting it would import, were it trusted. Read as plain data, not validated:
+    a folder copied from elsewhere may name files that are not here."""
+    from paretoopt.config.yamlfile import load_yaml
 
-    stored = load_space(results.directory / "space.yaml")
-    parts = (("model", stored.model), ("data", stored.data))
-    return [f"{key}.factory {c.factory!r}" for key, c in parts if c.factory]
+    raw = load_yaml((results.directory / "space.yaml").read_text(), stored=True)
+    parts = [(key, raw.get(key)) for key in ("model", "data")] if isinstance(raw, dict) else []
+    return [
+        f"{key}.factory {quoted(c['factory'], 200)}"
+        for key, c in parts
+        if isinstance(c, dict) and c.get("factory")
+    ]
 
 
 # --------------------------------------------------------------------------- choosing
@@ -409,6 +417,14 @@ def _load_program(path: Path, trust: bool) -> Any:
 
     if trust:
         return torch.export.load(str(path))
+    _refuse_pickled_constants(path)
+    with _WEIGHTS_ONLY_LOCK:  # the variable is the process's: one load at a time
+        return _weights_only_load(path)
+
+
+def _weights_only_load(path: Path) -> Any:
+    import torch
+
     before = os.environ.get(WEIGHTS_ONLY)
     os.environ[WEIGHTS_ONLY] = "1"
     try:
@@ -427,6 +443,32 @@ def _load_program(path: Path, trust: bool) -> Any:
 
 
 WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"  # torch.load reads it at every call
+_WEIGHTS_ONLY_LOCK = threading.Lock()
+# constants torch.export.load unpickles without torch.load (pickle.loads, _pickle_load_obj)
+_PICKLED_CONSTANTS = ("custom_obj_", "opaque_obj_")
+
+
+def _refuse_pickled_constants(path: Path) -> None:
+    """A .pt2 archive's constants that torch unpickles directly, outside torch.load and
+    its weights-only rule, are refused before torch reads the archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            configs = [n for n in archive.namelist() if n.endswith("_config.json")]
+            entries = [
+                e
+                for n in configs
+                for e in (json.loads(archive.read(n)).get("config") or {}).values()
+            ]
+    except (zipfile.BadZipFile, ValueError, AttributeError, OSError) as exc:
+        raise StudyError(f"{path}: not a readable .pt2 archive ({type(exc).__name__})") from None
+    for entry in entries:
+        name = str(entry.get("path_name", "")) if isinstance(entry, dict) else ""
+        if name.startswith(_PICKLED_CONSTANTS):
+            raise StudyError(
+                f"{path}: holds pickled objects that are not plain tensors ({name[:40]}); a "
+                "file is loaded without running code from it, so it is refused "
+                "(load(path, trust=True) runs what it holds)"
+            )
 
 
 def _builder(path: Path, space: Any) -> Callable[[], Any]:

@@ -104,3 +104,24 @@ def test_a_pt2_with_a_crafted_pickle_is_refused(tmp_path):
     with pytest.raises(StudyError, match="holds pickled objects that are not plain tensors"):
         load(bad)
     assert not marker.exists() and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_a_pt2_with_an_opaque_pickled_constant_is_refused_before_torch_reads_it(tmp_path):
+    import json
+
+    marker = tmp_path / "ran"
+    program = torch.export.export(torch.nn.Linear(4, 2), (torch.zeros(2, 4),))
+    good, bad = tmp_path / "good.pt2", tmp_path / "opaque.pt2"
+    torch.export.save(program, str(good))
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item.filename)
+            if item.filename.endswith("model_constants_config.json"):
+                entry = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True}
+                data = json.dumps({"config": {"x": entry}}).encode()
+                folder = item.filename.rsplit("/", 1)[0]
+                dst.writestr(f"{folder}/opaque_obj_0", pickle.dumps(_Payload(marker)))
+            dst.writestr(item, data)
+    with pytest.raises(StudyError, match="opaque_obj_0"):
+        load(bad)
+    assert not marker.exists()

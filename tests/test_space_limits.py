@@ -177,3 +177,21 @@ def test_labels_and_inputs_are_checked_before_training(tmp_path):
 def test_a_model_that_fails_at_batch_one_is_refused_before_training(tmp_path):
     err = _checked(tmp_path, {}, {"factory": "hostile_data.py:OnlyPairs"})
     assert err.startswith("model: a forward pass") and "failed at batch size 1" in err
+
+
+def test_a_stored_space_from_before_with_aliases_still_reads_but_a_bomb_does_not():
+    from paretoopt.config.yamlfile import MAX_EXPANDED
+
+    shared = {"size": 8}
+    doc = copy.deepcopy(TINY)
+    doc["model"]["kwargs"] = doc["data"]["kwargs"] = shared
+    old = yaml.safe_dump(doc)  # as dump_space wrote a shared value before
+    assert "&id001" in old
+    assert load_yaml(old, stored=True)["model"]["kwargs"] == {"size": 8}
+    with pytest.raises(SpaceError, match="aliases"):
+        load_yaml(old)  # a user's file: refused
+    bomb = "a0: &a0 [1, 2]\n" + "".join(
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}]\n" for i in range(1, 40)
+    )
+    with pytest.raises(SpaceError, match=f"more than {MAX_EXPANDED}"):
+        load_yaml(bomb, stored=True)

@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import optuna
 import pandas as pd
+import yaml
 
 from paretoopt.config.metrics import METRICS, ratios
 from paretoopt.config.yamlfile import load_yaml
-from paretoopt.errors import StudyError
+from paretoopt.errors import SpaceError, StudyError, one_line, shown
 from paretoopt.results.pooling import pool_study
 from paretoopt.results.record import TrialRecord, frame_columns, stored_record
 
@@ -215,16 +216,20 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
             f"{directory}: not a paretoopt study folder (no {SPACE_FILE}); "
             f"studies in {parent}: {listing}"
         )
-    space = load_yaml(space_file.read_text())
-    if not isinstance(space, dict) or "study" not in space:
-        raise StudyError(f"{space_file} is damaged; it does not name a study")
+    try:
+        space = load_yaml(space_file.read_text(), stored=True)
+    except (SpaceError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise StudyError(f"{space_file} cannot be read: {one_line(str(exc))[:200]}") from None
+    if not isinstance(space, dict) or "study" not in space or "objectives" not in space:
+        raise StudyError(f"{space_file} is damaged; it does not name a study and objectives")
     metadata = read_json(directory / RUN_FILE)
-    url, named = storage, space.get("search", {}).get("storage")
+    search = space.get("search")
+    url, named = storage, search.get("storage") if isinstance(search, dict) else None
     if url is None and named:  # a folder is data: what it names is not opened, or created
         raise StudyError(
-            f"{directory}: study {space['study']!r} keeps its trials in a database "
-            f"({redact(str(named))}); paretoopt opens no storage that a results folder "
-            "names: pass --storage URL to read it"
+            f"{directory}: study {shown(space['study'])} keeps its trials in a database "
+            f"({shown(one_line(redact(str(named))))}); paretoopt opens no storage that a "
+            "results folder names: pass --storage URL to read it"
         )
     if url is None and not (directory / JOURNAL_FILE).is_file():  # reading must not create it
         raise StudyError(f"{directory}: the study has no storage yet ({JOURNAL_FILE} is missing)")

@@ -7,6 +7,7 @@ the study holds the requested number, then keeps and re-measures the front (``fi
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -122,7 +123,7 @@ def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None
     if trials_dir.is_dir():
         for child in trials_dir.iterdir():
             stem = child.name.removesuffix(".partial")
-            if not stem.isdigit() or child.is_symlink() or not child.is_dir():
+            if not re.fullmatch(r"[0-9]+", stem) or child.is_symlink() or not child.is_dir():
                 continue  # not a trial folder paretoopt wrote: not ours to delete
             number = int(stem)
             if number in live:  # another worker is still writing it

@@ -94,7 +94,7 @@ def check_resumable(space: Space, directory: Path) -> None:
             )
         return
     try:
-        before = load_yaml(stored.read_text())
+        before = load_yaml(stored.read_text(), stored=True)
     except (yaml.YAMLError, SpaceError):
         before = None
     if not isinstance(before, dict):
@@ -187,7 +187,7 @@ def stored_space(study: optuna.Study, url: str) -> Space:
             f"study {study.study_name!r} in {redact(url)} was not started by paretoopt "
             "search (it holds no space)"
         )
-    return parse_space(load_yaml(stored), source=f"<study {study.study_name}>")
+    return parse_space(load_yaml(stored, stored=True), source=f"<study {study.study_name}>")
 
 
 def check_storage(space: Space, directory: Path) -> None:
@@ -208,7 +208,7 @@ def check_storage(space: Space, directory: Path) -> None:
             "another study name"
         )
     stored = storage.get_study_user_attrs(study_id).get(SPACE_ATTR)
-    difference = space_difference(load_yaml(stored), space) if stored else ""
+    difference = space_difference(load_yaml(stored, stored=True), space) if stored else ""
     if difference:
         raise StudyError(
             f"study {space.study!r} in the database was started with a different space "

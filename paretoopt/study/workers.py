@@ -141,7 +141,7 @@ def _joinable_space(url: str, name: str, results_root: Path) -> Space:
             f"--results: {folder} does not exist; every worker writes its trials to the "
             "study's results folder, which must be the same shared folder on every machine"
         )
-    difference = space_difference(load_yaml(folder.read_text()), space, where=False)
+    difference = space_difference(load_yaml(folder.read_text(), stored=True), space, where=False)
     if difference:
         raise StudyError(
             f"--results: {folder} belongs to another study of that name ({difference})"

@@ -124,7 +124,7 @@ def _materialise(dataset: Any, where: str) -> Split:
         x = torch.stack(xs)
     except RuntimeError as exc:
         raise SpaceError(f"{where}: inputs do not share one shape: {exc}") from None
-    finite = torch.isfinite(x.flatten(1)).all(dim=1)
+    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
     if not bool(finite.all()):  # else training reports it as "fine-tuning diverged"
         bad = int((~finite).nonzero()[0])
         raise SpaceError(f"{where}: item {bad}'s input holds NaN or infinity")
