@@ -237,11 +237,12 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
         return False
     import torch
 
-    from paretoopt.compress.artifact import load_compressed, read_metadata
+    from paretoopt.compress.artifact import input_dtype, load_compressed, read_metadata
     from paretoopt.workload.models import create_model
 
     model = load_compressed(source / ARTIFACT, lambda: create_model(space.model))
-    example = torch.zeros(1, *read_metadata(source / ARTIFACT)["input_shape"])
+    meta = read_metadata(source / ARTIFACT)
+    example = torch.zeros(1, *meta["input_shape"], dtype=input_dtype(meta, source / ARTIFACT))
     if fmt == "onnx":
         from paretoopt.measure.onnx_export import export_onnx
 
@@ -279,6 +280,7 @@ def model_card(
         "model": space["model"],
         "data": space["data"],
         "input_shape": results.metadata.get("input_shape"),
+        "input_dtype": results.metadata.get("input_dtype", "float32"),
         "plan": record.plan,
         "plan_summary": record.plan_summary,
         "objectives": list(results.metrics),
@@ -356,6 +358,16 @@ def card_markdown(card: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+def _as_input(x: Any) -> np.ndarray:
+    """An input in the type the model was exported for: real values as float32, token
+    ids and other integers as int64, flags as bool."""
+    array = np.asarray(x)
+    if array.dtype == np.bool_:
+        return np.ascontiguousarray(array)
+    kind = np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32
+    return np.ascontiguousarray(array, dtype=kind)
+
+
 class LoadedModel:
     """An exported model, ready for inference: ``predict(x)`` returns logits."""
 
@@ -363,7 +375,7 @@ class LoadedModel:
         self.format, self.path, self._run, self.module = fmt, path, run, module
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self._run(np.ascontiguousarray(x, dtype=np.float32)))
+        return np.asarray(self._run(_as_input(x)))
 
     def accuracy(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
         logits = np.concatenate(
@@ -386,9 +398,10 @@ def load(
 
     A file is data: loading it runs no code it names or holds. A .safetensors file is
     rebuilt on a fresh copy of the architecture from `build` (a function returning the
-    model), from `space` (its model section), or from the built-in model the card beside
-    it (``<stem>.card.json``) names; a card naming a factory is not imported. A .pt2
-    whose archive holds pickled objects beyond tensors is refused, unless `trust`.
+    model), from `space` (a Space or the space file's path: its model section), or from
+    the built-in model the card beside it (``<stem>.card.json``) names; a card naming a
+    factory is not imported. A .pt2 whose archive holds pickled objects beyond tensors
+    is refused, unless `trust`.
     """
     path = Path(path)
     if not path.is_file():
@@ -472,9 +485,11 @@ def _refuse_pickled_constants(path: Path) -> None:
 
 
 def _builder(path: Path, space: Any) -> Callable[[], Any]:
-    from paretoopt.config.space import ComponentSpec
+    from paretoopt.config.space import ComponentSpec, load_space
     from paretoopt.workload.models import create_model
 
+    if isinstance(space, (str, Path)):  # the space file itself
+        space = load_space(space)
     spec = space.model if space is not None else ComponentSpec(**_card_model(path))
     if space is None and spec.factory:
         raise StudyError(

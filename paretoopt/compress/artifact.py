@@ -34,7 +34,7 @@ from paretoopt.compress.techniques import rebuilds
 from paretoopt.compress.techniques.bench import Workbench, prunable_layers
 from paretoopt.compress.techniques.qtensor import QTensor, dequantize
 from paretoopt.config.plan import CompressionPlan
-from paretoopt.errors import ArtifactError
+from paretoopt.errors import ArtifactError, shown
 
 FORMAT = "paretoopt-compressed"
 FORMAT_VERSION = 1
@@ -81,6 +81,7 @@ def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
         "format_version": str(FORMAT_VERSION),
         "plan": json.dumps(plan.to_dict()),
         "input_shape": json.dumps(list(bench.example.shape[1:])),
+        "input_dtype": json.dumps(str(bench.example.dtype).removeprefix("torch.")),
         "layout": json.dumps(layout, separators=(",", ":")),
     }
     for rebuild in rebuilds():
@@ -203,12 +204,25 @@ def _scatter(values: np.ndarray, mask: np.ndarray | None, n: int, fill: float) -
     return full
 
 
+def input_dtype(meta: dict[str, Any], path: Path) -> torch.dtype:
+    """The type of the model's input (files written before it was kept: float32)."""
+    name = meta.get("input_dtype", "float32")
+    if name not in INPUT_DTYPES:
+        raise ArtifactError(
+            f"{path}: input_dtype {shown(name)} is not one of {', '.join(INPUT_DTYPES)}"
+        )
+    return INPUT_DTYPES[name]
+
+
+INPUT_DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool}
+
+
 def load_compressed(path: Path, build_model: Callable[[], nn.Module]) -> nn.Module:
     """Rebuild the compressed model on a fresh copy of the architecture: replay each
     technique's architecture change the file keeps, then load the decoded weights."""
     meta = read_metadata(path)
     model = build_model().eval()
-    example = torch.zeros(1, *meta["input_shape"])
+    example = torch.zeros(1, *meta["input_shape"], dtype=input_dtype(meta, path))
     for rebuild in rebuilds():
         kept = meta.get(rebuild.key)
         if not kept:

@@ -274,7 +274,13 @@ def _inputs(runner: Any, batch_size: int) -> np.ndarray:
             f"an input batch of shape {dims} holds {elements} values; this agent takes at "
             f"most {MAX_INPUT_ELEMENTS}",
         )
+    kind = runner.session.get_inputs()[0].type
+    if kind != "tensor(float)":  # ids or flags: zero is a valid one of every vocabulary
+        return np.zeros(dims, dtype=ONNX_INPUTS.get(kind, np.float32))
     return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
+
+
+ONNX_INPUTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def _runs_on(runner: Any, batch: np.ndarray) -> None:

@@ -141,8 +141,12 @@ def _without_shapes(key: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> bytes:
-    """The unoptimised graph, its initializers named after the state_dict."""
+    """The unoptimised graph, its initializers named after the state_dict, traced on two
+    samples: torch.export takes a dimension of size 1 for a constant, and a model whose
+    code branches on it (``nn.MultiheadAttention`` does) was exported for batch 1 only."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    if example.shape[0] == 1:
+        example = torch.cat([example, _another(example)])
     shapes = ({0: torch.export.Dim("batch", min=1, max=65_536)},)
     registry = _onnx_registry()
     with warnings.catch_warnings():
@@ -159,7 +163,24 @@ def _trace(model: nn.Module, example: torch.Tensor) -> bytes:
                 model, (example,), dynamo=True, verbose=False, optimize=False,
                 dynamic_shapes=shapes,
             )  # fmt: skip
-    return program.model_proto.SerializeToString()
+    proto = program.model_proto
+    if _dims(proto.graph.input[0]) and isinstance(_dims(proto.graph.input[0])[0], int):
+        raise ValueError(
+            "the model cannot be exported with a free batch dimension (torch.export fixed "
+            f"it at {_dims(proto.graph.input[0])[0]}): its forward pass must not depend on "
+            "the batch size"
+        )
+    return proto.SerializeToString()
+
+
+def _another(example: torch.Tensor) -> torch.Tensor:
+    """A second input like `example`, the same in every process: random values of its
+    type, or, for token ids and the like, a draw from the example's own values."""
+    generator = torch.Generator().manual_seed(0)
+    if example.is_floating_point():
+        return torch.randn(example.shape, generator=generator, dtype=example.dtype)
+    values = example.flatten()
+    return values[torch.randint(len(values), example.shape, generator=generator)]
 
 
 def _rebuildable(template: bytes, state: dict[str, torch.Tensor]) -> bool:
@@ -220,13 +241,7 @@ def _reproduces(data: bytes, model: nn.Module, example: torch.Tensor) -> bool:
     traced afresh."""
     import onnxruntime as ort
 
-    generator = torch.Generator().manual_seed(0)  # the same check in every process
-    if example.is_floating_point():
-        other = torch.randn(example.shape, generator=generator, dtype=example.dtype)
-    else:  # token ids and the like: another draw from the example's own values
-        values = example.flatten()
-        other = values[torch.randint(len(values), example.shape, generator=generator)]
-    x = torch.cat([example, other])
+    x = torch.cat([example, _another(example)])
     with torch.no_grad():
         output = model(x)
     if not isinstance(output, torch.Tensor):  # several outputs: not checked here, traced

@@ -114,7 +114,7 @@ def _materialise(dataset: Any, where: str) -> Split:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise SpaceError(f"{where}: item {i} must be (input, label), got {type(item).__name__}")
         try:
-            xs.append(torch.as_tensor(item[0], dtype=torch.float32))
+            xs.append(_input(item[0]))
             ys.append(_label(item[1], f"{where}: item {i}"))
         except (TypeError, ValueError, RuntimeError) as exc:
             raise SpaceError(
@@ -124,11 +124,24 @@ def _materialise(dataset: Any, where: str) -> Split:
         x = torch.stack(xs)
     except RuntimeError as exc:
         raise SpaceError(f"{where}: inputs do not share one shape: {exc}") from None
+    # unchecked, training would report it as "fine-tuning diverged"
     finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
-    if not bool(finite.all()):  # else training reports it as "fine-tuning diverged"
+    if x.is_floating_point() and not bool(finite.all()):
         bad = int((~finite).nonzero()[0])
         raise SpaceError(f"{where}: item {bad}'s input holds NaN or infinity")
     return Split(x.contiguous(), torch.tensor(ys, dtype=torch.long))
+
+
+def _input(raw: Any) -> torch.Tensor:
+    """An input as a tensor of the type the model takes: real values as float32 (the
+    dtype of every weight), integers (token ids, indices) as int64, flags as bool. An
+    embedding refuses float ids, and a float id of 2**24 + 1 would not even survive."""
+    value = torch.as_tensor(raw)
+    if value.is_complex():
+        raise TypeError(f"a complex input ({value.dtype}) is not supported")
+    if value.is_floating_point():
+        return value.to(torch.float32)
+    return value if value.dtype == torch.bool else value.to(torch.int64)
 
 
 def _label(raw: Any, where: str) -> int:

@@ -146,12 +146,21 @@ def _meta_pruner(
             pruning_ratio=level,
             pruning_ratio_dict=ratios,
             ignored_layers=[classifier],
+            # attention keeps its head count, each head narrower (embed_dim must stay a
+            # multiple of num_heads; Torch-Pruning 1.6 removes whole heads only from
+            # attention built of separate q/k/v Linear layers, not nn.MultiheadAttention)
+            num_heads=_attention_heads(model),
+            prune_head_dims=True,
             round_to=cfg.round_to if cfg.round_to > 1 else None,
             iterative_steps=steps,
             iterative_pruning_ratio_scheduler=cubic_ratios,
         )
     except Exception as exc:  # a model the dependency graph cannot take is a trial fault
         raise TrialError(f"channel pruning failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _attention_heads(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
+    return {m: m.num_heads for m in model.modules() if isinstance(m, torch.nn.MultiheadAttention)}
 
 
 def _global_ratios(
