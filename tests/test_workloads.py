@@ -84,3 +84,91 @@ def test_a_pruned_transformer_exports_verified_and_loads(text_study, tmp_path):
     assert len(set(figures.values())) == 1, figures  # the three files are one model
     recorded = trials.set_index("number").loc[number, "test_accuracy"]
     assert figures["onnx"] == pytest.approx(recorded, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- streamed data
+
+SIGNALS = {
+    "model": {"factory": "user_model.py:build", "kwargs": {"channels": 8}},
+    "baseline": {"epochs": 10},
+    "target": QUICK_TARGET,
+    "constraints": {"max_accuracy_drop": None},
+    "search": {"trials": 3, "sampler": "random", "anchors": 0},
+    "space": {
+        "pruning": {"structure": "channel", "sparsity": 0.4},
+        "distillation": {"temperature": 2.0, "alpha": 0.5},
+        "finetune": {"epochs": 1},
+    },
+}
+
+
+@pytest.fixture
+def in_signals(tmp_path, monkeypatch):
+    shutil.copy(HERE / "user_model.py", tmp_path / "user_model.py")
+    monkeypatch.chdir(tmp_path)  # user factories are named relative to where one runs
+    return tmp_path
+
+
+def test_a_streamed_split_trains_exactly_as_the_same_data_in_memory(in_signals):
+    """memory_mb 0 streams a map-style dataset: the same batches in the same order, so
+    the same losses and weights to the bit."""
+    from paretoopt.compress.train import Recipe, train
+    from paretoopt.config.space import ComponentSpec
+    from paretoopt.workload.data import StreamSplit, create_data
+
+    from .user_model import build
+
+    spec = ComponentSpec(factory="user_model.py:signals")
+    held = create_data(spec)
+    streamed = create_data(ComponentSpec(factory="user_model.py:signals", memory_mb=0))
+    assert isinstance(streamed.train, StreamSplit) and held.train.in_memory
+    assert len(streamed.train) == len(held.train) == 200
+    assert torch.equal(streamed.val.head(50), held.val.x)
+    results = []
+    for splits in (held, streamed):
+        torch.manual_seed(0)
+        model = build()
+        losses = train(model, splits.train, Recipe(epochs=2, lr=1e-3, batch_size=16, seed=3))
+        results.append((losses, model.state_dict()))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+def test_a_study_over_a_dataloader_and_iterable_datasets_completes(in_signals):
+    """The train split is the user's own shuffling DataLoader, val and test iterable
+    datasets without len(): streamed, distilled from a teacher run on each batch."""
+    doc = {"study": "streams", "data": {"factory": "user_model.py:streams"}, **SIGNALS}
+    space = write_space(in_signals / "streams.yaml", doc)
+    assert main(["search", "--space", str(space), "--results", str(in_signals / "r")]) == 0
+    trials = pd.read_csv(in_signals / "r" / "streams" / "trials.csv")
+    assert (trials["state"] == "COMPLETE").all(), trials["fail_reason"].tolist()
+    assert trials.loc[0, "accuracy"] > 60.0  # three classes: the baseline learned
+    results = load_results(in_signals / "r" / "streams")
+    assert results.metadata["splits"] == {"train": 200, "val": 50, "test": 50}
+    record = trial_record(results, 1)
+    assert len(record.finetune_loss) == 1 and record.layer_channels["fc"][0] < 16
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("bad_labels", "item 0: the label -1 is negative; classes are 0, 1, ..."),
+        ("bad_labels(stream=True)", "batch 0: the label -1 is negative; classes are 0, 1, ..."),
+        ("bad_labels(at=150, stream=True)", "batch 4: the label -1 is negative"),
+        ("bad_labels(label=7, at=150, stream=True)", "the data has a label 7, but the model"),
+        ("nan_inputs", "item 3's input holds NaN or infinity"),
+        ("nan_inputs(stream=True)", "batch 0: an input holds NaN or infinity"),
+    ],
+)
+def test_bad_data_ends_in_one_line_before_the_baseline_is_trained(
+    in_signals, capsys, factory, message
+):
+    name, _, args = factory.partition("(")
+    kwargs = dict(eval(f"dict({args}", {})) if args else {}  # noqa: S307 - the test's own table
+    doc = {"study": "bad", "data": {"factory": f"user_model.py:{name}", "kwargs": kwargs}}
+    space = write_space(in_signals / "bad.yaml", {**doc, **SIGNALS})
+    code = main(["search", "--space", str(space), "--results", str(in_signals / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and message in err[0], err
+    assert not (in_signals / "r" / "bad").exists()

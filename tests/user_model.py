@@ -70,3 +70,43 @@ class Moody(SignalNet):
 
 def build_moody():
     return Moody(channels=8)
+
+
+class Waves(torch.utils.data.IterableDataset):
+    """signals() as a stream: a dataset with no len() and no indexing."""
+
+    def __init__(self, part, seed=1):
+        self.part, self.seed = part, seed
+
+    def __iter__(self):
+        data = signals(seed=self.seed)[self.part]
+        return iter(data[i] for i in range(len(data)))
+
+
+def streams(batch_size=32):
+    """The splits of signals() as a shuffling DataLoader and two iterable datasets."""
+    train, _, _ = signals()
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    return loader, Waves(1), Waves(2)
+
+
+def bad_labels(label=-1, at=0, stream=False):
+    """signals() with one training label replaced; streamed as a DataLoader if asked."""
+    train, val, test = signals()
+    x, y = train.tensors
+    y = y.clone()
+    y[at] = label
+    data = TensorDataset(x, y)
+    return (torch.utils.data.DataLoader(data, batch_size=32) if stream else data), val, test
+
+
+def nan_inputs(stream=False):
+    """signals() with a NaN in one training input."""
+    train, val, test = signals()
+    x, y = train.tensors
+    x = x.clone()
+    x[3, 0, 5] = float("nan")
+    data = TensorDataset(x, y)
+    return (torch.utils.data.DataLoader(data, batch_size=32) if stream else data), val, test

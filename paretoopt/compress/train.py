@@ -1,8 +1,9 @@
 """Training: the baseline, and the fine-tuning loop every trial runs.
 
-Fine-tuning distils from the baseline when the plan asks for it. The teacher's logits are
-computed once per study over the training split (no augmentation is applied, so they do
-not change), which removes the teacher forward pass from every step.
+Fine-tuning distils from the baseline when the plan asks for it. Over a split held in
+memory, the teacher's logits are computed once per study (no augmentation is applied, so
+they do not change), which removes the teacher forward pass from every step; a streamed
+split has no index to look them up by, so the teacher runs on each batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from paretoopt.errors import TrialError
-from paretoopt.workload.data import Split
+from paretoopt.workload.data import Data
 
 # called after every optimizer step with (step, total); True = the parameters were replaced
 # (channels removed mid-training), so the optimizer must be rebuilt
@@ -36,12 +37,36 @@ class Recipe:
     alpha: float = 0.0  # weight of the distillation term; 0 = cross-entropy only
 
 
+class Teacher:
+    """The baseline's logits for a batch: looked up where they were computed over a split
+    in memory (`logits`, by sample index), computed from `model` otherwise."""
+
+    def __init__(self, logits: torch.Tensor | None = None, model: nn.Module | None = None) -> None:
+        if (logits is None) == (model is None):
+            raise ValueError("a teacher has either precomputed logits or a model")
+        self.logits, self.model = logits, model
+
+    @classmethod
+    def of(cls, model: nn.Module, split: Data) -> Teacher:
+        if split.in_memory:
+            return cls(logits=logits_of(model, split.head(len(split))))
+        return cls(model=model.eval())
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        if self.logits is not None and idx is not None:
+            return self.logits[idx]
+        if self.model is None:
+            raise ValueError("precomputed teacher logits need the batch's sample indices")
+        with torch.inference_mode():
+            return self.model(x)
+
+
 def train(
     model: nn.Module,
-    split: Split,
+    split: Data,
     recipe: Recipe,
     *,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | Teacher | None = None,
     after_step: StepHook | None = None,
     weight_view: WeightView | None = None,
     step_guard: Callable[[], AbstractContextManager[None]] = nullcontext,
@@ -54,16 +79,19 @@ def train(
     steps_per_epoch = math.ceil(len(split) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     schedule = _cosine(optimizer, total, start=0)
-    distil = teacher_logits is not None and recipe.alpha > 0
+    teacher = (
+        Teacher(logits=teacher_logits)
+        if isinstance(teacher_logits, torch.Tensor)
+        else (teacher_logits)
+    )
+    distil = teacher is not None and recipe.alpha > 0
     model.train()
     history, step = [], 0
     for epoch in range(recipe.epochs):
         running = 0.0
-        for idx in split.batch_indices(recipe.batch_size, generator):
+        for x, y, idx in split.batches(recipe.batch_size, generator):
             with step_guard():  # no latency is timed on this machine while a step runs
-                loss = _loss(
-                    model, split, idx, recipe, teacher_logits if distil else None, weight_view
-                )
+                loss = _loss(model, x, y, idx, recipe, teacher if distil else None, weight_view)
                 if not torch.isfinite(loss):
                     raise TrialError(
                         f"fine-tuning diverged: loss is {loss.item()} at epoch "
@@ -80,7 +108,7 @@ def train(
                     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
                     schedule = _cosine(optimizer, total, start=step)
                     model.train()
-            running += loss.item() * len(idx)
+            running += loss.item() * len(y)
         history.append(running / len(split))
     model.eval()
     return history
@@ -88,23 +116,28 @@ def train(
 
 def _loss(
     model: nn.Module,
-    split: Split,
-    idx: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor | None,
     recipe: Recipe,
-    teacher_logits: torch.Tensor | None,
+    teacher: Teacher | None,
     weight_view: WeightView | None,
 ) -> torch.Tensor:
     """Cross-entropy, blended with the distillation term when a teacher is given."""
-    x = split.x[idx]
     logits = (
         torch.func.functional_call(model, weight_view(model), (x,))
         if weight_view is not None
         else model(x)
     )
-    loss = F.cross_entropy(logits, split.y[idx])
-    if teacher_logits is None:
+    if int(y.max()) >= logits.shape[1]:  # else an IndexError from deep inside the loss
+        raise TrialError(
+            f"the data has a label {int(y.max())}, but the model gives {logits.shape[1]} "
+            "logits: labels must be 0 to one less than the model's outputs"
+        )
+    loss = F.cross_entropy(logits, y)
+    if teacher is None:
         return loss
-    kd = distillation_loss(logits, teacher_logits[idx], recipe.temperature)
+    kd = distillation_loss(logits, teacher(x, idx), recipe.temperature)
     return recipe.alpha * kd + (1.0 - recipe.alpha) * loss
 
 
@@ -138,6 +171,17 @@ def distillation_loss(
 def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
     model.eval()
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+@torch.inference_mode()
+def split_accuracy(model: nn.Module, split: Data, batch_size: int = 512) -> float:
+    """Top-1 accuracy in percent over a split, read a batch at a time."""
+    model.eval()
+    correct = total = 0
+    for x, y, _ in split.batches(batch_size):
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += len(y)
+    return correct * 100.0 / total
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -259,7 +259,8 @@ class ComponentSpec:
     name: str | None = None
     factory: str | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # model only
+    memory_mb: float | None = None  # data only: larger splits are streamed (None: 1024)
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,7 @@ def parse_space(doc: Any, source: str | Path = "<space>") -> Space:
     values: dict[str, Any] = {
         "study": _parse_study_name(doc.get("study", _default_study_name(source))),
         "model": _parse_component(doc["model"], "model", root, checkpoint=True),
-        "data": _parse_component(doc["data"], "data", root, checkpoint=False),
+        "data": _parse_component(doc["data"], "data", root, checkpoint=False, memory=True),
         "objectives": _parse_objectives(doc.get("objectives")),
         "source": str(source),
     }
@@ -446,7 +447,9 @@ def _parse_value(meta: Mapping[str, Any], raw: Any, where: str) -> Any:
     return meta["rule"].check(raw, where)
 
 
-def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> ComponentSpec:
+def _parse_component(
+    raw: Any, where: str, root: Path, *, checkpoint: bool, memory: bool = False
+) -> ComponentSpec:
     if isinstance(raw, str):
         raw = {"name": raw}
     if not isinstance(raw, dict):
@@ -455,6 +458,7 @@ def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> C
             f"'factory', but got {shown(raw)}"
         )
     keys = ["name", "factory", "kwargs"] + (["checkpoint"] if checkpoint else [])
+    keys += ["memory_mb"] if memory else []
     _check_keys(raw, keys, where)
     name, factory = raw.get("name"), raw.get("factory")
     if (name is None) == (factory is None):
@@ -475,7 +479,20 @@ def _parse_component(raw: Any, where: str, root: Path, *, checkpoint: bool) -> C
         factory=_parse_factory(factory, f"{where}.factory", root) if factory else None,
         kwargs=dict(kwargs),
         checkpoint=_parse_checkpoint(raw.get("checkpoint"), f"{where}.checkpoint", root),
+        memory_mb=_parse_memory(raw.get("memory_mb"), f"{where}.memory_mb"),
     )
+
+
+def _parse_memory(raw: Any, where: str) -> float | None:
+    """Megabytes a split may take in memory; 0 streams every split."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not 0 <= raw <= 1e7:
+        raise SpaceError(
+            f"{where}: expected megabytes from 0 (stream every split) to 10000000, but got "
+            f"{shown(raw)}"
+        )
+    return float(raw)
 
 
 def _parse_factory(raw: Any, where: str, root: Path) -> str:
@@ -557,6 +574,8 @@ def _component_to_dict(spec: ComponentSpec) -> dict[str, Any]:
     out["kwargs"] = dict(spec.kwargs)
     if spec.checkpoint:
         out["checkpoint"] = spec.checkpoint
+    if spec.memory_mb is not None:
+        out["memory_mb"] = spec.memory_mb
     return out
 
 

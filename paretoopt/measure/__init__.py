@@ -16,7 +16,6 @@ from paretoopt.measure.runtimes import (
     OrtRunner,
     TorchRunner,
     runtime_accuracy,
-    runtime_logits,
     runtime_threads,
     timed_call,
 )
@@ -29,7 +28,6 @@ __all__ = [
     "export_onnx",
     "hardware_fingerprint",
     "runtime_accuracy",
-    "runtime_logits",
     "runtime_threads",
     "time_paired",
     "time_runner",

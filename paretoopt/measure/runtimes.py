@@ -20,29 +20,30 @@ from paretoopt.measure.backends.cuda import CudaRunner
 from paretoopt.measure.backends.onnxruntime import OrtRunner
 from paretoopt.measure.backends.torch_eager import TorchRunner
 from paretoopt.measure.protocol import Runner
-from paretoopt.workload.data import Split
+from paretoopt.workload.data import Data
 
 __all__ = ["CudaRunner", "OrtRunner", "TorchRunner"]
 
 
-def runtime_logits(runner: Runner, split: Split, batch_size: int = 256) -> np.ndarray:
-    x = split.x.numpy()
-    return np.concatenate([runner(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+def runtime_accuracy(runner: Runner, split: Data, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent of the deployed model over a split, a batch at a time
+    (counted in integers, so it equals PyTorch's figure exactly when predictions agree)."""
+    correct = total = 0
+    for x, y, _ in split.batches(batch_size):
+        logits = runner(x.numpy())
+        correct += int((logits.argmax(axis=1) == y.numpy()).sum())
+        total += len(y)
+    return correct * 100.0 / total
 
 
-def runtime_accuracy(runner: Runner, split: Split) -> float:
-    logits = runtime_logits(runner, split)
-    return int((logits.argmax(axis=1) == split.y.numpy()).sum()) * 100.0 / len(split.y)
-
-
-def timing_batch(split: Split, batch_size: int) -> np.ndarray:
+def timing_batch(split: Data, batch_size: int) -> np.ndarray:
     """One batch of real inputs (the split repeated if it is smaller than the batch)."""
-    x = split.x.numpy()
+    x = split.head(batch_size).numpy()
     reps = -(-batch_size // len(x))
     return np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])
 
 
-def timed_call(runner: Runner, split: Split, batch_size: int) -> Callable[[], Any]:
+def timed_call(runner: Runner, split: Data, batch_size: int) -> Callable[[], Any]:
     """A no-argument call that runs one batch of real inputs in the runner's runtime."""
     return runner.timer(timing_batch(split, batch_size))
 

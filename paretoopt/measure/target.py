@@ -33,7 +33,7 @@ from paretoopt.measure.protocol import (
     time_sessions,
 )
 from paretoopt.measure.runtimes import runtime_threads, timing_batch
-from paretoopt.workload.data import Split
+from paretoopt.workload.data import Data
 
 CALIBRATION_ROUNDS = 3
 SETTLE_TOLERANCE = 0.02
@@ -41,7 +41,7 @@ SETTLE_LIMIT = 10
 
 
 class Target:
-    def __init__(self, spec: TargetSpec, timing_split: Split, example: torch.Tensor) -> None:
+    def __init__(self, spec: TargetSpec, timing_split: Data, example: torch.Tensor) -> None:
         self.spec = spec
         self.batch = timing_batch(timing_split, spec.batch_size)  # real inputs, one batch
         self.example = example  # one input, for export

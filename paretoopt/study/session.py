@@ -343,7 +343,7 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
         "classifier": ctx.classifier,
         "prunable_layers": ctx.layer_names,
         "input_shape": list(ctx.splits.input_shape),
-        "input_dtype": str(ctx.splits.train.x.dtype).removeprefix("torch."),
+        "input_dtype": str(ctx.splits.train.dtype).removeprefix("torch."),
         "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
         "hardware": hardware,
         "versions": versions,

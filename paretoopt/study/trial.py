@@ -26,7 +26,7 @@ from paretoopt.compress.artifact import ARTIFACT, load_compressed, save_compress
 from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
 from paretoopt.compress.techniques.quantize import is_symmetric
-from paretoopt.compress.train import Recipe, accuracy, logits_of, train
+from paretoopt.compress.train import Recipe, Teacher, logits_of, split_accuracy, train
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import Space, space_to_dict
 from paretoopt.errors import SpaceError, TrialError, one_line
@@ -47,7 +47,7 @@ class StudyContext:
     space: Space
     splits: Splits
     baseline: nn.Module
-    teacher_logits: torch.Tensor
+    teacher_logits: Teacher  # the baseline's logits for distillation
     classifier: str
     baseline_source: str  # "checkpoint", "trained" or "cache"
     target: Target  # the runtime, the gate, the reference and the calibration
@@ -78,7 +78,7 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
         load_checkpoint(model, space.model.checkpoint)
     out = _forward(model, splits, 2, "")
     _forward(model, splits, 1, " at batch size 1 (latency is timed at batch 1)")
-    classes = int(torch.cat([splits.train.y, splits.val.y, splits.test.y]).max()) + 1
+    classes = _classes(splits)
     if out.dim() != 2 or out.shape[1] < classes:
         raise SpaceError(
             f"model: expected logits of shape (batch, {classes}) for the data's "
@@ -91,10 +91,22 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
     return model, splits
 
 
+def _classes(splits: Splits) -> int:
+    """The classes the labels name: of every label where the splits are in memory, of a
+    first batch of each where streamed (a later label out of range stops training with
+    its own message)."""
+    top = 0
+    for split in (splits.train, splits.val, splits.test):
+        for _, y, _ in split.batches(len(split) if split.in_memory else 256):
+            top = max(top, int(y.max()))
+            break
+    return top + 1
+
+
 def _forward(model: nn.Module, splits: Splits, batch: int, at: str) -> torch.Tensor:
     try:
         with torch.no_grad():
-            return model.eval()(splits.train.x[:batch])
+            return model.eval()(splits.train.head(batch))
     except Exception as exc:
         raise SpaceError(
             f"model: a forward pass on the data's inputs of shape "
@@ -109,13 +121,13 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> StudyContext:
     model, splits = check_inputs(space)
-    target = Target(space.target, splits.val, splits.train.x[:1])
+    target = Target(space.target, splits.val, splits.train.head(1))
     source = "checkpoint"
     if not space.model.checkpoint:
         source = _baseline_from_cache(model, space, splits, cache_dir, log, target.gate)
     model.eval()
-    teacher = logits_of(model, splits.train.x)
-    classifier = find_classifier(model, splits.train.x[:1])
+    teacher = Teacher.of(model, splits.train)
+    classifier = find_classifier(model, splits.train.head(1))
     return StudyContext(space, splits, model, teacher, classifier, source, target)
 
 
@@ -179,7 +191,7 @@ def _baseline_from_cache(
     train(
         model, splits.train, Recipe(b.epochs, b.lr, b.batch_size, b.seed), step_guard=gate.computing
     )
-    val = accuracy(logits_of(model, splits.val.x), splits.val.y)
+    val = split_accuracy(model, splits.val)
     log(f"baseline: val accuracy {val:.2f} % after {time.perf_counter() - start:.0f} s")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -246,13 +258,11 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         step_guard=ctx.target.gate.computing,
     )
     apply_plan(bench, plan)
-    checked = ctx.splits.val.x[:CHECKED]
+    checked = ctx.splits.val.head(CHECKED)
     # the checked samples as a batch of their own: the checks compare them to the last bit
     ours = logits_of(bench.model, checked)
-    rest = ctx.splits.val.x[CHECKED:]
-    torch_val_logits = torch.cat([ours, logits_of(bench.model, rest)]) if len(rest) else ours
-    torch_val = accuracy(torch_val_logits, ctx.splits.val.y)
-    torch_test = accuracy(logits_of(bench.model, ctx.splits.test.x), ctx.splits.test.y)
+    torch_val = split_accuracy(bench.model, ctx.splits.val)
+    torch_test = split_accuracy(bench.model, ctx.splits.test)
     size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
     deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
     reloaded = _check_reload(ours, deployed, checked)
@@ -287,7 +297,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         exact_weights=all(kind is not None for kind in exact.values()),
         layer_quant=layers,
         params=sum(p.numel() for p in deployed.parameters()),
-        macs=_macs(deployed, ctx.splits.train.x[:1]),
+        macs=_macs(deployed, ctx.splits.train.head(1)),
         nonzero_params=sum(int((p != 0).sum()) for p in deployed.parameters()),
         # what the techniques recorded: per-layer sparsity, channels kept, saliency, ...
         **technique_fields(bench.records),
@@ -317,7 +327,7 @@ def _deploy(
         model,
         work,
         cfg,
-        calibration=ctx.splits.train.x[: cfg.calibration_samples],
+        calibration=ctx.splits.train.head(cfg.calibration_samples),
         codes=bench.quantized,
         timed=bench.timed,
         int8=ctx.target.int8_recipe() if cfg.activations == "int8" else None,

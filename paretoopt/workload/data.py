@@ -1,25 +1,54 @@
 """Datasets: the built-in digits benchmark and user dataset factories.
 
-Every dataset ends up as three in-memory splits of tensors (inputs, labels). The splits
-are small enough on the benchmarks to hold in memory, and a tensor split makes training,
-calibration and evaluation free of DataLoader overhead.
+A split is read in batches, whatever it holds. Small map-style datasets are copied into
+memory as tensors (``Split``), which makes training, calibration and evaluation free of
+DataLoader overhead. Larger ones (more than ``data.memory_mb``), iterable datasets and
+DataLoaders are streamed (``StreamSplit``): a batch at a time, never all at once, so data
+larger than memory can be searched over.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
+from torch.utils.data import DataLoader, IterableDataset
 
 from paretoopt.config.space import ComponentSpec
 from paretoopt.errors import SpaceError, shown
 from paretoopt.workload.registry import Registry, call_factory, load_callable
 
 DATASETS: Registry[Any] = Registry("dataset")
+MEMORY_MB = 1024  # data.memory_mb's default: splits up to this size are held in memory
+
+# inputs, labels, and the batch's sample indices where the split is in memory (the
+# teacher's precomputed logits are looked up by them); None for a stream
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+class Data(Protocol):
+    """One split, in memory or streamed: what training and evaluation read."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        """Mini-batches, shuffled when a generator is given (the same order every time
+        for one seed); in the split's order otherwise."""
+        ...
+
+    def head(self, n: int) -> torch.Tensor:
+        """The inputs of the first `n` samples (fewer where the split is smaller)."""
+        ...
+
+    @property
+    def in_memory(self) -> bool: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
 
 @dataclass(frozen=True)
@@ -45,16 +74,71 @@ class Split:
                 else torch.arange(start, min(start + size, n))
             )
 
+    def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        for idx in self.batch_indices(size, generator):
+            yield self.x[idx], self.y[idx], idx
+
+    def head(self, n: int) -> torch.Tensor:
+        return self.x[:n]
+
+    @property
+    def in_memory(self) -> bool:
+        return True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+
+@dataclass(frozen=True)
+class StreamSplit:
+    """A split read from the user's dataset or DataLoader a batch at a time.
+
+    A DataLoader is read as it is (its batch size, order and workers); an iterable
+    dataset in its own order; a map-style dataset shuffled by the seed, as the in-memory
+    path would. Every batch is checked as it comes: integer labels >= 0, finite inputs."""
+
+    source: Any  # Dataset, IterableDataset or DataLoader
+    where: str
+    length: int
+    shape: tuple[int, ...]  # of one input
+    input_dtype: torch.dtype
+
+    def __len__(self) -> int:
+        return self.length
+
+    def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        for i, item in enumerate(_loader(self.source, size, generator)):
+            x, y = _batch(item, f"{self.where}, batch {i}")
+            yield x, y, None
+
+    def head(self, n: int) -> torch.Tensor:
+        taken, count = [], 0
+        for x, _, _ in self.batches(max(min(n, 256), 1)):
+            taken.append(x)
+            count += len(x)
+            if count >= n:
+                break
+        return torch.cat(taken)[:n]
+
+    @property
+    def in_memory(self) -> bool:
+        return False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.input_dtype
+
 
 @dataclass(frozen=True)
 class Splits:
-    train: Split
-    val: Split
-    test: Split
+    train: Data
+    val: Data
+    test: Data
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.x.shape[1:])
+        return tuple(self.train.head(1).shape[1:])
 
 
 @DATASETS.register("digits")
@@ -87,11 +171,93 @@ def create_data(spec: ComponentSpec) -> Splits:
             f"but returned {type(out).__name__}"
         )
     names = ("train", "val", "test")
-    splits = [_materialise(ds, f"{where} ({n} split)") for ds, n in zip(out, names, strict=True)]
-    shapes = {tuple(s.x.shape[1:]) for s in splits}
+    budget = MEMORY_MB if spec.memory_mb is None else spec.memory_mb
+    splits = [_split(ds, f"{where} ({n} split)", budget) for ds, n in zip(out, names, strict=True)]
+    shapes = {tuple(s.head(1).shape[1:]) for s in splits}
     if len(shapes) != 1:
         raise SpaceError(f"{where}: the splits have different input shapes {sorted(shapes)}")
     return Splits(*splits)
+
+
+def _split(source: Any, where: str, budget_mb: float) -> Data:
+    """In memory where the whole split fits in `budget_mb` megabytes (estimated from its
+    first sample), streamed otherwise."""
+    if isinstance(source, (DataLoader, IterableDataset)):
+        return _stream(source, where)
+    try:
+        n = len(source)
+    except TypeError:
+        raise SpaceError(
+            f"{where}: expected a Dataset (map-style or iterable) or a DataLoader, got "
+            f"{type(source).__name__}"
+        ) from None
+    if n == 0:
+        raise SpaceError(f"{where}: the split is empty")
+    first, _ = _item(source, 0, where)
+    if n * first.numel() * first.element_size() > budget_mb * 1e6:
+        return _stream(source, where)
+    return _materialise(source, where)
+
+
+def _stream(source: Any, where: str) -> StreamSplit:
+    """A streamed split: its first batch checked now, its length from len() or, where
+    it has none (an iterable dataset), from one pass that counts it."""
+    first = next(iter(_loader(source, 8, None)), None)
+    if first is None:
+        raise SpaceError(f"{where}: the split is empty")
+    x, _ = _batch(first, f"{where}, batch 0")
+    try:
+        length = len(source.dataset if isinstance(source, DataLoader) else source)
+    except TypeError:
+        length = sum(len(_batch(b, where)[1]) for b in _loader(source, 256, None))
+    return StreamSplit(source, where, int(length), tuple(x.shape[1:]), x.dtype)
+
+
+def _loader(source: Any, size: int, generator: torch.Generator | None) -> Any:
+    if isinstance(source, DataLoader):
+        return source
+    if isinstance(source, IterableDataset):
+        return DataLoader(source, batch_size=size)
+    # the permutation the in-memory path draws from the same generator, one per epoch
+    # (RandomSampler would draw a second, empty one at each epoch's end)
+    order = None if generator is None else torch.randperm(len(source), generator=generator).tolist()
+    return DataLoader(source, batch_size=size, sampler=order)
+
+
+def _batch(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A collated (inputs, labels) batch, checked: inputs in the model's types, integer
+    class labels >= 0, no NaN or infinity."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise SpaceError(f"{where}: a batch must be (inputs, labels), got {type(item).__name__}")
+    try:
+        x, y = _input(item[0]), torch.as_tensor(item[1])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SpaceError(f"{where}: not (tensor-like inputs, integer labels): {exc}") from None
+    if y.is_floating_point() and bool((y != y.round()).any()):
+        raise SpaceError(f"{where}: a label is not an integer class index")
+    if y.dtype == torch.bool or y.is_complex() or y.dim() != 1 or len(y) != len(x):
+        raise SpaceError(f"{where}: labels must be one integer class index per sample")
+    y = y.to(torch.int64)
+    if bool((y < 0).any()):
+        raise SpaceError(f"{where}: the label {int(y.min())} is negative; classes are 0, 1, ...")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise SpaceError(f"{where}: an input holds NaN or infinity")
+    return x, y
+
+
+def _item(dataset: Any, i: int, where: str) -> tuple[torch.Tensor, int]:
+    try:
+        item = dataset[i]
+    except Exception as exc:
+        raise SpaceError(f"{where}: reading item {i} failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise SpaceError(f"{where}: item {i} must be (input, label), got {type(item).__name__}")
+    try:
+        return _input(item[0]), _label(item[1], f"{where}: item {i}")
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SpaceError(
+            f"{where}: item {i} is not (tensor-like input, integer label): {exc}"
+        ) from None
 
 
 def _materialise(dataset: Any, where: str) -> Split:
@@ -105,21 +271,9 @@ def _materialise(dataset: Any, where: str) -> Split:
         raise SpaceError(f"{where}: the split is empty")
     xs, ys = [], []
     for i in range(n):
-        try:
-            item = dataset[i]
-        except Exception as exc:
-            raise SpaceError(
-                f"{where}: reading item {i} failed: {type(exc).__name__}: {exc}"
-            ) from None
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise SpaceError(f"{where}: item {i} must be (input, label), got {type(item).__name__}")
-        try:
-            xs.append(_input(item[0]))
-            ys.append(_label(item[1], f"{where}: item {i}"))
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise SpaceError(
-                f"{where}: item {i} is not (tensor-like input, integer label): {exc}"
-            ) from None
+        x, y = _item(dataset, i, where)
+        xs.append(x)
+        ys.append(y)
     try:
         x = torch.stack(xs)
     except RuntimeError as exc:

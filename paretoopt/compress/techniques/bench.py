@@ -15,6 +15,7 @@ from paretoopt.workload.data import Splits
 
 if TYPE_CHECKING:
     from paretoopt.compress.techniques.qtensor import QTensor
+    from paretoopt.compress.train import Teacher
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 # called after every fine-tuning step with (step, total); True = parameters were replaced
@@ -25,7 +26,7 @@ StepHook = Callable[[int, int], bool]
 class Workbench:
     model: nn.Module
     splits: Splits
-    teacher_logits: torch.Tensor
+    teacher_logits: torch.Tensor | Teacher  # the baseline's logits over the training split
     classifier: str  # module name of the output layer: its outputs are never pruned
     seed: int = 0
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # param name -> keep mask
@@ -51,7 +52,7 @@ class Workbench:
 
     @property
     def example(self) -> torch.Tensor:
-        return self.splits.train.x[:1]
+        return self.splits.train.head(1)
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()

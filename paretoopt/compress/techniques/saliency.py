@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 import torch_pruning as tp
 from torch import nn
 
-from paretoopt.workload.data import Split
+from paretoopt.workload.data import Data
 
 FISHER_BATCH = 8  # samples per squared-gradient estimate: small batches approach per-sample
 
@@ -62,7 +62,7 @@ SALIENCIES: dict[str, Saliency] = {
 
 
 def gradient_stats(
-    model: nn.Module, split: Split, kind: str, batches: int, seed: int, batch_size: int = 64
+    model: nn.Module, split: Data, kind: str, batches: int, seed: int, batch_size: int = 64
 ) -> dict[str, torch.Tensor]:
     """Mean gradient magnitude ("mean") or mean squared gradient ("fisher") of the loss, per
     parameter, over `batches` seeded batches of the training split. BatchNorm runs in eval
@@ -70,15 +70,17 @@ def gradient_stats(
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(split), generator=generator)[: batches * batch_size]
     step = FISHER_BATCH if kind == "fisher" else batch_size
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    count = 0
-    for start in range(0, len(order), step):
-        idx = order[start : start + step]
+    count, seen = 0, 0
+    for x, y, _ in split.batches(step, generator):
+        if seen >= batches * batch_size:
+            break
+        x, y = x[: batches * batch_size - seen], y[: batches * batch_size - seen]
+        seen += len(y)
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(split.x[idx]), split.y[idx]).backward()
+        F.cross_entropy(model(x), y).backward()
         for n, p in params.items():
             if p.grad is not None:
                 # per-batch magnitudes: signed gradients of a converged model cancel out
