@@ -561,7 +561,8 @@ def test_an_input_the_model_does_not_take_is_a_4xx_with_the_runtime_s_reason(age
             return x.reshape(1, 16)  # only a batch of one
 
     # a graph for batch 1 alone (paretoopt's own export refuses such a model)
-    torch.onnx.export(Fixed().eval(), (torch.zeros(1, 1, 4, 4),), tmp_path / "one.onnx", dynamo=True)
+    one = torch.zeros(1, 1, 4, 4)
+    torch.onnx.export(Fixed().eval(), (one,), tmp_path / "one.onnx", dynamo=True)
     client = AgentClient(agent, TOKEN)
     sha = client.upload(tmp_path / "one.onnx")
     with pytest.raises(AgentError) as info:
