@@ -237,20 +237,20 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
         return False
     import torch
 
-    from paretoopt.compress.artifact import input_dtype, load_compressed, read_metadata
+    from paretoopt.compress.artifact import input_layout, load_compressed, read_metadata
+    from paretoopt.workload import inputs as trees
     from paretoopt.workload.models import create_model
 
     model = load_compressed(source / ARTIFACT, lambda: create_model(space.model))
-    meta = read_metadata(source / ARTIFACT)
-    example = torch.zeros(1, *meta["input_shape"], dtype=input_dtype(meta, source / ARTIFACT))
+    layout = input_layout(read_metadata(source / ARTIFACT), source / ARTIFACT)
     if fmt == "onnx":
         from paretoopt.measure.onnx_export import export_onnx
 
-        export_onnx(model, example, path)
+        export_onnx(model, trees.zeros(layout), path)
         return True
-    batch = torch.export.Dim("batch", min=1, max=65_536)
-    example = example.expand(2, *example.shape[1:])  # batch 1 would be traced as a constant
-    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    # batch 1 would be traced as a constant
+    args, kwargs, shapes = trees.for_export(trees.zeros(layout, batch=2))
+    program = torch.export.export(model.eval(), args, kwargs, dynamic_shapes=shapes)
     torch.export.save(program, str(path))
     return True
 
@@ -279,8 +279,8 @@ def model_card(
         "paretoopt": __version__,
         "model": space["model"],
         "data": space["data"],
-        "input_shape": results.metadata.get("input_shape"),
-        "input_dtype": results.metadata.get("input_dtype", "float32"),
+        "input_shape": results.metadata.get("input_shape"),  # the first input's
+        "inputs": results.metadata.get("inputs"),  # each input's name, shape and type
         "plan": record.plan,
         "plan_summary": record.plan_summary,
         "objectives": list(results.metrics),
@@ -358,9 +358,27 @@ def card_markdown(card: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def _as_input(x: Any) -> np.ndarray:
-    """An input in the type the model was exported for: real values as float32, token
-    ids and other integers as int64, flags as bool."""
+def _as_input(x: Any) -> Any:
+    """Inputs in the types the model was exported for: real values as float32, token
+    ids and other integers as int64, flags as bool; a tuple or dict of arrays for a model
+    of several inputs."""
+    if isinstance(x, dict):
+        return {k: _as_array(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)) and x and all(hasattr(v, "shape") for v in x):
+        return tuple(_as_array(v) for v in x)
+    return _as_array(x)
+
+
+def _rows(x: Any, start: int, count: int) -> Any:
+    """Rows start to start + count of every input, as numpy arrays."""
+    if isinstance(x, dict):
+        return {k: np.asarray(v)[start : start + count] for k, v in x.items()}
+    if isinstance(x, (tuple, list)) and x and all(hasattr(v, "shape") for v in x):
+        return tuple(np.asarray(v)[start : start + count] for v in x)
+    return np.asarray(x)[start : start + count]
+
+
+def _as_array(x: Any) -> np.ndarray:
     array = np.asarray(x)
     if array.dtype == np.bool_:
         return np.ascontiguousarray(array)
@@ -374,12 +392,13 @@ class LoadedModel:
     def __init__(self, fmt: str, path: Path, run: Any, module: Any = None) -> None:
         self.format, self.path, self._run, self.module = fmt, path, run, module
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: Any) -> np.ndarray:
+        """Logits of a batch: an array, or a tuple or dict of arrays (several inputs)."""
         return np.asarray(self._run(_as_input(x)))
 
-    def accuracy(self, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    def accuracy(self, x: Any, y: np.ndarray, batch_size: int = 256) -> float:
         logits = np.concatenate(
-            [self.predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+            [self.predict(_rows(x, i, batch_size)) for i in range(0, len(y), batch_size)]
         )
         return int((logits.argmax(axis=1) == y).sum()) * 100.0 / len(y)
 
@@ -388,7 +407,8 @@ class LoadedModel:
         split never all at once)."""
         correct = total = 0
         for x, y, _ in split.batches(batch_size):
-            correct += int((self.predict(x.numpy()).argmax(axis=1) == y.numpy()).sum())
+            logits = self.predict(_rows(x, 0, len(y)))
+            correct += int((logits.argmax(axis=1) == y.numpy()).sum())
             total += len(y)
         return correct * 100.0 / total
 
@@ -512,9 +532,11 @@ def _builder(path: Path, space: Any) -> Callable[[], Any]:
 def _torch_call(module: Any) -> Any:
     import torch
 
-    def run(x: np.ndarray) -> np.ndarray:
+    from paretoopt.workload import inputs as trees
+
+    def run(x: Any) -> np.ndarray:
         with torch.inference_mode():
-            return module(torch.from_numpy(x)).numpy()
+            return trees.call(module, trees.tree_map(torch.from_numpy, x)).numpy()
 
     return run
 

@@ -567,7 +567,7 @@ def test_an_input_the_model_does_not_take_is_a_4xx_with_the_runtime_s_reason(age
     sha = client.upload(tmp_path / "one.onnx")
     with pytest.raises(AgentError) as info:
         client.measure(sha, None, PROTOCOL)  # batch 32
-    assert "422" in str(info.value) and "does not run on a batch of shape [32" in str(info.value)
+    assert "422" in str(info.value) and "does not run on a batch of shape x [32" in str(info.value)
 
 
 def test_a_model_declaring_a_huge_input_is_refused_before_it_runs(agent, tmp_path):

@@ -130,7 +130,10 @@ def test_the_baseline_cache_is_reused(tmp_path):
 
 def test_check_inputs_finds_the_classes():
     model, splits = check_inputs(parse_space(TINY))
-    assert splits.input_shape == (1, 8, 8)
+    assert splits.layout == {
+        "kind": "tensor",
+        "inputs": [{"name": "0", "shape": [1, 8, 8], "dtype": "float32"}],
+    }
     assert model(splits.val.x[:2]).shape == (2, 10)
 
 

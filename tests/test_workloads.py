@@ -50,7 +50,9 @@ def test_token_ids_reach_the_model_as_int64_and_every_trial_completes(text_study
     assert (trials["state"] == "COMPLETE").all(), trials["fail_reason"].tolist()
     assert trials.loc[0, "accuracy"] > 90.0  # the baseline learned the task
     results = load_results(root / "r" / "text")
-    assert results.metadata["input_dtype"] == "int64"
+    assert results.metadata["inputs"]["inputs"] == [
+        {"name": "0", "shape": [LENGTH], "dtype": "int64"}
+    ]
 
 
 def test_channel_pruning_narrows_attention_and_the_mlp(text_study):
@@ -172,3 +174,89 @@ def test_bad_data_ends_in_one_line_before_the_baseline_is_trained(
     assert code == 2
     assert len(err) == 1 and message in err[0], err
     assert not (in_signals / "r" / "bad").exists()
+
+
+# --------------------------------------------------------------------------- several inputs
+
+
+def multi_study(root, name, model, data, quant):
+    shutil.copy(HERE / "multi_model.py", root / "multi_model.py")
+    shutil.copy(HERE / "text_model.py", root / "text_model.py")
+    (root / "__init__.py").write_text("")
+    doc = {
+        "study": name,
+        "model": {"factory": f"{root.name}.multi_model:{model}"},
+        "data": {"factory": f"{root.name}.multi_model:{data}"},
+        "baseline": {"epochs": 12},
+        "target": QUICK_TARGET,
+        "constraints": {"max_accuracy_drop": None},
+        "search": {"trials": 3, "sampler": "random", "anchors": 0},
+        "space": {
+            "pruning": {"structure": "channel", "sparsity": 0.5},
+            "quantization": quant,
+            "finetune": {"epochs": 2},
+        },
+    }
+    return write_space(root / f"{name}.yaml", doc)
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "quant", "layout"),
+    [
+        (
+            "build_pairs",
+            "pairs",
+            {"bits": 8, "activations": "int8"},  # calibration feeds both inputs
+            {"kind": "tuple", "inputs": [
+                {"name": "0", "shape": [2, 32], "dtype": "float32"},
+                {"name": "1", "shape": [4], "dtype": "float32"},
+            ]},
+        ),
+        (
+            "build_masked",
+            "tokenized",
+            {"bits": 8},
+            {"kind": "dict", "inputs": [
+                {"name": "input_ids", "shape": [LENGTH], "dtype": "int64"},
+                {"name": "attention_mask", "shape": [LENGTH], "dtype": "bool"},
+            ]},
+        ),
+    ],
+)  # fmt: skip
+def test_a_model_of_several_inputs_is_searched_exported_and_loaded(
+    tmp_path, monkeypatch, model, data, quant, layout
+):
+    """Two positional inputs, and a dict of named ones: every trial completes, the
+    pruned front trial exports verified, and the loaded files take the inputs as the
+    data gives them."""
+    root = tmp_path / "users"
+    root.mkdir()
+    monkeypatch.chdir(tmp_path)  # the factories are imported as users.multi_model
+    space = multi_study(root, "multi", model, data, quant)
+    assert main(["search", "--space", str(space), "--results", str(tmp_path / "r")]) == 0
+    trials = pd.read_csv(tmp_path / "r" / "multi" / "trials.csv")
+    assert (trials["state"] == "COMPLETE").all(), trials["fail_reason"].tolist()
+    assert trials.loc[0, "accuracy"] > 80.0
+    results = load_results(tmp_path / "r" / "multi")
+    assert results.metadata["inputs"] == layout
+    kept = trials[~trials["baseline"] & trials["artifact"].notna()]
+    number = int(kept["number"].iloc[0])
+    assert any(k < w for k, w in trial_record(results, number).layer_channels.values())
+    out = tmp_path / "x"
+    code = main(["export", "--study", "multi", "--results", str(tmp_path / "r"), "--trial",
+                 str(number), "--out", str(out), "--space", str(space)])  # fmt: skip
+    assert code == 0
+    _, _, test = __import__("users.multi_model", fromlist=[data]).__dict__[data]()
+    x, y = zip(*(test[i] for i in range(len(test))), strict=True)
+    if layout["kind"] == "dict":
+        inputs = {k: torch.stack([s[k] for s in x]).numpy() for k in x[0]}
+    else:
+        inputs = tuple(torch.stack([s[i] for s in x]).numpy() for i in range(len(x[0])))
+    labels = torch.stack(y).numpy()
+    figures = {
+        fmt: load(out / f"multi-trial{number}.{fmt}", space=space).accuracy(inputs, labels)
+        for fmt in ("onnx", "pt2", "safetensors")
+    }
+    recorded = trials.set_index("number").loc[number, "test_accuracy"]
+    assert figures["onnx"] == pytest.approx(recorded, abs=1e-9)
+    assert figures["pt2"] == figures["safetensors"]

@@ -35,6 +35,7 @@ from paretoopt.compress.techniques.bench import Workbench, prunable_layers
 from paretoopt.compress.techniques.qtensor import QTensor, dequantize
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import ArtifactError, shown
+from paretoopt.workload import inputs as trees
 
 FORMAT = "paretoopt-compressed"
 FORMAT_VERSION = 1
@@ -80,8 +81,7 @@ def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "plan": json.dumps(plan.to_dict()),
-        "input_shape": json.dumps(list(bench.example.shape[1:])),
-        "input_dtype": json.dumps(str(bench.example.dtype).removeprefix("torch.")),
+        "inputs": json.dumps(trees.describe(bench.example)),
         "layout": json.dumps(layout, separators=(",", ":")),
     }
     for rebuild in rebuilds():
@@ -204,17 +204,22 @@ def _scatter(values: np.ndarray, mask: np.ndarray | None, n: int, fill: float) -
     return full
 
 
-def input_dtype(meta: dict[str, Any], path: Path) -> torch.dtype:
-    """The type of the model's input (files written before it was kept: float32)."""
-    name = meta.get("input_dtype", "float32")
-    if name not in INPUT_DTYPES:
-        raise ArtifactError(
-            f"{path}: input_dtype {shown(name)} is not one of {', '.join(INPUT_DTYPES)}"
+def input_layout(meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """How the model takes its inputs (files from before layouts were kept name one
+    float32 input by its shape)."""
+    layout = meta.get("inputs") or trees.single(meta.get("input_shape", []))
+    try:
+        ok = layout["kind"] in ("tensor", "tuple", "dict") and all(
+            i["dtype"] in trees.TYPES
+            and isinstance(i["name"], str)
+            and all(type(d) is int and 0 < d <= 1 << 20 for d in i["shape"])
+            for i in layout["inputs"]
         )
-    return INPUT_DTYPES[name]
-
-
-INPUT_DTYPES = {"float32": torch.float32, "int64": torch.int64, "bool": torch.bool}
+    except (KeyError, TypeError):
+        ok = False
+    if not ok or not layout["inputs"]:
+        raise ArtifactError(f"{path}: damaged input layout: {shown(layout)}")
+    return layout
 
 
 def load_compressed(path: Path, build_model: Callable[[], nn.Module]) -> nn.Module:
@@ -222,7 +227,7 @@ def load_compressed(path: Path, build_model: Callable[[], nn.Module]) -> nn.Modu
     technique's architecture change the file keeps, then load the decoded weights."""
     meta = read_metadata(path)
     model = build_model().eval()
-    example = torch.zeros(1, *meta["input_shape"], dtype=input_dtype(meta, path))
+    example = trees.zeros(input_layout(meta, path))
     for rebuild in rebuilds():
         kept = meta.get(rebuild.key)
         if not kept:

@@ -18,7 +18,9 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from paretoopt.errors import TrialError
+from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Data
+from paretoopt.workload.inputs import Inputs
 
 # called after every optimizer step with (step, total); True = the parameters were replaced
 # (channels removed mid-training), so the optimizer must be rebuilt
@@ -52,13 +54,13 @@ class Teacher:
             return cls(logits=logits_of(model, split.head(len(split))))
         return cls(model=model.eval())
 
-    def __call__(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: Inputs, idx: torch.Tensor | None) -> torch.Tensor:
         if self.logits is not None and idx is not None:
             return self.logits[idx]
         if self.model is None:
             raise ValueError("precomputed teacher logits need the batch's sample indices")
         with torch.inference_mode():
-            return self.model(x)
+            return trees.call(self.model, x)
 
 
 def train(
@@ -116,7 +118,7 @@ def train(
 
 def _loss(
     model: nn.Module,
-    x: torch.Tensor,
+    x: Inputs,
     y: torch.Tensor,
     idx: torch.Tensor | None,
     recipe: Recipe,
@@ -124,11 +126,11 @@ def _loss(
     weight_view: WeightView | None,
 ) -> torch.Tensor:
     """Cross-entropy, blended with the distillation term when a teacher is given."""
-    logits = (
-        torch.func.functional_call(model, weight_view(model), (x,))
-        if weight_view is not None
-        else model(x)
-    )
+    if weight_view is not None:
+        args, kwargs = trees.as_args(x)
+        logits = torch.func.functional_call(model, weight_view(model), args, kwargs)
+    else:
+        logits = trees.call(model, x)
     if int(y.max()) >= logits.shape[1]:  # else an IndexError from deep inside the loss
         raise TrialError(
             f"the data has a label {int(y.max())}, but the model gives {logits.shape[1]} "
@@ -168,9 +170,15 @@ def distillation_loss(
 
 
 @torch.inference_mode()
-def logits_of(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def logits_of(model: nn.Module, x: Inputs, batch_size: int = 512) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    n = trees.count(x)
+    return torch.cat(
+        [
+            trees.call(model, trees.take(x, slice(i, i + batch_size)))
+            for i in range(0, n, batch_size)
+        ]
+    )
 
 
 @torch.inference_mode()
@@ -179,7 +187,7 @@ def split_accuracy(model: nn.Module, split: Data, batch_size: int = 512) -> floa
     model.eval()
     correct = total = 0
     for x, y, _ in split.batches(batch_size):
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        correct += int((trees.call(model, x).argmax(dim=1) == y).sum())
         total += len(y)
     return correct * 100.0 / total
 

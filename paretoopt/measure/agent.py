@@ -259,22 +259,29 @@ def _protocol(job: dict[str, Any]) -> TargetSpec:
     return TargetSpec(**values)
 
 
-def _inputs(runner: Any, batch_size: int) -> np.ndarray:
-    """A seeded batch in the model's input shape (the batch axis is the first), of at
-    most MAX_INPUT_ELEMENTS values (a 98-byte model declaring a 16384x16384 input took
-    11.8 s and 2.8 GB)."""
-    shape = runner.session.get_inputs()[0].shape
-    dims = [batch_size] + [d if isinstance(d, int) and d > 0 else 0 for d in shape[1:]]
-    if 0 in dims[1:]:
-        raise Rejected(HTTPStatus.BAD_REQUEST, f"the input shape {shape} is not fixed")
-    elements = math.prod(dims)  # Python ints: no wrap-around
-    if elements > MAX_INPUT_ELEMENTS:
-        raise Rejected(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            f"an input batch of shape {dims} holds {elements} values; this agent takes at "
-            f"most {MAX_INPUT_ELEMENTS}",
-        )
-    kind = runner.session.get_inputs()[0].type
+def _inputs(runner: Any, batch_size: int) -> dict[str, np.ndarray]:
+    """A seeded batch for each of the model's inputs (the batch axis is the first), of at
+    most MAX_INPUT_ELEMENTS values in all (a 98-byte model declaring a 16384x16384 input
+    took 11.8 s and 2.8 GB)."""
+    batch, total = {}, 0
+    for value in runner.session.get_inputs():
+        shape = value.shape
+        dims = [batch_size] + [d if isinstance(d, int) and d > 0 else 0 for d in shape[1:]]
+        if 0 in dims[1:]:
+            raise Rejected(HTTPStatus.BAD_REQUEST, f"the input shape {shape} is not fixed")
+        elements = math.prod(dims)  # Python ints: no wrap-around
+        total += elements
+        if total > MAX_INPUT_ELEMENTS:
+            raise Rejected(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                f"an input batch of shape {dims} holds {elements} values; this agent takes "
+                f"at most {MAX_INPUT_ELEMENTS} in all",
+            )
+        batch[value.name] = _values(value.type, dims)
+    return batch
+
+
+def _values(kind: str, dims: list[int]) -> np.ndarray:
     if kind != "tensor(float)":  # ids or flags: zero is a valid one of every vocabulary
         return np.zeros(dims, dtype=ONNX_INPUTS.get(kind, np.float32))
     return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
@@ -283,15 +290,16 @@ def _inputs(runner: Any, batch_size: int) -> np.ndarray:
 ONNX_INPUTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
-def _runs_on(runner: Any, batch: np.ndarray) -> None:
+def _runs_on(runner: Any, batch: dict[str, np.ndarray]) -> None:
     """One untimed run: a model that does not take the batch is the client's mistake."""
     try:
         runner(batch)
     except Exception as exc:
         reason = " ".join(str(exc).split())[:300]
+        shapes = "; ".join(f"{name} {list(v.shape)}" for name, v in batch.items())
         raise Rejected(
             HTTPStatus.UNPROCESSABLE_ENTITY,
-            f"the model does not run on a batch of shape {list(batch.shape)}: {reason}",
+            f"the model does not run on a batch of shape {shapes}: {reason}",
         ) from None
 
 

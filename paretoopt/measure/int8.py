@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,6 +36,7 @@ from onnx import numpy_helper
 from paretoopt.compress.techniques.qtensor import QTensor
 from paretoopt.errors import TrialError
 from paretoopt.measure.isa import Int8Recipe
+from paretoopt.workload import inputs as trees
 
 # fused operators that compute in integers (what ORT's CPU graph optimizer produces)
 INTEGER_OPS = frozenset(
@@ -63,7 +65,7 @@ class Int8Weight:
 def quantize_model(
     float_path: Path,
     out_path: Path,
-    calibration: np.ndarray,
+    calibration: Any,
     codes: dict[str, QTensor],
     float_layers: list[str],
     recipe: Int8Recipe,
@@ -85,13 +87,13 @@ def quantize_model(
 
     source = onnx.load(str(float_path))
     weights = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
-    input_name = source.graph.input[0].name
+    names = [i.name for i in source.graph.input]
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
             self.batches = iter(
-                {input_name: calibration[i : i + CALIBRATION_BATCH]}
-                for i in range(0, len(calibration), CALIBRATION_BATCH)
+                trees.feeds(names, trees.take(calibration, slice(i, i + CALIBRATION_BATCH)))
+                for i in range(0, trees.count(calibration), CALIBRATION_BATCH)
             )
 
         def get_next(self) -> dict[str, np.ndarray] | None:

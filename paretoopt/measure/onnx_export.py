@@ -35,13 +35,16 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from paretoopt.workload import inputs as trees
+from paretoopt.workload.inputs import Inputs
+
 TEMPLATES = 32  # graphs kept per process and kind (a conv model's graph is about 1 MB)
 PLAIN = (bool, int, float, str, tuple, type(None))  # attributes that may steer forward()
 _templates: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()  # by architecture
 _shapeless: OrderedDict[tuple[Any, ...], bytes] = OrderedDict()  # by architecture less shapes
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+def export_onnx(model: nn.Module, example: Inputs, path: Path) -> None:
     """Write the model to `path` (atomically) as an optimised ONNX graph."""
     model = model.eval()
     state = model.state_dict()
@@ -56,7 +59,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def _from_cache(
-    model: nn.Module, state: dict[str, torch.Tensor], example: torch.Tensor, key: tuple[Any, ...]
+    model: nn.Module, state: dict[str, torch.Tensor], example: Inputs, key: tuple[Any, ...]
 ) -> bytes:
     """The optimised graph from the cached template of this architecture, else from the
     shape-free one (if it reproduces the model), else from a fresh trace."""
@@ -100,7 +103,7 @@ def _optimised(proto: onnx.ModelProto) -> bytes:
 
 
 def _architecture(
-    model: nn.Module, state: dict[str, torch.Tensor], example: torch.Tensor
+    model: nn.Module, state: dict[str, torch.Tensor], example: Inputs
 ) -> tuple[Any, ...] | None:
     """What the traced graph depends on: every module's class (the class object itself:
     a class redefined later is another one) and plain attributes (``num_heads`` is not
@@ -119,7 +122,9 @@ def _architecture(
         )
         modules.append((name, id(type(module)), type(module).__qualname__, plain))
     tensors = tuple((k, tuple(v.shape), v.dtype) for k, v in state.items())
-    key = (tuple(modules), tensors, tuple(example.shape[1:]), example.dtype)
+    layout = trees.describe(example)
+    inputs = tuple((i["name"], tuple(i["shape"]), i["dtype"]) for i in layout["inputs"])
+    key = (tuple(modules), tensors, layout["kind"], inputs)
     try:
         hash(key)
     except TypeError:  # a tuple attribute holding a list
@@ -131,23 +136,23 @@ def _without_shapes(key: tuple[Any, ...]) -> tuple[Any, ...]:
     """The architecture less what channel pruning changes: tensor sizes (ranks stay) and
     integer attributes (``in_channels``, ``num_features``). An integer that steered the
     graph in another way makes a graph that fails `_reproduces`, and is traced."""
-    modules, tensors, shape, dtype = key
+    modules, tensors, kind, inputs = key
     loose_modules = tuple(
         (name, cls, qualname, tuple((k, v) for k, v in plain if type(v) is not int))
         for name, cls, qualname, plain in modules
     )
     loose_tensors = tuple((k, len(s), d) for k, s, d in tensors)
-    return (loose_modules, loose_tensors, shape, dtype)
+    return (loose_modules, loose_tensors, kind, inputs)
 
 
-def _trace(model: nn.Module, example: torch.Tensor) -> bytes:
+def _trace(model: nn.Module, example: Inputs) -> bytes:
     """The unoptimised graph, its initializers named after the state_dict, traced on two
     samples: torch.export takes a dimension of size 1 for a constant, and a model whose
     code branches on it (``nn.MultiheadAttention`` does) was exported for batch 1 only."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    if example.shape[0] == 1:
-        example = torch.cat([example, _another(example)])
-    shapes = ({0: torch.export.Dim("batch", min=1, max=65_536)},)
+    if trees.count(example) == 1:
+        example = trees.cat([example, _another(example)])
+    args, kwargs, shapes = trees.for_export(example)
     registry = _onnx_registry()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -155,32 +160,38 @@ def _trace(model: nn.Module, example: torch.Tensor) -> bytes:
             from torch.onnx._internal.exporter import _core
 
             program = _core.export(
-                model, (example,), registry=registry, dynamic_shapes=shapes,
+                model, args, kwargs, registry=registry, dynamic_shapes=shapes,
                 optimize=False, verbose=False,
             )  # fmt: skip
         else:
             program = torch.onnx.export(
-                model, (example,), dynamo=True, verbose=False, optimize=False,
+                model, args, kwargs=kwargs, dynamo=True, verbose=False, optimize=False,
                 dynamic_shapes=shapes,
             )  # fmt: skip
     proto = program.model_proto
-    if _dims(proto.graph.input[0]) and isinstance(_dims(proto.graph.input[0])[0], int):
-        raise ValueError(
-            "the model cannot be exported with a free batch dimension (torch.export fixed "
-            f"it at {_dims(proto.graph.input[0])[0]}): its forward pass must not depend on "
-            "the batch size"
-        )
+    for value in proto.graph.input:
+        dims = _dims(value)
+        if dims and isinstance(dims[0], int):
+            raise ValueError(
+                f"the model cannot be exported with a free batch dimension (torch.export "
+                f"fixed input {value.name!r} at {dims[0]}): its forward pass must not "
+                "depend on the batch size"
+            )
     return proto.SerializeToString()
 
 
-def _another(example: torch.Tensor) -> torch.Tensor:
-    """A second input like `example`, the same in every process: random values of its
-    type, or, for token ids and the like, a draw from the example's own values."""
+def _another(example: Inputs) -> Inputs:
+    """Second inputs like `example`, the same in every process: random values of each
+    one's type, or, for token ids, masks and the like, a draw from its own values."""
     generator = torch.Generator().manual_seed(0)
-    if example.is_floating_point():
-        return torch.randn(example.shape, generator=generator, dtype=example.dtype)
-    values = example.flatten()
-    return values[torch.randint(len(values), example.shape, generator=generator)]
+
+    def like(value: torch.Tensor) -> torch.Tensor:
+        if value.is_floating_point():
+            return torch.randn(value.shape, generator=generator, dtype=value.dtype)
+        values = value.flatten()
+        return values[torch.randint(len(values), value.shape, generator=generator)]
+
+    return trees.tree_map(like, example)
 
 
 def _rebuildable(template: bytes, state: dict[str, torch.Tensor]) -> bool:
@@ -235,15 +246,15 @@ def _flattens(source: list[int | str] | None, result: list[int | str] | None) ->
     )
 
 
-def _reproduces(data: bytes, model: nn.Module, example: torch.Tensor) -> bool:
+def _reproduces(data: bytes, model: nn.Module, example: Inputs) -> bool:
     """Does the graph compute what the model computes, on two inputs at once (the batch
     dimension stays free)? A graph built from a shape-free template must, or it is
     traced afresh."""
     import onnxruntime as ort
 
-    x = torch.cat([example, _another(example)])
+    x = trees.cat([example, _another(example)])
     with torch.no_grad():
-        output = model(x)
+        output = trees.call(model, x)
     if not isinstance(output, torch.Tensor):  # several outputs: not checked here, traced
         return False
     expected = output.numpy()
@@ -252,7 +263,8 @@ def _reproduces(data: bytes, model: nn.Module, example: torch.Tensor) -> bool:
     options.intra_op_num_threads = 1
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        names = [i.name for i in session.get_inputs()]
+        got = session.run(None, trees.feeds(names, trees.numpy(x)))[0]
     except Exception:  # noqa: BLE001 - any failure to load or run means "trace it"
         return False
     scale = float(np.abs(expected).max()) or 1.0

@@ -20,6 +20,7 @@ from paretoopt.measure.backends.cuda import CudaRunner
 from paretoopt.measure.backends.onnxruntime import OrtRunner
 from paretoopt.measure.backends.torch_eager import TorchRunner
 from paretoopt.measure.protocol import Runner
+from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Data
 
 __all__ = ["CudaRunner", "OrtRunner", "TorchRunner"]
@@ -30,17 +31,22 @@ def runtime_accuracy(runner: Runner, split: Data, batch_size: int = 256) -> floa
     (counted in integers, so it equals PyTorch's figure exactly when predictions agree)."""
     correct = total = 0
     for x, y, _ in split.batches(batch_size):
-        logits = runner(x.numpy())
+        logits = runner(trees.numpy(x))
         correct += int((logits.argmax(axis=1) == y.numpy()).sum())
         total += len(y)
     return correct * 100.0 / total
 
 
-def timing_batch(split: Data, batch_size: int) -> np.ndarray:
-    """One batch of real inputs (the split repeated if it is smaller than the batch)."""
-    x = split.head(batch_size).numpy()
-    reps = -(-batch_size // len(x))
-    return np.ascontiguousarray(np.concatenate([x] * reps)[:batch_size])
+def timing_batch(split: Data, batch_size: int) -> Any:
+    """One batch of real inputs (the split repeated if it is smaller than the batch), as
+    numpy arrays: one, or a tuple or dict of them."""
+    x = split.head(batch_size)
+    reps = -(-batch_size // trees.count(x))
+
+    def repeated(v: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(np.concatenate([v.numpy()] * reps)[:batch_size])
+
+    return trees.tree_map(repeated, x)
 
 
 def timed_call(runner: Runner, split: Data, batch_size: int) -> Callable[[], Any]:

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from paretoopt.config.space import TargetSpec
@@ -34,6 +33,7 @@ from paretoopt.measure.protocol import (
 )
 from paretoopt.measure.runtimes import runtime_threads, timing_batch
 from paretoopt.workload.data import Data
+from paretoopt.workload.inputs import Inputs
 
 CALIBRATION_ROUNDS = 3
 SETTLE_TOLERANCE = 0.02
@@ -41,7 +41,7 @@ SETTLE_LIMIT = 10
 
 
 class Target:
-    def __init__(self, spec: TargetSpec, timing_split: Data, example: torch.Tensor) -> None:
+    def __init__(self, spec: TargetSpec, timing_split: Data, example: Inputs) -> None:
         self.spec = spec
         self.batch = timing_batch(timing_split, spec.batch_size)  # real inputs, one batch
         self.example = example  # one input, for export

@@ -342,8 +342,8 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
         "storage": redact(session.space.search.storage or f"journal:{JOURNAL_FILE}"),
         "classifier": ctx.classifier,
         "prunable_layers": ctx.layer_names,
-        "input_shape": list(ctx.splits.input_shape),
-        "input_dtype": str(ctx.splits.train.dtype).removeprefix("torch."),
+        "input_shape": ctx.splits.layout["inputs"][0]["shape"],  # the first input's
+        "inputs": ctx.splits.layout,  # how the model takes them; each one's shape and type
         "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
         "hardware": hardware,
         "versions": versions,

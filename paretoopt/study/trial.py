@@ -37,6 +37,7 @@ from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.target import Target
 from paretoopt.results.record import Latency, LayerQuant, TrialRecord, technique_fields
 from paretoopt.workload.data import Splits, create_data
+from paretoopt.workload.inputs import Inputs, call, describe_inputs, numpy
 from paretoopt.workload.models import create_model, load_checkpoint
 
 RUNTIME_FILE = ONNX_FILE  # the file the default (onnxruntime) target loads and times
@@ -106,11 +107,11 @@ def _classes(splits: Splits) -> int:
 def _forward(model: nn.Module, splits: Splits, batch: int, at: str) -> torch.Tensor:
     try:
         with torch.no_grad():
-            return model.eval()(splits.train.head(batch))
+            return call(model.eval(), splits.train.head(batch))
     except Exception as exc:
         raise SpaceError(
-            f"model: a forward pass on the data's inputs of shape "
-            f"{list(splits.input_shape)} failed{at}: {type(exc).__name__}: "
+            f"model: a forward pass on the data's inputs {describe_inputs(splits.layout)} "
+            f"failed{at}: {type(exc).__name__}: "
             f"{one_line(str(exc))[:300]}"
         ) from None
 
@@ -364,12 +365,18 @@ def _layer_quant(
     return out
 
 
-def _macs(model: nn.Module, example: torch.Tensor) -> int:
+def _macs(model: nn.Module, example: Inputs) -> int:
     """Multiply-accumulates of one sample through the deployed model (dense count: masked
     weights still cost a MAC in a dense kernel)."""
     import torch_pruning as tp
 
-    macs, _ = tp.utils.count_ops_and_params(model, example)
+    # a single tensor is passed as a tuple of one: Torch-Pruning unpacks a bare tensor
+    macs, _ = tp.utils.count_ops_and_params(
+        model,
+        example
+        if isinstance(example, dict)
+        else (example if isinstance(example, tuple) else (example,)),
+    )
     return int(macs)
 
 
@@ -400,7 +407,7 @@ def settled_latency(ctx: StudyContext, runner: Runner, file: Path | None) -> dic
 QUIET_TRIES = 3
 
 
-def _check_reload(expected: torch.Tensor, deployed: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _check_reload(expected: torch.Tensor, deployed: nn.Module, x: Inputs) -> torch.Tensor:
     """The file must give back the very model that was compressed (`expected`: that
     model's logits on `x`). Returns the reloaded model's logits."""
     got = logits_of(deployed, x)
@@ -412,12 +419,12 @@ def _check_reload(expected: torch.Tensor, deployed: nn.Module, x: torch.Tensor) 
     return got
 
 
-def _check_runtime(runner: Runner, expected: torch.Tensor, x: torch.Tensor, rounded: bool) -> None:
+def _check_runtime(runner: Runner, expected: torch.Tensor, x: Inputs, rounded: bool) -> None:
     """The runtime model must compute what the compressed model computes (`expected`: its
     logits on `x`): to float rounding, or, with int8 activations, to within their
     rounding (a broken conversion is off by the size of the logits themselves)."""
     ours = expected.numpy()
-    theirs = runner(x.numpy())
+    theirs = runner(numpy(x))
     if rounded:
         error = float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(ours), 1e-12))
         if error > INT8_TOLERANCE:

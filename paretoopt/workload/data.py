@@ -20,14 +20,17 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from paretoopt.config.space import ComponentSpec
 from paretoopt.errors import SpaceError, shown
+from paretoopt.workload import inputs as trees
+from paretoopt.workload.inputs import Inputs
 from paretoopt.workload.registry import Registry, call_factory, load_callable
 
 DATASETS: Registry[Any] = Registry("dataset")
+ARRAYS = (torch.Tensor, np.ndarray)
 MEMORY_MB = 1024  # data.memory_mb's default: splits up to this size are held in memory
 
 # inputs, labels, and the batch's sample indices where the split is in memory (the
 # teacher's precomputed logits are looked up by them); None for a stream
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+Batch = tuple[Inputs, torch.Tensor, torch.Tensor | None]
 
 
 class Data(Protocol):
@@ -40,20 +43,17 @@ class Data(Protocol):
         for one seed); in the split's order otherwise."""
         ...
 
-    def head(self, n: int) -> torch.Tensor:
+    def head(self, n: int) -> Inputs:
         """The inputs of the first `n` samples (fewer where the split is smaller)."""
         ...
 
     @property
     def in_memory(self) -> bool: ...
 
-    @property
-    def dtype(self) -> torch.dtype: ...
-
 
 @dataclass(frozen=True)
 class Split:
-    x: torch.Tensor
+    x: Inputs  # a tensor, or a tuple or dict of them, batched along the first dimension
     y: torch.Tensor
 
     def __len__(self) -> int:
@@ -76,18 +76,14 @@ class Split:
 
     def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
         for idx in self.batch_indices(size, generator):
-            yield self.x[idx], self.y[idx], idx
+            yield trees.take(self.x, idx), self.y[idx], idx
 
-    def head(self, n: int) -> torch.Tensor:
-        return self.x[:n]
+    def head(self, n: int) -> Inputs:
+        return trees.take(self.x, slice(0, n))
 
     @property
     def in_memory(self) -> bool:
         return True
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.x.dtype
 
 
 @dataclass(frozen=True)
@@ -101,8 +97,6 @@ class StreamSplit:
     source: Any  # Dataset, IterableDataset or DataLoader
     where: str
     length: int
-    shape: tuple[int, ...]  # of one input
-    input_dtype: torch.dtype
 
     def __len__(self) -> int:
         return self.length
@@ -112,22 +106,18 @@ class StreamSplit:
             x, y = _batch(item, f"{self.where}, batch {i}")
             yield x, y, None
 
-    def head(self, n: int) -> torch.Tensor:
+    def head(self, n: int) -> Inputs:
         taken, count = [], 0
         for x, _, _ in self.batches(max(min(n, 256), 1)):
             taken.append(x)
-            count += len(x)
+            count += trees.count(x)
             if count >= n:
                 break
-        return torch.cat(taken)[:n]
+        return trees.take(trees.cat(taken), slice(0, n))
 
     @property
     def in_memory(self) -> bool:
         return False
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.input_dtype
 
 
 @dataclass(frozen=True)
@@ -137,8 +127,9 @@ class Splits:
     test: Data
 
     @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.head(1).shape[1:])
+    def layout(self) -> dict[str, Any]:
+        """How the model takes its inputs, and each one's shape and type."""
+        return trees.describe(self.train.head(1))
 
 
 @DATASETS.register("digits")
@@ -173,10 +164,15 @@ def create_data(spec: ComponentSpec) -> Splits:
     names = ("train", "val", "test")
     budget = MEMORY_MB if spec.memory_mb is None else spec.memory_mb
     splits = [_split(ds, f"{where} ({n} split)", budget) for ds, n in zip(out, names, strict=True)]
-    shapes = {tuple(s.head(1).shape[1:]) for s in splits}
-    if len(shapes) != 1:
-        raise SpaceError(f"{where}: the splits have different input shapes {sorted(shapes)}")
+    layouts = [trees.describe(s.head(1)) for s in splits]
+    if any(layout != layouts[0] for layout in layouts):
+        shown_ = "; ".join(_layout_words(layout) for layout in layouts)
+        raise SpaceError(f"{where}: the splits' inputs differ in shape or type: {shown_}")
     return Splits(*splits)
+
+
+def _layout_words(layout: dict[str, Any]) -> str:
+    return ", ".join(f"{i['dtype']} {i['shape']}" for i in layout["inputs"])
 
 
 def _split(source: Any, where: str, budget_mb: float) -> Data:
@@ -194,7 +190,7 @@ def _split(source: Any, where: str, budget_mb: float) -> Data:
     if n == 0:
         raise SpaceError(f"{where}: the split is empty")
     first, _ = _item(source, 0, where)
-    if n * first.numel() * first.element_size() > budget_mb * 1e6:
+    if n * trees.nbytes(first) > budget_mb * 1e6:
         return _stream(source, where)
     return _materialise(source, where)
 
@@ -205,12 +201,12 @@ def _stream(source: Any, where: str) -> StreamSplit:
     first = next(iter(_loader(source, 8, None)), None)
     if first is None:
         raise SpaceError(f"{where}: the split is empty")
-    x, _ = _batch(first, f"{where}, batch 0")
+    _batch(first, f"{where}, batch 0")
     try:
         length = len(source.dataset if isinstance(source, DataLoader) else source)
     except TypeError:
         length = sum(len(_batch(b, where)[1]) for b in _loader(source, 256, None))
-    return StreamSplit(source, where, int(length), tuple(x.shape[1:]), x.dtype)
+    return StreamSplit(source, where, int(length))
 
 
 def _loader(source: Any, size: int, generator: torch.Generator | None) -> Any:
@@ -224,7 +220,7 @@ def _loader(source: Any, size: int, generator: torch.Generator | None) -> Any:
     return DataLoader(source, batch_size=size, sampler=order)
 
 
-def _batch(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(item: Any, where: str) -> tuple[Inputs, torch.Tensor]:
     """A collated (inputs, labels) batch, checked: inputs in the model's types, integer
     class labels >= 0, no NaN or infinity."""
     if not isinstance(item, (tuple, list)) or len(item) != 2:
@@ -235,17 +231,17 @@ def _batch(item: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise SpaceError(f"{where}: not (tensor-like inputs, integer labels): {exc}") from None
     if y.is_floating_point() and bool((y != y.round()).any()):
         raise SpaceError(f"{where}: a label is not an integer class index")
-    if y.dtype == torch.bool or y.is_complex() or y.dim() != 1 or len(y) != len(x):
+    if y.dtype == torch.bool or y.is_complex() or y.dim() != 1 or len(y) != trees.count(x):
         raise SpaceError(f"{where}: labels must be one integer class index per sample")
     y = y.to(torch.int64)
     if bool((y < 0).any()):
         raise SpaceError(f"{where}: the label {int(y.min())} is negative; classes are 0, 1, ...")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not all(bool(torch.isfinite(v).all()) for v in trees.leaves(x) if v.is_floating_point()):
         raise SpaceError(f"{where}: an input holds NaN or infinity")
     return x, y
 
 
-def _item(dataset: Any, i: int, where: str) -> tuple[torch.Tensor, int]:
+def _item(dataset: Any, i: int, where: str) -> tuple[Inputs, int]:
     try:
         item = dataset[i]
     except Exception as exc:
@@ -272,24 +268,53 @@ def _materialise(dataset: Any, where: str) -> Split:
     xs, ys = [], []
     for i in range(n):
         x, y = _item(dataset, i, where)
+        if i and trees.describe(_one(x))["kind"] != trees.describe(_one(xs[0]))["kind"]:
+            raise SpaceError(f"{where}: item {i}'s input is not structured as item 0's")
         xs.append(x)
         ys.append(y)
     try:
-        x = torch.stack(xs)
-    except RuntimeError as exc:
+        x = _stack(xs)
+    except (RuntimeError, KeyError, IndexError) as exc:
         raise SpaceError(f"{where}: inputs do not share one shape: {exc}") from None
     # unchecked, training would report it as "fine-tuning diverged"
-    finite = torch.isfinite(x.reshape(len(x), -1)).all(dim=1)
-    if x.is_floating_point() and not bool(finite.all()):
-        bad = int((~finite).nonzero()[0])
-        raise SpaceError(f"{where}: item {bad}'s input holds NaN or infinity")
-    return Split(x.contiguous(), torch.tensor(ys, dtype=torch.long))
+    for value in trees.leaves(x):
+        finite = torch.isfinite(value.reshape(len(value), -1)).all(dim=1)
+        if value.is_floating_point() and not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            raise SpaceError(f"{where}: item {bad}'s input holds NaN or infinity")
+    return Split(trees.tree_map(torch.Tensor.contiguous, x), torch.tensor(ys, dtype=torch.long))
 
 
-def _input(raw: Any) -> torch.Tensor:
-    """An input as a tensor of the type the model takes: real values as float32 (the
-    dtype of every weight), integers (token ids, indices) as int64, flags as bool. An
-    embedding refuses float ids, and a float id of 2**24 + 1 would not even survive."""
+def _one(x: Inputs) -> Inputs:
+    return trees.tree_map(lambda v: v.unsqueeze(0), x)
+
+
+def _stack(xs: list[Inputs]) -> Inputs:
+    """Samples stacked into one batch, input by input."""
+    first = xs[0]
+    if isinstance(first, dict):
+        return {k: torch.stack([x[k] for x in xs]) for k in first}  # type: ignore[index]
+    if isinstance(first, tuple):
+        return tuple(torch.stack([x[i] for x in xs]) for i in range(len(first)))  # type: ignore[index]
+    return torch.stack(xs)  # type: ignore[arg-type]
+
+
+def _input(raw: Any) -> Inputs:
+    """An input as the model takes it: a tensor, or a tuple or dict of tensors (several
+    inputs: ``forward(ids, mask)``, ``forward(input_ids=..., attention_mask=...)``)."""
+    if isinstance(raw, dict):
+        if not raw or not all(isinstance(k, str) for k in raw):
+            raise TypeError("a dict input must name each of its tensors with a string")
+        return {k: _tensor(v) for k, v in raw.items()}
+    if isinstance(raw, (tuple, list)) and raw and all(isinstance(v, ARRAYS) for v in raw):
+        return tuple(_tensor(v) for v in raw)  # a list of numbers is one input
+    return _tensor(raw)
+
+
+def _tensor(raw: Any) -> torch.Tensor:
+    """One input tensor in the type the model takes: real values as float32 (the dtype
+    of every weight), integers (token ids, indices) as int64, flags as bool. An embedding
+    refuses float ids, and a float id of 2**24 + 1 would not even survive."""
     value = torch.as_tensor(raw)
     if value.is_complex():
         raise TypeError(f"a complex input ({value.dtype}) is not supported")

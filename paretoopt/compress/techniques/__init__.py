@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-import torch
 from torch import nn
 
 from paretoopt.compress.techniques.bench import Workbench
@@ -36,7 +35,7 @@ class Rebuild:
     key: str  # the file's metadata entry (JSON)
     what: str  # what it replays, for messages: "channel removal"
     store: Callable[[Workbench], Any]  # what to keep; empty: nothing to replay
-    replay: Callable[[nn.Module, Any, torch.Tensor], None]  # (model, kept, example input)
+    replay: Callable[[nn.Module, Any, Any], None]  # (model, kept, example inputs)
 
 
 class Stage(IntEnum):

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from paretoopt.workload.data import Splits
+from paretoopt.workload.inputs import Inputs, call
 
 if TYPE_CHECKING:
     from paretoopt.compress.techniques.qtensor import QTensor
@@ -51,7 +52,7 @@ class Workbench:
             }
 
     @property
-    def example(self) -> torch.Tensor:
+    def example(self) -> Inputs:
         return self.splits.train.head(1)
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -76,7 +77,7 @@ def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
 
 
-def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
+def find_classifier(model: nn.Module, example: Inputs) -> str:
     """The output layer: the last prunable layer to run in a forward pass.
 
     Found by execution order rather than by name or width, so user models with any naming
@@ -89,7 +90,7 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
     ]
     try:
         with torch.no_grad():
-            model.eval()(example)
+            call(model.eval(), example)
     finally:
         for h in hooks:
             h.remove()

@@ -25,6 +25,7 @@ from paretoopt.compress.techniques.saliency import SALIENCIES, fill_gradients, g
 from paretoopt.config.parts.prune import PruneConfig
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import TrialError
+from paretoopt.workload.inputs import Inputs, call
 
 GRADUAL_END = 0.75  # gradual pruning and regrowth stop here; the rest of fine-tuning recovers
 REGROWTH_FRACTION = 0.3  # RigL's alpha: share of active weights moved at the first event
@@ -145,6 +146,7 @@ def _meta_pruner(
             importance=SALIENCIES[cfg.saliency].importance(),
             pruning_ratio=level,
             pruning_ratio_dict=ratios,
+            forward_fn=call,  # model(x), model(*x) or model(**x), as the data has it
             ignored_layers=[classifier],
             # attention keeps its head count, each head narrower (embed_dim must stay a
             # multiple of num_heads; Torch-Pruning 1.6 removes whole heads only from
@@ -308,9 +310,9 @@ def layer_report(bench: Workbench, plan: CompressionPlan) -> None:
 # --------------------------------------------------------------------------- the file
 
 
-def _replay(model: torch.nn.Module, history: list[list[Any]], example: torch.Tensor) -> None:
+def _replay(model: torch.nn.Module, history: list[list[Any]], example: Inputs) -> None:
     """Remove the same channels from a fresh copy of the architecture."""
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, forward_fn=call)
     graph.load_pruning_history([tuple(h) for h in history])
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 import torch_pruning as tp
 from torch import nn
 
+from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Data
 
 FISHER_BATCH = 8  # samples per squared-gradient estimate: small batches approach per-sample
@@ -77,10 +78,11 @@ def gradient_stats(
     for x, y, _ in split.batches(step, generator):
         if seen >= batches * batch_size:
             break
-        x, y = x[: batches * batch_size - seen], y[: batches * batch_size - seen]
+        keep = slice(0, batches * batch_size - seen)
+        x, y = trees.take(x, keep), y[keep]
         seen += len(y)
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(trees.call(model, x), y).backward()
         for n, p in params.items():
             if p.grad is not None:
                 # per-batch magnitudes: signed gradients of a converged model cancel out

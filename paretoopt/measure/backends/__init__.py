@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING
 from paretoopt.measure.backends.base import Backend, Deployment, DeployRequest
 
 if TYPE_CHECKING:
-    import torch
-
     from paretoopt.config.space import TargetSpec
+    from paretoopt.workload.inputs import Inputs
 
 # backend name -> (module in this package, class); the name is what records say ran
 BACKENDS = {
@@ -34,7 +33,7 @@ def backend_name(spec: TargetSpec) -> str:
     return "torch-cuda" if spec.device == "cuda" else spec.runtime
 
 
-def create_backend(spec: TargetSpec, example: torch.Tensor) -> Backend:
+def create_backend(spec: TargetSpec, example: Inputs) -> Backend:
     """The target's backend; `example` is one input, for export."""
     module, cls = BACKENDS[backend_name(spec)]
     backend: Backend = getattr(importlib.import_module(f".{module}", __name__), cls).from_spec(

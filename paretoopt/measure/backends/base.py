@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from paretoopt.compress.techniques.qtensor import QTensor
@@ -34,7 +33,7 @@ class DeployRequest:
     model: nn.Module  # rebuilt from the compressed file
     work: Path  # the trial folder being written
     quant: QuantConfig
-    calibration: torch.Tensor | None = None  # training samples: int8 activation ranges
+    calibration: Any = None  # training samples: int8 activation ranges
     codes: Mapping[str, QTensor] = field(default_factory=dict)  # the plan's integer codes
     timed: Callable[..., Any] = _untimed  # (stage, fn, *args): the trial's stage clock
     int8: Int8Recipe | None = None  # the weight types the timing CPU's int8 kernels want

@@ -22,6 +22,7 @@ from torch import nn
 from paretoopt.config.space import TargetSpec
 from paretoopt.measure.backends.torch_eager import TorchBackend
 from paretoopt.measure.protocol import DeviceTime, Runner
+from paretoopt.workload.inputs import Inputs, call, tree_map
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -37,23 +38,32 @@ class CudaRunner:
         self.mode = "cuda-graph" if graphs else "eager"
         self.fallback: str | None = None  # why a graph could not be captured
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: Any) -> np.ndarray:
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(x).to(self.device, self.dtype))
+            out = call(self.model, self._on_device(x))
         return out.float().cpu().numpy()
+
+    def _on_device(self, x: Any) -> Any:
+        """Numpy inputs on the GPU: real values in the model's dtype, ids as they are."""
+
+        def move(v: np.ndarray) -> torch.Tensor:
+            t = torch.from_numpy(v)
+            return t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+
+        return tree_map(move, x)
 
     def fresh(self) -> None:
         return None  # a module keeps no session of its own to renew: timed in one
 
-    def timer(self, batch: np.ndarray) -> Callable[[], Any]:
-        x = torch.from_numpy(batch).to(self.device, self.dtype)
+    def timer(self, batch: Any) -> Callable[[], Any]:
+        x = self._on_device(batch)
         step = self._graph(x) if self.mode == "cuda-graph" else None
         if step is None:
             self.mode = "eager"
 
             def step() -> None:
                 with torch.inference_mode():
-                    self.model(x)
+                    call(self.model, x)
 
         start = torch.cuda.Event(enable_timing=True)
         end = torch.cuda.Event(enable_timing=True)
@@ -67,23 +77,23 @@ class CudaRunner:
 
         return run
 
-    def _graph(self, x: torch.Tensor) -> Callable[[], None] | None:
+    def _graph(self, x: Any) -> Callable[[], None] | None:
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.no_grad(), torch.cuda.stream(side):
                 for _ in range(3):  # lazy initialisation must not happen during capture
-                    self.model(x)
+                    call(self.model, x)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.no_grad(), torch.cuda.graph(graph):
-                self.model(x)
+                call(self.model, x)
         except RuntimeError as exc:
             self.fallback = f"{type(exc).__name__}: {exc}"[:300]
             return None
         return graph.replay
 
-    def peak_memory(self, batch: np.ndarray) -> int | None:
+    def peak_memory(self, batch: Any) -> int | None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -97,12 +107,12 @@ class CudaBackend(TorchBackend):
 
     name = "torch-cuda"
 
-    def __init__(self, threads: int, example: torch.Tensor, graphs: bool = True) -> None:
+    def __init__(self, threads: int, example: Inputs, graphs: bool = True) -> None:
         super().__init__(threads, example)
         self.graphs = graphs
 
     @classmethod
-    def from_spec(cls, spec: TargetSpec, example: torch.Tensor) -> CudaBackend:
+    def from_spec(cls, spec: TargetSpec, example: Inputs) -> CudaBackend:
         return cls(spec.threads, example, spec.cuda_graphs)
 
     def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:

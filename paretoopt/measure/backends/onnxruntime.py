@@ -19,9 +19,9 @@ from paretoopt.measure.backends.base import Deployment, DeployRequest
 from paretoopt.measure.int8 import integer_initializers, quantize_model
 from paretoopt.measure.onnx_export import export_onnx
 from paretoopt.measure.structure import onnx_structure
+from paretoopt.workload.inputs import Inputs, feeds, numpy
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from paretoopt.config.space import TargetSpec
@@ -48,16 +48,18 @@ class OrtRunner:
         self.model = model if isinstance(model, bytes) else Path(model).read_bytes()
         self.threads = threads
         self.session = ort.InferenceSession(self.model, options, providers=["CPUExecutionProvider"])
-        self.input = self.session.get_inputs()[0].name
+        self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input: x})[0]
+    def __call__(self, x: Any) -> np.ndarray:
+        """Logits of a batch: an array, or a tuple or dict of arrays (several inputs)."""
+        return self.session.run(None, feeds(self.inputs, x))[0]
 
     def fresh(self) -> OrtRunner:
         return OrtRunner(self.model, self.threads)
 
-    def timer(self, batch: np.ndarray) -> Callable[[], Any]:
-        return lambda: self(batch)
+    def timer(self, batch: Any) -> Callable[[], Any]:
+        feed = feeds(self.inputs, batch)
+        return lambda: self.session.run(None, feed)[0]
 
     def peak_memory(self, batch: np.ndarray) -> int | None:
         return None  # ONNX Runtime's CPU provider does not report its allocations
@@ -67,12 +69,12 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     file: str | None = ONNX_FILE
 
-    def __init__(self, threads: int, example: torch.Tensor) -> None:
+    def __init__(self, threads: int, example: Inputs) -> None:
         self.threads = threads
         self.example = example  # one input, for export
 
     @classmethod
-    def from_spec(cls, spec: TargetSpec, example: torch.Tensor) -> OnnxRuntimeBackend:
+    def from_spec(cls, spec: TargetSpec, example: Inputs) -> OnnxRuntimeBackend:
         return cls(spec.threads, example)
 
     def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
@@ -94,7 +96,7 @@ class OnnxRuntimeBackend:
             quantize_model,
             work / FLOAT_FILE,
             work / ONNX_FILE,
-            request.calibration.numpy(),
+            numpy(request.calibration),
             dict(request.codes),
             floats,
             request.int8,

@@ -19,6 +19,7 @@ from paretoopt.config.space import TargetSpec
 from paretoopt.measure.backends.base import Deployment, DeployRequest
 from paretoopt.measure.protocol import Runner
 from paretoopt.measure.structure import module_structure
+from paretoopt.workload.inputs import Inputs, call, tree_map
 
 
 class TorchRunner:
@@ -29,28 +30,28 @@ class TorchRunner:
         self.model = model.eval()
         self.threads = threads
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: Any) -> np.ndarray:
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
             with torch.inference_mode():
-                return self.model(torch.from_numpy(x)).numpy()
+                return call(self.model, tree_map(torch.from_numpy, x)).numpy()
         finally:
             torch.set_num_threads(previous)
 
     def fresh(self) -> None:
         return None  # a module keeps no session of its own to renew: timed in one
 
-    def timer(self, batch: np.ndarray) -> Callable[[], Any]:
-        model, tensor = self.model, torch.from_numpy(batch)
+    def timer(self, batch: Any) -> Callable[[], Any]:
+        model, tensors = self.model, tree_map(torch.from_numpy, batch)
 
         def run() -> Any:  # threads: see runtime_threads, set outside the timing
             with torch.inference_mode():
-                return model(tensor)
+                return call(model, tensors)
 
         return run
 
-    def peak_memory(self, batch: np.ndarray) -> int | None:
+    def peak_memory(self, batch: Any) -> int | None:
         return None  # the CPU allocator keeps no peak statistics
 
 
@@ -58,12 +59,12 @@ class TorchBackend:
     name = "torch"
     file: str | None = None  # the module itself runs
 
-    def __init__(self, threads: int, example: torch.Tensor) -> None:
+    def __init__(self, threads: int, example: Inputs) -> None:
         self.threads = threads
         self.example = example  # one input, for export
 
     @classmethod
-    def from_spec(cls, spec: TargetSpec, example: torch.Tensor) -> TorchBackend:
+    def from_spec(cls, spec: TargetSpec, example: Inputs) -> TorchBackend:
         return cls(spec.threads, example)
 
     def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
