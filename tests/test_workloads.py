@@ -260,3 +260,55 @@ def test_a_model_of_several_inputs_is_searched_exported_and_loaded(
     recorded = trials.set_index("number").loc[number, "test_accuracy"]
     assert figures["onnx"] == pytest.approx(recorded, abs=1e-9)
     assert figures["pt2"] == figures["safetensors"]
+
+
+# --------------------------------------------------------------------------- samples per trial
+
+
+def test_a_bounded_split_is_a_seeded_stratified_subset():
+    from paretoopt.workload.data import Split, bounded
+
+    y = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    split = Split(torch.arange(100.0)[:, None], y)
+    part = bounded(split, 20, seed=4)
+    assert len(part) == 20
+    assert torch.bincount(part.y).tolist() == [12, 6, 2]  # each class in its share
+    assert torch.equal(part.x, bounded(split, 20, seed=4).x)  # the same in every process
+    assert not torch.equal(part.x, bounded(split, 20, seed=5).x)
+    assert bool((part.x[1:] > part.x[:-1]).all())  # in the split's order
+    assert bounded(split, 100, seed=4) is split and bounded(split, None, seed=4) is split
+
+
+def test_trials_fine_tune_and_evaluate_on_the_bounded_samples(in_signals):
+    doc = {
+        "study": "bounded",
+        "data": {"factory": "user_model.py:streams", "finetune_samples": 64,
+                 "eval_samples": 25},
+        **SIGNALS,
+    }  # fmt: skip
+    space = write_space(in_signals / "bounded.yaml", doc)
+    assert main(["search", "--space", str(space), "--results", str(in_signals / "r")]) == 0
+    trials = pd.read_csv(in_signals / "r" / "bounded" / "trials.csv")
+    assert (trials["state"] == "COMPLETE").all(), trials["fail_reason"].tolist()
+    results = load_results(in_signals / "r" / "bounded")
+    assert results.metadata["splits"] == {"train": 64, "val": 25, "test": 25}
+    # 25 samples: every accuracy is a multiple of 4 points
+    assert all(float(a / 4).is_integer() for a in trials["accuracy"])
+    assert all(float(a / 4).is_integer() for a in trials["test_accuracy"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("eval_samples", 0, "data.eval_samples: expected a number of samples >= 1, or null, got 0"),
+        ("finetune_samples", 2.5, "data.finetune_samples: expected a number of samples >= 1"),
+        ("memory_mb", -1, "data.memory_mb: expected megabytes from 0 (stream every split)"),
+        ("memory_mb", True, "data.memory_mb: expected megabytes"),
+    ],
+)
+def test_bad_data_settings_name_their_key(tmp_path, capsys, tiny_doc, key, value, message):
+    tiny_doc["data"] = {"name": "digits", "kwargs": {"size": 8}, key: value}
+    space = write_space(tmp_path / "bad.yaml", tiny_doc)
+    assert main(["search", "--space", str(space), "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -261,6 +261,8 @@ class ComponentSpec:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     checkpoint: str | None = None  # model only
     memory_mb: float | None = None  # data only: larger splits are streamed (None: 1024)
+    finetune_samples: int | None = None  # data only: a trial fine-tunes on at most these
+    eval_samples: int | None = None  # data only: ... and is evaluated on at most these
 
 
 @dataclass(frozen=True)
@@ -458,7 +460,7 @@ def _parse_component(
             f"'factory', but got {shown(raw)}"
         )
     keys = ["name", "factory", "kwargs"] + (["checkpoint"] if checkpoint else [])
-    keys += ["memory_mb"] if memory else []
+    keys += ["memory_mb", "finetune_samples", "eval_samples"] if memory else []
     _check_keys(raw, keys, where)
     name, factory = raw.get("name"), raw.get("factory")
     if (name is None) == (factory is None):
@@ -480,7 +482,18 @@ def _parse_component(
         kwargs=dict(kwargs),
         checkpoint=_parse_checkpoint(raw.get("checkpoint"), f"{where}.checkpoint", root),
         memory_mb=_parse_memory(raw.get("memory_mb"), f"{where}.memory_mb"),
+        finetune_samples=_parse_samples(raw.get("finetune_samples"), f"{where}.finetune_samples"),
+        eval_samples=_parse_samples(raw.get("eval_samples"), f"{where}.eval_samples"),
     )
+
+
+def _parse_samples(raw: Any, where: str) -> int | None:
+    """A bound on the samples a trial uses (null: all of them)."""
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise SpaceError(f"{where}: expected a number of samples >= 1, or null, got {shown(raw)}")
+    return raw
 
 
 def _parse_memory(raw: Any, where: str) -> float | None:
@@ -574,8 +587,9 @@ def _component_to_dict(spec: ComponentSpec) -> dict[str, Any]:
     out["kwargs"] = dict(spec.kwargs)
     if spec.checkpoint:
         out["checkpoint"] = spec.checkpoint
-    if spec.memory_mb is not None:
-        out["memory_mb"] = spec.memory_mb
+    for key in ("memory_mb", "finetune_samples", "eval_samples"):
+        if getattr(spec, key) is not None:
+            out[key] = getattr(spec, key)
     return out
 
 

@@ -36,7 +36,7 @@ from paretoopt.measure.backends.onnxruntime import ONNX_FILE
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.target import Target
 from paretoopt.results.record import Latency, LayerQuant, TrialRecord, technique_fields
-from paretoopt.workload.data import Splits, create_data
+from paretoopt.workload.data import Splits, bounded, create_data
 from paretoopt.workload.inputs import Inputs, call, describe_inputs, numpy
 from paretoopt.workload.models import create_model, load_checkpoint
 
@@ -127,9 +127,22 @@ def prepare(
     if not space.model.checkpoint:
         source = _baseline_from_cache(model, space, splits, cache_dir, log, target.gate)
     model.eval()
+    splits = _per_trial(splits, space)
     teacher = Teacher.of(model, splits.train)
     classifier = find_classifier(model, splits.train.head(1))
     return StudyContext(space, splits, model, teacher, classifier, source, target)
+
+
+def _per_trial(splits: Splits, space: Space) -> Splits:
+    """The samples a trial fine-tunes on and is evaluated on (data.finetune_samples,
+    data.eval_samples): the baseline trained on all of them; every trial, the baseline
+    trial included, reads the same subsets."""
+    seed, d = space.search.seed, space.data
+    return Splits(
+        bounded(splits.train, d.finetune_samples, seed),
+        bounded(splits.val, d.eval_samples, seed + 1),
+        bounded(splits.test, d.eval_samples, seed + 2),
+    )
 
 
 def baseline_key(space: Space) -> str:
@@ -138,6 +151,8 @@ def baseline_key(space: Space) -> str:
 
     doc = space_to_dict(space)
     parts: dict[str, Any] = {k: doc[k] for k in ("model", "data", "baseline")}
+    for key in PER_TRIAL:  # how trials read the data does not change the baseline
+        parts["data"].pop(key, None)
     parts["code"] = (__version__, torch.__version__)
     for key in ("model", "data"):
         factory = doc[key].get("factory", "")
@@ -146,6 +161,9 @@ def baseline_key(space: Space) -> str:
             parts[f"{key}_source"] = hashlib.sha256(source.read_bytes()).hexdigest()
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PER_TRIAL = ("memory_mb", "finetune_samples", "eval_samples")
 
 
 def _factory_source(target: str) -> Path | None:

@@ -334,3 +334,52 @@ def _label(raw: Any, where: str) -> int:
     if value < 0:
         raise SpaceError(f"{where}: the label {int(value)} is negative; classes are 0, 1, ...")
     return int(value)
+
+
+def bounded(split: Data, n: int | None, seed: int) -> Data:
+    """At most `n` samples of a split, the same ones in every trial and process: a
+    seeded stratified subset (each class in its share) of a split in memory, a seeded
+    random one of a streamed map-style dataset (its labels would cost a pass to read),
+    the first `n` of an iterable dataset or a DataLoader (it has no index)."""
+    if n is None or n >= len(split):
+        return split
+    if isinstance(split, Split):
+        idx = _stratified(split.y, n, seed)
+        return Split(trees.take(split.x, idx), split.y[idx])
+    assert isinstance(split, StreamSplit)
+    source = split.source
+    if isinstance(source, (DataLoader, IterableDataset)):
+        return _First(source, split.where, n)
+    order = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+    subset = torch.utils.data.Subset(source, order[:n].sort().values.tolist())
+    return StreamSplit(subset, split.where, n)
+
+
+def _stratified(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """`n` indices, each class's count in proportion to its share (largest remainders
+    first), drawn at random within the class, in the split's order."""
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = labels.unique(return_counts=True)
+    quota = counts.double() * n / len(labels)
+    take = quota.floor().long()
+    short = n - int(take.sum())
+    take[torch.argsort(quota - take.double(), descending=True, stable=True)[:short]] += 1
+    chosen = []
+    for c, k in zip(classes.tolist(), take.tolist(), strict=True):
+        members = (labels == c).nonzero().flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+@dataclass(frozen=True)
+class _First(StreamSplit):
+    """The first `length` samples of an iterable dataset or a DataLoader."""
+
+    def batches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        left = self.length
+        for x, y, _ in super().batches(size, generator):
+            if left <= 0:
+                return
+            keep = slice(0, left)
+            left -= len(y[keep])
+            yield trees.take(x, keep), y[keep], None
