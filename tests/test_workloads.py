@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from paretoopt import load
 from paretoopt.cli import main
@@ -312,3 +313,83 @@ def test_bad_data_settings_name_their_key(tmp_path, capsys, tiny_doc, key, value
     assert main(["search", "--space", str(space), "--results", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_mixup_blends_a_batch_with_its_partners_and_their_labels():
+    from paretoopt.compress.augment import Augment, augment
+
+    x, y = torch.randn(8, 3), torch.arange(8)
+    batch = augment(x, y, Augment(mixup=0.4), np.random.default_rng(1))
+    again = augment(x, y, Augment(mixup=0.4), np.random.default_rng(1))
+    assert torch.equal(batch.x, again.x) and batch.lam == again.lam  # seeded
+    assert 0.0 < batch.lam < 1.0 and batch.changed
+    order = batch.partners  # the labels are the sample indices here
+    assert torch.allclose(batch.x, batch.lam * x + (1 - batch.lam) * x[order])
+
+
+def test_cutmix_pastes_a_box_and_weights_the_labels_by_its_area():
+    from paretoopt.compress.augment import Augment, augment
+
+    x = torch.arange(4 * 1 * 8 * 8, dtype=torch.float32).reshape(4, 1, 8, 8)
+    y = torch.arange(4)
+    for seed in range(5):
+        batch = augment(x, y, Augment(cutmix=1.0), np.random.default_rng(seed))
+        moved = batch.partners != y  # a sample drawn as its own partner stays whole
+        own = (batch.x == x).float().mean(dim=(1, 2, 3))[moved]
+        assert bool((own == own[0]).all())  # one box for the batch
+        assert float(own[0]) == pytest.approx(batch.lam, abs=1e-9)  # the labels' weight
+        partner = batch.x[batch.x != x]
+        assert bool(torch.isin(partner, x[batch.partners]).all())
+
+
+def test_a_mixed_batch_is_taught_by_the_teacher_running_on_it():
+    """Logits looked up for the unmixed samples would teach the wrong ones: poisoned
+    precomputed logits leave training finite, because mixed batches never read them."""
+    from paretoopt.compress.augment import Augment
+    from paretoopt.compress.train import Recipe, Teacher, train
+    from paretoopt.workload.data import Split
+
+    from .user_model import build, signals
+
+    train_set = signals()[0]
+    split = Split(*train_set.tensors)
+    teacher = Teacher(logits=torch.full((len(split), 3), float("nan")), model=build().eval())
+    recipe = Recipe(1, 1e-3, 32, 0, temperature=2.0, alpha=0.5, augment=Augment(mixup=0.4))
+    losses = train(build(), split, recipe, teacher_logits=teacher)
+    assert all(np.isfinite(losses))
+    with pytest.raises(Exception, match="diverged"):  # the lookup is what poisons it
+        train(build(), split, Recipe(1, 1e-3, 32, 0, 2.0, 0.5), teacher_logits=teacher)
+
+
+def test_the_users_transform_runs_on_every_training_batch():
+    from paretoopt.compress.augment import Augment
+    from paretoopt.compress.train import Recipe, train
+    from paretoopt.workload.data import Split
+
+    from .user_model import build, signals
+
+    seen = []
+
+    def flip(x):
+        seen.append(x.shape[0])
+        return x.flip(-1)
+
+    split = Split(*signals()[0].tensors)
+    train(build(), split, Recipe(2, 1e-3, 64, 0, augment=Augment(transform=flip)))
+    assert seen == [64, 64, 64, 8] * 2  # 200 samples, two epochs
+
+
+def test_mixup_on_token_ids_is_refused_with_its_reason(text_study, capsys):
+    root, space = text_study
+    doc = yaml.safe_load(space.read_text())
+    doc["space"]["finetune"]["mixup"] = {"low": 0.0, "high": 0.4}
+    bad = write_space(root / "mixed.yaml", doc)
+    assert main(["search", "--space", str(bad), "--results", str(root / "r2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: space.finetune.mixup: it blends real values, and the input 0 is int64; set "
+        "it to 0 (off) for these inputs"
+    ]

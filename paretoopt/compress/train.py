@@ -13,10 +13,12 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+from paretoopt.compress.augment import Augment, Batch, augment
 from paretoopt.errors import TrialError
 from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Data
@@ -37,6 +39,7 @@ class Recipe:
     seed: int
     temperature: float = 1.0
     alpha: float = 0.0  # weight of the distillation term; 0 = cross-entropy only
+    augment: Augment = Augment()  # the user's transform, mixup, cutmix
 
 
 class Teacher:
@@ -44,17 +47,22 @@ class Teacher:
     in memory (`logits`, by sample index), computed from `model` otherwise."""
 
     def __init__(self, logits: torch.Tensor | None = None, model: nn.Module | None = None) -> None:
-        if (logits is None) == (model is None):
-            raise ValueError("a teacher has either precomputed logits or a model")
+        if logits is None and model is None:
+            raise ValueError("a teacher has precomputed logits or a model")
         self.logits, self.model = logits, model
 
     @classmethod
     def of(cls, model: nn.Module, split: Data) -> Teacher:
+        """Logits precomputed over a split in memory (and the model, for batches that
+        augmentation changed); the model alone for a stream."""
+        model = model.eval()
         if split.in_memory:
-            return cls(logits=logits_of(model, split.head(len(split))))
-        return cls(model=model.eval())
+            return cls(logits=logits_of(model, split.head(len(split))), model=model)
+        return cls(model=model)
 
     def __call__(self, x: Inputs, idx: torch.Tensor | None) -> torch.Tensor:
+        """The logits of the batch: looked up by `idx`, or (None: a stream, or inputs
+        changed by augmentation) computed."""
         if self.logits is not None and idx is not None:
             return self.logits[idx]
         if self.model is None:
@@ -77,6 +85,7 @@ def train(
     if recipe.epochs == 0:
         return []
     generator = torch.Generator().manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)  # augmentation's draws
     optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     steps_per_epoch = math.ceil(len(split) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
@@ -92,8 +101,9 @@ def train(
     for epoch in range(recipe.epochs):
         running = 0.0
         for x, y, idx in split.batches(recipe.batch_size, generator):
+            batch = augment(x, y, recipe.augment, rng)
             with step_guard():  # no latency is timed on this machine while a step runs
-                loss = _loss(model, x, y, idx, recipe, teacher if distil else None, weight_view)
+                loss = _loss(model, batch, idx, recipe, teacher if distil else None, weight_view)
                 if not torch.isfinite(loss):
                     raise TrialError(
                         f"fine-tuning diverged: loss is {loss.item()} at epoch "
@@ -118,14 +128,15 @@ def train(
 
 def _loss(
     model: nn.Module,
-    x: Inputs,
-    y: torch.Tensor,
+    batch: Batch,
     idx: torch.Tensor | None,
     recipe: Recipe,
     teacher: Teacher | None,
     weight_view: WeightView | None,
 ) -> torch.Tensor:
-    """Cross-entropy, blended with the distillation term when a teacher is given."""
+    """Cross-entropy (against both label sets of a mixed batch), blended with the
+    distillation term when a teacher is given."""
+    x, y = batch.x, batch.labels
     if weight_view is not None:
         args, kwargs = trees.as_args(x)
         logits = torch.func.functional_call(model, weight_view(model), args, kwargs)
@@ -137,9 +148,11 @@ def _loss(
             "logits: labels must be 0 to one less than the model's outputs"
         )
     loss = F.cross_entropy(logits, y)
+    if batch.partners is not None:
+        loss = batch.lam * loss + (1.0 - batch.lam) * F.cross_entropy(logits, batch.partners)
     if teacher is None:
         return loss
-    kd = distillation_loss(logits, teacher(x, idx), recipe.temperature)
+    kd = distillation_loss(logits, teacher(x, None if batch.changed else idx), recipe.temperature)
     return recipe.alpha * kd + (1.0 - recipe.alpha) * loss
 
 

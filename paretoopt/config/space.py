@@ -263,6 +263,7 @@ class ComponentSpec:
     memory_mb: float | None = None  # data only: larger splits are streamed (None: 1024)
     finetune_samples: int | None = None  # data only: a trial fine-tunes on at most these
     eval_samples: int | None = None  # data only: ... and is evaluated on at most these
+    transform: str | None = None  # data only: "module:callable" run on each training batch
 
 
 @dataclass(frozen=True)
@@ -460,7 +461,7 @@ def _parse_component(
             f"'factory', but got {shown(raw)}"
         )
     keys = ["name", "factory", "kwargs"] + (["checkpoint"] if checkpoint else [])
-    keys += ["memory_mb", "finetune_samples", "eval_samples"] if memory else []
+    keys += ["memory_mb", "finetune_samples", "eval_samples", "transform"] if memory else []
     _check_keys(raw, keys, where)
     name, factory = raw.get("name"), raw.get("factory")
     if (name is None) == (factory is None):
@@ -484,6 +485,9 @@ def _parse_component(
         memory_mb=_parse_memory(raw.get("memory_mb"), f"{where}.memory_mb"),
         finetune_samples=_parse_samples(raw.get("finetune_samples"), f"{where}.finetune_samples"),
         eval_samples=_parse_samples(raw.get("eval_samples"), f"{where}.eval_samples"),
+        transform=_parse_factory(raw["transform"], f"{where}.transform", root)
+        if raw.get("transform")
+        else None,
     )
 
 
@@ -587,7 +591,7 @@ def _component_to_dict(spec: ComponentSpec) -> dict[str, Any]:
     out["kwargs"] = dict(spec.kwargs)
     if spec.checkpoint:
         out["checkpoint"] = spec.checkpoint
-    for key in ("memory_mb", "finetune_samples", "eval_samples"):
+    for key in ("memory_mb", "finetune_samples", "eval_samples", "transform"):
         if getattr(spec, key) is not None:
             out[key] = getattr(spec, key)
     return out

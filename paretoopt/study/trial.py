@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from paretoopt.compress.artifact import ARTIFACT, load_compressed, save_compressed
+from paretoopt.compress.augment import Augment, mixable
 from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
 from paretoopt.compress.techniques.quantize import is_symmetric
 from paretoopt.compress.train import Recipe, Teacher, logits_of, split_accuracy, train
+from paretoopt.config.knobs import Choice, Range
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import Space, space_to_dict
 from paretoopt.errors import SpaceError, TrialError, one_line
@@ -87,6 +89,7 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
         )
     if not prunable_layers(model):
         raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
+    _check_mixing(space, splits)
     if space.target.device == "cuda" and not torch.cuda.is_available():
         raise SpaceError("target.device: cuda, but this machine has no usable CUDA device")
     return model, splits
@@ -102,6 +105,19 @@ def _classes(splits: Splits) -> int:
             top = max(top, int(y.max()))
             break
     return top + 1
+
+
+def _check_mixing(space: Space, splits: Splits) -> None:
+    """mixup and cutmix, where the space can turn them on, must fit the data's inputs."""
+    for kind in ("mixup", "cutmix"):
+        knob = getattr(space.space.finetune, kind)
+        values = (
+            [knob.high] if isinstance(knob, Range)
+            else knob.options if isinstance(knob, Choice) else [knob.value]
+        )  # fmt: skip
+        reason = mixable(splits.layout, kind) if max(float(v) for v in values) > 0 else None
+        if reason:
+            raise SpaceError(f"space.finetune.{kind}: {reason}; set it to 0 (off) for these inputs")
 
 
 def _forward(model: nn.Module, splits: Splits, batch: int, at: str) -> torch.Tensor:
@@ -142,6 +158,7 @@ def _per_trial(splits: Splits, space: Space) -> Splits:
         bounded(splits.train, d.finetune_samples, seed),
         bounded(splits.val, d.eval_samples, seed + 1),
         bounded(splits.test, d.eval_samples, seed + 2),
+        splits.transform,
     )
 
 
@@ -154,8 +171,11 @@ def baseline_key(space: Space) -> str:
     for key in PER_TRIAL:  # how trials read the data does not change the baseline
         parts["data"].pop(key, None)
     parts["code"] = (__version__, torch.__version__)
-    for key in ("model", "data"):
-        factory = doc[key].get("factory", "")
+    for key, factory in (
+        ("model", doc["model"].get("factory", "")),
+        ("data", doc["data"].get("factory", "")),
+        ("transform", doc["data"].get("transform", "")),
+    ):
         source = _factory_source(factory.rsplit(":", 1)[0]) if factory else None
         if source is not None:  # an edited factory must not reuse a stale baseline
             parts[f"{key}_source"] = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -208,7 +228,10 @@ def _baseline_from_cache(
             m.reset_parameters()
     start = time.perf_counter()
     train(
-        model, splits.train, Recipe(b.epochs, b.lr, b.batch_size, b.seed), step_guard=gate.computing
+        model,
+        splits.train,
+        Recipe(b.epochs, b.lr, b.batch_size, b.seed, augment=Augment(transform=splits.transform)),
+        step_guard=gate.computing,
     )
     val = split_accuracy(model, splits.val)
     log(f"baseline: val accuracy {val:.2f} % after {time.perf_counter() - start:.0f} s")

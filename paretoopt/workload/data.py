@@ -9,7 +9,7 @@ larger than memory can be searched over.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -125,6 +125,7 @@ class Splits:
     train: Data
     val: Data
     test: Data
+    transform: Callable[[Inputs], Inputs] | None = None  # data.transform: training batches
 
     @property
     def layout(self) -> dict[str, Any]:
@@ -168,7 +169,8 @@ def create_data(spec: ComponentSpec) -> Splits:
     if any(layout != layouts[0] for layout in layouts):
         shown_ = "; ".join(_layout_words(layout) for layout in layouts)
         raise SpaceError(f"{where}: the splits' inputs differ in shape or type: {shown_}")
-    return Splits(*splits)
+    transform = load_callable(spec.transform, "data.transform") if spec.transform else None
+    return Splits(*splits, transform=transform)
 
 
 def _layout_words(layout: dict[str, Any]) -> str:

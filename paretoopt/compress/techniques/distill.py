@@ -7,6 +7,7 @@ every optimizer step, so fine-tuning cannot regrow pruned weights.
 
 from __future__ import annotations
 
+from paretoopt.compress.augment import Augment
 from paretoopt.compress.techniques import Stage, register
 from paretoopt.compress.techniques.bench import Workbench
 from paretoopt.compress.train import Recipe, train
@@ -25,6 +26,7 @@ def distill(bench: Workbench, plan: CompressionPlan) -> None:
         seed=bench.seed,
         temperature=plan.distill.temperature,
         alpha=plan.distill.alpha,
+        augment=Augment(ft.mixup, ft.cutmix, bench.splits.transform),
     )
 
     def after_step(step: int, total: int) -> bool:

@@ -1,6 +1,7 @@
-"""Fine-tuning: the epochs and learning rate that recover accuracy after compression.
-Its epochs are drawn before every other part (``search/sampling``), since most knobs
-matter only with fine-tuning; run by ``compress/train``."""
+"""Fine-tuning: the epochs and learning rate that recover accuracy after compression, and
+the batch-level augmentation it trains with (mixup, cutmix). Its epochs are drawn before
+every other part (``search/sampling``), since most knobs matter only with fine-tuning;
+run by ``compress/train``."""
 
 from __future__ import annotations
 
@@ -26,6 +27,25 @@ class FinetuneSpace:
         knob=True,
     )
     batch_size: int = setting(64, "fine-tuning batch size", kind=int, low=1, high=65_536)
+    mixup: Knob = setting(
+        Fixed(0.0),
+        "mixup: each batch blended with a shuffled copy of itself, labels alike, by a weight "
+        "drawn from Beta(mixup, mixup); 0 = off (real-valued inputs only)",
+        kind=float,
+        low=0.0,
+        high=10.0,
+        knob=True,
+    )
+    cutmix: Knob = setting(
+        Fixed(0.0),
+        "cutmix: a box (a segment of a 1-D signal) of a shuffled copy pasted into each "
+        "batch, labels weighted by its area, drawn from Beta(cutmix, cutmix); 0 = off "
+        "(one real-valued input with spatial dimensions)",
+        kind=float,
+        low=0.0,
+        high=10.0,
+        knob=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -33,25 +53,37 @@ class FinetuneConfig:
     epochs: int = 0
     lr: float = 1e-3
     batch_size: int = 64
+    mixup: float = 0.0  # Beta parameter; 0 = off
+    cutmix: float = 0.0  # Beta parameter; 0 = off (with both on, each batch takes one)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 0, f"finetune.epochs: must be >= 0, got {self.epochs}")
         require(self.lr > 0, f"finetune.lr: must be > 0, got {self.lr}")
         require(self.batch_size >= 1, f"finetune.batch_size: must be >= 1, got {self.batch_size}")
+        for key in ("mixup", "cutmix"):
+            value = getattr(self, key)
+            require(value >= 0, f"finetune.{key}: must be >= 0 (0 = off), got {value}")
 
 
 def draw(d: Drawing) -> FinetuneConfig:
     f = d.section("finetune")
-    lr = float(suggest(d.trial, "finetune.lr", f.lr)) if d.epochs else 1e-3
-    return FinetuneConfig(d.epochs, lr, f.batch_size)
+    if not d.epochs:
+        return FinetuneConfig(0, 1e-3, f.batch_size)
+    lr = float(suggest(d.trial, "finetune.lr", f.lr))
+    mixup = float(suggest(d.trial, "finetune.mixup", f.mixup))
+    cutmix = float(suggest(d.trial, "finetune.cutmix", f.cutmix))
+    return FinetuneConfig(d.epochs, lr, f.batch_size, mixup, cutmix)
 
 
 def describe(plan: Mapping[str, Any]) -> str:
-    """e.g. "ft 2ep", "ft 2ep, KD T=4.0 a=0.50" (distillation only acts in fine-tuning)."""
-    epochs, kd = plan["finetune"].epochs, plan["distill"]
-    if not epochs:
+    """e.g. "ft 2ep", "ft 2ep mixup 0.2, KD T=4.0 a=0.50" (distillation and augmentation
+    only act in fine-tuning)."""
+    ft, kd = plan["finetune"], plan["distill"]
+    if not ft.epochs:
         return ""
-    text = f"ft {epochs}ep"
+    text = f"ft {ft.epochs}ep" + "".join(
+        f" {key} {getattr(ft, key):g}" for key in ("mixup", "cutmix") if getattr(ft, key) > 0
+    )
     return text + (f", KD T={kd.temperature:.1f} a={kd.alpha:.2f}" if kd.alpha > 0 else "")
 
 
