@@ -39,7 +39,7 @@ from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.target import Target
 from paretoopt.results.record import Latency, LayerQuant, TrialRecord, technique_fields
 from paretoopt.workload.data import Splits, bounded, create_data
-from paretoopt.workload.inputs import Inputs, call, describe_inputs, numpy
+from paretoopt.workload.inputs import Inputs, as_args, call, describe_inputs, numpy
 from paretoopt.workload.models import create_model, load_checkpoint
 
 RUNTIME_FILE = ONNX_FILE  # the file the default (onnxruntime) target loads and times
@@ -411,13 +411,8 @@ def _macs(model: nn.Module, example: Inputs) -> int:
     weights still cost a MAC in a dense kernel)."""
     import torch_pruning as tp
 
-    # a single tensor is passed as a tuple of one: Torch-Pruning unpacks a bare tensor
-    macs, _ = tp.utils.count_ops_and_params(
-        model,
-        example
-        if isinstance(example, dict)
-        else (example if isinstance(example, tuple) else (example,)),
-    )
+    args, kwargs = as_args(example)  # Torch-Pruning unpacks a bare tensor: pass a tuple
+    macs, _ = tp.utils.count_ops_and_params(model, kwargs or args)
     return int(macs)
 
 

@@ -259,16 +259,9 @@ def _item(dataset: Any, i: int, where: str) -> tuple[Inputs, int]:
 
 
 def _materialise(dataset: Any, where: str) -> Split:
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise SpaceError(
-            f"{where}: expected a map-style Dataset with len(), got {type(dataset).__name__}"
-        ) from None
-    if n == 0:
-        raise SpaceError(f"{where}: the split is empty")
+    """A map-style dataset (its length checked by `_split`) copied into memory."""
     xs, ys = [], []
-    for i in range(n):
+    for i in range(len(dataset)):
         x, y = _item(dataset, i, where)
         if i and trees.describe(_one(x))["kind"] != trees.describe(_one(xs[0]))["kind"]:
             raise SpaceError(f"{where}: item {i}'s input is not structured as item 0's")
