@@ -22,7 +22,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from paretoopt.config.metrics import Metric, shown
+from paretoopt.config.metrics import Metric, quality_name, quality_short, shown
 from paretoopt.errors import ParetoError
 from paretoopt.results import explore
 from paretoopt.results.frames import StudyResults, hardware_text, trial_record
@@ -168,16 +168,17 @@ def header(results: StudyResults) -> None:
         + f" · measured on {hardware_text(hardware)}, timing mode {target.get('mode', 'cpu')}"
     )
     if base:
-        metrics = shown(results.metrics)
+        metrics = results.shown_metrics
         for column, m in zip(st.columns(len(metrics)), metrics, strict=True):
-            column.metric(f"Baseline {m.name}", m.text(base[m.field]))
+            name = quality_name(results.quality) if m.maximize else m.name
+            column.metric(f"Baseline {name}", m.text(base[m.field]))
 
 
 def budget_controls(results: StudyResults) -> explore.Budget:
     # bounds from the baseline alone (and keys that carry the study), so new trials of a
     # running study do not reset the user's budgets
     base, name = results.baseline, results.name
-    metrics = shown(results.metrics)
+    metrics = results.shown_metrics
     limits: dict[str, float] = {}
     with st.sidebar:
         st.markdown("**Budgets**")
@@ -211,8 +212,8 @@ def _budget_slider(m: Metric, base: float, study: str) -> float:
 
 def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) -> None:
     relative = st.session_state.get("axes_mode", "relative to the baseline") != "absolute"
-    x = explore.axis(st.session_state.get("x_metric", "size"), relative)
-    y = explore.axis(st.session_state.get("y_metric", "accuracy"), relative)
+    x = explore.axis(st.session_state.get("x_metric", "size"), relative, results.quality)
+    y = explore.axis(st.session_state.get("y_metric", "accuracy"), relative, results.quality)
     frame = results.trials[results.trials["state"] == "COMPLETE"].copy()
     frame["kind"] = explore.categories(results)
     frame["in budget"] = budget.mask(frame, results.baseline)
@@ -285,9 +286,11 @@ def candidate_table(results: StudyResults, pool: pd.DataFrame, knee: int | None)
     )
     if pool.empty:
         return
-    metrics = shown(results.metrics)
+    metrics = results.shown_metrics
     ratio_columns = [m.ratio_column for m in metrics]
-    names = {"number": "trial", "accuracy": "acc %", "accuracy_change": "Δ pts"}
+    q, short = metrics[0], quality_short(results.quality)
+    unit = f" {q.display_unit}" if q.display_unit else ""
+    names = {"number": "trial", "accuracy": f"{short}{unit}", "accuracy_change": "Δ pts"}
     names.update({m.ratio_column: m.ratio_label for m in metrics[1:]})
     table = pool[["number", "accuracy", *ratio_columns, "plan"]].rename(columns=names)
     event = st.dataframe(
@@ -319,12 +322,14 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
     base = results.baseline
     latency = rec.get("latency", {})
     st.markdown(f"### Trial {number}: {rec.get('plan_summary', '')}")
-    metrics = shown(results.metrics)
+    metrics = results.shown_metrics
     columns = st.columns(len(metrics) + 1)
     for column, m in zip(columns[:-1], metrics, strict=True):
         change = m.ratio(float(rec[m.field]), float(base[m.field]))
         delta = f"{change:+.2f} pts" if m.maximize else f"{change:.2f}{m.ratio_label}"
-        title = {"accuracy": "Accuracy (deployed)", "latency": "Latency (median)"}.get(m.name)
+        quality = quality_name(results.quality)
+        title = {"accuracy": f"{quality[0].upper()}{quality[1:]} (deployed)"}.get(m.name)
+        title = title or {"latency": "Latency (median)"}.get(m.name)
         column.metric(title or m.name.capitalize(), m.text(rec[m.field]), delta)
     columns[-1].metric("Deployed minus PyTorch", f"{rec.get('deploy_gap', 0.0):+.2f} pts")
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
@@ -339,7 +344,8 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
             if confirmation
             else "; not re-measured (confirmation runs when a search ends)"
         )
-        + f" · test accuracy {rec['test_accuracy']:.2f} % · int8 kernels: "
+        + f" · test {quality_name(results.quality)} {metrics[0].text(rec['test_accuracy'])}"
+        + " · int8 kernels: "
         f"{'yes' if rec.get('int_kernels') else 'no'}"
     )
     layers = explore.layer_table(rec)
@@ -409,7 +415,7 @@ def compare(results: StudyResults, pool: pd.DataFrame, chosen: int | None) -> No
     picked = st.multiselect(
         "Compare up to four candidates", options, default=default, max_selections=4, key="compare"
     )
-    figures = [c for m in shown(results.metrics)[1:] for c in (m.field, m.ratio_column)]
+    figures = [c for m in results.shown_metrics[1:] for c in (m.field, m.ratio_column)]
     columns = ["number", "accuracy", "test_accuracy", *figures, "plan"]
     st.dataframe(results.pareto[results.pareto["number"].isin(picked)][columns], hide_index=True)
 
@@ -456,7 +462,7 @@ def parameters(results: StudyResults) -> None:
         return
     fig = px.parallel_coordinates(
         frame,
-        dimensions=[*params, *(m.field for m in shown(results.metrics))],
+        dimensions=[*params, *(m.field for m in results.shown_metrics)],
         color="accuracy",
         labels={p: p.removeprefix("param.") for p in params},
     )

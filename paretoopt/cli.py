@@ -72,6 +72,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from paretoopt.config.metrics import quality_metric, quality_name
     from paretoopt.export import FORMATS, export_trial
 
     formats = tuple(f.strip() for f in args.format.split(",") if f.strip()) or FORMATS
@@ -91,9 +92,11 @@ def _export(args: argparse.Namespace) -> int:
     for fmt, path in done.files.items():
         check = done.checks[fmt]
         origin = "made afresh, verified" if check["made_afresh"] else "the measured file"
+        quality = quality_metric(check["metric"])
         print(
-            f"  {path}  ({fmt}, {check['bytes']:,} B, {origin}; test accuracy "
-            f"{check['test_accuracy']:.2f} %, recorded {check['recorded_test_accuracy']:.2f} %)"
+            f"  {path}  ({fmt}, {check['bytes']:,} B, {origin}; test "
+            f"{quality_name(check['metric'])} {quality.text(check['test_accuracy'])}, "
+            f"recorded {quality.text(check['recorded_test_accuracy'])})"
         )
     print(f"  {done.card}  (model card; Markdown beside it)")
     return 0
@@ -247,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=0.5,
-        help="largest accepted test-accuracy difference to the recorded figure, in points",
+        help="largest accepted difference of the test split's quality metric (top-1 "
+        "accuracy unless the space file's metric says otherwise) to the recorded figure, "
+        "in points",
     )
     p.add_argument(
         "--storage", default=None, help="the study's database URL (a folder's is never opened)"

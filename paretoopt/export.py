@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from paretoopt.config.metrics import Metric, shown
+from paretoopt.config.metrics import DEFAULT_QUALITY, Metric, quality_metric, quality_name, shown
 from paretoopt.errors import StudyError
 from paretoopt.errors import shown as quoted
 from paretoopt.results.frames import StudyResults, hardware_text, load_results, trial_record
@@ -196,15 +196,17 @@ def _write_and_verify(
 ) -> dict[str, dict[str, Any]]:
     from paretoopt.config.space import load_space
     from paretoopt.workload.data import create_data
+    from paretoopt.workload.quality import load_quality
 
     space = load_space(space_file or results.directory / "space.yaml")
     test = create_data(space.data).test
+    quality, metric = load_quality(space.metric), quality_metric(space.metric)
     checks = {}
     for fmt in formats:
         path = staging / f"{stem}{SUFFIX[fmt]}"
         fresh = _write(fmt, source, path, space)
         model = load(path, space=space)
-        measured = model.split_accuracy(test)
+        measured = model.split_quality(test, quality)
         # the runtime the trial measured in decides which recorded figure applies
         same_runtime = fmt == "onnx" and not fresh
         key = "test_accuracy" if same_runtime else "torch_test_accuracy"
@@ -214,15 +216,17 @@ def _write_and_verify(
             "sha256": _sha256(path),
             "bytes": path.stat().st_size,
             "made_afresh": fresh,
+            "metric": space.metric,  # what test_accuracy measures
             "test_accuracy": measured,
             "recorded_test_accuracy": recorded,
             "recorded_as": key,
         }
         if abs(measured - recorded) > tolerance:
             raise StudyError(
-                f"export check failed: {path.name} scores {measured:.2f} % on the test split "
-                f"in its runtime, but trial {record.artifact} recorded "
-                f"{recorded:.2f} % ({key}); tolerance {tolerance} points. Nothing was written."
+                f"export check failed: {path.name} scores {metric.text(measured)} "
+                f"({quality_name(space.metric)}) on the test split in its runtime, but trial "
+                f"{record.artifact} recorded {metric.text(recorded)} ({key}); tolerance "
+                f"{tolerance} points. Nothing was written."
             )
     return checks
 
@@ -284,6 +288,7 @@ def model_card(
         "plan": record.plan,
         "plan_summary": record.plan_summary,
         "objectives": list(results.metrics),
+        "metric": space.get("metric", DEFAULT_QUALITY),  # what "accuracy" measured
         "measured": {
             **{k: stored[k] for k in keys},
             "confirmation": results.metadata.get("confirmations", {}).get(str(number)),
@@ -309,6 +314,8 @@ def _card_row(metric: Metric, measured: dict[str, Any], base: dict[str, Any]) ->
 def card_markdown(card: dict[str, Any]) -> str:
     m, b, t = card["measured"], card["baseline"], card["target"]
     latency = m.get("latency") or {}
+    quality = card.get("metric", DEFAULT_QUALITY)  # cards from before `metric:`: top-1
+    name, q = quality_name(quality), quality_metric(quality)
 
     lines = [
         f"# {card['study']}, trial {card['trial']}",
@@ -317,11 +324,11 @@ def card_markdown(card: dict[str, Any]) -> str:
         "",
         "| | this model | baseline | ratio |",
         "|---|---|---|---|",
-        f"| validation accuracy (deployed) | {m['accuracy']:.2f} % | "
-        f"{b.get('accuracy', float('nan')):.2f} % | "
-        f"{m['accuracy'] - b.get('accuracy', 0):+.2f} pts |",
-        f"| test accuracy (deployed) | {m['test_accuracy']:.2f} % | "
-        f"{b.get('test_accuracy', float('nan')):.2f} % | |",
+        f"| validation {name} (deployed) | {q.text(m['accuracy'])} | "
+        f"{q.text(b.get('accuracy', float('nan')))} | "
+        f"{m['accuracy'] - b.get('accuracy', 0):+.2f} {'pts' if q.display_unit else ''} |",
+        f"| test {name} (deployed) | {q.text(m['test_accuracy'])} | "
+        f"{q.text(b.get('test_accuracy', float('nan')))} | |",
         *(_card_row(x, m, b) for x in shown(card.get("objectives", ()))[1:]),
         "",
         f"Latency: {t['runtime']} on {t['device']}, {t['threads']} thread(s), batch "
@@ -402,15 +409,19 @@ class LoadedModel:
         )
         return int((logits.argmax(axis=1) == y).sum()) * 100.0 / len(y)
 
+    def split_quality(self, split: Any, quality: Any = None, batch_size: int = 256) -> float:
+        """A quality metric (workload.quality.Quality; default top-1 accuracy in percent)
+        over a paretoopt data split, read a batch at a time (a streamed split never all
+        at once)."""
+        from paretoopt.workload.quality import TOP1
+
+        return (quality or TOP1).score(
+            (self.predict(_rows(x, 0, len(y))), y.numpy()) for x, y, _ in split.batches(batch_size)
+        )
+
     def split_accuracy(self, split: Any, batch_size: int = 256) -> float:
-        """Top-1 accuracy over a paretoopt data split, read a batch at a time (a streamed
-        split never all at once)."""
-        correct = total = 0
-        for x, y, _ in split.batches(batch_size):
-            logits = self.predict(_rows(x, 0, len(y)))
-            correct += int((logits.argmax(axis=1) == y.numpy()).sum())
-            total += len(y)
-        return correct * 100.0 / total
+        """Top-1 accuracy in percent over a paretoopt data split."""
+        return self.split_quality(split, batch_size=batch_size)
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.format}: {self.path})"

@@ -102,6 +102,19 @@ def test_a_running_study_opens_read_only(root):
     assert journal.read_bytes() == before  # read-only: the live study is not touched
 
 
+def test_the_explorer_names_the_studys_quality_metric(root, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(root / "tiny", results / "f1")
+    space = results / "f1" / "space.yaml"
+    assert "metric: top1" in space.read_text()
+    space.write_text(space.read_text().replace("metric: top1", "metric: macro_f1"))
+    at = app(results, "f1")
+    labels = [m.label for m in at.metric]
+    assert "Baseline macro F1" in labels and "Macro F1 (deployed)" in labels
+    assert "test macro F1 " in texts(at)
+    assert "F1 %" in at.dataframe[0].value.columns
+
+
 def test_a_finished_study_suggests_the_knee_and_offers_the_export(root):
     at = app(root, "tiny")
     results = load_results(root / "tiny")

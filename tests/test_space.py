@@ -78,7 +78,7 @@ def test_knob_forms():
         (
             {**BASE, "serch": {}},
             "serch: unknown key (did you mean 'search'?); allowed keys: study, model, data, "
-            "baseline, target, objectives, constraints, search, space",
+            "baseline, recipe, target, objectives, metric, constraints, search, space",
         ),
         (
             {**BASE, "space": {"pruning": {"sparsity": {"low": 0.9, "high": 0.1}}}},

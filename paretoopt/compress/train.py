@@ -1,4 +1,5 @@
-"""Training: the baseline, and the fine-tuning loop every trial runs.
+"""Training: the baseline, and the fine-tuning loop every trial runs, on the device and
+with the loss and optimizer of the study's recipe (``compress/recipe``).
 
 Fine-tuning distils from the baseline when the plan asks for it. Over a split held in
 memory, the teacher's logits are computed once per study (no augmentation is applied, so
@@ -8,10 +9,11 @@ split has no index to look them up by, so the teacher runs on each batch.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -19,10 +21,12 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from paretoopt.compress.augment import Augment, Batch, augment
+from paretoopt.compress.recipe import Setup, on_device
 from paretoopt.errors import TrialError
 from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Data
 from paretoopt.workload.inputs import Inputs
+from paretoopt.workload.quality import TOP1, Quality
 
 # called after every optimizer step with (step, total); True = the parameters were replaced
 # (channels removed mid-training), so the optimizer must be rebuilt
@@ -40,6 +44,7 @@ class Recipe:
     temperature: float = 1.0
     alpha: float = 0.0  # weight of the distillation term; 0 = cross-entropy only
     augment: Augment = Augment()  # the user's transform, mixup, cutmix
+    setup: Setup = Setup()  # device, mixed precision, the user's loss and optimizer
 
 
 class Teacher:
@@ -50,6 +55,7 @@ class Teacher:
         if logits is None and model is None:
             raise ValueError("a teacher has precomputed logits or a model")
         self.logits, self.model = logits, model
+        self._copies: dict[torch.device, nn.Module] = {}  # the model on a training device
 
     @classmethod
     def of(cls, model: nn.Module, split: Data) -> Teacher:
@@ -60,15 +66,27 @@ class Teacher:
             return cls(logits=logits_of(model, split.head(len(split))), model=model)
         return cls(model=model)
 
-    def __call__(self, x: Inputs, idx: torch.Tensor | None) -> torch.Tensor:
-        """The logits of the batch: looked up by `idx`, or (None: a stream, or inputs
-        changed by augmentation) computed."""
+    def __call__(
+        self, x: Inputs, idx: torch.Tensor | None, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """The logits of the batch, on `device` (default: the CPU): looked up by `idx`, or
+        (None: a stream, or inputs changed by augmentation) computed there."""
+        device = device or torch.device("cpu")
         if self.logits is not None and idx is not None:
-            return self.logits[idx]
+            return self.logits[idx].to(device, non_blocking=True)
         if self.model is None:
             raise ValueError("precomputed teacher logits need the batch's sample indices")
         with torch.inference_mode():
-            return trees.call(self.model, x)
+            return trees.call(self._on(device), x)
+
+    def _on(self, device: torch.device) -> nn.Module:
+        """The teacher on a training device: copied there once, the CPU's own left alone."""
+        assert self.model is not None
+        if device.type == "cpu":
+            return self.model
+        if device not in self._copies:
+            self._copies[device] = copy.deepcopy(self.model).to(device).eval()
+        return self._copies[device]
 
 
 def train(
@@ -81,12 +99,28 @@ def train(
     weight_view: WeightView | None = None,
     step_guard: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> list[float]:
-    """Train in place with Adam and cosine decay; return the mean loss of every epoch."""
+    """Train in place on the recipe's device (the model comes back where it was) with its
+    optimizer (Adam by default) and cosine decay; return the mean loss of every epoch."""
     if recipe.epochs == 0:
         return []
+    with on_device(model, recipe.setup.device):
+        return _train(model, split, recipe, teacher_logits, after_step, weight_view, step_guard)
+
+
+def _train(
+    model: nn.Module,
+    split: Data,
+    recipe: Recipe,
+    teacher_logits: torch.Tensor | Teacher | None,
+    after_step: StepHook | None,
+    weight_view: WeightView | None,
+    step_guard: Callable[[], AbstractContextManager[None]],
+) -> list[float]:
+    setup = recipe.setup
     generator = torch.Generator().manual_seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)  # augmentation's draws
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    optimizer = setup.make_optimizer(model.parameters(), recipe.lr)
+    scaler = setup.scaler()
     steps_per_epoch = math.ceil(len(split) / recipe.batch_size)
     total = recipe.epochs * steps_per_epoch
     schedule = _cosine(optimizer, total, start=0)
@@ -101,29 +135,66 @@ def train(
     for epoch in range(recipe.epochs):
         running = 0.0
         for x, y, idx in split.batches(recipe.batch_size, generator):
-            batch = augment(x, y, recipe.augment, rng)
+            batch = _to(augment(x, y, recipe.augment, rng), setup.device)
             with step_guard():  # no latency is timed on this machine while a step runs
-                loss = _loss(model, batch, idx, recipe, teacher if distil else None, weight_view)
+                with setup.autocast():
+                    loss = _loss(
+                        model, batch, idx, recipe, teacher if distil else None, weight_view
+                    )
                 if not torch.isfinite(loss):
                     raise TrialError(
-                        f"fine-tuning diverged: loss is {loss.item()} at epoch "
+                        f"training diverged: loss is {loss.item()} at epoch "
                         f"{epoch + 1}, step {step + 1} (lr={recipe.lr:g})"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                _step(model, loss, optimizer, scaler, setup)
                 schedule.step()
                 step += 1
                 if after_step is not None and after_step(step, total) and step < total:
                     # channels were removed: new parameters need a new optimizer (Adam's
                     # moments restart), on the same cosine curve, and training mode again
-                    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+                    optimizer = setup.make_optimizer(model.parameters(), recipe.lr)
                     schedule = _cosine(optimizer, total, start=step)
                     model.train()
-            running += loss.item() * len(y)
+                # read inside the guard: on a GPU this waits for the step's kernels, so
+                # the gate is not let go while the device still trains
+                running += loss.item() * len(y)
         history.append(running / len(split))
     model.eval()
     return history
+
+
+def _to(batch: Batch, device: torch.device) -> Batch:
+    """The batch on the training device (the sample indices stay: teacher lookups)."""
+    if device.type == "cpu":
+        return batch
+    move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
+    partners = None if batch.partners is None else move(batch.partners)
+    return replace(
+        batch, x=trees.tree_map(move, batch.x), labels=move(batch.labels), partners=partners
+    )
+
+
+def _step(
+    model: nn.Module,
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    setup: Setup,
+) -> None:
+    """One optimizer step: gradients (scaled under float16), clipped to the recipe's norm."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if setup.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), setup.grad_clip)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if setup.grad_clip is not None:
+        scaler.unscale_(optimizer)  # the norm is of the true gradients
+        torch.nn.utils.clip_grad_norm_(model.parameters(), setup.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _loss(
@@ -134,8 +205,8 @@ def _loss(
     teacher: Teacher | None,
     weight_view: WeightView | None,
 ) -> torch.Tensor:
-    """Cross-entropy (against both label sets of a mixed batch), blended with the
-    distillation term when a teacher is given."""
+    """The recipe's loss, cross-entropy by default (against both label sets of a mixed
+    batch), blended with the distillation term when a teacher is given."""
     x, y = batch.x, batch.labels
     if weight_view is not None:
         args, kwargs = trees.as_args(x)
@@ -147,12 +218,14 @@ def _loss(
             f"the data has a label {int(y.max())}, but the model gives {logits.shape[1]} "
             "logits: labels must be 0 to one less than the model's outputs"
         )
-    loss = F.cross_entropy(logits, y)
+    criterion = recipe.setup.criterion  # cross-entropy, or the recipe's loss
+    loss = criterion(logits, y)
     if batch.partners is not None:
-        loss = batch.lam * loss + (1.0 - batch.lam) * F.cross_entropy(logits, batch.partners)
+        loss = batch.lam * loss + (1.0 - batch.lam) * criterion(logits, batch.partners)
     if teacher is None:
         return loss
-    kd = distillation_loss(logits, teacher(x, None if batch.changed else idx), recipe.temperature)
+    soft = teacher(x, None if batch.changed else idx, y.device)
+    kd = distillation_loss(logits.float(), soft.float(), recipe.temperature)
     return recipe.alpha * kd + (1.0 - recipe.alpha) * loss
 
 
@@ -195,14 +268,15 @@ def logits_of(model: nn.Module, x: Inputs, batch_size: int = 512) -> torch.Tenso
 
 
 @torch.inference_mode()
-def split_accuracy(model: nn.Module, split: Data, batch_size: int = 512) -> float:
-    """Top-1 accuracy in percent over a split, read a batch at a time."""
+def split_quality(
+    model: nn.Module, split: Data, quality: Quality = TOP1, batch_size: int = 512
+) -> float:
+    """The study's quality metric (top-1 accuracy in percent by default) over a split,
+    read a batch at a time."""
     model.eval()
-    correct = total = 0
-    for x, y, _ in split.batches(batch_size):
-        correct += int((trees.call(model, x).argmax(dim=1) == y).sum())
-        total += len(y)
-    return correct * 100.0 / total
+    return quality.score(
+        (trees.call(model, x).float().numpy(), y.numpy()) for x, y, _ in split.batches(batch_size)
+    )
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -132,7 +132,8 @@ ACCURACY = Metric(
     limit=Limit(
         "max_accuracy_drop",
         "accuracy_drop",
-        "largest allowed drop in validation accuracy against the baseline, in points",
+        "largest allowed drop in the quality metric (`metric`) against the baseline, in its "
+        "units: percentage points for the built-in metrics",
         high=100.0,
         default=1.0,
         relative=True,
@@ -214,11 +215,59 @@ METRICS: dict[str, Metric] = {m.name: m for m in (ACCURACY, SIZE, LATENCY, MACS)
 DEFAULT_OBJECTIVES = tuple(m.name for m in METRICS.values() if m.default)
 
 
-def shown(objectives: tuple[str, ...] | list[str]) -> list[Metric]:
+# What the space file's `metric:` can name beside a user's 'module:callable' (computed in
+# workload/quality). The quality objective keeps its name, "accuracy", and its record
+# field whatever it measures, so studies from before `metric:` existed resume as top1.
+QUALITY = {
+    "top1": "top-1 accuracy",
+    "top5": "top-5 accuracy",
+    "macro_f1": "macro F1",
+    "balanced_accuracy": "balanced accuracy",
+}
+DEFAULT_QUALITY = "top1"
+QUALITY_SHORT = {"top1": "acc", "top5": "top5", "macro_f1": "F1", "balanced_accuracy": "bal acc"}
+
+
+def is_user_quality(name: str) -> bool:
+    return ":" in name
+
+
+def quality_name(name: str = DEFAULT_QUALITY) -> str:
+    """What the quality objective is called in text: "accuracy" (top-1, as it always
+    was), "macro F1", or a user metric's callable name."""
+    if name == DEFAULT_QUALITY:
+        return "accuracy"
+    return name.rsplit(":", 1)[1] if is_user_quality(name) else QUALITY.get(name, name)
+
+
+def quality_short(name: str = DEFAULT_QUALITY) -> str:
+    """Its name in narrow places (a progress line, a table heading): "acc", "F1", ..."""
+    return QUALITY_SHORT.get(name) or quality_name(name)
+
+
+def quality_metric(name: str = DEFAULT_QUALITY) -> Metric:
+    """The quality objective labelled by what it measures: built-ins in percent, a user
+    metric by its callable's name, in its own units."""
+    if name == DEFAULT_QUALITY:
+        return ACCURACY  # labelled as it always was
+    user, text = is_user_quality(name), quality_name(name)
+    return replace(
+        ACCURACY,
+        label=f"validation {text}" + ("" if user else " (%)"),
+        ratio_label=f"{text} change" + ("" if user else " (points)"),
+        units={"": 1.0} if user else ACCURACY.units,
+        display_unit="" if user else "%",
+        decimals=4 if user else ACCURACY.decimals,
+    )
+
+
+def shown(objectives: tuple[str, ...] | list[str], quality: str = DEFAULT_QUALITY) -> list[Metric]:
     """The metrics a table, a progress line, a budget or the knee reads: the default
-    three, then any other objective of the study."""
+    three, then any other objective of the study; the quality one labelled by the
+    study's `metric`."""
     names = list(DEFAULT_OBJECTIVES) + [m for m in objectives if m not in DEFAULT_OBJECTIVES]
-    return [METRICS[n] for n in names if n in METRICS]
+    own = {**METRICS, ACCURACY.name: quality_metric(quality)}
+    return [own[n] for n in names if n in own]
 
 
 def ratios(record: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, float]:

@@ -28,7 +28,7 @@ from paretoopt.config.knobs import (
     section,
     setting,
 )
-from paretoopt.config.metrics import DEFAULT_OBJECTIVES
+from paretoopt.config.metrics import DEFAULT_OBJECTIVES, DEFAULT_QUALITY, QUALITY
 from paretoopt.config.metrics import METRICS as METRIC_TABLE
 from paretoopt.config.parts import registered
 from paretoopt.config.yamlfile import load_yaml
@@ -59,6 +59,52 @@ class BaselineSpec:
     )
     batch_size: int = setting(64, "baseline training batch size", kind=int, low=1, high=65_536)
     seed: int = setting(0, "seed of baseline training", kind=int, low=0)
+    device: str = setting(
+        "auto",
+        "device the baseline trains on: auto (a CUDA GPU where there is one), cpu, cuda, cuda:N",
+        kind=str,
+    )
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """How baseline training and every fine-tuning run train (epochs and learning rates
+    are the baseline's and the finetune part's)."""
+
+    loss: str | None = setting(
+        None,
+        "'module:callable' (logits, labels) -> scalar loss tensor; null: cross-entropy",
+        kind=str,
+        nullable=True,
+    )
+    optimizer: str | None = setting(
+        None,
+        "'module:callable' (params, lr) -> torch.optim.Optimizer; null: Adam (AdamW with "
+        "weight_decay), cosine decay either way",
+        kind=str,
+        nullable=True,
+    )
+    weight_decay: float = setting(
+        0.0,
+        "decoupled weight decay of the default optimizer (AdamW)",
+        kind=float,
+        low=0.0,
+        high=1.0,
+    )
+    grad_clip: float | None = setting(
+        None,
+        "largest gradient norm of a step (clipped beyond it); null: never clipped",
+        kind=float,
+        low=0.0,
+        nullable=True,
+    )
+    amp: bool = setting(
+        True,
+        "automatic mixed precision when training on CUDA (bfloat16 where the GPU has it, "
+        "else float16 with gradient scaling); no effect on the CPU",
+        kind=bool,
+        options=(False, True),
+    )
 
 
 # Settings added after the first release -> the value that reproduces what paretoopt did
@@ -278,7 +324,9 @@ class Space:
     model: ComponentSpec
     data: ComponentSpec
     objectives: tuple[Objective, ...]
+    metric: str = DEFAULT_QUALITY  # what the accuracy objective measures (config/metrics)
     baseline: BaselineSpec = field(default_factory=BaselineSpec)
+    recipe: RecipeSpec = field(default_factory=RecipeSpec)
     target: TargetSpec = field(default_factory=TargetSpec)
     constraints: ConstraintsSpec = field(default_factory=ConstraintsSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
@@ -302,14 +350,17 @@ TOP_LEVEL = (
     "model",
     "data",
     "baseline",
+    "recipe",
     "target",
     "objectives",
+    "metric",
     "constraints",
     "search",
     "space",
 )
 _SECTIONS: dict[str, type] = {
     "baseline": BaselineSpec,
+    "recipe": RecipeSpec,
     "target": TargetSpec,
     "constraints": ConstraintsSpec,
     "search": SearchSpec,
@@ -356,13 +407,28 @@ def parse_space(doc: Any, source: str | Path = "<space>") -> Space:
         "model": _parse_component(doc["model"], "model", root, checkpoint=True),
         "data": _parse_component(doc["data"], "data", root, checkpoint=False, memory=True),
         "objectives": _parse_objectives(doc.get("objectives")),
+        "metric": _parse_metric(doc.get("metric", DEFAULT_QUALITY), root),
         "source": str(source),
     }
     for key, cls in _SECTIONS.items():
         values[key] = _parse_section(cls, doc.get(key), key)
+    values["recipe"] = _resolve_hooks(values["recipe"], root)
     space = Space(**values)
     _check_combinations(space)
     return space
+
+
+def _resolve_hooks(recipe: RecipeSpec, root: Path) -> RecipeSpec:
+    """The recipe's hooks as 'module:callable' or an absolute 'file.py:callable'."""
+    hooks = {
+        key: _parse_factory(getattr(recipe, key), f"recipe.{key}", root)
+        for key in ("loss", "optimizer")
+        if getattr(recipe, key) is not None
+    }
+    return replace(recipe, **hooks)
+
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 def _is_address(text: str) -> bool:
@@ -384,6 +450,21 @@ def _check_combinations(space: Space) -> None:
             t.agent is not None and (t.runtime != "onnxruntime" or t.device != "cpu"),
             f"target.agent: an agent times ONNX models on its CPU, so it needs runtime "
             f"onnxruntime and device cpu, but got {t.runtime!r} on {t.device!r}",
+        ),
+        *(
+            (
+                not DEVICE_RE.match(device),
+                f"{where}: {device!r} is not a device; choose from auto, cpu, cuda, cuda:N",
+            )
+            for where, device in (
+                ("baseline.device", space.baseline.device),
+                ("space.finetune.device", space.space.finetune.device),
+            )
+        ),
+        (
+            space.recipe.optimizer is not None and space.recipe.weight_decay > 0,
+            "recipe.weight_decay: applies to the default optimizer (AdamW), but "
+            "recipe.optimizer names your own; give the decay to that optimizer instead",
         ),
         (
             t.agent is not None and not _is_address(t.agent),
@@ -491,6 +572,19 @@ def _parse_component(
     )
 
 
+def _parse_metric(raw: Any, root: Path) -> str:
+    """A built-in quality metric, or a user's 'module:callable' (higher is better)."""
+    if isinstance(raw, str) and raw in QUALITY:
+        return raw
+    if isinstance(raw, str) and ":" in raw:
+        return _parse_factory(raw, "metric", root)
+    raise SpaceError(
+        f"metric: {shown(raw)} is not a quality metric; choose from {', '.join(QUALITY)}, or "
+        "name your own as 'module.path:callable' or 'path/to/file.py:callable' "
+        "((logits, labels) -> a number, higher is better)"
+    )
+
+
 def _parse_samples(raw: Any, where: str) -> int | None:
     """A bound on the samples a trial uses (null: all of them)."""
     if raw is None:
@@ -582,6 +676,7 @@ def space_to_dict(space: Space) -> dict[str, Any]:
         "model": _component_to_dict(space.model),
         "data": _component_to_dict(space.data),
         "objectives": {o.metric: o.direction for o in space.objectives},
+        "metric": space.metric,
         **{key: _section_to_dict(getattr(space, key)) for key in _SECTIONS},
     }
 

@@ -15,7 +15,7 @@ from paretoopt.measure.protocol import LatencyStats, Runner, time_paired, time_r
 from paretoopt.measure.runtimes import (
     OrtRunner,
     TorchRunner,
-    runtime_accuracy,
+    runtime_quality,
     runtime_threads,
     timed_call,
 )
@@ -27,7 +27,7 @@ __all__ = [
     "TorchRunner",
     "export_onnx",
     "hardware_fingerprint",
-    "runtime_accuracy",
+    "runtime_quality",
     "runtime_threads",
     "time_paired",
     "time_runner",

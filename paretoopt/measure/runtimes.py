@@ -22,19 +22,20 @@ from paretoopt.measure.backends.torch_eager import TorchRunner
 from paretoopt.measure.protocol import Runner
 from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Data
+from paretoopt.workload.quality import TOP1, Quality
 
 __all__ = ["CudaRunner", "OrtRunner", "TorchRunner"]
 
 
-def runtime_accuracy(runner: Runner, split: Data, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent of the deployed model over a split, a batch at a time
-    (counted in integers, so it equals PyTorch's figure exactly when predictions agree)."""
-    correct = total = 0
-    for x, y, _ in split.batches(batch_size):
-        logits = runner(trees.numpy(x))
-        correct += int((logits.argmax(axis=1) == y.numpy()).sum())
-        total += len(y)
-    return correct * 100.0 / total
+def runtime_quality(
+    runner: Runner, split: Data, quality: Quality = TOP1, batch_size: int = 256
+) -> float:
+    """The study's quality metric (top-1 accuracy in percent by default) of the deployed
+    model over a split, a batch at a time (built-ins count in integers, so they equal
+    PyTorch's figure exactly when predictions agree)."""
+    return quality.score(
+        (np.asarray(runner(trees.numpy(x))), y.numpy()) for x, y, _ in split.batches(batch_size)
+    )
 
 
 def timing_batch(split: Data, batch_size: int) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from paretoopt.config.metrics import METRICS, shown
+from paretoopt.config.metrics import ACCURACY, DEFAULT_QUALITY, METRICS, quality_metric, shown
 from paretoopt.results.frames import SPACE_FILE, StudyResults, load_results
 from paretoopt.results.pick import confirmed, knee
 
@@ -33,7 +33,11 @@ AXES = {  # (absolute, relative to the baseline)
 }
 
 
-def axis(metric: str, relative: bool) -> Axis:
+def axis(metric: str, relative: bool, quality: str = DEFAULT_QUALITY) -> Axis:
+    """A metric's axis; the quality one labelled by what the study's `metric` measures."""
+    if metric == ACCURACY.name and quality != DEFAULT_QUALITY:
+        m = quality_metric(quality)
+        return Axis(m.ratio_column, m.ratio_label) if relative else Axis(m.field, m.label)
     return AXES[metric][1 if relative else 0]
 
 

@@ -22,7 +22,8 @@ import optuna
 import pandas as pd
 import yaml
 
-from paretoopt.config.metrics import METRICS, ratios
+from paretoopt.config.metrics import DEFAULT_QUALITY, METRICS, Metric, ratios
+from paretoopt.config.metrics import shown as shown_metrics
 from paretoopt.config.yamlfile import load_yaml
 from paretoopt.errors import SpaceError, StudyError, one_line, shown
 from paretoopt.results.pooling import pool_study
@@ -50,6 +51,12 @@ class StudyResults:
     metadata: dict[str, Any]
     metrics: tuple[str, ...] = ("accuracy", "size", "latency")  # the study's objectives
     storage: str | None = None  # the storage URL it was read from (None: its journal)
+    quality: str = DEFAULT_QUALITY  # what the accuracy objective measures (metric:)
+
+    @property
+    def shown_metrics(self) -> list[Metric]:
+        """The metrics tables and the explorer show, the quality one labelled by `metric`."""
+        return shown_metrics(self.metrics, self.quality)
 
     def __repr__(self) -> str:
         return (
@@ -254,7 +261,13 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
         metadata,
         tuple(metrics),
         url,
+        _quality(space.get("metric")),
     )
+
+
+def _quality(stored: Any) -> str:
+    """The stored space's metric: top1 where it has none (written before `metric:`)."""
+    return stored if isinstance(stored, str) and stored else DEFAULT_QUALITY
 
 
 def _with_confirmations(

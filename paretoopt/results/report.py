@@ -20,7 +20,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from paretoopt.config.metrics import METRICS, Metric, shown
+from paretoopt.config.metrics import DEFAULT_QUALITY, METRICS, Metric, quality_short, shown
 from paretoopt.results.pick import CONFIRMED_QUIET, flag
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class RichReporter(Reporter):
         self.task: Any = None
         self.best: dict[str, float] = {}  # over feasible trials of this session
         self.objectives: tuple[str, ...] = ()  # the study's, set by start
+        self.quality = DEFAULT_QUALITY  # ... and what its accuracy objective measures
 
     def log(self, message: str) -> None:
         (self.progress.console if self.progress else self.console).print(message)
@@ -82,7 +83,7 @@ class RichReporter(Reporter):
     def start(self, space: Space, done: int) -> None:
         if self.progress is not None:  # a second round of trials in the same session
             return
-        self.objectives = tuple(space.metrics)
+        self.objectives, self.quality = tuple(space.metrics), space.metric
         self.console.print(
             f"study [bold]{space.study}[/]: {done} of {space.search.trials} "
             f"trials done; sampler {space.search.sampler}, target "
@@ -113,14 +114,15 @@ class RichReporter(Reporter):
         baseline: dict[str, Any],
         feasible: bool,
     ) -> None:
-        metrics = shown(self.objectives)
+        metrics = shown(self.objectives, self.quality)
         if feasible:  # the bar's "best" figures are those a user could ship
             for m in metrics:
                 value = record[m.field]
                 best = self.best.get(m.name, value)
                 self.best[m.name] = max(value, best) if m.maximize else min(value, best)
         status = "[green]ok[/]" if feasible else "[yellow]infeasible[/]"
-        figures = "  ".join(_figure(m, record[m.field], baseline[m.field]) for m in metrics)
+        short = quality_short(self.quality)
+        figures = "  ".join(_figure(m, record[m.field], baseline[m.field], short) for m in metrics)
         self.log(
             f"trial {number:>3} {status} {seconds:5.1f} s  {figures}  "
             f"{escape(record.get('plan_summary', ''))}"
@@ -132,7 +134,8 @@ class RichReporter(Reporter):
     def advance(self, done: int) -> None:
         if self.progress is not None:
             best = (
-                "best: " + ", ".join(m.text(self.best[m.name]) for m in shown(self.objectives))
+                "best: "
+                + ", ".join(m.text(self.best[m.name]) for m in shown(self.objectives, self.quality))
                 if self.best
                 else ""
             )
@@ -151,11 +154,13 @@ class RichReporter(Reporter):
         )
 
 
-def _figure(m: Metric, value: float, base: float) -> str:
-    """e.g. "acc  98.52 % (-0.74)", "size   10.2 kB (45.7x)", "latency 0.0171 ms (4.87x)"."""
+def _figure(m: Metric, value: float, base: float, short: str = "acc") -> str:
+    """e.g. "acc  98.52 % (-0.74)", "size   10.2 kB (45.7x)", "latency 0.0171 ms (4.87x)"
+    (`short`: the quality metric's name, "acc" for top-1 accuracy)."""
     ratio = m.ratio(value, base)
     if m.maximize:
-        return f"acc {value:6.2f} % ({ratio:+.2f})"
+        unit = f" {m.display_unit}" if m.display_unit else ""
+        return f"{short} {value:6.{m.decimals}f}{unit} ({ratio:+.2f})"
     width = ">9" if m.prefixed else ""
     return f"{m.name} {m.text(value):{width}} ({ratio:4.{m.ratio_decimals}f}x)"
 
@@ -174,7 +179,9 @@ def front_table(results: StudyResults) -> Table:
     table = Table(title=title)
     metrics = shown(results.metrics)[1:]  # accuracy has its own columns
     busy = False  # some confirmation never found the machine quiet
-    headers = ["trial", "val acc %", "Δ pts", "test acc %"]
+    short, q = quality_short(results.quality), results.shown_metrics[0]
+    unit = f" {q.display_unit}" if q.display_unit else ""
+    headers = ["trial", f"val {short}{unit}", "Δ pts" if unit else "Δ", f"test {short}{unit}"]
     for m in metrics:
         headers += [m.column, m.ratio_label]
     latency = METRICS["latency"]
@@ -188,9 +195,9 @@ def front_table(results: StudyResults) -> Table:
     for _, r in results.pareto.iterrows():
         cells = [
             str(r["number"]),
-            f"{r['accuracy']:.2f}",
-            f"{r.get('accuracy_change', 0):+.2f}",
-            f"{r['test_accuracy']:.2f}",
+            q.show(r["accuracy"]),
+            f"{r.get('accuracy_change', 0):+.{q.decimals}f}",
+            q.show(r["test_accuracy"]),
         ]
         for m in metrics:
             figure = m.text(r[m.field]) if m.prefixed else m.show(r[m.field])

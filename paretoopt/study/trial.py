@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +24,17 @@ from torch import nn
 
 from paretoopt.compress.artifact import ARTIFACT, load_compressed, save_compressed
 from paretoopt.compress.augment import Augment, mixable
+from paretoopt.compress.recipe import Setup, load_setup, resolve_device
 from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
 from paretoopt.compress.techniques.quantize import is_symmetric
-from paretoopt.compress.train import Recipe, Teacher, logits_of, split_accuracy, train
+from paretoopt.compress.train import Recipe, Teacher, logits_of, split_quality, train
 from paretoopt.config.knobs import Choice, Range
+from paretoopt.config.metrics import quality_metric, quality_name
 from paretoopt.config.plan import CompressionPlan
-from paretoopt.config.space import Space, space_to_dict
+from paretoopt.config.space import RecipeSpec, Space, space_to_dict
 from paretoopt.errors import SpaceError, TrialError, one_line
-from paretoopt.measure import Runner, runtime_accuracy
+from paretoopt.measure import Runner, runtime_quality
 from paretoopt.measure.backends import Deployment, DeployRequest
 from paretoopt.measure.backends.onnxruntime import ONNX_FILE
 from paretoopt.measure.gate import MeasurementGate
@@ -41,6 +43,7 @@ from paretoopt.results.record import Latency, LayerQuant, TrialRecord, technique
 from paretoopt.workload.data import Splits, bounded, create_data
 from paretoopt.workload.inputs import Inputs, as_args, call, describe_inputs, numpy
 from paretoopt.workload.models import create_model, load_checkpoint
+from paretoopt.workload.quality import TOP1, Quality, load_quality
 
 RUNTIME_FILE = ONNX_FILE  # the file the default (onnxruntime) target loads and times
 
@@ -54,6 +57,8 @@ class StudyContext:
     classifier: str
     baseline_source: str  # "checkpoint", "trained" or "cache"
     target: Target  # the runtime, the gate, the reference and the calibration
+    setup: Setup = Setup()  # fine-tuning's device and the recipe's hooks
+    quality: Quality = TOP1  # what the accuracy objective measures (metric:)
 
     @property
     def calibration(self) -> dict[str, Any] | None:
@@ -90,6 +95,8 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
     if not prunable_layers(model):
         raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
     _check_mixing(space, splits)
+    setups(space)  # the devices exist and the recipe's hooks work, before any training
+    load_quality(space.metric)  # ... and so does the quality metric
     if space.target.device == "cuda" and not torch.cuda.is_available():
         raise SpaceError("target.device: cuda, but this machine has no usable CUDA device")
     return model, splits
@@ -138,15 +145,29 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> StudyContext:
     model, splits = check_inputs(space)
+    baseline_setup, finetune_setup = setups(space)
+    quality = load_quality(space.metric)
     target = Target(space.target, splits.val, splits.train.head(1))
     source = "checkpoint"
     if not space.model.checkpoint:
-        source = _baseline_from_cache(model, space, splits, cache_dir, log, target.gate)
+        source = _baseline_from_cache(
+            model, space, splits, cache_dir, log, target.gate, baseline_setup, quality
+        )
     model.eval()
     splits = _per_trial(splits, space)
     teacher = Teacher.of(model, splits.train)
     classifier = find_classifier(model, splits.train.head(1))
-    return StudyContext(space, splits, model, teacher, classifier, source, target)
+    return StudyContext(
+        space, splits, model, teacher, classifier, source, target, finetune_setup, quality
+    )
+
+
+def setups(space: Space) -> tuple[Setup, Setup]:
+    """Baseline training's and fine-tuning's devices, with the recipe's hooks (imported
+    and tried once: SpaceError on a bad one)."""
+    base = load_setup(space.recipe, space.baseline.device, "baseline.device")
+    device = resolve_device(space.space.finetune.device, "space.finetune.device")
+    return base, replace(base, device=device)
 
 
 def _per_trial(splits: Splits, space: Space) -> Splits:
@@ -170,11 +191,21 @@ def baseline_key(space: Space) -> str:
     parts: dict[str, Any] = {k: doc[k] for k in ("model", "data", "baseline")}
     for key in PER_TRIAL:  # how trials read the data does not change the baseline
         parts["data"].pop(key, None)
+    # where it trains: the device's kind, not its name (auto and cpu alike train on the
+    # CPU), so a cached CPU baseline is not taken for a GPU one; keys from before the
+    # setting existed stay valid
+    device = resolve_device(parts["baseline"].pop("device"), "baseline.device")
+    if device.type != "cpu":
+        parts["device"] = device.type
+    if space.recipe != RecipeSpec():  # a recipe of the user's: its hooks and settings
+        parts["recipe"] = doc["recipe"]
     parts["code"] = (__version__, torch.__version__)
     for key, factory in (
         ("model", doc["model"].get("factory", "")),
         ("data", doc["data"].get("factory", "")),
         ("transform", doc["data"].get("transform", "")),
+        ("loss", doc["recipe"].get("loss") or ""),
+        ("optimizer", doc["recipe"].get("optimizer") or ""),
     ):
         source = _factory_source(factory.rsplit(":", 1)[0]) if factory else None
         if source is not None:  # an edited factory must not reuse a stale baseline
@@ -207,6 +238,8 @@ def _baseline_from_cache(
     cache_dir: Path,
     log: Callable[[str], None],
     gate: MeasurementGate,
+    setup: Setup,
+    quality: Quality,
 ) -> str:
     path = cache_dir / f"baseline-{baseline_key(space)}.pt"
     if path.is_file():
@@ -221,7 +254,10 @@ def _baseline_from_cache(
             log(f"baseline: reusing the trained model cached in {path}")
             return "cache"
     b = space.baseline
-    log(f"baseline: training {b.epochs} epochs (no checkpoint given; cached afterwards)")
+    log(
+        f"baseline: training {b.epochs} epochs on {setup.device} (no checkpoint given; "
+        "cached afterwards)"
+    )
     torch.manual_seed(b.seed)
     for m in model.modules():  # a seeded fresh init, so the cache key fully decides it
         if hasattr(m, "reset_parameters"):
@@ -230,11 +266,19 @@ def _baseline_from_cache(
     train(
         model,
         splits.train,
-        Recipe(b.epochs, b.lr, b.batch_size, b.seed, augment=Augment(transform=splits.transform)),
+        Recipe(
+            b.epochs,
+            b.lr,
+            b.batch_size,
+            b.seed,
+            augment=Augment(transform=splits.transform),
+            setup=setup,
+        ),
         step_guard=gate.computing,
     )
-    val = split_accuracy(model, splits.val)
-    log(f"baseline: val accuracy {val:.2f} % after {time.perf_counter() - start:.0f} s")
+    val = split_quality(model, splits.val, quality)
+    seconds, text = time.perf_counter() - start, quality_metric(space.metric).text(val)
+    log(f"baseline: val {quality_name(space.metric)} {text} after {seconds:.0f} s")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(model.state_dict(), tmp)
@@ -298,13 +342,14 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         ctx.classifier,
         seed=seed,
         step_guard=ctx.target.gate.computing,
+        setup=ctx.setup,
     )
     apply_plan(bench, plan)
     checked = ctx.splits.val.head(CHECKED)
     # the checked samples as a batch of their own: the checks compare them to the last bit
     ours = logits_of(bench.model, checked)
-    torch_val = split_accuracy(bench.model, ctx.splits.val)
-    torch_test = split_accuracy(bench.model, ctx.splits.test)
+    torch_val = split_quality(bench.model, ctx.splits.val, ctx.quality)
+    torch_test = split_quality(bench.model, ctx.splits.test, ctx.quality)
     size = bench.timed("write", save_compressed, work / ARTIFACT, bench, plan)
     deployed = bench.timed("reload", load_compressed, work / ARTIFACT, ctx.build_model)
     reloaded = _check_reload(ours, deployed, checked)
@@ -315,7 +360,7 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         # int8 activations and 16-bit CUDA arithmetic round: compared within that rounding
         rounded = int8 or getattr(runner, "dtype", torch.float32) != torch.float32
         _check_runtime(runner, reloaded, checked, rounded)
-        val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits)
+        val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits, ctx.quality)
     runtime_file = deployment.file  # none for the torch runtime: it runs the module
     latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file)
     latency["structure"] = ctx.target.backend.structure(deployment)  # see pooling
@@ -355,8 +400,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _evaluate(runner: Runner, splits: Splits) -> tuple[float, float]:
-    return runtime_accuracy(runner, splits.val), runtime_accuracy(runner, splits.test)
+def _evaluate(runner: Runner, splits: Splits, quality: Quality) -> tuple[float, float]:
+    return runtime_quality(runner, splits.val, quality), runtime_quality(
+        runner, splits.test, quality
+    )
 
 
 def _deploy(

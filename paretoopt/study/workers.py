@@ -5,7 +5,8 @@ The parent holds the study's lock; each helper loads the baseline from the cache
 calibrates on the study's latency scale, seeds its own sampler and claims trials until
 the study is full, waiting while the baseline trial runs (see ``trials.run_trials``). Helpers are
 spawned, not forked (torch does not fork safely), and train with their share of the
-cores. The measurement gate keeps their timing apart from each other's training.
+cores, or on a GPU of their own where the machine has several. The measurement gate keeps
+their timing apart from each other's training.
 """
 
 from __future__ import annotations
@@ -73,8 +74,11 @@ def _worker(
     space: Space, results_root: str, index: int, workers: int, max_failures: int | None
 ) -> None:
     """One helper on this machine: trials until the study is full."""
+    from paretoopt.compress.recipe import pin_worker_gpu
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     share_cores(workers)
+    pin_worker_gpu(index)  # several GPUs: one worker each ("auto" and "cuda" train there)
     root = Path(results_root)
     seed = existing_trials(space, root) + 10_007 * index
     run_as_worker(space, root, seed, SilentReporter(), max_failures)

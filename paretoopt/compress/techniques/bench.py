@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from paretoopt.compress.recipe import Setup
+from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Splits
 from paretoopt.workload.inputs import Inputs, call
 
@@ -43,6 +45,7 @@ class Workbench:
     timings: dict[str, float] = field(default_factory=dict)
     step_hooks: list[StepHook] = field(default_factory=list)  # run during fine-tuning
     original: dict[str, tuple[int, int]] = field(default_factory=dict)  # layer: (width, numel)
+    setup: Setup = field(default_factory=Setup)  # fine-tuning's device, loss and optimizer
 
     def __post_init__(self) -> None:
         if not self.original:
@@ -52,8 +55,29 @@ class Workbench:
             }
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def example(self) -> Inputs:
-        return self.splits.train.head(1)
+        """One training sample, on the model's device (pruning traces the model with it)."""
+        x, device = self.splits.train.head(1), self.device
+        return x if device.type == "cpu" else trees.tree_map(lambda t: t.to(device), x)
+
+    @contextmanager
+    def on(self, device: torch.device) -> Iterator[None]:
+        """The model and the pruning masks on `device` for a block (fine-tuning), back on
+        the CPU afterwards: everything after training (files, runtimes) works there."""
+        if device.type == "cpu":
+            yield
+            return
+        self.model.to(device)
+        self.masks = {k: m.to(device) for k, m in self.masks.items()}
+        try:
+            yield
+        finally:
+            self.model.to("cpu")
+            self.masks = {k: m.cpu() for k, m in self.masks.items()}
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()

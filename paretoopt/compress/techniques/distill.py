@@ -27,19 +27,21 @@ def distill(bench: Workbench, plan: CompressionPlan) -> None:
         temperature=plan.distill.temperature,
         alpha=plan.distill.alpha,
         augment=Augment(ft.mixup, ft.cutmix, bench.splits.transform),
+        setup=bench.setup,
     )
 
     def after_step(step: int, total: int) -> bool:
         bench.apply_masks()  # fine-tuning must not regrow pruned weights on its own
         return any([hook(step, total) for hook in bench.step_hooks])
 
-    losses = train(
-        bench.model,
-        bench.splits.train,
-        recipe,
-        teacher_logits=bench.teacher_logits,
-        after_step=after_step,
-        weight_view=bench.weight_view,
-        step_guard=bench.step_guard,
-    )
+    with bench.on(bench.setup.device):  # gradual pruning's hooks see the model there
+        losses = train(
+            bench.model,
+            bench.splits.train,
+            recipe,
+            teacher_logits=bench.teacher_logits,
+            after_step=after_step,
+            weight_view=bench.weight_view,
+            step_guard=bench.step_guard,
+        )
     bench.records["finetune_loss"] = [round(x, 5) for x in losses]

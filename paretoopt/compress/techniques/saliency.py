@@ -75,11 +75,13 @@ def gradient_stats(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     count, seen = 0, 0
+    device = next(iter(params.values())).device  # the training device, during fine-tuning
     for x, y, _ in split.batches(step, generator):
         if seen >= batches * batch_size:
             break
         keep = slice(0, batches * batch_size - seen)
         x, y = trees.take(x, keep), y[keep]
+        x, y = trees.tree_map(lambda t: t.to(device), x), y.to(device)
         seen += len(y)
         model.zero_grad(set_to_none=True)
         F.cross_entropy(trees.call(model, x), y).backward()

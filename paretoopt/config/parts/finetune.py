@@ -27,6 +27,12 @@ class FinetuneSpace:
         knob=True,
     )
     batch_size: int = setting(64, "fine-tuning batch size", kind=int, low=1, high=65_536)
+    device: str = setting(
+        "auto",
+        "device trials fine-tune on: auto (a CUDA GPU where there is one), cpu, cuda, cuda:N; "
+        "latency is measured on the target whatever this is",
+        kind=str,
+    )
     mixup: Knob = setting(
         Fixed(0.0),
         "mixup: each batch blended with a shuffled copy of itself, labels alike, by a weight "
