@@ -271,7 +271,9 @@ def _focus_on_front(
     for ax, update in ((x, fig.update_xaxes), (y, fig.update_yaxes)):
         if ax.column in ("accuracy", "accuracy_change") and len(front):
             low, high = float(front[ax.column].min()), float(front[ax.column].max())
-            update(range=[low - max(1.0, 0.2 * (high - low)), high + 0.5])
+            # a point of percent below and half above; a user metric, its own scale
+            unit = 1.0 if results.shown_metrics[0].display_unit else max(abs(high), 1e-9) / 20
+            update(range=[low - max(unit, 0.2 * (high - low)), high + unit / 2])
 
 
 def _confirmed(frame: pd.DataFrame) -> bool:
@@ -290,7 +292,8 @@ def candidate_table(results: StudyResults, pool: pd.DataFrame, knee: int | None)
     ratio_columns = [m.ratio_column for m in metrics]
     q, short = metrics[0], quality_short(results.quality)
     unit = f" {q.display_unit}" if q.display_unit else ""
-    names = {"number": "trial", "accuracy": f"{short}{unit}", "accuracy_change": "Δ pts"}
+    change = "Δ pts" if unit else "Δ"
+    names = {"number": "trial", "accuracy": f"{short}{unit}", "accuracy_change": change}
     names.update({m.ratio_column: m.ratio_label for m in metrics[1:]})
     table = pool[["number", "accuracy", *ratio_columns, "plan"]].rename(columns=names)
     event = st.dataframe(
@@ -326,12 +329,16 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
     columns = st.columns(len(metrics) + 1)
     for column, m in zip(columns[:-1], metrics, strict=True):
         change = m.ratio(float(rec[m.field]), float(base[m.field]))
-        delta = f"{change:+.2f} pts" if m.maximize else f"{change:.2f}{m.ratio_label}"
+        pts = " pts" if m.display_unit else ""  # a user metric is in its own units
+        delta = f"{change:+.{m.decimals}f}{pts}" if m.maximize else f"{change:.2f}{m.ratio_label}"
         quality = quality_name(results.quality)
         title = {"accuracy": f"{quality[0].upper()}{quality[1:]} (deployed)"}.get(m.name)
         title = title or {"latency": "Latency (median)"}.get(m.name)
         column.metric(title or m.name.capitalize(), m.text(rec[m.field]), delta)
-    columns[-1].metric("Deployed minus PyTorch", f"{rec.get('deploy_gap', 0.0):+.2f} pts")
+    q = metrics[0]
+    pts = " pts" if q.display_unit else ""
+    gap = f"{rec.get('deploy_gap', 0.0):+.{q.decimals}f}{pts}"
+    columns[-1].metric("Deployed minus PyTorch", gap)
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
     st.caption(
         f"Latency p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
@@ -433,7 +440,11 @@ def view_3d(results: StudyResults) -> None:
         hover_data=["number", "plan"],
         log_x=True,
         log_y=True,
-        labels={"size_ratio": "x smaller", "speedup": "x faster", "accuracy_change": "Δ pts"},
+        labels={
+            "size_ratio": "x smaller",
+            "speedup": "x faster",
+            "accuracy_change": results.shown_metrics[0].ratio_label,
+        },
     )
     fig.update_layout(height=520, margin={"l": 0, "r": 0, "t": 10, "b": 0})
     st.plotly_chart(fig, key="view3d")

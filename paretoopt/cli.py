@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="largest accepted difference of the test split's quality metric (top-1 "
         "accuracy unless the space file's metric says otherwise) to the recorded figure, "
-        "in points",
+        "in its units (points of percent for the built-in metrics)",
     )
     p.add_argument(
         "--storage", default=None, help="the study's database URL (a folder's is never opened)"

@@ -226,7 +226,7 @@ def _write_and_verify(
                 f"export check failed: {path.name} scores {metric.text(measured)} "
                 f"({quality_name(space.metric)}) on the test split in its runtime, but trial "
                 f"{record.artifact} recorded {metric.text(recorded)} ({key}); tolerance "
-                f"{tolerance} points. Nothing was written."
+                f"{tolerance} (in the metric's units). Nothing was written."
             )
     return checks
 
@@ -316,6 +316,7 @@ def card_markdown(card: dict[str, Any]) -> str:
     latency = m.get("latency") or {}
     quality = card.get("metric", DEFAULT_QUALITY)  # cards from before `metric:`: top-1
     name, q = quality_name(quality), quality_metric(quality)
+    pts = " pts" if q.display_unit else ""  # built-ins are percent; a user metric has its units
 
     lines = [
         f"# {card['study']}, trial {card['trial']}",
@@ -326,7 +327,7 @@ def card_markdown(card: dict[str, Any]) -> str:
         "|---|---|---|---|",
         f"| validation {name} (deployed) | {q.text(m['accuracy'])} | "
         f"{q.text(b.get('accuracy', float('nan')))} | "
-        f"{m['accuracy'] - b.get('accuracy', 0):+.2f} {'pts' if q.display_unit else ''} |",
+        f"{m['accuracy'] - b.get('accuracy', 0):+.{q.decimals}f}{pts} |",
         f"| test {name} (deployed) | {q.text(m['test_accuracy'])} | "
         f"{q.text(b.get('test_accuracy', float('nan')))} | |",
         *(_card_row(x, m, b) for x in shown(card.get("objectives", ()))[1:]),
@@ -345,17 +346,18 @@ def card_markdown(card: dict[str, Any]) -> str:
     hardware = card.get("hardware") or {}
     lines += [
         f"Measured on: {hardware_text(hardware)}, {hardware.get('system', '')}.",
-        f"PyTorch model (weights as deployed, float activations): validation "
-        f"{m['torch_accuracy']:.2f} %; deployed minus PyTorch: {m.get('deploy_gap', 0):+.2f} pts.",
+        f"PyTorch model (weights as deployed, float activations): validation {name} "
+        f"{q.text(m['torch_accuracy'])}; deployed minus PyTorch: "
+        f"{m.get('deploy_gap', 0):+.{q.decimals}f}{pts}.",
         "",
-        "| file | format | bytes | sha256 | test accuracy here | recorded |",
+        f"| file | format | bytes | sha256 | test {name} here | recorded |",
         "|---|---|---|---|---|---|",
     ]
     for fmt, check in card["files"].items():
         made = " (made afresh, verified)" if check["made_afresh"] else " (the measured file)"
         lines.append(
             f"| {check['file']} | {fmt}{made} | {check['bytes']:,} | {check['sha256'][:16]}... | "
-            f"{check['test_accuracy']:.2f} % | {check['recorded_test_accuracy']:.2f} % |"
+            f"{q.text(check['test_accuracy'])} | {q.text(check['recorded_test_accuracy'])} |"
         )
     versions = ", ".join(f"{k} {v}" for k, v in (card.get("versions") or {}).items())
     lines += ["", f"Versions: paretoopt {card['paretoopt']}, {versions}.", ""]

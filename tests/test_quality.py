@@ -56,6 +56,15 @@ def test_macro_f1_counts_a_class_only_predicted_and_skips_one_never_seen():
     assert got == pytest.approx(100 * f1_score(labels, logits.argmax(1), average="macro"))
 
 
+def test_top_k_breaks_ties_as_scikit_learn_does():
+    """Whole-number logits tie often: a tied class of a higher index ranks first."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 8, 500)
+    logits = rng.integers(0, 3, (500, 8)).astype(np.float32)
+    expected = 100.0 * top_k_accuracy_score(labels, logits, k=5, labels=range(8))
+    assert Quality("top5").score(_batches(logits, labels, 64)) == pytest.approx(expected)
+
+
 def test_top5_with_fewer_classes_than_five_is_every_sample():
     logits, labels = _data(classes=3)
     assert Quality("top5").score([(logits, labels)]) == 100.0

@@ -3,6 +3,7 @@ decay and gradient clipping; a study with `finetune.device: cpu` through the CLI
 CUDA path where a GPU is present."""
 
 import copy
+import json
 
 import pandas as pd
 import pytest
@@ -147,6 +148,21 @@ def test_a_bad_hook_stops_the_search_before_training(tmp_path, tiny_doc, capsys)
     assert not (tmp_path / "r" / "tiny").exists()  # nothing half-written
 
 
+def test_a_loss_for_the_models_classes_passes_the_probe(tmp_path):
+    """A class-weighted cross-entropy needs logits as wide as the model's: the probe is."""
+    (tmp_path / "hooks.py").write_text(
+        "import torch\nimport torch.nn.functional as F\n"
+        "def weighted(logits, labels):\n"
+        "    return F.cross_entropy(logits, labels, weight=torch.linspace(1, 2, 10))\n"
+    )
+    doc = copy.deepcopy(TINY)
+    doc["recipe"] = {"loss": "hooks.py:weighted"}
+    base, _ = setups(parse_space(doc, source=tmp_path / "s.yaml"), 10)
+    assert base.loss is not None
+    with pytest.raises(SpaceError, match=r"recipe.loss: calling it with logits \(4, 3\)"):
+        setups(parse_space(doc, source=tmp_path / "s.yaml"), 3)
+
+
 def test_recipe_hooks_resolve_against_the_space_file(tmp_path):
     (tmp_path / "hooks.py").write_text(
         "import torch\ndef sgd(p, lr):\n    return torch.optim.SGD(p, lr)\n"
@@ -155,7 +171,7 @@ def test_recipe_hooks_resolve_against_the_space_file(tmp_path):
     doc["recipe"] = {"optimizer": "hooks.py:sgd", "grad_clip": 1.0}
     space = parse_space(doc, source=tmp_path / "s.yaml")
     assert space.recipe.optimizer == f"{tmp_path / 'hooks.py'}:sgd"
-    base, tune = setups(space)
+    base, tune = setups(space, 10)
     assert base.optimizer is tune.optimizer and tune.grad_clip == 1.0
 
 
@@ -188,10 +204,12 @@ def test_the_baseline_cache_key_reads_where_it_trains_not_how_it_is_spelled():
     doc["baseline"]["device"] = "cpu"
     doc["space"]["finetune"]["device"] = "cpu"  # fine-tuning is not the baseline's
     same = baseline_key(parse_space(doc))
+    doc["recipe"] = {"amp": False}  # mixed precision is CUDA's: no new CPU baseline
+    no_amp = baseline_key(parse_space(doc))
     doc["recipe"] = {"weight_decay": 0.01}
     other = baseline_key(parse_space(doc))
     if not torch.cuda.is_available():
-        assert key == same
+        assert key == same == no_amp
     assert other != same
 
 
@@ -245,12 +263,53 @@ def test_weight_decay_beside_an_own_optimizer_is_refused():
 
 
 def test_workers_on_a_machine_with_several_gpus_take_one_each(monkeypatch):
-    chosen = []
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    """auto and cuda train on the worker's own GPU; cuda:N stays N, and the current
+    device (which a CUDA latency target times on) is left alone."""
+    from paretoopt.compress import recipe
+
+    monkeypatch.setattr(recipe, "_WORKER_GPU", None)  # restored afterwards
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    assert [pin_worker_gpu(i) for i in range(5)] == [0, 1, 2, 0, 1]
-    assert chosen == [0, 1, 2, 0, 1]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: pytest.fail("set_device"))
+    trained = []
+    for worker in range(5):
+        assert pin_worker_gpu(worker) == worker % 3
+        trained.append(resolve_device("auto", "space.finetune.device").index)
+        assert resolve_device("cuda", "baseline.device").index == worker % 3
+        assert resolve_device("cuda:0", "baseline.device").index == 0
+    assert trained == [0, 1, 2, 0, 1]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(recipe, "_WORKER_GPU", None)
     assert pin_worker_gpu(1) is None  # one GPU: every worker shares it
+    assert resolve_device("auto", "baseline.device").index == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_study_goes_on_training_where_it_started(tmp_path, tiny_doc, capsys):
+    """A study that fine-tuned on a GPU is not continued on this machine's CPU under
+    `auto`; one from before the device settings (no record) trained on the CPU."""
+    tiny_doc["search"] = {"trials": 1, "seed": 0, "anchors": 0}
+    space = write_space(tmp_path / "tiny.yaml", tiny_doc)
+    results = tmp_path / "r"
+    assert main(["search", "--space", str(space), "--results", str(results)]) == 0
+    run = results / "tiny" / "run.json"
+    meta = json.loads(run.read_text())
+    assert meta["training"] == {"baseline": "cpu", "finetune": "cpu"}
+    del meta["training"]  # as a study from before the device settings
+    run.write_text(json.dumps(meta))
+    tiny_doc["search"]["trials"] = 2
+    write_space(space, tiny_doc)
+    assert main(["search", "--space", str(space), "--results", str(results)]) == 0
+    meta = json.loads(run.read_text())
+    meta["training"]["finetune"] = "cuda"  # as if it had started on a GPU machine
+    run.write_text(json.dumps(meta))
+    tiny_doc["search"]["trials"] = 3
+    write_space(space, tiny_doc)
+    capsys.readouterr()
+    assert main(["search", "--space", str(space), "--results", str(results)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: space.finetune.device: study 'tiny' has trained on cuda so far, but 'auto' "
+        "trains on cpu here; set space.finetune.device: cuda to go on as it started, or use "
+        "another study name"
+    )

@@ -11,7 +11,6 @@ middle of a trial.
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -51,7 +50,10 @@ class Setup:
         """The autocast type, or None where training runs in float32."""
         if not (self.amp and self.cuda):
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 natively from compute capability 8 (Ampere); is_bf16_supported() also
+        # says yes to older GPUs that only emulate it, slowly
+        native = torch.cuda.get_device_properties(self.device).major >= 8
+        return torch.bfloat16 if native else torch.float16
 
     def autocast(self) -> Any:
         dtype = self.amp_dtype
@@ -83,12 +85,12 @@ def resolve_device(name: str, where: str) -> torch.device:
     if not DEVICE_RE.match(name):  # the space file checked it; a caller's own value too
         raise SpaceError(f"{where}: {name!r} is not a device; choose from auto, cpu, cuda, cuda:N")
     if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if _has_cuda() else cpu()
+        return torch.device("cuda", _default_gpu()) if _has_cuda() else cpu()
     if name == "cpu":
         return cpu()
     if not _has_cuda():
         raise SpaceError(f"{where}: {name}, but this machine has no usable CUDA device")
-    index = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+    index = int(name.split(":")[1]) if ":" in name else _default_gpu()
     count = torch.cuda.device_count()
     if index >= count:
         raise SpaceError(
@@ -106,29 +108,38 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+_WORKER_GPU: int | None = None  # set in a worker process by pin_worker_gpu
+
+
+def _default_gpu() -> int:
+    """The GPU `auto` and `cuda` train on: the worker's own, else the current one."""
+    return torch.cuda.current_device() if _WORKER_GPU is None else _WORKER_GPU
+
+
 def pin_worker_gpu(index: int) -> int | None:
     """`search --workers N` on a machine with several GPUs: worker `index` (0 = the main
-    process) makes GPU index % count its current device, so `auto` and `cuda` put one
-    worker on each. Returns the GPU, or None where there are fewer than two."""
-    if "CUDA_VISIBLE_DEVICES" in os.environ and not os.environ["CUDA_VISIBLE_DEVICES"]:
-        return None
+    process) trains on GPU index % count where a setting says `auto` or `cuda` (`cuda:N`
+    stays N). Only training moves: the current device, which a CUDA latency target times
+    on, stays the same for every worker. Returns the GPU, or None with fewer than two."""
+    global _WORKER_GPU
     if not _has_cuda() or torch.cuda.device_count() < 2:
         return None
-    gpu = index % torch.cuda.device_count()
-    torch.cuda.set_device(gpu)
-    return gpu
+    _WORKER_GPU = index % torch.cuda.device_count()
+    return _WORKER_GPU
 
 
 # --------------------------------------------------------------------------- user hooks
 
 
-def load_setup(recipe: Any, device: str, where: str) -> Setup:
+def load_setup(recipe: Any, device: str, where: str, classes: int = 3) -> Setup:
     """The Setup a space file's recipe section and a device setting name; the hooks are
-    imported and tried on a tiny input (SpaceError naming the YAML path on any fault)."""
-    loss = load_loss(recipe.loss) if recipe.loss else None
+    imported and tried on a tiny input on that device, with the model's number of logits
+    (`classes`) (SpaceError naming the YAML path on any fault)."""
+    on = resolve_device(device, where)
+    loss = load_loss(recipe.loss, classes=classes, device=on) if recipe.loss else None
     optimizer = load_optimizer(recipe.optimizer) if recipe.optimizer else None
     return Setup(
-        device=resolve_device(device, where),
+        device=on,
         amp=recipe.amp,
         loss=loss,
         optimizer=optimizer,
@@ -137,17 +148,20 @@ def load_setup(recipe: Any, device: str, where: str) -> Setup:
     )
 
 
-def load_loss(ref: str, where: str = "recipe.loss") -> LossFn:
+def load_loss(
+    ref: str, where: str = "recipe.loss", classes: int = 3, device: torch.device | None = None
+) -> LossFn:
     fn = load_callable(ref, where)
     _takes(fn, 2, where, "(logits, labels)")
-    logits = torch.randn(4, 3, requires_grad=True)
-    labels = torch.tensor([0, 1, 2, 1])
+    device = device or cpu()
+    logits = torch.randn(4, classes, device=device, requires_grad=True)
+    labels = torch.arange(4, device=device) % classes
     try:
         out = fn(logits, labels)
     except Exception as exc:
         raise SpaceError(
-            f"{where}: calling it with logits (4, 3) and labels (4,) failed: "
-            f"{type(exc).__name__}: {one_line(str(exc))[:200]}"
+            f"{where}: calling it with logits (4, {classes}) and labels (4,) on {device} "
+            f"failed: {type(exc).__name__}: {one_line(str(exc))[:200]}"
         ) from None
     if not isinstance(out, torch.Tensor) or out.dim() != 0:
         got = f"shape {list(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__

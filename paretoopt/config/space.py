@@ -677,7 +677,7 @@ def space_to_dict(space: Space) -> dict[str, Any]:
         "data": _component_to_dict(space.data),
         "objectives": {o.metric: o.direction for o in space.objectives},
         "metric": space.metric,
-        **{key: _section_to_dict(getattr(space, key)) for key in _SECTIONS},
+        **{key: section_to_dict(getattr(space, key)) for key in _SECTIONS},
     }
 
 
@@ -692,14 +692,15 @@ def _component_to_dict(spec: ComponentSpec) -> dict[str, Any]:
     return out
 
 
-def _section_to_dict(obj: Any) -> dict[str, Any]:
+def section_to_dict(obj: Any) -> dict[str, Any]:
+    """A section's settings as the normalised document writes them."""
     out = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
         if isinstance(value, (Fixed, Choice, Range)):
             out[f.name] = value.to_yaml()
         elif is_dataclass(value):
-            out[f.name] = _section_to_dict(value)
+            out[f.name] = section_to_dict(value)
         else:
             out[f.name] = value
     return out

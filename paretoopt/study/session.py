@@ -324,6 +324,40 @@ def store_confirmations(session: Session, confirmations: dict[int, dict[str, Any
         stored.update({str(n): c for n, c in confirmations.items()})
 
 
+def training_devices(space: Space) -> dict[str, str]:
+    """The kind of device ("cpu", "cuda") the baseline and the trials train on here."""
+    from paretoopt.compress.recipe import resolve_device
+
+    return {
+        "baseline": resolve_device(space.baseline.device, "baseline.device").type,
+        "finetune": resolve_device(space.space.finetune.device, "space.finetune.device").type,
+    }
+
+
+def check_devices(space: Space, directory: Path) -> None:
+    """A study goes on training where it started: `auto` on another machine (or a worker
+    with a GPU joining one that trained on CPUs) would mix the two in one front."""
+    if not (directory / RUN_FILE).is_file():
+        return
+    # a study from before the device settings existed trained on the CPU
+    before = read_json(directory / RUN_FILE).get("training") or {
+        "baseline": "cpu",
+        "finetune": "cpu",
+    }
+    now = training_devices(space)
+    checked = [("finetune", "space.finetune.device", space.space.finetune.device)]
+    if not space.model.checkpoint:  # a checkpoint is not trained here
+        checked.append(("baseline", "baseline.device", space.baseline.device))
+    for part, where, value in checked:
+        then = before.get(part, "cpu")
+        if then != now[part]:
+            raise StudyError(
+                f"{where}: study {space.study!r} has trained on {then} so far, but {value!r} "
+                f"trains on {now[part]} here; set {where}: {then} to go on as it started, "
+                "or use another study name"
+            )
+
+
 def study_reference(directory: Path) -> float | None:
     """The latency scale fixed by the study's first calibration, if there was one."""
     return read_json(directory / RUN_FILE).get("reference_ms")
@@ -347,6 +381,7 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
         "splits": {k: len(getattr(ctx.splits, k)) for k in ("train", "val", "test")},
         "hardware": hardware,
         "versions": versions,
+        "training": training_devices(session.space),  # resumes must keep them (check_devices)
     }
     with updating_json(session.directory / RUN_FILE) as meta:
         meta.setdefault("created", now)

@@ -20,7 +20,7 @@ from paretoopt.errors import StudyError, one_line
 from paretoopt.results.report import Reporter
 from paretoopt.study.loop import REASON_LIMIT
 from paretoopt.study.sampling import make_sampler
-from paretoopt.study.session import study_reference
+from paretoopt.study.session import check_devices, study_reference
 
 if TYPE_CHECKING:
     from paretoopt.study.trial import StudyContext
@@ -37,6 +37,7 @@ def start(space: Space, results_root: Path, seed: int, reporter: Reporter) -> St
     from paretoopt.study.trial import prepare  # torch is imported only once the space is valid
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_devices(space, results_root / space.study)  # before a baseline is trained
     ctx = prepare(space, results_root / ".cache", log=reporter.log)
     calibrate_study(space, results_root / space.study, ctx, reporter)
     return Started(ctx, make_sampler(space, seed, ctx.layer_names, ctx.quant_layers))

@@ -32,7 +32,7 @@ from paretoopt.compress.train import Recipe, Teacher, logits_of, split_quality, 
 from paretoopt.config.knobs import Choice, Range
 from paretoopt.config.metrics import quality_metric, quality_name
 from paretoopt.config.plan import CompressionPlan
-from paretoopt.config.space import RecipeSpec, Space, space_to_dict
+from paretoopt.config.space import RecipeSpec, Space, section_to_dict, space_to_dict
 from paretoopt.errors import SpaceError, TrialError, one_line
 from paretoopt.measure import Runner, runtime_quality
 from paretoopt.measure.backends import Deployment, DeployRequest
@@ -95,8 +95,9 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
     if not prunable_layers(model):
         raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
     _check_mixing(space, splits)
-    setups(space)  # the devices exist and the recipe's hooks work, before any training
-    load_quality(space.metric)  # ... and so does the quality metric
+    # the devices exist and the recipe's hooks and the metric work, before any training
+    setups(space, int(out.shape[1]))
+    load_quality(space.metric, classes=int(out.shape[1]))
     if space.target.device == "cuda" and not torch.cuda.is_available():
         raise SpaceError("target.device: cuda, but this machine has no usable CUDA device")
     return model, splits
@@ -145,8 +146,9 @@ def prepare(
     log: Callable[[str], None] = print,
 ) -> StudyContext:
     model, splits = check_inputs(space)
-    baseline_setup, finetune_setup = setups(space)
-    quality = load_quality(space.metric)
+    width = int(_forward(model, splits, 1, "").shape[1])  # the model's logits
+    baseline_setup, finetune_setup = setups(space, width)
+    quality = load_quality(space.metric, classes=width)
     target = Target(space.target, splits.val, splits.train.head(1))
     source = "checkpoint"
     if not space.model.checkpoint:
@@ -162,10 +164,10 @@ def prepare(
     )
 
 
-def setups(space: Space) -> tuple[Setup, Setup]:
+def setups(space: Space, classes: int) -> tuple[Setup, Setup]:
     """Baseline training's and fine-tuning's devices, with the recipe's hooks (imported
-    and tried once: SpaceError on a bad one)."""
-    base = load_setup(space.recipe, space.baseline.device, "baseline.device")
+    and tried once on logits of the model's width `classes`: SpaceError on a bad one)."""
+    base = load_setup(space.recipe, space.baseline.device, "baseline.device", classes)
     device = resolve_device(space.space.finetune.device, "space.finetune.device")
     return base, replace(base, device=device)
 
@@ -195,10 +197,14 @@ def baseline_key(space: Space) -> str:
     # CPU), so a cached CPU baseline is not taken for a GPU one; keys from before the
     # setting existed stay valid
     device = resolve_device(parts["baseline"].pop("device"), "baseline.device")
-    if device.type != "cpu":
-        parts["device"] = device.type
-    if space.recipe != RecipeSpec():  # a recipe of the user's: its hooks and settings
-        parts["recipe"] = doc["recipe"]
+    recipe, default = doc["recipe"], section_to_dict(RecipeSpec())
+    if device.type != "cpu":  # ... and the arithmetic it trains in there
+        dtype = Setup(device=device, amp=space.recipe.amp).amp_dtype
+        parts["device"] = f"{device.type}-{dtype or torch.float32}"
+    else:  # mixed precision is CUDA's alone
+        recipe, default = ({k: v for k, v in d.items() if k != "amp"} for d in (recipe, default))
+    if recipe != default:  # a recipe of the user's: its hooks and settings
+        parts["recipe"] = recipe
     parts["code"] = (__version__, torch.__version__)
     for key, factory in (
         ("model", doc["model"].get("factory", "")),

@@ -41,10 +41,13 @@ class TopK:
     def update(self, logits: np.ndarray, labels: np.ndarray) -> None:
         if self.k == 1:
             hit = logits.argmax(axis=1) == labels
-        else:  # ties at the k-th place count as in, as a stable top-k would not promise
-            k = min(self.k, logits.shape[1])
-            kth = np.partition(logits, -k, axis=1)[:, -k]
-            hit = logits[np.arange(len(labels)), labels] >= kth
+        else:
+            # the label's rank: classes scored higher, and tied ones of a higher index
+            # (scikit-learn's top_k_accuracy_score breaks ties that way)
+            own = logits[np.arange(len(labels)), labels][:, None]
+            later = np.arange(logits.shape[1])[None, :] > labels[:, None]
+            rank = (logits > own).sum(axis=1) + ((logits == own) & later).sum(axis=1)
+            hit = rank < self.k
         self.correct += int(hit.sum())
         self.total += len(labels)
 
@@ -141,23 +144,24 @@ class Quality:
 TOP1 = Quality()
 
 
-def load_quality(name: str, where: str = "metric") -> Quality:
+def load_quality(name: str, where: str = "metric", classes: int = 3) -> Quality:
     """The Quality a space file's ``metric`` names; a user callable is imported and tried
-    on a tiny input (SpaceError naming the YAML path on any fault)."""
+    on a tiny input of the model's width `classes`, every class present (SpaceError
+    naming the YAML path on any fault)."""
     if not is_user_quality(name):
         if name not in QUALITY:  # the space file checked it: a caller's own value
             raise SpaceError(f"{where}: unknown metric {name!r}; choose from {', '.join(QUALITY)}")
         return Quality(name)
     fn = load_callable(name, where)
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((8, 3)).astype(np.float32)
-    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1], dtype=np.int64)
+    n = max(8, 2 * classes)
+    logits = np.random.default_rng(0).standard_normal((n, classes)).astype(np.float32)
+    labels = np.arange(n, dtype=np.int64) % classes
     try:
         value = fn(logits, labels)
     except Exception as exc:
         raise SpaceError(
-            f"{where}: calling it with logits (8, 3) float32 and labels (8,) int64 failed: "
-            f"{type(exc).__name__}: {one_line(str(exc))[:200]}"
+            f"{where}: calling it with logits ({n}, {classes}) float32 and labels ({n},) "
+            f"int64 failed: {type(exc).__name__}: {one_line(str(exc))[:200]}"
         ) from None
     _number(value, where, SpaceError)
     return Quality(name, fn)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from paretoopt.errors import SpaceError
+from paretoopt.errors import SpaceError, one_line
 
 T = TypeVar("T")
 
@@ -61,7 +61,9 @@ def _import(name: str, where: str) -> Any:
     try:
         return importlib.import_module(name)
     except Exception as exc:  # any import-time failure is the user's module, not ours
-        raise SpaceError(f"{where}: cannot import {name!r}: {type(exc).__name__}: {exc}") from exc
+        raise SpaceError(
+            f"{where}: cannot import {name!r}: {type(exc).__name__}: {one_line(str(exc))[:300]}"
+        ) from exc
 
 
 def _import_file(path: str, where: str) -> Any:
@@ -78,7 +80,9 @@ def _import_file(path: str, where: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise SpaceError(f"{where}: cannot import {path!r}: {type(exc).__name__}: {exc}") from exc
+        raise SpaceError(
+            f"{where}: cannot import {path!r}: {type(exc).__name__}: {one_line(str(exc))[:300]}"
+        ) from exc
     return module
 
 

@@ -20,7 +20,7 @@ class FinetuneSpace:
     )
     lr: Knob = setting(
         Range(1e-4, 3e-3, log=True),
-        "Adam learning rate of fine-tuning",
+        "learning rate of fine-tuning (Adam, or the recipe's optimizer; cosine decay)",
         kind=float,
         low=1e-8,
         high=1.0,
