@@ -22,7 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Every script runs (about an hour on 2 cores); the exit status says whether all targets held.
+# Every script runs (about 90 minutes on 2 cores); the exit status says whether all targets held.
 BENCHMARKS := pruning quantization augmentation latency search cost streaming workload
 bench: $(STAMP)
 	@status=0; for script in $(BENCHMARKS); do \
