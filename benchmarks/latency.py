@@ -42,6 +42,7 @@ from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.measure import OrtRunner, TorchRunner, runtime_threads, time_runner
 from paretoopt.measure.isa import int8_dot, this_machine
+from paretoopt.measure.structure import onnx_structure
 from paretoopt.results.frames import StudyResults, load_results, trial_record
 from paretoopt.study.trial import StudyContext, calibrate, run_trial, settled_latency
 
@@ -148,12 +149,13 @@ def fresh_sessions(ctx: StudyContext, results: StudyResults, work: Path) -> Reco
     """The fastest int8 front trial's model.onnx, timed REPEATS times with the study's
     protocol (each time in fresh sessions against the baseline)."""
     number, file = int8_file(ctx, results, work)
+    structure = onnx_structure(file)  # as a trial and its confirmation pass it
     measured, sessions, quiet, seconds = [], [], 0, []
     for i in range(REPEATS):
         time.sleep(SPACING_S)  # not all in one stretch of the machine's state
         runner = OrtRunner(file, ctx.space.target.threads)
         start = time.perf_counter()
-        figure = settled_latency(ctx, runner, file)
+        figure = settled_latency(ctx, runner, file, structure)
         seconds.append(time.perf_counter() - start)
         measured.append(figure["ratio_to_baseline"])
         sessions += figure["session_ratios"]
@@ -161,7 +163,8 @@ def fresh_sessions(ctx: StudyContext, results: StudyResults, work: Path) -> Reco
         progress(
             f"trial {number}, measurement {i + 1}: ratio {measured[-1]:.4f}, "
             f"{figure['quiet_pairs']} of {figure['pairs']} pairs quiet, {seconds[-1]:.2f} s, "
-            f"{figure['tries']} tries"
+            f"{figure['tries']} tries; candidate {figure['median_ms'] * 1e3:.1f} us, "
+            f"baseline {figure['baseline_median_ms'] * 1e3:.1f} us (medians of all rounds)"
         )
     return {
         "trial": number,

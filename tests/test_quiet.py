@@ -88,6 +88,24 @@ def test_a_known_quiet_level_rules_out_pairs_slower_than_it():
     assert got.ratio == pytest.approx(0.5 / 1.3)
 
 
+def test_a_structures_known_level_keeps_a_timing_stuck_slow_from_reading_as_quiet():
+    """The candidate slow (int8 in the disturbed state) while the baseline is quiet: on
+    its own, the timing takes the slow rounds for the candidate's quiet level and reads
+    0.3; told its structure's fastest round from an earlier timing (0.2), it finds no
+    quiet pair and says so, so that the figure is taken again."""
+    spec = dataclasses.replace(SPEC, quiet_s=0.05)
+
+    def timers(k: int):
+        return (lambda: DeviceTime(0.3)), (lambda: DeviceTime(1.0))
+
+    alone = time_sessions(timers, spec, 1, quiet_level_ms=1.0)
+    assert alone.quiet and alone.ratio == pytest.approx(0.3)
+    assert alone.candidate_level_ms == pytest.approx(0.3)
+    told = time_sessions(timers, spec, 1, quiet_level_ms=1.0, candidate_level_ms=0.2)
+    assert told.quiet is False and told.quiet_pairs == 0
+    assert told.candidate_level_ms == pytest.approx(0.2)  # kept for the next timing
+
+
 def test_quiet_pairs_of_any_session_count_and_only_their_sessions_are_pooled():
     spec = dataclasses.replace(SPEC, repeats=5)
     machine = Machine(disturbed=5 * PAIR)  # session 0 disturbed, session 1 quiet
@@ -125,7 +143,7 @@ def _confirming(quiet: list[bool], quiet_s: float) -> tuple[SimpleNamespace, lis
     """A study context whose target answers with `quiet`, one figure per timing."""
     calls: list[int] = []
 
-    def latency(runner: object, file: object) -> dict:
+    def latency(runner: object, file: object, structure: object = None) -> dict:
         calls.append(1)
         return {"latency_ms": float(len(calls)), "quiet": quiet[len(calls) - 1]}
 

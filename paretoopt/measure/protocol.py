@@ -140,6 +140,7 @@ class PairedTiming:
     quiet_pairs: int = 0  # of them, with both rounds at the machine's quiet level
     quiet: bool | None = None  # read from quiet pairs alone (None: quiet_rounds 0, nobody looked)
     quiet_level_ms: float | None = None  # the reference's fastest round on this machine
+    candidate_level_ms: float | None = None  # ... and the candidate's (see time_sessions)
 
 
 Timers = tuple[Callable[[], Any], Callable[[], Any]]  # (candidate, reference)
@@ -180,6 +181,7 @@ def time_sessions(
     target: TargetSpec,
     sessions: int,
     quiet_level_ms: float | None = None,
+    candidate_level_ms: float | None = None,
 ) -> PairedTiming:
     """``time_paired`` in `sessions` sessions: `timers(k)` gives the candidate's and the
     reference's timers in session k (fresh sessions for k > 0), or None where there are
@@ -188,7 +190,10 @@ def time_sessions(
     Read at the machine's quiet level (``target.quiet_rounds`` > 0): a pair is quiet when
     its reference round is within ``target.quiet_tolerance`` of the fastest reference
     round known (`quiet_level_ms`, or the fastest of these rounds), and its candidate
-    round within as much of the candidate's fastest. Rounds go on, for at
+    round within as much of the candidate's fastest (`candidate_level_ms`, its structure's
+    fastest round in earlier timings on this machine, or the fastest of these rounds: a
+    timing that never saw the quiet state then does not take its own slow rounds for
+    quiet ones). Rounds go on, for at
     most ``target.quiet_s`` seconds, until ``quiet_rounds`` pairs are quiet; the ratio is
     then the median of the quiet pairs' ratios. A machine that never got quiet is read
     from all its pairs (``quiet`` False). With ``quiet_rounds`` 0 (``quiet`` None): the
@@ -208,7 +213,7 @@ def time_sessions(
         medians = zip(map(statistics.median, a), map(statistics.median, b), strict=True)
         pairs += [_Pair(x, y, k) for x, y in medians]
     level = _quiet_level(quiet_level_ms, pairs)
-    fastest = min(p.ours for p in pairs)
+    fastest = min([p.ours for p in pairs] + ([candidate_level_ms] if candidate_level_ms else []))
     count = len(_quiet(pairs, level, fastest, target))
     session = pairs[-1].session
     index = len(_of(pairs, session))  # the ABBA order goes on within the last session
@@ -280,7 +285,7 @@ def _reading(
     per_session = tuple(statistics.median(p.ratio for p in _of(chosen, k)) for k in sessions)
     ratio = statistics.median(p.ratio for p in chosen) if quiet else statistics.median(per_session)
     counts = len(pairs), len(quiet_pairs)
-    return PairedTiming(ours, theirs, ratio, per_session, *counts, quiet, level)
+    return PairedTiming(ours, theirs, ratio, per_session, *counts, quiet, level, fastest)
 
 
 def _of(pairs: list[_Pair], session: int) -> list[_Pair]:

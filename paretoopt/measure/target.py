@@ -53,6 +53,8 @@ class Target:
         self.reference_sha: str | None = None  # the baseline's name on the agent
         self.calibration: dict[str, Any] | None = None
         self.quiet_level_ms: float | None = None  # the baseline's fastest round here
+        # each deployed structure's fastest round here: its quiet level in later timings
+        self.candidate_levels: dict[str, float] = {}
         self._int8: Int8Recipe | None = None
 
     def int8_recipe(self) -> Int8Recipe:
@@ -144,8 +146,12 @@ class Target:
         with runtime_threads(self.reference), self.gate.measuring():
             return time_runner(self.reference.timer(self.batch), self.spec)
 
-    def latency(self, runner: Runner, runtime_file: Path | None) -> dict[str, Any]:
-        """Time the candidate against the baseline; scale the reference by their ratio."""
+    def latency(
+        self, runner: Runner, runtime_file: Path | None, structure: str | None = None
+    ) -> dict[str, Any]:
+        """Time the candidate against the baseline; scale the reference by their ratio.
+        `structure` (see measure/structure): timings of one structure share its quiet
+        level."""
         if self.reference is None or self.calibration is None:
             raise StudyError("no calibrated baseline to measure against (calibrate first)")
         if self.agent is not None:
@@ -154,9 +160,12 @@ class Target:
             sha = self.agent.upload(runtime_file)
             timing = self.agent.paired(sha, str(self.reference_sha), self.spec)
         else:
+            known = self.candidate_levels.get(structure) if structure else None
             with runtime_threads(runner), self.gate.measuring():
-                timing = self._time_sessions(runner)
+                timing = self._time_sessions(runner, known)
             self.quiet_level_ms = timing.quiet_level_ms
+            if structure and timing.candidate_level_ms:
+                self.candidate_levels[structure] = timing.candidate_level_ms
             if runner.mode != self.reference.mode:  # e.g. a CUDA graph against eager launches
                 raise StudyError(
                     f"the candidate was timed as {runner.mode!r} but the baseline as "
@@ -176,7 +185,7 @@ class Target:
             "peak_memory_bytes": runner.peak_memory(self.batch),
         }
 
-    def _time_sessions(self, runner: Runner) -> PairedTiming:
+    def _time_sessions(self, runner: Runner, known: float | None = None) -> PairedTiming:
         """Paired timing in `target.sessions` sessions: the first with the runners at
         hand, each later one with both models loaded afresh (a runtime without sessions
         to renew is timed in one)."""
@@ -189,7 +198,7 @@ class Target:
                 return None
             return ours.timer(self.batch), theirs.timer(self.batch)
 
-        return time_sessions(timers, self.spec, self.spec.sessions, self.quiet_level_ms)
+        return time_sessions(timers, self.spec, self.spec.sessions, self.quiet_level_ms, known)
 
     def mode(self, runner: Runner) -> str:
         """How latency is taken: "cpu", "eager", "cuda-graph", or "remote" (an agent)."""

@@ -131,15 +131,25 @@ def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None
             if number not in keep or child.name != stem:
                 shutil.rmtree(child, ignore_errors=True)
     if ctx is not None:
-        front = [int(n) for n in results.pareto.get("number", []) if int(n) not in baseline_ids]
-        _confirm(session, ctx, front, reporter)
+        pareto = results.pareto
+        structures = dict(
+            zip(pareto.get("number", []), pareto.get("latency_structure", []), strict=False)
+        )
+        front = [int(n) for n in pareto.get("number", []) if int(n) not in baseline_ids]
+        _confirm(session, ctx, front, structures, reporter)
     results = load_results(session.directory, session.space.search.storage)
     write_tables(results)
     reporter.finish(results)
     return results
 
 
-def _confirm(session: Session, ctx: StudyContext, numbers: list[int], reporter: Reporter) -> None:
+def _confirm(
+    session: Session,
+    ctx: StudyContext,
+    numbers: list[int],
+    structures: dict[int, Any],
+    reporter: Reporter,
+) -> None:
     """Time each front trial's deployed files again, against the baseline, once the search
     is over: a point that owes its place to one lucky measurement shows here."""
     from paretoopt.study.trial import confirm
@@ -147,7 +157,9 @@ def _confirm(session: Session, ctx: StudyContext, numbers: list[int], reporter: 
     out = {}
     for n in numbers:
         try:
-            out[n] = confirm(ctx, session.directory / TRIALS_DIR / str(n))
+            structure = structures.get(n)  # the trial's own, so it reads at its quiet level
+            structure = structure if isinstance(structure, str) and structure else None
+            out[n] = confirm(ctx, session.directory / TRIALS_DIR / str(n), structure)
         except Exception as exc:  # a confirmation that fails leaves the search's figures
             reporter.log(f"confirmation of trial {n} failed: {type(exc).__name__}: {exc}")
     if out:

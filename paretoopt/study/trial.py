@@ -368,8 +368,9 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         _check_runtime(runner, reloaded, checked, rounded)
         val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits, ctx.quality)
     runtime_file = deployment.file  # none for the torch runtime: it runs the module
-    latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file)
-    latency["structure"] = ctx.target.backend.structure(deployment)  # see pooling
+    structure = ctx.target.backend.structure(deployment)  # see pooling
+    latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file, structure)
+    latency["structure"] = structure
     layers = _layer_quant(plan, bench, ctx.target.backend.integer_weights(deployment), exact)
     integer = [n for n, e in layers.items() if e.format == "int"]
     return TrialRecord(
@@ -469,16 +470,19 @@ def _macs(model: nn.Module, example: Inputs) -> int:
     return int(macs)
 
 
-def confirm(ctx: StudyContext, directory: Path) -> dict[str, Any]:
+def confirm(ctx: StudyContext, directory: Path, structure: str | None = None) -> dict[str, Any]:
     """Time a kept trial's deployed model again, against the baseline (end of a search):
     exactly the file the trial measured, where its runtime has one."""
     backend = ctx.target.backend
     with ctx.target.gate.computing():
         runner = backend.reload(directory, ctx.build_model)
-    return settled_latency(ctx, runner, directory / backend.file if backend.file else None)
+    file = directory / backend.file if backend.file else None
+    return settled_latency(ctx, runner, file, structure)
 
 
-def settled_latency(ctx: StudyContext, runner: Runner, file: Path | None) -> dict[str, Any]:
+def settled_latency(
+    ctx: StudyContext, runner: Runner, file: Path | None, structure: str | None = None
+) -> dict[str, Any]:
     """The target's latency figure; a timing that never found the machine quiet is taken
     again, QUIET_TRIES times at most (`tries`), unless target.quiet_s is 0 (no time to
     look for a quiet machine is given). On the AVX2 EPYC VM one int8 file timed 12 times
@@ -487,7 +491,7 @@ def settled_latency(ctx: StudyContext, runner: Runner, file: Path | None) -> dic
     from the other state, so it is not kept while another try can do better."""
     tries = 0
     while True:
-        figure, tries = ctx.target.latency(runner, file), tries + 1
+        figure, tries = ctx.target.latency(runner, file, structure), tries + 1
         settled = figure["quiet"] is not False or ctx.space.target.quiet_s == 0
         if settled or tries == QUIET_TRIES:
             return {**figure, "tries": tries}
