@@ -52,10 +52,8 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from paretoopt.results.frames import JOURNAL_FILE, load_results, torn_tail
-    from paretoopt.results.report import front_table
+    from paretoopt.results.report import fitted_width, front_table, plain_console
 
     folder = Path(args.results) / args.study
     torn = torn_tail(folder / JOURNAL_FILE) if args.storage is None else 0
@@ -67,7 +65,8 @@ def _show(args: argparse.Namespace) -> int:
             "and keeps a copy.",
             file=sys.stderr,
         )
-    Console().print(front_table(load_results(folder, args.storage)))
+    console = plain_console()
+    console.print(front_table(load_results(folder, args.storage), fitted_width(console)))
     return 0
 
 
@@ -252,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="largest accepted difference of the test split's quality metric (top-1 "
         "accuracy unless the space file's metric says otherwise) to the recorded figure, "
-        "in its units (points of percent for the built-in metrics)",
+        "in its units (points of percent for the built-in metrics); default %(default)s",
     )
     p.add_argument(
         "--storage", default=None, help="the study's database URL (a folder's is never opened)"

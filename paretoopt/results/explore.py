@@ -18,6 +18,7 @@ import pandas as pd
 from paretoopt.config.metrics import ACCURACY, DEFAULT_QUALITY, METRICS, quality_metric, shown
 from paretoopt.results.frames import SPACE_FILE, StudyResults, load_results
 from paretoopt.results.pick import confirmed, knee
+from paretoopt.results.record import layer_rows
 
 
 @dataclass(frozen=True)
@@ -208,23 +209,16 @@ def influence(results: StudyResults) -> pd.DataFrame:
 
 def layer_table(record: dict[str, Any]) -> pd.DataFrame:
     """Per layer: the sparsity reached, channels kept, bit-width and the kernel it ran in."""
-    sparsity = record.get("layer_sparsity") or {}
-    channels = record.get("layer_channels") or {}
-    quant = record.get("layer_quant") or {}
-    names = list(dict.fromkeys([*sparsity, *channels, *quant]))
-    rows = []
-    for name in names:
-        kept = channels.get(name)
-        q = quant.get(name, {})
-        rows.append(
-            {
-                "layer": name,
-                "sparsity": sparsity.get(name, 0.0),
-                "channels kept": f"{kept[0]}/{kept[1]}" if kept else "",
-                "bits": q.get("bits", 32),
-                "kernel": q.get("kernel", ""),
-            }
-        )
+    rows = [
+        {
+            "layer": r["layer"],
+            "sparsity": r["sparsity"],
+            "channels kept": f"{r['channels_kept']}/{r['channels']}" if r["channels"] else "",
+            "bits": r["bits"],
+            "kernel": r["kernel"] or "",
+        }
+        for r in layer_rows(record)
+    ]
     return pd.DataFrame(rows, columns=["layer", "sparsity", "channels kept", "bits", "kernel"])
 
 

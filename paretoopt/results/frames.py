@@ -27,7 +27,13 @@ from paretoopt.config.metrics import shown as shown_metrics
 from paretoopt.config.yamlfile import load_yaml
 from paretoopt.errors import SpaceError, StudyError, one_line, shown
 from paretoopt.results.pooling import pool_study
-from paretoopt.results.record import TrialRecord, frame_columns, stored_record
+from paretoopt.results.record import (
+    LAYER_COLUMNS,
+    TrialRecord,
+    frame_columns,
+    layer_rows,
+    stored_record,
+)
 
 BASELINE_ATTR = "paretoopt.baseline"
 METRIC_COLUMNS = {m.name: m.field for m in METRICS.values()}  # objective -> frame column
@@ -337,9 +343,24 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def layers_frame(results: StudyResults) -> pd.DataFrame:
+    """Every completed trial's per-layer records, one row per trial and layer (record.
+    LAYER_COLUMNS after the trial number): what layers.csv holds."""
+    study = optuna.load_study(
+        study_name=results.name, storage=open_storage(results.storage, results.directory)
+    )
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        record = stored_record(trial.user_attrs) if trial.state.name == "COMPLETE" else None
+        if record is not None:
+            rows += [{"trial": trial.number, **row} for row in layer_rows(record)]
+    return pd.DataFrame(rows, columns=["trial", *LAYER_COLUMNS])
+
+
 def write_tables(results: StudyResults) -> None:
-    """trials.csv and pareto.csv beside the study, written atomically."""
-    for name, frame in (("trials.csv", results.trials), ("pareto.csv", results.pareto)):
+    """trials.csv, pareto.csv and layers.csv beside the study, written atomically."""
+    tables = [("trials.csv", results.trials), ("pareto.csv", results.pareto)]
+    for name, frame in [*tables, ("layers.csv", layers_frame(results))]:
         tmp = results.directory / f"{name}.tmp"
         frame.to_csv(tmp, index=False)
         os.replace(tmp, results.directory / name)

@@ -218,6 +218,43 @@ def quiet_reading(latency: Mapping[str, Any], lead: str = "") -> str:
     return ""
 
 
+LAYER_COLUMNS = (
+    "layer",
+    "sparsity",  # pruning: the share of its weights that are zero
+    "channels_kept",  # channel pruning: output channels left ...
+    "channels",  # ... of the original's
+    "bits",  # quantization: weight bit-width (32: float32)
+    "format",  # int, float16, bfloat16, float32
+    "kernel",  # the kernel it ran in, read from the runtime's graph: int8 or float32
+    "granularity",
+    "scheme",
+    "exact_weights",  # an int8 layer holds the trial's own codes (not re-rounded ones)
+    "int8_weights",  # the type an int8 layer's codes are stored in: s8 or u8
+)
+
+
+def layer_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One tidy row per layer (LAYER_COLUMNS) from what the techniques recorded: the
+    explorer's per-layer view and layers.csv read these."""
+    sparsity = record.get("layer_sparsity") or {}
+    channels = record.get("layer_channels") or {}
+    quant = record.get("layer_quant") or {}
+    rows = []
+    for name in dict.fromkeys([*sparsity, *channels, *quant]):
+        kept, q = channels.get(name) or [None, None], quant.get(name) or {}
+        rows.append(
+            {
+                "layer": name,
+                "sparsity": sparsity.get(name, 0.0),
+                "channels_kept": kept[0],
+                "channels": kept[1],
+                "bits": q.get("bits", 32),
+                **{k: q.get(k) for k in LAYER_COLUMNS[5:]},
+            }
+        )
+    return rows
+
+
 def frame_columns(record: TrialRecord | None) -> dict[str, Any]:
     """A trial's measured columns in the trials frame (None where it has no record)."""
     out: dict[str, Any] = {k: getattr(record, k) if record else None for k in FRAME_FIELDS}

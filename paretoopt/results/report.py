@@ -6,6 +6,8 @@ The search talks to a Reporter; the CLI uses the rich one, the Python API a sile
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -69,8 +71,11 @@ class RichReporter(Reporter):
     """Progress bar with ETA and the best figure per objective, a line per trial."""
 
     def __init__(self, console: Console | None = None) -> None:
-        # piped output (CI logs, tee) gets a wide console instead of rich's 80 columns
-        self.console = console or Console(width=None if sys.stdout.isatty() else 160)
+        # piped output (CI logs, tee): one line per trial, never wrapped or cut at rich's
+        # 80 columns, and a summary line every SUMMARY_EVERY trials for the bar it lacks
+        self.console = console or plain_console()
+        self.started = time.monotonic()
+        self.total = self.first = 0
         self.progress: Progress | None = None
         self.task: Any = None
         self.best: dict[str, float] = {}  # over feasible trials of this session
@@ -84,6 +89,7 @@ class RichReporter(Reporter):
         if self.progress is not None:  # a second round of trials in the same session
             return
         self.objectives, self.quality = tuple(space.metrics), space.metric
+        self.started, self.total, self.first = time.monotonic(), space.search.trials, done
         self.console.print(
             f"study [bold]{space.study}[/]: {done} of {space.search.trials} "
             f"trials done; sampler {space.search.sampler}, target "
@@ -132,14 +138,27 @@ class RichReporter(Reporter):
         self.log(f"trial {number:>3} [red]FAIL[/] {escape(reason)}")
 
     def advance(self, done: int) -> None:
-        if self.progress is not None:
-            best = (
-                "best: "
-                + ", ".join(m.text(self.best[m.name]) for m in shown(self.objectives, self.quality))
-                if self.best
-                else ""
-            )
-            self.progress.update(self.task, completed=done, best=best)
+        if self.progress is None:
+            return
+        best = (
+            "best: "
+            + ", ".join(m.text(self.best[m.name]) for m in shown(self.objectives, self.quality))
+            if self.best
+            else ""
+        )
+        self.progress.update(self.task, completed=done, best=best)
+        if not self.console.is_terminal and done % SUMMARY_EVERY == 0 and done < self.total:
+            self.log(self._summary(done, best))
+
+    def _summary(self, done: int, best: str) -> str:
+        """e.g. "progress: 40 of 120 trials, 2:10 elapsed, eta 4:20; best: ..." (the
+        eta from this session's pace)."""
+        elapsed = time.monotonic() - self.started
+        ran = done - self.first
+        eta = _clock(elapsed / ran * (self.total - done)) if ran > 0 else "?"
+        return f"progress: {done} of {self.total} trials, {_clock(elapsed)} elapsed, eta {eta}" + (
+            f"; {best}" if best else ""
+        )
 
     def stop(self) -> None:
         if self.progress is not None:
@@ -147,11 +166,20 @@ class RichReporter(Reporter):
             self.progress = None
 
     def finish(self, results: StudyResults) -> None:
-        self.console.print(front_table(results))
+        self.console.print(front_table(results, fitted_width(self.console)))
         self.console.print(
-            f"results: {results.directory}/ (trials.csv, pareto.csv, "
+            f"results: {results.directory}/ (trials.csv, pareto.csv, layers.csv, "
             "space.yaml, run.json, trials/<n>/ artifacts of the front)"
         )
+
+
+SUMMARY_EVERY = 10  # trials between summary lines where there is no progress bar
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def _figure(m: Metric, value: float, base: float, short: str = "acc") -> str:
@@ -165,7 +193,11 @@ def _figure(m: Metric, value: float, base: float, short: str = "acc") -> str:
     return f"{m.name} {m.text(value):{width}} ({ratio:4.{m.ratio_decimals}f}x)"
 
 
-def front_table(results: StudyResults) -> Table:
+def front_table(results: StudyResults, width: int | None = None) -> Table:
+    """The front as a table. Within `width` columns (a terminal's), the least needed
+    columns go first: the plan is cut short, then dropped, then test accuracy, the
+    change in accuracy and the ratios; trial, accuracy and each objective's figure
+    always stay."""
     if len(results.pareto):
         title = (
             f"Pareto front of {results.name}: {len(results.pareto)} of "
@@ -176,39 +208,99 @@ def front_table(results: StudyResults) -> Table:
             f"{results.name}: no feasible completed trial yet among "
             f"{len(results.trials)}; see trials.csv for the reasons"
         )
+    columns, busy = _front_columns(results)
+    kept = _fitting(columns, width)
     table = Table(title=title)
+    for column in kept:  # never squeezed: the plan gives way first
+        table.add_column(column.header, justify="right", no_wrap=True, min_width=column.wide)
+    room = None if width is None else width - _width(kept) - 3  # the plan's, cut to it
+    plan = room is None or room >= PLAN_MIN
+    if plan:
+        table.add_column("plan", justify="left", no_wrap=True, overflow="ellipsis", max_width=room)
+    for i, (_, r) in enumerate(results.pareto.iterrows()):
+        cells = [c.cells[i] for c in kept]
+        table.add_row(*cells, *([str(r["plan"])] if plan else []))
+    if busy:
+        table.caption = "* re-measured while the machine was never quiet (see trials.csv)"
+    return table
+
+
+PLAN_MIN = 12  # the plan column is shown only with at least this much room
+
+
+def fitted_width(console: Console) -> int | None:
+    """The width a table must fit: a terminal's; None for a file or a pipe, where lines
+    may be as long as they need (nothing cuts or wraps them)."""
+    return console.width if console.is_terminal else None
+
+
+def plain_console() -> Console:
+    """A console for the tables: a terminal's width, or unbounded lines in a pipe."""
+    return Console() if sys.stdout.isatty() else Console(width=100_000)
+
+
+@dataclass(frozen=True)
+class _Column:
+    header: str
+    cells: list[str]
+    # 0: always shown; higher: dropped sooner where the width is short (test accuracy,
+    # then the change, the ratios, the confirmed latency)
+    rank: int
+
+    @property
+    def wide(self) -> int:
+        return max([len(self.header), *map(len, self.cells)])
+
+
+def _front_columns(results: StudyResults) -> tuple[list[_Column], bool]:
+    """Every column of the front table but the plan, and whether a confirmation was
+    taken while the machine was never quiet."""
+    rows = [r for _, r in results.pareto.iterrows()]
     metrics = shown(results.metrics)[1:]  # accuracy has its own columns
-    busy = False  # some confirmation never found the machine quiet
     short, q = quality_short(results.quality), results.shown_metrics[0]
     unit = f" {q.display_unit}" if q.display_unit else ""
-    headers = ["trial", f"val {short}{unit}", "Δ pts" if unit else "Δ", f"test {short}{unit}"]
+    columns = [
+        _Column("trial", [str(r["number"]) for r in rows], 0),
+        _Column(f"val {short}{unit}", [q.show(r["accuracy"]) for r in rows], 0),
+        _Column(
+            "Δ pts" if unit else "Δ",
+            [f"{r.get('accuracy_change', 0):+.{q.decimals}f}" for r in rows],
+            3,
+        ),
+        _Column(f"test {short}{unit}", [q.show(r["test_accuracy"]) for r in rows], 4),
+    ]
     for m in metrics:
-        headers += [m.column, m.ratio_label]
-    latency = METRICS["latency"]
+        figures = [m.text(r[m.field]) if m.prefixed else m.show(r[m.field]) for r in rows]
+        ratios = [f"{r.get(m.ratio_column, 1):.{m.ratio_decimals}f}" for r in rows]
+        columns += [_Column(m.column, figures, 0), _Column(m.ratio_label, ratios, 2)]
     again = results.pareto.get("confirm_latency_ms")
-    confirmed = again is not None and bool(again.notna().any())
-    if confirmed:  # re-measured at the end of the search: what picks read
-        headers.append("confirmed")
-    for col in headers:
-        table.add_column(col, justify="right", no_wrap=True)
-    table.add_column("plan", justify="left", no_wrap=True, overflow="ellipsis")
-    for _, r in results.pareto.iterrows():
-        cells = [
-            str(r["number"]),
-            q.show(r["accuracy"]),
-            f"{r.get('accuracy_change', 0):+.{q.decimals}f}",
-            q.show(r["test_accuracy"]),
-        ]
-        for m in metrics:
-            figure = m.text(r[m.field]) if m.prefixed else m.show(r[m.field])
-            cells += [figure, f"{r.get(m.ratio_column, 1):.{m.ratio_decimals}f}"]
-        if confirmed:
+    busy = False
+    if again is not None and bool(again.notna().any()):  # what picks read
+        latency, cells = METRICS["latency"], []
+        for r in rows:
             value = r.get("confirm_latency_ms")
             mark = "*" if flag(r.get(CONFIRMED_QUIET)) is False else ""
             busy = busy or bool(mark)
             known = value is not None and value == value
             cells.append(latency.show(value) + mark if known else "-")
-        table.add_row(*cells, str(r["plan"]))
-    if busy:
-        table.caption = "* re-measured while the machine was never quiet (see trials.csv)"
-    return table
+        columns.append(_Column("confirmed", cells, 1))
+    return columns, busy
+
+
+def _width(columns: list[_Column]) -> int:
+    """Characters a table of these columns takes: each one's widest cell, its padding
+    and border, and the closing border."""
+    return sum(c.wide + 3 for c in columns) + 1
+
+
+def _fitting(columns: list[_Column], width: int | None) -> list[_Column]:
+    """The columns that fit in `width`, dropping the highest ranks first (the last
+    column of a rank first); rank 0 always stays."""
+    kept = list(columns)
+    while width is not None and _width(kept) > width:
+        droppable = [c for c in kept if c.rank > 0]
+        if not droppable:
+            break
+        worst = max(c.rank for c in droppable)
+        kept.remove([c for c in droppable if c.rank == worst][-1])
+    return kept
