@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import sys
 import tempfile
 import zipfile
@@ -183,7 +184,8 @@ def budget_controls(results: StudyResults) -> explore.Budget:
     with st.sidebar:
         st.markdown("**Budgets**")
         for m in metrics:
-            limits[m.name] = _budget_slider(m, float(base[m.field]), name)
+            limit = results.constraints.get(m.limit.key)
+            limits[m.name] = _budget_slider(m, float(base[m.field]), name, limit)
         names = [m.name for m in metrics]
         st.radio("Axes", ["relative to the baseline", "absolute"], key="axes_mode")
         st.selectbox("x axis", names[1:] + names[:1], key="x_metric")
@@ -191,12 +193,16 @@ def budget_controls(results: StudyResults) -> explore.Budget:
     return explore.Budget(limits)
 
 
-def _budget_slider(m: Metric, base: float, study: str) -> float:
-    """One budget, in the metric's display unit; returned in the record's unit."""
-    if m.limit.relative:  # points below the baseline
-        return st.slider(
-            f"Max {m.name} drop (points)", 0.0, base, base, 0.1, key=f"max_drop:{study}"
-        )
+def _budget_slider(m: Metric, base: float, study: str, constraint: float | None = None) -> float:
+    """One budget, in the metric's display unit; returned in the record's unit. The
+    accuracy drop runs to twice the study's own limit (`constraint`), which it starts at."""
+    if m.limit.relative:  # points below the baseline: the useful range is a few
+        limit = constraint if constraint is not None else None
+        top = min(base, max(1.0, 2 * (limit if limit is not None else 1.0)))
+        default = min(limit, top) if limit is not None else top
+        step = 0.1 if m.display_unit else round(top / 100, 6) or 0.001
+        label = f"Max {m.name} drop" + (" (points)" if m.display_unit else "")
+        return st.slider(label, 0.0, float(top), float(default), step, key=f"max_drop:{study}")
     top = m.budget_span * base / m.display_scale
     unit = f"_{m.display_unit.lower()}" if m.display_scale != 1 else ""
     value = st.slider(
@@ -231,6 +237,11 @@ def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) 
         category_orders={"kind": list(COLORS)},
     )
     fig.update_traces(marker={"size": 9, "line": {"width": 0}})
+    # drawn last, so no dominated or infeasible marker hides a front point
+    fig.data = tuple(sorted(fig.data, key=lambda trace: trace.name == "front"))
+    for ax, update in ((x, fig.update_xaxes), (y, fig.update_yaxes)):
+        if ax.log and len(frame):
+            update(**log_ticks(frame[ax.column]))
     outside = frame[~frame["in budget"]]
     fig.add_trace(
         go.Scatter(
@@ -260,6 +271,17 @@ def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) 
     picked = explore.selected_trials(event)
     if picked and _fresh("front", picked):
         _select(results, picked[0])
+
+
+def log_ticks(values: pd.Series) -> dict[str, Any]:
+    """Ticks of a log axis at 1, 2 and 5 of every decade the values span, each labelled
+    with its whole value ("20", "0.05"), not plotly's bare "2" and "5" between decades."""
+    positive = values[values > 0]
+    if positive.empty:
+        return {}
+    low, high = math.floor(math.log10(positive.min())), math.ceil(math.log10(positive.max()))
+    ticks = [m * 10.0**e for e in range(low, high + 1) for m in (1, 2, 5)]
+    return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
 
 
 def _focus_on_front(
@@ -341,7 +363,8 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
     columns[-1].metric("Deployed minus PyTorch", gap)
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
     st.caption(
-        f"Latency p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
+        f"Latency above: the baseline's reference times the measured ratio (drift-corrected); "
+        f"the raw runs' p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
         f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs "
         f"({latency.get('mode', 'cpu')})"
         + quiet_reading(latency, ", ")
@@ -366,6 +389,8 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
             range_y=[0, 1],
             title="Per layer: sparsity (bar) and bit-width (colour)",
         )
+        # layer names of an nn.Sequential ("0.0", "6") are names, not numbers: one bar each
+        chart.update_xaxes(type="category", categoryorder="array", categoryarray=list(layers.layer))
         chart.update_layout(height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10})
         st.plotly_chart(chart, key="layers")
         st.dataframe(layers, hide_index=True)
@@ -422,9 +447,21 @@ def compare(results: StudyResults, pool: pd.DataFrame, chosen: int | None) -> No
     picked = st.multiselect(
         "Compare up to four candidates", options, default=default, max_selections=4, key="compare"
     )
-    figures = [c for m in results.shown_metrics[1:] for c in (m.field, m.ratio_column)]
-    columns = ["number", "accuracy", "test_accuracy", *figures, "plan"]
-    st.dataframe(results.pareto[results.pareto["number"].isin(picked)][columns], hide_index=True)
+    metrics = results.shown_metrics
+    q, short = metrics[0], quality_short(results.quality)
+    unit = f" ({q.display_unit})" if q.display_unit else ""
+    names = {"number": "trial", "accuracy": f"val {short}{unit}", "plan": "plan"}
+    names["test_accuracy"] = f"test {short}{unit}"
+    for m in metrics[1:]:
+        scaled = f" ({m.display_unit})" if m.display_unit else ""
+        names[m.field], names[m.ratio_column] = f"{m.name}{scaled}", m.ratio_label
+    table = results.pareto[results.pareto["number"].isin(picked)][list(names)].copy()
+    for m in metrics[1:]:  # in the units the headings name, rounded as tables show them
+        table[m.field] = (table[m.field] / m.display_scale).round(m.decimals)
+        table[m.ratio_column] = table[m.ratio_column].round(m.ratio_decimals)
+    for column in ("accuracy", "test_accuracy"):
+        table[column] = table[column].round(q.decimals)
+    st.dataframe(table.rename(columns=names), hide_index=True)
 
 
 def view_3d(results: StudyResults) -> None:
@@ -455,7 +492,13 @@ def convergence(results: StudyResults, metrics: list[str]) -> None:
     if history.empty:
         st.info("No feasible trial yet.")
         return
-    fig = px.line(history, x="number", y="hypervolume", markers=True)
+    fig = px.line(
+        history,
+        x="number",
+        y="hypervolume",
+        markers=True,
+        labels={"number": "trial", "hypervolume": "hypervolume (baseline units)"},
+    )
     fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 10, "b": 10})
     st.plotly_chart(fig, key="hypervolume")
     st.caption(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,54 @@ def test_the_explorer_names_the_studys_quality_metric(root, tmp_path):
     assert "Baseline macro F1" in labels and "Macro F1 (deployed)" in labels
     assert "test macro F1 " in texts(at)
     assert "F1 %" in at.dataframe[0].value.columns
+
+
+def _charts(at: AppTest) -> dict[str, dict]:
+    """The plotly figures the page drew, by chart key."""
+    return {c.proto.id.rsplit("-", 1)[-1]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+
+
+def test_every_layer_of_a_sequential_model_gets_its_own_bar(root):
+    """nn.Sequential names its layers "0.0", "1.0", "6": read as numbers, bars sat at
+    x = 0, 1, 6 and "3.conv1" was left out. A category axis draws one bar per layer."""
+    at = app(root, "tiny")
+    layers = _charts(at)["layers"]
+    assert layers["layout"]["xaxis"]["type"] == "category"
+    names = [str(n) for n in layers["data"][0]["x"]]
+    assert names == layers["layout"]["xaxis"]["categoryarray"]
+    assert "3.conv1" in names and "0.0" in names and len(set(names)) == len(names)
+    tables = [d.value for d in at.dataframe if "layer" in d.value.columns]
+    assert [list(t["layer"]) for t in tables] == [names]  # the table below lists the same
+
+
+def test_front_points_are_drawn_over_the_others_and_log_axes_read_whole_values(root):
+    at = app(root, "tiny")
+    front = _charts(at)["front"]
+    kinds = [t.get("name") for t in front["data"]]
+    drawn = [k for k in kinds if k in ("front", "dominated", "infeasible")]
+    assert drawn[-1] == "front"  # plotted last, on top
+    ticks = front["layout"]["xaxis"]["ticktext"]
+    assert {"1", "2", "5", "10", "20"} <= set(ticks)  # not "1 2 5 10 2 5"
+
+
+def test_the_drop_budget_starts_at_the_studys_limit_and_spans_a_useful_range(root):
+    at = app(root, "tiny")
+    drop = [s for s in at.slider if s.label.startswith("Max accuracy drop")][0]
+    limit = load_results(root / "tiny").constraints["max_accuracy_drop"]  # TINY: 100
+    base = load_results(root / "tiny").baseline["accuracy"]
+    assert drop.value == min(limit, drop.max) and drop.max == min(base, max(1.0, 2 * limit))
+
+
+def test_the_drop_budget_of_a_tight_study_is_its_constraint(root, tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(root / "tiny", results / "tight")
+    space = results / "tight" / "space.yaml"
+    text = space.read_text()
+    assert "max_accuracy_drop: 100.0" in text
+    space.write_text(text.replace("max_accuracy_drop: 100.0", "max_accuracy_drop: 0.5"))
+    at = app(results, "tight")
+    drop = [s for s in at.slider if s.label.startswith("Max accuracy drop")][0]
+    assert (drop.value, drop.min, drop.max) == (0.5, 0.0, 1.0)
 
 
 def test_a_finished_study_suggests_the_knee_and_offers_the_export(root):

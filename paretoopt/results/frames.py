@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class StudyResults:
     metrics: tuple[str, ...] = ("accuracy", "size", "latency")  # the study's objectives
     storage: str | None = None  # the storage URL it was read from (None: its journal)
     quality: str = DEFAULT_QUALITY  # what the accuracy objective measures (metric:)
+    constraints: dict[str, Any] = field(default_factory=dict)  # the stored space's limits
 
     @property
     def shown_metrics(self) -> list[Metric]:
@@ -268,7 +269,19 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
         tuple(metrics),
         url,
         _quality(space.get("metric")),
+        _constraints(space.get("constraints")),
     )
+
+
+def _constraints(stored: Any) -> dict[str, Any]:
+    """The stored space's numeric limits (a damaged entry is left out, not trusted)."""
+    if not isinstance(stored, dict):
+        return {}
+    return {
+        k: v
+        for k, v in stored.items()
+        if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 def _quality(stored: Any) -> str:
