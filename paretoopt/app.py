@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import sys
 import tempfile
 import zipfile
@@ -20,22 +19,15 @@ from typing import Any
 
 import pandas as pd
 import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
 from paretoopt.config.metrics import Metric, quality_name, quality_short, shown
 from paretoopt.errors import ParetoError
-from paretoopt.results import explore
+from paretoopt.results import explore, figures
 from paretoopt.results.frames import StudyResults, hardware_text, trial_record
 from paretoopt.results.record import quiet_reading
 
-COLORS = {
-    "front": "#1f77b4",
-    "dominated": "#b8c2cc",
-    "infeasible": "#f2b8b5",
-    "failed": "#d62728",
-    "running": "#ff7f0e",
-}
+COLORS = figures.COLORS
 
 
 def arguments() -> argparse.Namespace:
@@ -220,82 +212,11 @@ def front_plot(results: StudyResults, budget: explore.Budget, knee: int | None) 
     relative = st.session_state.get("axes_mode", "relative to the baseline") != "absolute"
     x = explore.axis(st.session_state.get("x_metric", "size"), relative, results.quality)
     y = explore.axis(st.session_state.get("y_metric", "accuracy"), relative, results.quality)
-    frame = results.trials[results.trials["state"] == "COMPLETE"].copy()
-    frame["kind"] = explore.categories(results)
-    frame["in budget"] = budget.mask(frame, results.baseline)
-    fig = px.scatter(
-        frame,
-        x=x.column,
-        y=y.column,
-        color="kind",
-        color_discrete_map=COLORS,
-        custom_data=["number"],
-        hover_data={"number": True, "plan": True},
-        log_x=x.log,
-        log_y=y.log,
-        labels={x.column: x.label, y.column: y.label},
-        category_orders={"kind": list(COLORS)},
-    )
-    fig.update_traces(marker={"size": 9, "line": {"width": 0}})
-    # drawn last, so no dominated or infeasible marker hides a front point
-    fig.data = tuple(sorted(fig.data, key=lambda trace: trace.name == "front"))
-    for ax, update in ((x, fig.update_xaxes), (y, fig.update_yaxes)):
-        if ax.log and len(frame):
-            update(**log_ticks(frame[ax.column]))
-    outside = frame[~frame["in budget"]]
-    fig.add_trace(
-        go.Scatter(
-            x=outside[x.column],
-            y=outside[y.column],
-            mode="markers",
-            marker={"symbol": "x-thin", "size": 11, "line": {"width": 1, "color": "#888"}},
-            name="over budget",
-            hoverinfo="skip",
-        )
-    )
-    if knee is not None:
-        point = frame[frame["number"] == knee]
-        fig.add_trace(
-            go.Scatter(
-                x=point[x.column],
-                y=point[y.column],
-                mode="markers",
-                marker={"symbol": "star", "size": 18, "color": "#ffbf00"},
-                name=f"knee (trial {knee})",
-                customdata=[[knee]],
-            )
-        )
-    fig.update_layout(height=460, margin={"l": 10, "r": 10, "t": 30, "b": 10})
-    _focus_on_front(fig, results, x, y)
+    fig = figures.front_figure(results, x, y, knee, budget)
     event = st.plotly_chart(fig, on_select="rerun", selection_mode="points", key="front")
     picked = explore.selected_trials(event)
     if picked and _fresh("front", picked):
         _select(results, picked[0])
-
-
-def log_ticks(values: pd.Series) -> dict[str, Any]:
-    """Ticks of a log axis at 1, 2 and 5 of every decade the values span, each labelled
-    with its whole value ("20", "0.05"), not plotly's bare "2" and "5" between decades."""
-    positive = values[values > 0]
-    if positive.empty:
-        return {}
-    low, high = math.floor(math.log10(positive.min())), math.ceil(math.log10(positive.max()))
-    ticks = [m * 10.0**e for e in range(low, high + 1) for m in (1, 2, 5)]
-    return {"tickvals": ticks, "ticktext": [f"{t:g}" for t in ticks]}
-
-
-def _focus_on_front(
-    fig: go.Figure, results: StudyResults, x: explore.Axis, y: explore.Axis
-) -> None:
-    """An accuracy axis spans the front (plus a margin), not the far-off failures: trials
-    that lost tens of points would otherwise squeeze the front into one line."""
-    front = results.pareto
-    for ax, update in ((x, fig.update_xaxes), (y, fig.update_yaxes)):
-        if ax.column in ("accuracy", "accuracy_change") and len(front):
-            low, high = float(front[ax.column].min()), float(front[ax.column].max())
-            # a point of percent below and half above; a user metric, its own scale
-            unit = 1.0 if results.shown_metrics[0].display_unit else max(abs(high), 1e-9) / 20
-            update(range=[low - max(unit, 0.2 * (high - low)), high + unit / 2])
 
 
 def _confirmed(frame: pd.DataFrame) -> bool:
@@ -380,18 +301,7 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
     )
     layers = explore.layer_table(rec)
     if len(layers):
-        chart = px.bar(
-            layers,
-            x="layer",
-            y="sparsity",
-            color="bits",
-            hover_data=["channels kept", "kernel"],
-            range_y=[0, 1],
-            title="Per layer: sparsity (bar) and bit-width (colour)",
-        )
-        # layer names of an nn.Sequential ("0.0", "6") are names, not numbers: one bar each
-        chart.update_xaxes(type="category", categoryorder="array", categoryarray=list(layers.layer))
-        chart.update_layout(height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10})
+        chart = figures.layers_figure(layers)
         st.plotly_chart(chart, key="layers")
         st.dataframe(layers, hide_index=True)
     st.markdown("**Take it away**")
@@ -492,14 +402,7 @@ def convergence(results: StudyResults, metrics: list[str]) -> None:
     if history.empty:
         st.info("No feasible trial yet.")
         return
-    fig = px.line(
-        history,
-        x="number",
-        y="hypervolume",
-        markers=True,
-        labels={"number": "trial", "hypervolume": "hypervolume (baseline units)"},
-    )
-    fig.update_layout(height=320, margin={"l": 10, "r": 10, "t": 10, "b": 10})
+    fig = figures.hypervolume_figure(history)
     st.plotly_chart(fig, key="hypervolume")
     st.caption(
         "Hypervolume of the feasible trials so far, in baseline units (accuracy as points "

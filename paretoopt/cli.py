@@ -70,6 +70,16 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from paretoopt.results.frames import load_results
+    from paretoopt.results.share import write_report
+
+    results = load_results(Path(args.results) / args.study, args.storage)
+    path = write_report(results, args.out)
+    print(f"report of {args.study}: {path} ({path.stat().st_size:,} bytes, opens offline)")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from paretoopt.config.metrics import quality_metric, quality_name
     from paretoopt.export import FORMATS, export_trial
@@ -226,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage", default=None, help="the study's database URL (a folder's is never opened)"
     )
     p.set_defaults(func=_show)
+
+    p = sub.add_parser(
+        "report", parents=[debug], help="write a study's front as one self-contained HTML file"
+    )
+    p.add_argument("--study", required=True, help="study name (folder under results/)")
+    p.add_argument("--results", default="results", help="results root (default: results)")
+    p.add_argument("--out", default="report.html", help="the HTML file (default: report.html)")
+    p.add_argument(
+        "--storage", default=None, help="the study's database URL (a folder's is never opened)"
+    )
+    p.set_defaults(func=_report)
 
     p = sub.add_parser(
         "export", parents=[debug], help="hand over a trial's model, exactly as measured"

@@ -43,3 +43,30 @@ def test_pick_a_candidate_in_a_browser(root):
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_the_report_opens_offline_and_shows_every_front_point(root, tmp_path):
+    """`paretoopt report` writes one file that Chromium draws with every request to
+    the network refused: plotly inlined, the front's points all there."""
+    from paretoopt.cli import main
+
+    out = tmp_path / "report.html"
+    assert main(["report", "--study", "tiny", "--results", str(root), "--out", str(out)]) == 0
+    front = load_results(root / "tiny").pareto
+    requests: list[str] = []
+    with browser_page(1400, 900) as page:
+        page.route("**/*", lambda route: (
+            route.continue_() if route.request.url.startswith("file:")
+            else (requests.append(route.request.url), route.abort())
+        ))  # fmt: skip
+        page.goto(out.resolve().as_uri())
+        page.wait_for_selector(".main-svg", timeout=30_000)
+        drawn = page.evaluate(
+            "() => [...document.querySelectorAll('.plotly-graph-div')].map("
+            "d => d._fullData.map(t => [t.name, t._length]))"  # as plotly drew them
+        )
+        page.screenshot(path=str(ROOT / "results" / "e2e" / "report.png"), full_page=True)
+    assert requests == []  # nothing was fetched from anywhere
+    traces = dict(drawn[0])  # the front figure comes first
+    assert traces["front"] == len(front)
+    assert len(drawn) >= 2  # the front and the hypervolume history at least

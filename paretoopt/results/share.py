@@ -1,0 +1,132 @@
+"""`paretoopt report`: one self-contained HTML file of a study, to attach to a pull request
+or a CI run: the front, the hypervolume history, the front table with its confirmed
+latencies, the knee's layers, the baseline, the target and the hardware. Plotly's
+script is inlined once, so the file opens with no server and no network."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from paretoopt.config.metrics import quality_name, quality_short
+from paretoopt.results import explore, figures
+from paretoopt.results.frames import StudyResults, hardware_text, trial_record
+
+
+def report_html(results: StudyResults) -> str:
+    """The whole report, as one HTML document."""
+    pool = explore.candidates(results, explore.Budget())
+    knee = explore.suggested(pool, results.metrics)
+    x = explore.axis("size", True, results.quality)
+    y = explore.axis("accuracy", True, results.quality)
+    parts = [_heading(results, knee)]
+    charts = [figures.front_figure(results, x, y, knee)]
+    history = explore.hypervolume_history(results, [m.name for m in results.shown_metrics])
+    if not history.empty:
+        charts.append(figures.hypervolume_figure(history))
+    # plotly.js inlined with the first chart only: one copy in the file
+    parts += [
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
+        for i, fig in enumerate(charts)
+    ]
+    parts.append(_front_table(results, knee))
+    if knee is not None:
+        layers = explore.layer_table(trial_record(results, knee).to_attrs())
+        if len(layers):
+            parts.append(f"<h2>The knee's layers (trial {knee})</h2>")
+            parts.append(
+                figures.layers_figure(layers).to_html(full_html=False, include_plotlyjs=False)
+            )
+            parts.append(layers.to_html(index=False, border=0, classes="table"))
+    parts.append(_setting(results))
+    body = "\n".join(parts)
+    title = html.escape(f"paretoopt: {results.name}")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )
+
+
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}"
+    "table{border-collapse:collapse;font-size:0.9em;margin:1em 0}"
+    "td,th{padding:0.25em 0.6em;border-bottom:1px solid #ddd;text-align:right}"
+    "td:last-child,th:last-child{text-align:left}.knee{background:#fff4cc}"
+)
+
+
+def _heading(results: StudyResults, knee: int | None) -> str:
+    base = results.baseline
+    metrics = results.shown_metrics
+    figures_ = ", ".join(
+        f"{quality_name(results.quality) if m.maximize else m.name} {m.text(base[m.field])}"
+        for m in metrics
+        if base.get(m.field) is not None
+    )
+    done = int((results.trials["state"] == "COMPLETE").sum()) if len(results.trials) else 0
+    return (
+        f"<h1>Study {html.escape(results.name)}</h1>"
+        f"<p>{len(results.trials)} trials ({done} completed), {len(results.pareto)} on the "
+        f"Pareto front" + (f"; the knee is trial {knee}" if knee is not None else "") + ".</p>"
+        f"<p>Baseline: {html.escape(figures_)}.</p>"
+    )
+
+
+def _front_table(results: StudyResults, knee: int | None) -> str:
+    """The front, with the end-of-search confirmation beside each search-time latency."""
+    if results.pareto.empty:
+        return "<p>No feasible trial on the front yet.</p>"
+    metrics = results.shown_metrics
+    q, short = metrics[0], quality_short(results.quality)
+    unit = f" {q.display_unit}" if q.display_unit else ""
+    rows: list[dict[str, Any]] = []
+    for _, r in results.pareto.iterrows():
+        row = {
+            "trial": int(r["number"]),
+            f"val {short}{unit}": q.show(r["accuracy"]),
+            f"test {short}{unit}": q.show(r["test_accuracy"]),
+        }
+        for m in metrics[1:]:
+            row[m.column] = m.text(r[m.field])
+            row[m.ratio_label] = f"{r.get(m.ratio_column, float('nan')):.{m.ratio_decimals}f}"
+        confirmed = r.get("confirm_latency_ms")
+        row["confirmed latency ms"] = f"{confirmed:.4f}" if pd.notna(confirmed) else "-"
+        row["plan"] = r["plan"]
+        rows.append(row)
+    table = pd.DataFrame(rows).to_html(index=False, border=0, escape=True)
+    if knee is not None:  # the knee's row, marked
+        table = table.replace(
+            f"<tr>\n      <td>{knee}</td>", f"<tr class='knee'>\n      <td>{knee}</td>"
+        )
+    return "<h2>The front</h2>" + table
+
+
+def _setting(results: StudyResults) -> str:
+    meta = results.metadata
+    sessions = meta.get("sessions") or [{}]
+    calibration = sessions[-1].get("calibration") or {}
+    versions = ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())
+    lines = [
+        f"Measured on {hardware_text(meta.get('hardware') or {})}; timing mode "
+        f"{calibration.get('mode', 'cpu')}, baseline reference "
+        f"{calibration.get('reference_ms', float('nan')):.4f} ms.",
+        f"Versions: {versions}." if versions else "",
+        f"Quality metric: {quality_name(results.quality)}.",
+    ]
+    return "<h2>Where it was measured</h2>" + "".join(
+        f"<p>{html.escape(line)}</p>" for line in lines if line
+    )
+
+
+def write_report(results: StudyResults, out: str | Path) -> Path:
+    """The report at `out`, written whole or not at all."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(report_html(results), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
