@@ -23,7 +23,7 @@ import streamlit as st
 
 from paretoopt.config.metrics import Metric, quality_name, quality_short, shown
 from paretoopt.errors import ParetoError
-from paretoopt.results import explore, figures
+from paretoopt.results import explore, figures, share
 from paretoopt.results.frames import StudyResults, hardware_text, trial_record
 from paretoopt.results.record import quiet_reading
 
@@ -165,6 +165,13 @@ def header(results: StudyResults) -> None:
         for column, m in zip(st.columns(len(metrics)), metrics, strict=True):
             name = quality_name(results.quality) if m.maximize else m.name
             column.metric(f"Baseline {name}", m.text(base[m.field]))
+        st.download_button(
+            "Download the study report (.html, opens offline)",
+            data=lambda: share.report_html(results).encode(),  # made when asked for
+            file_name=f"{results.name}-report.html",
+            mime="text/html",
+            key="report",
+        )
 
 
 def budget_controls(results: StudyResults) -> explore.Budget:

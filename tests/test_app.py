@@ -173,7 +173,9 @@ def test_a_finished_study_suggests_the_knee_and_offers_the_export(root):
     assert at.code[0].value == (
         f"paretoopt export --study tiny --results {root} --trial {knee} --out exported/"
     )
-    assert at.get("download_button")[0].proto.label.startswith("Download model files")
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any(label.startswith("Download model files") for label in labels)
+    assert "Download the study report (.html, opens offline)" in labels
 
 
 def test_selecting_a_point_on_the_plot_selects_the_candidate(root):
@@ -318,5 +320,6 @@ def test_a_handed_study_with_its_own_factory_offers_no_download(root, tmp_path):
         (root / "tiny" / "study.journal").read_text().replace('"tiny"', '"handed"')
     )
     at = app(results, "handed")
-    assert not at.get("download_button")
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels == ["Download the study report (.html, opens offline)"]  # data only
     assert "helper.py:build" in texts(at) and "paretoopt app --space" in texts(at)
