@@ -75,9 +75,30 @@ def main() -> None:
     show_study(results, stamp)
 
 
+LIVE_S = 5.0  # seconds between looks at a running study's journal
+
+
+def follow_live(results: StudyResults) -> None:
+    """While a search runs on the study, look at its journal every LIVE_S seconds and read
+    the study again when it grew: new trials appear without a refresh."""
+    if not explore.is_live(results):
+        return
+    st.caption(f"Following the running search: the page reads new trials every {LIVE_S:g} s.")
+    seen = explore.storage_state(results)
+
+    @st.fragment(run_every=LIVE_S)
+    def poll() -> None:
+        if explore.storage_state(results) != seen:
+            st.session_state["refresh"] = st.session_state.get("refresh", 0) + 1
+            st.rerun(scope="app")
+
+    poll()
+
+
 def show_study(results: StudyResults, stamp: int) -> None:
     frame, base = results.trials, results.baseline
     header(results)
+    follow_live(results)
     if frame.empty:
         st.info("This study has no trials yet. Its search may just have started: refresh.")
         return

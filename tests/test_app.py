@@ -94,6 +94,21 @@ def test_a_study_whose_trials_all_failed(root):
     assert "fine-tuning diverged" in at.dataframe[0].value["fail_reason"].iloc[0]
 
 
+def test_a_running_study_is_followed_live_and_a_finished_one_is_not(root, tmp_path):
+    assert "Following the running search" in texts(app(root, "running"))
+    assert "Following the running search" not in texts(app(root, "tiny"))
+    live = load_results(root / "running")
+    assert explore.is_live(live) and not explore.is_live(load_results(root / "tiny"))
+    # what the page polls for moves when a search records a trial
+    results = tmp_path / "results"
+    shutil.copytree(root / "running", results / "running")
+    copy = load_results(results / "running")
+    before = explore.storage_state(copy)
+    study = optuna.load_study(study_name="tiny", storage=journal_storage(results / "running"))
+    study.ask()
+    assert explore.storage_state(copy) != before
+
+
 def test_a_running_study_opens_read_only(root):
     journal = root / "running" / "study.journal"
     before = journal.read_bytes()

@@ -16,7 +16,13 @@ import numpy as np
 import pandas as pd
 
 from paretoopt.config.metrics import ACCURACY, DEFAULT_QUALITY, METRICS, quality_metric, shown
-from paretoopt.results.frames import SPACE_FILE, StudyResults, load_results
+from paretoopt.results.frames import (
+    JOURNAL_FILE,
+    RUN_FILE,
+    SPACE_FILE,
+    StudyResults,
+    load_results,
+)
 from paretoopt.results.pick import confirmed, knee
 from paretoopt.results.record import layer_rows
 
@@ -40,6 +46,27 @@ def axis(metric: str, relative: bool, quality: str = DEFAULT_QUALITY) -> Axis:
         m = quality_metric(quality)
         return Axis(m.ratio_column, m.ratio_label) if relative else Axis(m.field, m.label)
     return AXES[metric][1 if relative else 0]
+
+
+def is_live(results: StudyResults) -> bool:
+    """A search is running on the study (a trial in flight) and keeps its trials in the
+    folder's journal, whose growth the explorer can watch."""
+    running = len(results.trials) and bool((results.trials["state"] == "RUNNING").any())
+    return bool(running) and results.storage is None
+
+
+def storage_state(results: StudyResults) -> tuple[int, ...]:
+    """Sizes and modification times of the journal and run.json: they change with every
+    trial a search records, and reading them costs two stat calls."""
+    out: list[int] = []
+    for name in (JOURNAL_FILE, RUN_FILE):
+        try:
+            info = (results.directory / name).stat()
+        except OSError:
+            out += [-1, -1]
+        else:
+            out += [info.st_size, info.st_mtime_ns]
+    return tuple(out)
 
 
 def studies(root: Path) -> list[str]:
