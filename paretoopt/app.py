@@ -115,7 +115,7 @@ def show_study(results: StudyResults, stamp: int) -> None:
     budget = budget_controls(results)
     pool = explore.candidates(results, budget)
     knee = explore.suggested(pool, results.metrics)
-    left, right = st.columns([3, 2])
+    left, right = st.columns([2, 1])  # the front first: the page's first read
     with left:
         front_plot(results, budget, knee)  # a new click here selects (see _select)
     with right:
@@ -421,7 +421,20 @@ def view_3d(results: StudyResults) -> None:
             "accuracy_change": results.shown_metrics[0].ratio_label,
         },
     )
-    fig.update_layout(height=520, margin={"l": 0, "r": 0, "t": 10, "b": 0})
+    # a cube seen from further out: every axis, its ticks and its title inside the frame
+    axis = {"title": {"font": {"size": 12}}, "tickfont": {"size": 10}}
+    fig.update_layout(
+        height=620,
+        margin={"l": 0, "r": 0, "t": 30, "b": 0},
+        scene={
+            "aspectmode": "cube",
+            "camera": {"eye": {"x": 1.9, "y": 1.9, "z": 1.3}},
+            "xaxis": axis,
+            "yaxis": axis,
+            "zaxis": axis,
+        },
+        legend={"orientation": "h", "y": 1.05},
+    )
     st.plotly_chart(fig, key="view3d")
 
 
@@ -451,7 +464,9 @@ def parameters(results: StudyResults) -> None:
         color="accuracy",
         labels={p: p.removeprefix("param.") for p in params},
     )
-    fig.update_layout(height=420, margin={"l": 60, "r": 60, "t": 40, "b": 10})
+    # tilted headers: side by side, names such as prune.unstructured.sparsity collided
+    fig.update_traces(labelangle=-25, labelside="top", labelfont={"size": 11})
+    fig.update_layout(height=480, margin={"l": 60, "r": 60, "t": 120, "b": 10})
     st.plotly_chart(fig, key="parcoords")
     st.markdown("**Which parameters move each objective** (|Spearman rank correlation|)")
     st.dataframe(explore.influence(results).round(2), hide_index=True)

@@ -76,7 +76,7 @@ def front_figure(
                 customdata=[[knee]],
             )
         )
-    fig.update_layout(height=460, margin={"l": 10, "r": 10, "t": 30, "b": 10})
+    fig.update_layout(height=520, margin={"l": 10, "r": 10, "t": 30, "b": 10})
     _focus_on_front(fig, results, x, y)
     return fig
 
