@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from paretoopt.results.frames import load_results
+from paretoopt.results.frames import load_results, trial_record
 from paretoopt.study.search import search
 
 from .browser import CHROMIUM, ROOT, browser_page, choose_candidate, serve_app
@@ -39,10 +39,28 @@ def test_pick_a_candidate_in_a_browser(root):
         download = page.get_by_role("button", name="Download model files and card (.zip)")
         assert download.is_visible()
         page.get_by_text("Per layer: sparsity").first.wait_for(timeout=30_000)
+        drawn = _drawn(page)
         shot = ROOT / "results" / "e2e" / "explorer.png"
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+    # what the browser drew: every front point (the front trace on top of the others),
+    # and one bar per layer of the Sequential model, "3.conv1" included
+    plot = next(traces for traces in drawn if any(t[0] == "front" for t in traces))
+    kinds = [t[0] for t in plot if t[0] in ("front", "dominated", "infeasible")]
+    assert dict((t[0], t[1]) for t in plot)["front"] == len(front) and kinds[-1] == "front"
+    bars = next(traces for traces in drawn if traces and traces[0][2] == "bar")
+    layers = trial_record(load_results(root / "tiny"), number).layer_quant
+    assert bars[0][1] == len(layers) and "3.conv1" in bars[0][3]
+
+
+def _drawn(page) -> list[list[list]]:
+    """Each plotly chart on the page: per trace, its name, point count, type and x."""
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 2")
+    return page.evaluate(
+        "() => [...document.querySelectorAll('.js-plotly-plot')].map(d => d._fullData.map("
+        "t => [t.name, t._length, t.type, Array.from(t.x || []).map(String)]))"
+    )
 
 
 def test_the_report_opens_offline_and_shows_every_front_point(root, tmp_path):
