@@ -313,3 +313,14 @@ def test_a_study_goes_on_training_where_it_started(tmp_path, tiny_doc, capsys):
         "trains on cpu here; set space.finetune.device: cuda to go on as it started, or use "
         "another study name"
     )
+
+
+def test_gradient_saliency_reads_the_recipes_loss():
+    """taylor and hessian rank weights by the gradients of what fine-tuning minimises."""
+    from paretoopt.compress.techniques.saliency import gradient_stats
+
+    model, split = _model(), _split()
+    default = gradient_stats(model, split, "mean", 2, 0, batch_size=16)
+    flat = gradient_stats(model, split, "mean", 2, 0, 16, loss=lambda z, y: z.sum() * 0.0)
+    assert any(float(t.abs().sum()) > 0 for t in default.values())
+    assert all(float(t.abs().sum()) == 0 for t in flat.values())

@@ -54,7 +54,12 @@ def prune_to(
     stats = None
     if saliency.gradients is not None:
         stats = gradient_stats(
-            bench.model, bench.splits.train, saliency.gradients, cfg.saliency_batches, bench.seed
+            bench.model,
+            bench.splits.train,
+            saliency.gradients,
+            cfg.saliency_batches,
+            bench.seed,
+            loss=bench.setup.criterion,  # the gradients of what fine-tuning minimises
         )
     if cfg.structure == "unstructured":
         _mask(bench, cfg, level, stats)

@@ -63,7 +63,13 @@ SALIENCIES: dict[str, Saliency] = {
 
 
 def gradient_stats(
-    model: nn.Module, split: Data, kind: str, batches: int, seed: int, batch_size: int = 64
+    model: nn.Module,
+    split: Data,
+    kind: str,
+    batches: int,
+    seed: int,
+    batch_size: int = 64,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> dict[str, torch.Tensor]:
     """Mean gradient magnitude ("mean") or mean squared gradient ("fisher") of the loss, per
     parameter, over `batches` seeded batches of the training split. BatchNorm runs in eval
@@ -84,7 +90,7 @@ def gradient_stats(
         x, y = trees.tree_map(lambda t: t.to(device), x), y.to(device)
         seen += len(y)
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(trees.call(model, x), y).backward()
+        loss(trees.call(model, x), y).backward()  # the recipe's loss, cross-entropy by default
         for n, p in params.items():
             if p.grad is not None:
                 # per-batch magnitudes: signed gradients of a converged model cancel out
