@@ -34,7 +34,14 @@ from typing import Any
 
 import numpy as np
 
-from paretoopt.config.metrics import DEFAULT_QUALITY, Metric, quality_metric, quality_name, shown
+from paretoopt.config.metrics import (
+    DEFAULT_QUALITY,
+    Metric,
+    is_user_quality,
+    quality_metric,
+    quality_name,
+    shown,
+)
 from paretoopt.errors import StudyError
 from paretoopt.errors import shown as quoted
 from paretoopt.results.frames import StudyResults, hardware_text, load_results, trial_record
@@ -109,18 +116,24 @@ def export_trial(
 
 
 def untrusted_factories(results: StudyResults) -> list[str]:
-    """The factories a study folder's space.yaml names (built-in names need none):
+    """The code a study folder's space.yaml names (factories, a data transform, a user
+    metric; built-in names need none):
     what exporting it would import, were it trusted. Read as plain data, not validated:
     a folder copied from elsewhere may name files that are not here."""
     from paretoopt.config.yamlfile import load_yaml
 
     raw = load_yaml((results.directory / "space.yaml").read_text(), stored=True)
-    parts = [(key, raw.get(key)) for key in ("model", "data")] if isinstance(raw, dict) else []
-    return [
-        f"{key}.factory {quoted(c['factory'], 200)}"
-        for key, c in parts
-        if isinstance(c, dict) and c.get("factory")
+    if not isinstance(raw, dict):
+        return []
+    named = [
+        (f"{key}.{ref}", part.get(ref))
+        for key in ("model", "data")
+        if isinstance(part := raw.get(key), dict)
+        for ref in ("factory", "transform")
     ]
+    # a user's metric is code too (export scores the test split with it)
+    named.append(("metric", raw.get("metric") if is_user_quality(str(raw.get("metric"))) else None))
+    return [f"{where} {quoted(ref, 200)}" for where, ref in named if ref]
 
 
 # --------------------------------------------------------------------------- choosing

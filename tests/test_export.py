@@ -261,3 +261,24 @@ def test_bad_pick_rules_say_what_is_wrong(rule, message):
     with pytest.raises(StudyError) as info:
         pick(FRONT, rule, baseline_accuracy=99.5)
     assert message in str(info.value)
+
+
+def test_every_piece_of_code_a_handed_space_names_is_listed(tmp_path):
+    """Factories, a data transform and a user metric are all imported by an export:
+    from a results folder none of them is, without --space."""
+    from types import SimpleNamespace
+
+    from paretoopt.export import untrusted_factories
+
+    (tmp_path / "space.yaml").write_text(
+        "study: s\nmodel: {name: conv}\n"
+        "data: {factory: 'd.py:load', transform: 'aug.py:flip'}\n"
+        "metric: 'm.py:score'\n"
+    )
+    assert untrusted_factories(SimpleNamespace(directory=tmp_path)) == [
+        "data.factory 'd.py:load'",
+        "data.transform 'aug.py:flip'",
+        "metric 'm.py:score'",
+    ]
+    (tmp_path / "space.yaml").write_text("study: s\nmodel: {name: conv}\nmetric: macro_f1\n")
+    assert untrusted_factories(SimpleNamespace(directory=tmp_path)) == []

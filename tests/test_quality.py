@@ -161,9 +161,12 @@ def test_a_study_with_a_user_metric_records_and_exports_in_its_units(tmp_path, t
     assert len(done) == 3 and done["accuracy"].between(0.0, 1.0).all()
     assert done["test_accuracy"].between(0.0, 1.0).all()
     assert load_results(results / "tiny").quality.endswith("metric.py:agreement")
-    code = main(["export", "--study", "tiny", "--results", str(results), "--trial", "0",
-                 "--out", str(tmp_path / "x")])  # fmt: skip
-    assert code == 0
+    export = ["export", "--study", "tiny", "--results", str(results), "--trial", "0",
+              "--out", str(tmp_path / "x")]  # fmt: skip
+    capsys.readouterr()
+    assert main(export) == 2  # the folder is data: its metric is code, not imported
+    assert "metric " in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main([*export, "--space", str(space)]) == 0  # the space file the user trusts
     card = json.loads(next((tmp_path / "x").glob("*.card.json")).read_text())
     assert card["metric"].endswith("metric.py:agreement")
     check = card["files"]["onnx"]
