@@ -78,8 +78,28 @@ class StudyContext:
         return list(prunable_layers(self.baseline))
 
 
+@dataclass(frozen=True)
+class Checked:
+    """What `check` built and tried: the model, the data, baseline training's and
+    fine-tuning's setups, and the quality metric."""
+
+    model: nn.Module
+    splits: Splits
+    baseline_setup: Setup
+    finetune_setup: Setup
+    quality: Quality
+
+
 def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
     """Build the model and data and run one forward pass; SpaceError on any fault."""
+    checked = check(space)
+    return checked.model, checked.splits
+
+
+def check(space: Space) -> Checked:
+    """Everything a space file names, built and tried once before anything is trained:
+    model, data, a forward pass at two batch sizes, the devices, the recipe's hooks and
+    the metric (SpaceError on any fault)."""
     splits = create_data(space.data)
     model = create_model(space.model)
     if space.model.checkpoint:
@@ -95,12 +115,12 @@ def check_inputs(space: Space) -> tuple[nn.Module, Splits]:
     if not prunable_layers(model):
         raise SpaceError("model: has no Conv1d, Conv2d or Linear layer to compress")
     _check_mixing(space, splits)
-    # the devices exist and the recipe's hooks and the metric work, before any training
-    setups(space, int(out.shape[1]))
-    load_quality(space.metric, classes=int(out.shape[1]))
+    width = int(out.shape[1])  # the model's logits: the hooks and the metric are tried at it
+    baseline_setup, finetune_setup = setups(space, width)
+    quality = load_quality(space.metric, classes=width)
     if space.target.device == "cuda" and not torch.cuda.is_available():
         raise SpaceError("target.device: cuda, but this machine has no usable CUDA device")
-    return model, splits
+    return Checked(model, splits, baseline_setup, finetune_setup, quality)
 
 
 def _classes(splits: Splits) -> int:
@@ -145,10 +165,9 @@ def prepare(
     cache_dir: Path,
     log: Callable[[str], None] = print,
 ) -> StudyContext:
-    model, splits = check_inputs(space)
-    width = int(_forward(model, splits, 1, "").shape[1])  # the model's logits
-    baseline_setup, finetune_setup = setups(space, width)
-    quality = load_quality(space.metric, classes=width)
+    checked = check(space)
+    model, splits, quality = checked.model, checked.splits, checked.quality
+    baseline_setup, finetune_setup = checked.baseline_setup, checked.finetune_setup
     target = Target(space.target, splits.val, splits.train.head(1))
     source = "checkpoint"
     if not space.model.checkpoint:
