@@ -217,9 +217,8 @@ def _budget_slider(m: Metric, base: float, study: str, constraint: float | None 
     """One budget, in the metric's display unit; returned in the record's unit. The
     accuracy drop runs to twice the study's own limit (`constraint`), which it starts at."""
     if m.limit.relative:  # points below the baseline: the useful range is a few
-        limit = constraint if constraint is not None else None
-        top = min(base, max(1.0, 2 * (limit if limit is not None else 1.0)))
-        default = min(limit, top) if limit is not None else top
+        top = min(base, max(1.0, 2 * (1.0 if constraint is None else constraint)))
+        default = top if constraint is None else min(constraint, top)
         step = 0.1 if m.display_unit else round(top / 100, 6) or 0.001
         label = f"Max {m.name} drop" + (" (points)" if m.display_unit else "")
         return st.slider(label, 0.0, float(top), float(default), step, key=f"max_drop:{study}")
@@ -303,8 +302,8 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
         pts = " pts" if m.display_unit else ""  # a user metric is in its own units
         delta = f"{change:+.{m.decimals}f}{pts}" if m.maximize else f"{change:.2f}{m.ratio_label}"
         quality = quality_name(results.quality)
-        title = {"accuracy": f"{quality[0].upper()}{quality[1:]} (deployed)"}.get(m.name)
-        title = title or {"latency": "Latency (median)"}.get(m.name)
+        titles = {"accuracy": f"{quality[:1].upper()}{quality[1:]} (deployed)"}
+        title = {**titles, "latency": "Latency (median)"}.get(m.name)
         column.metric(title or m.name.capitalize(), m.text(rec[m.field]), delta)
     q = metrics[0]
     pts = " pts" if q.display_unit else ""

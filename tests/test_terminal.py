@@ -105,3 +105,14 @@ def test_export_help_shows_the_tolerance_default(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert re.search(r"default\s+0\.5", capsys.readouterr().out)
+
+
+def test_the_report_lists_the_front_with_the_knee_marked(study):
+    from paretoopt.results import explore
+    from paretoopt.results.share import report_html
+
+    page = report_html(study)
+    knee = explore.suggested(explore.candidates(study, explore.Budget()), study.metrics)
+    assert page.count("<tr class='knee'>") == 1 and f"<tr class='knee'><td>{knee}</td>" in page
+    for _, r in study.pareto.iterrows():
+        assert f"<td>{int(r['number'])}</td>" in page and f"<td>{r['plan']}</td>" in page

@@ -34,18 +34,13 @@ class Axis:
     log: bool = False
 
 
-AXES = {  # (absolute, relative to the baseline)
-    m.name: (Axis(m.field, m.label, m.log), Axis(m.ratio_column, m.ratio_label, m.quotient))
-    for m in METRICS.values()
-}
-
-
 def axis(metric: str, relative: bool, quality: str = DEFAULT_QUALITY) -> Axis:
-    """A metric's axis; the quality one labelled by what the study's `metric` measures."""
-    if metric == ACCURACY.name and quality != DEFAULT_QUALITY:
-        m = quality_metric(quality)
-        return Axis(m.ratio_column, m.ratio_label) if relative else Axis(m.field, m.label)
-    return AXES[metric][1 if relative else 0]
+    """A metric's axis, absolute or relative to the baseline; the quality one labelled
+    by what the study's `metric` measures."""
+    m = quality_metric(quality) if metric == ACCURACY.name else METRICS[metric]
+    if relative:
+        return Axis(m.ratio_column, m.ratio_label, m.quotient)
+    return Axis(m.field, m.label, m.log)
 
 
 def is_live(results: StudyResults) -> bool:

@@ -208,7 +208,7 @@ def front_table(results: StudyResults, width: int | None = None) -> Table:
             f"{results.name}: no feasible completed trial yet among "
             f"{len(results.trials)}; see trials.csv for the reasons"
         )
-    columns, busy = _front_columns(results)
+    columns, busy = front_columns(results)
     kept = _fitting(columns, width)
     table = Table(title=title)
     for column in kept:  # never squeezed: the plan gives way first
@@ -240,7 +240,7 @@ def plain_console() -> Console:
 
 
 @dataclass(frozen=True)
-class _Column:
+class Column:
     header: str
     cells: list[str]
     # 0: always shown; higher: dropped sooner where the width is short (test accuracy,
@@ -252,7 +252,7 @@ class _Column:
         return max([len(self.header), *map(len, self.cells)])
 
 
-def _front_columns(results: StudyResults) -> tuple[list[_Column], bool]:
+def front_columns(results: StudyResults) -> tuple[list[Column], bool]:
     """Every column of the front table but the plan, and whether a confirmation was
     taken while the machine was never quiet."""
     rows = [r for _, r in results.pareto.iterrows()]
@@ -260,19 +260,19 @@ def _front_columns(results: StudyResults) -> tuple[list[_Column], bool]:
     short, q = quality_short(results.quality), results.shown_metrics[0]
     unit = f" {q.display_unit}" if q.display_unit else ""
     columns = [
-        _Column("trial", [str(r["number"]) for r in rows], 0),
-        _Column(f"val {short}{unit}", [q.show(r["accuracy"]) for r in rows], 0),
-        _Column(
+        Column("trial", [str(r["number"]) for r in rows], 0),
+        Column(f"val {short}{unit}", [q.show(r["accuracy"]) for r in rows], 0),
+        Column(
             "Δ pts" if unit else "Δ",
             [f"{r.get('accuracy_change', 0):+.{q.decimals}f}" for r in rows],
             3,
         ),
-        _Column(f"test {short}{unit}", [q.show(r["test_accuracy"]) for r in rows], 4),
+        Column(f"test {short}{unit}", [q.show(r["test_accuracy"]) for r in rows], 4),
     ]
     for m in metrics:
         figures = [m.text(r[m.field]) if m.prefixed else m.show(r[m.field]) for r in rows]
         ratios = [f"{r.get(m.ratio_column, 1):.{m.ratio_decimals}f}" for r in rows]
-        columns += [_Column(m.column, figures, 0), _Column(m.ratio_label, ratios, 2)]
+        columns += [Column(m.column, figures, 0), Column(m.ratio_label, ratios, 2)]
     again = results.pareto.get("confirm_latency_ms")
     busy = False
     if again is not None and bool(again.notna().any()):  # what picks read
@@ -283,17 +283,17 @@ def _front_columns(results: StudyResults) -> tuple[list[_Column], bool]:
             busy = busy or bool(mark)
             known = value is not None and value == value
             cells.append(latency.show(value) + mark if known else "-")
-        columns.append(_Column("confirmed", cells, 1))
+        columns.append(Column("confirmed", cells, 1))
     return columns, busy
 
 
-def _width(columns: list[_Column]) -> int:
+def _width(columns: list[Column]) -> int:
     """Characters a table of these columns takes: each one's widest cell, its padding
     and border, and the closing border."""
     return sum(c.wide + 3 for c in columns) + 1
 
 
-def _fitting(columns: list[_Column], width: int | None) -> list[_Column]:
+def _fitting(columns: list[Column], width: int | None) -> list[Column]:
     """The columns that fit in `width`, dropping the highest ranks first (the last
     column of a rank first); rank 0 always stays."""
     kept = list(columns)

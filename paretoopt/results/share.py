@@ -8,13 +8,11 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
-
-from paretoopt.config.metrics import quality_name, quality_short
+from paretoopt.config.metrics import quality_name
 from paretoopt.results import explore, figures
 from paretoopt.results.frames import StudyResults, hardware_text, trial_record
+from paretoopt.results.report import front_columns
 
 
 def report_html(results: StudyResults) -> str:
@@ -77,32 +75,19 @@ def _heading(results: StudyResults, knee: int | None) -> str:
 
 
 def _front_table(results: StudyResults, knee: int | None) -> str:
-    """The front, with the end-of-search confirmation beside each search-time latency."""
+    """The front as the terminal shows it in full (report.front_columns: confirmed
+    latency beside the search's), with the plan, the knee's row marked."""
     if results.pareto.empty:
         return "<p>No feasible trial on the front yet.</p>"
-    metrics = results.shown_metrics
-    q, short = metrics[0], quality_short(results.quality)
-    unit = f" {q.display_unit}" if q.display_unit else ""
-    rows: list[dict[str, Any]] = []
-    for _, r in results.pareto.iterrows():
-        row = {
-            "trial": int(r["number"]),
-            f"val {short}{unit}": q.show(r["accuracy"]),
-            f"test {short}{unit}": q.show(r["test_accuracy"]),
-        }
-        for m in metrics[1:]:
-            row[m.column] = m.text(r[m.field])
-            row[m.ratio_label] = f"{r.get(m.ratio_column, float('nan')):.{m.ratio_decimals}f}"
-        confirmed = r.get("confirm_latency_ms")
-        row["confirmed latency ms"] = f"{confirmed:.4f}" if pd.notna(confirmed) else "-"
-        row["plan"] = r["plan"]
-        rows.append(row)
-    table = pd.DataFrame(rows).to_html(index=False, border=0, escape=True)
-    if knee is not None:  # the knee's row, marked
-        table = table.replace(
-            f"<tr>\n      <td>{knee}</td>", f"<tr class='knee'>\n      <td>{knee}</td>"
-        )
-    return "<h2>The front</h2>" + table
+    columns, _ = front_columns(results)
+    plans = [str(p) for p in results.pareto["plan"]]
+    head = "".join(f"<th>{html.escape(c.header)}</th>" for c in columns) + "<th>plan</th>"
+    rows = []
+    for i, plan in enumerate(plans):
+        cells = [c.cells[i] for c in columns] + [plan]
+        mark = " class='knee'" if knee is not None and columns[0].cells[i] == str(knee) else ""
+        rows.append(f"<tr{mark}>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
+    return f"<h2>The front</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _setting(results: StudyResults) -> str:

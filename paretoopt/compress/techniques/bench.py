@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from paretoopt.compress.recipe import Setup
+from paretoopt.compress.recipe import Setup, on_device
 from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Splits
 from paretoopt.workload.inputs import Inputs, call
@@ -66,18 +66,15 @@ class Workbench:
 
     @contextmanager
     def on(self, device: torch.device) -> Iterator[None]:
-        """The model and the pruning masks on `device` for a block (fine-tuning), back on
-        the CPU afterwards: everything after training (files, runtimes) works there."""
-        if device.type == "cpu":
-            yield
-            return
-        self.model.to(device)
-        self.masks = {k: m.to(device) for k, m in self.masks.items()}
-        try:
-            yield
-        finally:
-            self.model.to("cpu")
-            self.masks = {k: m.cpu() for k, m in self.masks.items()}
+        """The model and the pruning masks on `device` for a block (fine-tuning), back
+        where they were afterwards (the CPU, where files and runtimes are made)."""
+        home = self.device
+        with on_device(self.model, device):
+            self.masks = {k: m.to(device) for k, m in self.masks.items()}
+            try:
+                yield
+            finally:  # masks made meanwhile (gradual pruning) come back with the rest
+                self.masks = {k: m.to(home) for k, m in self.masks.items()}
 
     def timed(self, stage: str, fn: Callable[..., Any], *args: Any) -> Any:
         start = time.perf_counter()
