@@ -279,6 +279,35 @@ def split_quality(
     )
 
 
+@torch.inference_mode()
+def partial_quality(
+    model: nn.Module,
+    split: Data,
+    quality: Quality = TOP1,
+    weight_view: WeightView | None = None,
+    batch_size: int = 512,
+) -> float:
+    """The quality metric mid-training (successive halving's rungs): on the model's own
+    device, through the QAT weight view where one is set; the model goes back to the
+    mode it was in."""
+    was, device = model.training, next(model.parameters()).device
+    model.eval()
+    view = weight_view(model) if weight_view is not None else None
+    try:
+        scored = []
+        for x, y, _ in split.batches(batch_size):
+            x = trees.tree_map(lambda t: t.to(device), x)
+            if view is not None:
+                args, kwargs = trees.as_args(x)
+                logits = torch.func.functional_call(model, view, args, kwargs)
+            else:
+                logits = trees.call(model, x)
+            scored.append((logits.float().cpu().numpy(), y.numpy()))
+        return quality.score(iter(scored))
+    finally:
+        model.train(was)
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     # counted in integers, so it equals the runtime's figure exactly when predictions agree

@@ -39,6 +39,7 @@ SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
 RUNTIMES = ("onnxruntime", "torch")
 DEVICES = ("cpu", "cuda")
 INT8_RECIPES = ("auto", "u8s8", "u8u8")  # int8 weight types: see measure/isa.py
+FIDELITIES = ("auto", "full", "prescreen", "halving")  # see study/fidelity.py
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -271,6 +272,30 @@ class SearchSpec:
         kind=int,
         low=0,
         high=10,
+    )
+    fidelity: str = setting(
+        "auto",
+        "what a plan costs before it is known: full (every plan fine-tuned in full), "
+        "prescreen (size and latency measured before fine-tuning; a plan they already rule "
+        "off the front is never trained), halving (prescreen, then successive halving over "
+        "fine-tuning: only plans non-dominated at each rung go on), auto (halving where a "
+        "full fine-tune runs at least 4 epochs, else full)",
+        kind=str,
+        options=FIDELITIES,
+    )
+    halving_eta: int = setting(
+        3,
+        "successive halving: about 1 in eta plans goes on at each rung",
+        kind=int,
+        low=2,
+        high=10,
+    )
+    halving_rungs: int = setting(
+        2,
+        "successive halving: rungs before the full fine-tune, at 1/eta^rungs ... 1/eta of it",
+        kind=int,
+        low=1,
+        high=4,
     )
     storage: str | None = setting(
         None,

@@ -36,6 +36,12 @@ from paretoopt.results.record import (
 )
 
 BASELINE_ATTR = "paretoopt.baseline"
+# a cost-aware trial (study/fidelity): its figures measured before fine-tuning, the
+# partial accuracy at each rung it reached, why it ended early, and its wall seconds
+PRESCREEN_ATTR = "paretoopt.prescreen"
+RUNGS_ATTR = "paretoopt.rungs"
+STOP_ATTR = "paretoopt.stop"
+COMPUTE_ATTR = "paretoopt.compute_s"
 METRIC_COLUMNS = {m.name: m.field for m in METRICS.values()}  # objective -> frame column
 SPACE_FILE = "space.yaml"
 RUN_FILE = "run.json"
@@ -128,11 +134,35 @@ def _row(
         "fail_reason": fail_reason(t),
         "artifact": record.artifact if record else "",
     }
-    if baseline and record is not None:
+    row.update(_early(t))
+    if baseline and (record is not None or row["stopped"]):
         row.update(ratios(row, baseline))  # accuracy_change, size_ratio, speedup, ...
     for key, value in t.params.items():
         row[f"param.{key}"] = value
     return row
+
+
+def _early(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """A cost-aware trial's columns: how it ended early ("rejected" before fine-tuning,
+    "stopped" at a rung, "" otherwise), the rung and partial accuracy, the reason, its
+    compute seconds. A trial that ended early shows the size and latency it measured
+    before fine-tuning (it is never feasible, so never on the front)."""
+    a = t.user_attrs
+    stop = a.get(STOP_ATTR) if t.state.name == "PRUNED" else None
+    stop = stop if isinstance(stop, dict) else {}
+    rung = stop.get("rung")
+    out: dict[str, Any] = {
+        "stopped": str(stop.get("kind", "")),
+        "stop_rung": rung + 1 if isinstance(rung, int) else None,  # 1 = the first rung
+        "partial_accuracy": stop.get("accuracy"),
+        "stop_reason": str(stop.get("reason", "")),
+        "compute_s": a.get(COMPUTE_ATTR),
+    }
+    figures = a.get(PRESCREEN_ATTR)
+    if stop and isinstance(figures, dict):
+        for key in ("size_bytes", "latency_ms", "macs"):
+            out[key] = figures.get(key)
+    return out
 
 
 def front(

@@ -18,20 +18,29 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
-from paretoopt.results.record import TrialRecord
+from paretoopt.results.record import Latency, TrialRecord
 
 
 def pooled(record: TrialRecord, peers: Iterable[TrialRecord]) -> TrialRecord:
     """`record` with its latency read from the pool of its structure (`peers`: other
     completed trials; those of another structure are left out)."""
-    own = record.latency
-    if own.structure is None or not own.session_ratios or not own.reference_ms:
+    found = pool(record.latency, (p.latency for p in peers))
+    if found is None:
         return record  # an older record, or a runtime that reports no structure
-    group = [record, *(p for p in peers if _same(p, record))]
-    group = [p for p in group if p.latency.quiet is not False] or group
-    ratios = [r for p in group for r in p.latency.session_ratios]
-    latency = dataclasses.replace(own, pooled_trials=len(group), pooled_sessions=len(ratios))
-    return record.replace(latency_ms=own.reference_ms * statistics.median(ratios), latency=latency)
+    return record.replace(latency_ms=found[0], latency=found[1])
+
+
+def pool(own: Latency, peers: Iterable[Latency]) -> tuple[float, Latency] | None:
+    """The pooled latency of `own`'s structure, and `own` with the pool's counts (its
+    own latency_ms kept); None where it cannot be pooled. Also for a plan timed before
+    fine-tuning (study/fidelity), which has no record yet."""
+    if own.structure is None or not own.session_ratios or not own.reference_ms:
+        return None
+    group = [own, *(p for p in peers if _same(p, own))]
+    group = [p for p in group if p.quiet is not False] or group
+    ratios = [r for p in group for r in p.session_ratios]
+    counted = dataclasses.replace(own, pooled_trials=len(group), pooled_sessions=len(ratios))
+    return own.reference_ms * statistics.median(ratios), counted
 
 
 def pool_study(records: Sequence[TrialRecord | None]) -> list[TrialRecord | None]:
@@ -48,9 +57,7 @@ def pool_study(records: Sequence[TrialRecord | None]) -> list[TrialRecord | None
     ]
 
 
-def _same(a: TrialRecord, b: TrialRecord) -> bool:
+def _same(a: Latency, b: Latency) -> bool:
     return (
-        a.latency.structure == b.latency.structure
-        and a.latency.reference_ms == b.latency.reference_ms
-        and bool(a.latency.session_ratios)
+        a.structure == b.structure and a.reference_ms == b.reference_ms and bool(a.session_ratios)
     )

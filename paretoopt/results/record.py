@@ -68,6 +68,9 @@ class Latency(_Readable):
     # the trial's latency_ms pools the sessions of every trial of its structure: how many
     pooled_trials: int = 1
     pooled_sessions: int = 1
+    # timed on the plan's structure before fine-tuning (search.fidelity), which the
+    # fine-tuned model's deployed graph matched: the trial did not time it twice
+    before_training: bool = False
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,9 @@ class Reporter:
     def trial_failed(self, number: int, reason: str) -> None:
         pass
 
+    def trial_stopped(self, number: int, kind: str, reason: str) -> None:
+        """Rejected before fine-tuning or stopped at a rung (study/fidelity)."""
+
     def advance(self, done: int) -> None:
         pass
 
@@ -81,6 +84,7 @@ class RichReporter(Reporter):
         self.best: dict[str, float] = {}  # over feasible trials of this session
         self.objectives: tuple[str, ...] = ()  # the study's, set by start
         self.quality = DEFAULT_QUALITY  # ... and what its accuracy objective measures
+        self.stopped: dict[str, int] = {}  # this session's trials ended early, by kind
 
     def log(self, message: str) -> None:
         (self.progress.console if self.progress else self.console).print(message)
@@ -137,6 +141,10 @@ class RichReporter(Reporter):
     def trial_failed(self, number: int, reason: str) -> None:
         self.log(f"trial {number:>3} [red]FAIL[/] {escape(reason)}")
 
+    def trial_stopped(self, number: int, kind: str, reason: str) -> None:
+        self.stopped[kind] = self.stopped.get(kind, 0) + 1
+        self.log(f"trial {number:>3} [cyan]{escape(reason)}[/]")
+
     def advance(self, done: int) -> None:
         if self.progress is None:
             return
@@ -156,8 +164,10 @@ class RichReporter(Reporter):
         elapsed = time.monotonic() - self.started
         ran = done - self.first
         eta = _clock(elapsed / ran * (self.total - done)) if ran > 0 else "?"
-        return f"progress: {done} of {self.total} trials, {_clock(elapsed)} elapsed, eta {eta}" + (
-            f"; {best}" if best else ""
+        early = "".join(f", {n} {k}" for k, n in sorted(self.stopped.items()))
+        return (
+            f"progress: {done} of {self.total} trials{early}, {_clock(elapsed)} elapsed, "
+            f"eta {eta}" + (f"; {best}" if best else "")
         )
 
     def stop(self) -> None:

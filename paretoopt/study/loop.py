@@ -23,11 +23,12 @@ from paretoopt.config.metrics import METRICS, not_finite
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import Space
 from paretoopt.errors import StudyError, one_line
-from paretoopt.results.frames import BASELINE_ATTR, TRIALS_DIR
+from paretoopt.results.frames import BASELINE_ATTR, COMPUTE_ATTR, STOP_ATTR, TRIALS_DIR
 from paretoopt.results.pooling import pooled
 from paretoopt.results.record import TrialRecord, stored_record
 from paretoopt.results.report import Reporter
 from paretoopt.study.anchors import queue_anchors
+from paretoopt.study.fidelity import Stopped, StudyGauge, fidelity_of
 from paretoopt.study.sampling import sample_plan
 from paretoopt.study.session import (
     Session,
@@ -86,8 +87,14 @@ def _run_one(
     try:
         with heartbeat(session.storage, trial):
             record, base, feasible = _evaluate(session, ctx, trial)
+            trial.set_user_attr(COMPUTE_ATTR, round(time.perf_counter() - start, 3))
     except UpdateFinishedTrialError:
         raise
+    except Stopped as stop:  # rejected before fine-tuning, or stopped at a rung: data too
+        trial.set_user_attr(STOP_ATTR, stop.to_attr())
+        trial.set_user_attr(COMPUTE_ATTR, round(time.perf_counter() - start, 3))
+        study.tell(trial, state=TrialState.PRUNED)
+        reporter.trial_stopped(trial.number, stop.kind, stop.reason)
     except Exception as exc:  # a failed trial is data: record the reason, go on
         if _disk_full(exc):  # not the plan's fault: the session stops, the trial reruns
             _interrupt(study, trial, DISK_FULL)
@@ -234,7 +241,11 @@ def _evaluate(
     )
     trial.set_user_attr("plan_summary", plan.summary())
     out_dir = session.directory / TRIALS_DIR / str(trial.number)
-    record = run_trial(ctx, plan, out_dir, session.space.search.seed + trial.number)
+    fidelity = fidelity_of(session.space)
+    gauge = None
+    if not is_baseline and not fidelity.full:
+        gauge = StudyGauge(session.space, session.study, trial, baseline(session), fidelity)
+    record = run_trial(ctx, plan, out_dir, session.space.search.seed + trial.number, gauge)
     bad = not_finite(record, session.space.metrics)
     if bad:  # Optuna would fail the trial silently, with no reason
         raise ValueError(f"objective(s) {', '.join(bad)} not finite")

@@ -20,6 +20,7 @@ from paretoopt.results.frames import (
     write_tables,
 )
 from paretoopt.results.report import Reporter, SilentReporter
+from paretoopt.study.fidelity import fidelity_of
 from paretoopt.study.loop import drain, run_trials
 from paretoopt.study.session import (
     Session,
@@ -85,6 +86,9 @@ def search(
         with claim_lock(session.storage, session.directory, space.study):
             ensure_baseline(session.study)  # a worker may be queueing it too
         write_metadata(session, ctx)
+        fidelity = fidelity_of(space)
+        if not fidelity.full:
+            reporter.log(f"fidelity ({space.search.fidelity}): {fidelity.describe()}")
         helpers: list[Any] = []
         try:
             if workers > 1:  # helpers wait for the baseline in their claims (see trials)

@@ -295,7 +295,7 @@ def counted(trials: list[optuna.trial.FrozenTrial]) -> int:
 
 
 def _counts(t: optuna.trial.FrozenTrial) -> bool:
-    if t.state == TrialState.COMPLETE:
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):  # pruned: see study/fidelity
         return True
     return (
         t.state == TrialState.FAIL and not is_interrupted(t) and not t.user_attrs.get(BASELINE_ATTR)

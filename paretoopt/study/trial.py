@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -28,7 +28,14 @@ from paretoopt.compress.recipe import Setup, load_setup, resolve_device
 from paretoopt.compress.techniques import Workbench, apply_plan
 from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
 from paretoopt.compress.techniques.quantize import is_symmetric
-from paretoopt.compress.train import Recipe, Teacher, logits_of, split_quality, train
+from paretoopt.compress.train import (
+    Recipe,
+    Teacher,
+    logits_of,
+    partial_quality,
+    split_quality,
+    train,
+)
 from paretoopt.config.knobs import Choice, Range
 from paretoopt.config.metrics import quality_metric, quality_name
 from paretoopt.config.plan import CompressionPlan
@@ -40,6 +47,7 @@ from paretoopt.measure.backends.onnxruntime import ONNX_FILE
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.target import Target
 from paretoopt.results.record import Latency, LayerQuant, TrialRecord, technique_fields
+from paretoopt.study.fidelity import Fidelity, rung_steps
 from paretoopt.workload.data import Splits, bounded, create_data
 from paretoopt.workload.inputs import Inputs, as_args, call, describe_inputs, numpy
 from paretoopt.workload.models import create_model, load_checkpoint
@@ -327,18 +335,34 @@ def calibrate(
 # --------------------------------------------------------------------------- one trial
 
 
+class Gauge(Protocol):
+    """The study's side of a cost-aware trial (study/fidelity): it judges the plan's
+    figures measured before fine-tuning and its partial accuracy at each rung, and
+    raises fidelity.Stopped to end the trial there."""
+
+    fidelity: Fidelity
+
+    def measured(self, figures: dict[str, Any]) -> None:
+        """Judge the untrained plan's structural figures (see `prescreen`)."""
+
+    def rung(self, index: int, accuracy: float) -> None: ...
+
+
 def run_trial(
     ctx: StudyContext,
     plan: CompressionPlan,
     out_dir: Path,
     seed: int,
+    gauge: Gauge | None = None,
 ) -> TrialRecord:
-    """Compress, write, rebuild from the file, measure. Writes out_dir atomically."""
+    """Compress, write, rebuild from the file, measure. Writes out_dir atomically. With
+    a gauge, the plan's structure is measured before fine-tuning and fine-tuning stops
+    wherever the gauge says (fidelity.Stopped, with nothing written)."""
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        record = _run(ctx, plan, work, seed)
+        record = _run(ctx, plan, work, seed, gauge)
         # export hands over these very files, and checks them against these hashes
         files = {p.name: _sha256(p) for p in sorted(work.iterdir()) if p.is_file()}
         record = record.replace(files=files)
@@ -355,12 +379,13 @@ STAGES = {  # what each stage of a trial's time is made of (bench.timings keys)
     "export": ("export",),
     "calibrate": ("calibrate",),  # int8 activation ranges
     "measure": ("evaluate", "measure"),  # accuracy in the runtime, then latency
+    "prescreen": ("prescreen",),  # the plan's structure measured before fine-tuning
 }
 
 
-def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> TrialRecord:
+def _bench(ctx: StudyContext, seed: int) -> Workbench:
     torch.manual_seed(seed)
-    bench = Workbench(
+    return Workbench(
         copy.deepcopy(ctx.baseline),
         ctx.splits,
         ctx.teacher_logits,
@@ -369,6 +394,23 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         step_guard=ctx.target.gate.computing,
         setup=ctx.setup,
     )
+
+
+def _run(
+    ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int, gauge: Gauge | None = None
+) -> TrialRecord:
+    known, spent = None, 0.0
+    if gauge is not None and gauge.fidelity.prescreen and plan.finetune.epochs > 0:
+        start = time.perf_counter()
+        figures = prescreen(ctx, plan, work / "prescreen", seed)
+        spent = time.perf_counter() - start
+        gauge.measured(figures)  # raises Stopped where the plan cannot pay off
+        known = figures["latency"]
+    bench = _bench(ctx, seed)
+    if spent:
+        bench.timings["prescreen"] = spent
+    if gauge is not None and gauge.fidelity.rungs:
+        bench.step_hooks.append(_rung_hook(ctx, bench, gauge))
     apply_plan(bench, plan)
     checked = ctx.splits.val.head(CHECKED)
     # the checked samples as a batch of their own: the checks compare them to the last bit
@@ -388,7 +430,10 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
         val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits, ctx.quality)
     runtime_file = deployment.file  # none for the torch runtime: it runs the module
     structure = ctx.target.backend.structure(deployment)  # see pooling
-    latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file, structure)
+    if known is not None and structure is not None and known.get("structure") == structure:
+        latency = {**known, "before_training": True}  # the same graph: timed once, untrained
+    else:
+        latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file, structure)
     latency["structure"] = structure
     layers = _layer_quant(plan, bench, ctx.target.backend.integer_weights(deployment), exact)
     integer = [n for n, e in layers.items() if e.format == "int"]
@@ -420,6 +465,63 @@ def _run(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> Tri
             for stage, keys in STAGES.items()
         },
     )
+
+
+def prescreen(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dict[str, Any]:
+    """The plan's structural figures, before any fine-tuning: the plan applied without
+    it (pruned at once, quantized post-training: the same shapes, bit-widths and
+    deployed graph), written, deployed and timed with the study's protocol. Returns the
+    file's size, the latency figure (with its structure) and the MACs; writes nothing
+    that outlives the call."""
+    untrained = _untrained(plan)
+    bench = _bench(ctx, seed)
+    apply_plan(bench, untrained)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        size = save_compressed(work / ARTIFACT, bench, untrained)
+        deployed = load_compressed(work / ARTIFACT, ctx.build_model)
+        with ctx.target.gate.computing():
+            deployment = _deploy(ctx, deployed, work, plan, bench)
+        structure = ctx.target.backend.structure(deployment)
+        latency = settled_latency(ctx, deployment.runner, deployment.file, structure)
+        latency["structure"] = structure
+        macs = _macs(deployed, ctx.splits.train.head(1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "size_bytes": size,
+        "latency_ms": latency["latency_ms"],
+        "latency": latency,
+        "macs": macs,
+        "structure": structure,
+    }
+
+
+def _untrained(plan: CompressionPlan) -> CompressionPlan:
+    """The plan with no fine-tuning: QAT becomes PTQ at the same bits and grid, whose
+    deployed graph is the same."""
+    quant = plan.quant
+    if quant.method == "qat":
+        quant = replace(quant, method="ptq")
+    return plan.replace(finetune=replace(plan.finetune, epochs=0), quant=quant)
+
+
+def _rung_hook(ctx: StudyContext, bench: Workbench, gauge: Gauge) -> Callable[[int, int], bool]:
+    """A fine-tuning step hook: at each rung's step, the partial accuracy on the
+    validation samples goes to the gauge, which may stop the trial there."""
+    steps: dict[int, int] | None = None
+
+    def hook(step: int, total: int) -> bool:
+        nonlocal steps
+        if steps is None:
+            steps = rung_steps(gauge.fidelity, total)
+        if step in steps:
+            view = bench.weight_view  # QAT: read through the quantized weights it trains
+            quality = partial_quality(bench.model, ctx.splits.val, ctx.quality, view)
+            gauge.rung(steps[step], quality)
+        return False  # no parameter was replaced
+
+    return hook
 
 
 def _sha256(path: Path) -> str:
