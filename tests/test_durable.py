@@ -84,11 +84,11 @@ def test_a_full_disk_stops_the_search_and_the_trial_runs_again(tmp_path, monkeyp
     real = trial_module.run_trial
     calls = []
 
-    def full_once(ctx, plan, out_dir, seed):
+    def full_once(ctx, plan, out_dir, seed, gauge=None):
         calls.append(out_dir.name)
         if out_dir.name == "1" and calls.count("1") == 1:
             raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
-        return real(ctx, plan, out_dir, seed)
+        return real(ctx, plan, out_dir, seed, gauge)
 
     monkeypatch.setattr(trial_module, "run_trial", full_once)
     doc = parse_space(TINY)
