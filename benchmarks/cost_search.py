@@ -27,8 +27,9 @@ cost-aware arm reaches 90 % of the full arm's final hypervolume (same seed) in a
 and stopped at a rung are counted, with the compute they saved (the mean compute of the
 run's completed trials, less their own).
 
-Writes results/bench/cost_search.csv (per run), cost_search_history.csv (hypervolume and
-compute after every trial), cost_search.html and docs/bench-cost-search.png.
+Writes results/bench/cost_search_<bench>.csv (per run), cost_search_<bench>_history.csv
+(hypervolume and compute after every trial), cost_search.html and
+docs/bench-cost-search.png.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def figure(histories: pd.DataFrame, benches: list[str]) -> Any:
                     x=run["compute_s"], y=run["hypervolume"], mode="lines",
                     line={"color": colours[str(arm)], "shape": "hv"},
                     name=str(arm), legendgroup=str(arm),
-                    showlegend=col == 1 and seed == part["seed"].min(),
+                    showlegend=bool(col == 1 and seed == part["seed"].min()),
                     hovertemplate=f"{arm} seed {seed}<br>%{{x:.0f}} s: %{{y:.4f}}<extra></extra>",
                 ),
                 row=1, col=col,
@@ -155,6 +156,13 @@ def figure(histories: pd.DataFrame, benches: list[str]) -> Any:
         width=1100, height=480, template="plotly_white",
     )  # fmt: skip
     return fig
+
+
+def _save(runs: list[Record], histories: list[pd.DataFrame], bench: str, out: Path) -> None:
+    """This benchmark's runs so far: cost_search_<bench>.csv and ..._history.csv."""
+    write_csv([r for r in runs if r["bench"] == bench], f"cost_search_{bench}.csv", out)
+    frame = pd.concat([h for h in histories if (h["bench"] == bench).all()], ignore_index=True)
+    write_csv(frame.round(5).to_dict("records"), f"cost_search_{bench}_history.csv", out)
 
 
 def main() -> int:
@@ -188,9 +196,8 @@ def main() -> int:
                      "share_of_full": None if reach is None else round(reach / full_compute, 3),
                      **savings(history)}
                 )  # fmt: skip
+                _save(runs, histories, bench, out)  # after every run: a long benchmark
     frame = pd.concat(histories, ignore_index=True)
-    write_csv(runs, "cost_search.csv", out)
-    write_csv(frame.round(5).to_dict("records"), "cost_search_history.csv", out)
     page = write_figure(figure(frame, args.benches), "cost_search.html", out)
     png_of(page, ROOT / "docs" / "bench-cost-search.png")
     return report(runs, args.benches)
@@ -198,7 +205,8 @@ def main() -> int:
 
 def report(runs: list[Record], benches: list[str]) -> int:
     isa, machine = this_machine()
-    print(f"machine: {hardware_fingerprint()['cpu']}, int8 on {int8_dot(isa, machine)}")
+    cpu = hardware_fingerprint()["cpu"]
+    print(f"machine: {cpu}, {machine}, int8 on {int8_dot(isa, machine)}, flags {isa}")
     print(
         table(
             runs,

@@ -397,7 +397,10 @@ def test_two_workers_share_one_study_and_run_each_trial_once(tmp_path):
     args = ["search", "--space", str(space), "--results", str(results), "--workers", "2"]
     assert run_cli(*args) == 0
     frame = load_results(results / "tiny").trials
-    assert list(frame["number"]) == list(range(14)) and (frame["state"] == "COMPLETE").all()
+    # fine-tuning of 6 epochs: successive halving (search.fidelity auto) runs across the
+    # workers, so some trials end early; each one still counts once
+    assert list(frame["number"]) == list(range(14))
+    assert frame["state"].isin(["COMPLETE", "PRUNED"]).all()
     import optuna
 
     from paretoopt.results.frames import journal_storage
@@ -446,7 +449,7 @@ def test_a_helper_killed_mid_trial_is_replaced_in_the_same_session(tmp_path):
     assert killed is not None, "the helper never ran a trial"
     assert search.wait(timeout=180) == 0
     trials = pd.read_csv(tmp_path / "r" / "tiny" / "trials.csv")
-    assert (trials["state"] == "COMPLETE").sum() == 14
+    assert trials["state"].isin(["COMPLETE", "PRUNED"]).sum() == 14  # PRUNED: halving
     lost = trials[trials["number"] == killed].iloc[0]
     assert lost["state"] == "FAIL" and lost["fail_reason"].startswith("interrupted")
 
