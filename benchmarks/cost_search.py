@@ -68,6 +68,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--trials", type=int, help="trials per run (default: per benchmark)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=str(BENCH_DIR), help="output folder")
+    parser.add_argument("--fresh", action="store_true", help="delete the runs' studies first")
     return parser.parse_args()
 
 
@@ -77,10 +78,13 @@ def bench_space(file: Path, bench: str, arm: str, seed: int, trials: int) -> Spa
     return replace(space, study=f"cost-search-{bench}-{arm}-{seed}", search=search)
 
 
-def run_study(space: Space, root: Path) -> StudyResults:
+def run_study(space: Space, root: Path, fresh: bool) -> StudyResults:
     from paretoopt.study.search import search
 
-    shutil.rmtree(root / space.study, ignore_errors=True)  # compute is timed from scratch
+    if fresh:
+        shutil.rmtree(root / space.study, ignore_errors=True)
+    # otherwise a study left by an interrupted run resumes: each trial records its own
+    # compute, so the curve reads the same either way
     start = time.perf_counter()
     results = search(space, results_root=root)
     progress(f"  {space.study}: {len(results.trials)} trials, {time.perf_counter() - start:.0f} s")
@@ -179,7 +183,7 @@ def main() -> int:
             level, full_compute = None, None
             for arm in ARMS:
                 space = bench_space(file, bench, arm, seed, trials)
-                history = curve(run_study(space, root), space)
+                history = curve(run_study(space, root, args.fresh), space)
                 histories.append(history.assign(bench=bench, arm=arm, seed=seed))
                 final, spent = (
                     float(history["hypervolume"].iloc[-1]),

@@ -24,7 +24,7 @@ import streamlit as st
 from paretoopt.config.metrics import Metric, quality_name, quality_short, shown
 from paretoopt.errors import ParetoError
 from paretoopt.results import explore, figures, share
-from paretoopt.results.frames import StudyResults, hardware_text, trial_record
+from paretoopt.results.frames import StudyResults, early_text, hardware_text, trial_record
 from paretoopt.results.record import quiet_reading
 
 COLORS = figures.COLORS
@@ -121,7 +121,7 @@ def show_study(results: StudyResults, stamp: int) -> None:
     with right:
         candidate_table(results, pool, knee)
     chosen = _chosen(results, knee)
-    tabs = st.tabs(["Candidate", "Compare", "3-D", "Convergence", "Parameters"])
+    tabs = st.tabs(["Candidate", "Compare", "3-D", "Convergence", "Parameters", "Ended early"])
     with tabs[0]:
         if chosen is None:
             st.info(
@@ -142,6 +142,8 @@ def show_study(results: StudyResults, stamp: int) -> None:
         convergence(results, list(results.metrics))
     with tabs[4]:
         parameters(results)
+    with tabs[5]:
+        ended_early(results)
 
 
 def _selections() -> dict[str, int]:
@@ -176,8 +178,10 @@ def header(results: StudyResults) -> None:
     hardware = meta.get("hardware") or {}
     st.subheader(f"Study {results.name}")
     running = int((results.trials["state"] == "RUNNING").sum()) if len(results.trials) else 0
+    early = early_text(results.trials)
     st.caption(
         f"{len(results.trials)} trials, {len(results.pareto)} on the front"
+        + (f", {early}" if early else "")
         + (f", {running} running" if running else "")
         + f" · measured on {hardware_text(hardware)}, timing mode {target.get('mode', 'cpu')}"
     )
@@ -449,6 +453,21 @@ def convergence(results: StudyResults, metrics: list[str]) -> None:
         "lost, size and latency as fractions of the baseline's). A flat tail means more "
         "trials are unlikely to find better trade-offs."
     )
+
+
+def ended_early(results: StudyResults) -> None:
+    table = explore.early_trials(results)
+    if table.empty:
+        st.info(
+            "Every trial was fine-tuned in full (search.fidelity: full, or no plan ended early)."
+        )
+        return
+    st.caption(
+        f"{early_text(results.trials)}: search.fidelity measured these plans' size and "
+        "latency before fine-tuning and stopped them there or at a successive-halving "
+        "rung. Their accuracy is partial, never final, and none is on the front."
+    )
+    st.dataframe(table, hide_index=True)
 
 
 def parameters(results: StudyResults) -> None:

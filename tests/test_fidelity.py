@@ -241,3 +241,36 @@ def test_resuming_a_halving_study_counts_its_early_trials(halving_study):
     more = search(space.with_trials(16), results_root=root / "results")
     assert len(more.trials) == 16
     assert len(load_results(more.directory).trials) == 16
+
+
+# --------------------------------------------------------------------------- shown to people
+
+
+def test_show_report_and_explorer_name_the_early_trials(halving_study):
+    import sys
+
+    from rich.console import Console
+    from streamlit.testing.v1 import AppTest
+
+    from paretoopt.results.frames import early_text
+    from paretoopt.results.report import front_table
+    from paretoopt.results.share import report_html
+
+    results, _ = halving_study
+    early = early_text(results.trials)
+    counts = results.trials["stopped"].value_counts()
+    assert early.startswith(f"{counts['stopped']} stopped at a rung")
+    console = Console(width=200, record=True)
+    console.print(front_table(results, 200))
+    assert early in console.export_text()
+    page = report_html(results)
+    assert f"Ended early: {early}" in page and "partial (not final)" in page
+
+    at = AppTest.from_file(str(Path(__file__).resolve().parents[1] / "app.py"))
+    sys.argv = ["app.py", "--results", str(results.directory.parent)]
+    at.run(timeout=60)
+    assert not at.exception, [e.value for e in at.exception]
+    assert early in "\n".join(c.value for c in at.caption)
+    shown = next(d.value for d in at.dataframe if "partial (not final)" in d.value.columns)
+    assert len(shown) == counts.sum() - counts.get("", 0)
+    assert set(shown["ended"]) <= {"stopped", "rejected"}

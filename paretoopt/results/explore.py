@@ -135,6 +135,31 @@ def selected_trials(event: Any) -> list[int]:
 # --------------------------------------------------------------------------- hypervolume
 
 
+EARLY_COLUMNS = {  # trials column: the explorer's heading
+    "number": "trial",
+    "stopped": "ended",
+    "stop_rung": "rung",
+    "partial_accuracy": "partial (not final)",
+    "size_bytes": "size (untrained, bytes)",
+    "latency_ms": "latency (ms)",
+    "compute_s": "compute s",
+    "plan": "plan",
+    "stop_reason": "reason",
+}
+
+
+def early_trials(results: StudyResults) -> pd.DataFrame:
+    """The trials the cost-aware search ended before a full fine-tune (study/fidelity):
+    rejected before fine-tuning, with the size and latency measured untrained, or stopped
+    at a rung, with the partial accuracy there. Never final figures: none is on the front."""
+    frame = results.trials
+    if frame.empty or "stopped" not in frame:
+        return pd.DataFrame(columns=list(EARLY_COLUMNS.values()))
+    early = frame[frame["stopped"].isin(["rejected", "stopped"])]
+    table = early[[c for c in EARLY_COLUMNS if c in early]].rename(columns=EARLY_COLUMNS)
+    return table.reset_index(drop=True)
+
+
 def hypervolume_history(
     results: StudyResults, metrics: list[str], accuracy_reference: float = 100.0
 ) -> pd.DataFrame:

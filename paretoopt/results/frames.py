@@ -165,6 +165,18 @@ def _early(t: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return out
 
 
+EARLY_WORDS = {"stopped": "stopped at a rung", "rejected": "rejected before fine-tuning"}
+
+
+def early_text(frame: pd.DataFrame) -> str:
+    """e.g. "5 stopped at a rung, 2 rejected before fine-tuning" ("" where none ended
+    early): the trials the cost-aware search did not fine-tune in full."""
+    if frame.empty or "stopped" not in frame:
+        return ""
+    counts = frame["stopped"].value_counts()
+    return ", ".join(f"{int(counts[k])} {w}" for k, w in EARLY_WORDS.items() if counts.get(k))
+
+
 def front(
     frame: pd.DataFrame,
     metrics: Sequence[str],

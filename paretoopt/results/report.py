@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from paretoopt.config.metrics import DEFAULT_QUALITY, METRICS, Metric, quality_short, shown
+from paretoopt.results.frames import early_text
 from paretoopt.results.pick import CONFIRMED_QUIET, flag
 
 if TYPE_CHECKING:
@@ -209,9 +210,11 @@ def front_table(results: StudyResults, width: int | None = None) -> Table:
     change in accuracy and the ratios; trial, accuracy and each objective's figure
     always stay."""
     if len(results.pareto):
+        early = early_text(results.trials)
         title = (
             f"Pareto front of {results.name}: {len(results.pareto)} of "
             f"{len(results.trials)} trials (feasible, non-dominated)"
+            + (f"; {early}" if early else "")
         )
     else:
         title = (

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from paretoopt.config.metrics import quality_name
 from paretoopt.results import explore, figures
-from paretoopt.results.frames import StudyResults, hardware_text, trial_record
+from paretoopt.results.frames import StudyResults, early_text, hardware_text, trial_record
 from paretoopt.results.report import front_columns
 
 
@@ -40,6 +40,10 @@ def report_html(results: StudyResults) -> str:
                 figures.layers_figure(layers).to_html(full_html=False, include_plotlyjs=False)
             )
             parts.append(layers.to_html(index=False, border=0, classes="table"))
+    early = explore.early_trials(results)
+    if len(early):  # cost-aware search: never final figures, so apart from the front
+        parts.append(f"<h2>Ended early: {html.escape(early_text(results.trials))}</h2>")
+        parts.append(early.to_html(index=False, border=0, classes="table", na_rep=""))
     parts.append(_setting(results))
     body = "\n".join(parts)
     title = html.escape(f"paretoopt: {results.name}")
