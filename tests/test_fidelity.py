@@ -256,7 +256,8 @@ def test_show_report_and_explorer_name_the_early_trials(halving_study):
     from paretoopt.results.report import front_table
     from paretoopt.results.share import report_html
 
-    results, _ = halving_study
+    # read the study again: the resume test before this one may have added trials
+    results = load_results(halving_study[0].directory)
     early = early_text(results.trials)
     counts = results.trials["stopped"].value_counts()
     assert early.startswith(f"{counts['stopped']} stopped at a rung")
@@ -274,3 +275,15 @@ def test_show_report_and_explorer_name_the_early_trials(halving_study):
     shown = next(d.value for d in at.dataframe if "partial (not final)" in d.value.columns)
     assert len(shown) == counts.sum() - counts.get("", 0)
     assert set(shown["ended"]) <= {"stopped", "rejected"}
+
+
+def test_a_study_may_change_its_fidelity_on_resume(tmp_path, tiny_doc):
+    from paretoopt.study.session import check_resumable
+
+    first = _space(tmp_path, tiny_doc, fidelity="full")
+    search(first, results_root=tmp_path / "r")
+    check_resumable(_space(tmp_path, tiny_doc, fidelity="halving"), tmp_path / "r" / "tiny")
+    from paretoopt.errors import StudyError
+
+    with pytest.raises(StudyError, match="different space"):
+        check_resumable(_space(tmp_path, tiny_doc, seed=5), tmp_path / "r" / "tiny")

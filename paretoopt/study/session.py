@@ -108,14 +108,19 @@ def check_resumable(space: Space, directory: Path) -> None:
         )
 
 
+RESUMABLE = ("trials", "fidelity", "halving_eta", "halving_rungs")  # search settings
+
+
 def space_difference(before: dict[str, Any], space: Space, *, where: bool = True) -> str:
     """The first setting that differs between a stored space and this one ("" if none).
-    What a resume may change is left out: the trial count and, for a worker
-    (``where=False``), the storage URL, which names the same server from elsewhere. The
-    heartbeat may not change: every worker judges the others' silence by it."""
+    What a resume may change is left out: the trial count, the fidelity policy (it
+    decides which plans are fine-tuned in full, not what a trial's figures mean) and, for
+    a worker (``where=False``), the storage URL, which names the same server from
+    elsewhere. The heartbeat may not change: every worker judges the others' silence by
+    it."""
     now = space_to_dict(space)
     before = _completed(before)
-    ignored = ("trials",) + (() if where else ("storage",))
+    ignored = RESUMABLE + (() if where else ("storage",))
     for doc in (before, now):
         for key in ignored:
             doc.get("search", {}).pop(key, None)
