@@ -79,8 +79,9 @@ LIVE_S = 5.0  # seconds between looks at a running study's journal
 
 
 def follow_live(results: StudyResults) -> None:
-    """While a search runs on the study, look at its journal every LIVE_S seconds and read
-    the study again when it grew: new trials appear without a refresh."""
+    """While a search runs on the study, look at its journal (or database) every LIVE_S
+    seconds and read the study again when it changed: new trials appear without a
+    refresh."""
     if not explore.is_live(results):
         return
     st.caption(f"Following the running search: the page reads new trials every {LIVE_S:g} s.")

@@ -338,3 +338,18 @@ def test_a_handed_study_with_its_own_factory_offers_no_download(root, tmp_path):
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels == ["Download the study report (.html, opens offline)"]  # data only
     assert "helper.py:build" in texts(at) and "paretoopt app --space" in texts(at)
+
+
+def test_a_study_in_a_database_is_followed_live_too(tmp_path):
+    """A study kept in a database (search.storage) has no journal to watch: the page's
+    poll counts its trials by state instead, so a new or finished trial shows."""
+    from types import SimpleNamespace
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="db", storage=url, directions=["maximize"])
+    results = SimpleNamespace(storage=url, directory=tmp_path, name="db")
+    before = explore.storage_state(results)
+    trial = study.ask()
+    running = explore.storage_state(results)
+    study.tell(trial, 1.0)
+    assert len({before, running, explore.storage_state(results)}) == 3

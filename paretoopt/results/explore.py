@@ -8,6 +8,7 @@ candidate's per-layer table.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,24 +45,44 @@ def axis(metric: str, relative: bool, quality: str = DEFAULT_QUALITY) -> Axis:
 
 
 def is_live(results: StudyResults) -> bool:
-    """A search is running on the study (a trial in flight) and keeps its trials in the
-    folder's journal, whose growth the explorer can watch."""
+    """A search is running on the study (a trial in flight), in its journal or in the
+    database the explorer was given."""
     running = len(results.trials) and bool((results.trials["state"] == "RUNNING").any())
-    return bool(running) and results.storage is None
+    return bool(running)
 
 
 def storage_state(results: StudyResults) -> tuple[int, ...]:
-    """Sizes and modification times of the journal and run.json: they change with every
-    trial a search records, and reading them costs two stat calls."""
+    """What changes with every trial a search records, read cheaply: the sizes and
+    modification times of the journal and run.json (two stat calls), or, for a study
+    in a database, its trial count by state (one query) and run.json's."""
     out: list[int] = []
-    for name in (JOURNAL_FILE, RUN_FILE):
+    names = (JOURNAL_FILE, RUN_FILE) if results.storage is None else (RUN_FILE,)
+    for name in names:
         try:
             info = (results.directory / name).stat()
         except OSError:
             out += [-1, -1]
         else:
             out += [info.st_size, info.st_mtime_ns]
+    if results.storage is not None:
+        out += _database_state(results.storage, results.name)
     return tuple(out)
+
+
+def _database_state(url: str, study: str) -> list[int]:
+    import optuna
+
+    storage = _database(url)
+    trials = storage.get_all_trials(storage.get_study_id_from_name(study), deepcopy=False)
+    return [len(trials), *(sum(t.state == s for t in trials) for s in optuna.trial.TrialState)]
+
+
+@functools.lru_cache(maxsize=4)
+def _database(url: str) -> Any:
+    """One connection pool per database for the page's polls."""
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
 
 
 def studies(root: Path) -> list[str]:
