@@ -2,7 +2,7 @@
 full-fidelity TPE, on the realistic MNIST benchmark and on digits-conv.
 
     python benchmarks/cost_search.py                      # or: make bench
-    python benchmarks/cost_search.py --trials 20 --seeds 0 1 2
+    python benchmarks/cost_search.py --benches mnist --trials 10 --seeds 0 1 2
 
 Every run is a real study of a shipped space file, differing only in `search.fidelity`
 and `search.seed` (TPE with the study's anchors in both arms, the same trial budget):
@@ -56,7 +56,7 @@ from paretoopt.results.explore import hypervolume_history
 from paretoopt.results.frames import COMPUTE_ATTR, StudyResults, open_storage
 
 MNIST_SPACE = ROOT / "search_spaces" / "mnist.yaml"
-BENCHES = {"mnist": (MNIST_SPACE, 20), "conv": (CONV_SPACE, 40)}  # space, trials
+BENCHES = {"mnist": (MNIST_SPACE, 10), "conv": (CONV_SPACE, 30)}  # space, trials
 ARMS = {"full": "full", "cost-aware": "halving"}  # arm: search.fidelity
 SHARE = 0.9  # of the full arm's final hypervolume
 TARGET = 1 / 3  # of the full arm's compute
