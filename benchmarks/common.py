@@ -25,11 +25,14 @@ BENCH_DIR = ROOT / "results" / "bench"
 Record = dict[str, Any]
 
 
-def arguments(doc: str | None, epochs: bool = True, study: bool = False) -> argparse.Namespace:
-    """The options every benchmark takes: the space file, the output folder and, where
-    candidates are fine-tuned, the epochs; where it reads one, a finished study."""
+def arguments(
+    doc: str | None, epochs: bool = True, study: bool = False, space: Path = CONV_SPACE
+) -> argparse.Namespace:
+    """The options every benchmark takes: the space file (`space` by default), the output
+    folder and, where candidates are fine-tuned, the epochs; where it reads one, a
+    finished study."""
     parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
-    parser.add_argument("--space", default=str(CONV_SPACE), help="search-space YAML file")
+    parser.add_argument("--space", default=str(space), help="search-space YAML file")
     if epochs:
         parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
     if study:

@@ -309,7 +309,15 @@ def test_layer_table_and_influence(root):
 
     number = int(results.pareto["number"].iloc[0])
     table = explore.layer_table(trial_record(results, number))
-    assert list(table.columns) == ["layer", "sparsity", "channels kept", "bits", "kernel"]
+    assert list(table.columns) == [
+        "layer",
+        "sparsity",
+        "channels kept",
+        "rank",
+        "bits",
+        "clusters",
+        "kernel",
+    ]
     assert len(table) >= 2
     influence = explore.influence(results)
     assert set(influence.columns) == {"parameter", "accuracy", "size", "latency"}

@@ -20,7 +20,7 @@ from .conftest import TINY
 def test_the_space_file_has_one_section_per_part_in_plan_order():
     sections = [f.name for f in fields(CompressionSpace)]
     assert sections == [p.section for p in registered().values()]
-    assert sections == ["pruning", "quantization", "distillation", "finetune"]
+    assert sections == ["pruning", "lowrank", "quantization", "distillation", "finetune", "coding"]
     normal = space_to_dict(parse_space(TINY))["space"]
     assert list(normal) == sections  # and the normal form writes each part's settings
     assert set(normal["pruning"]) == {f.name for f in fields(PARTS["prune"].settings)}
@@ -28,13 +28,15 @@ def test_the_space_file_has_one_section_per_part_in_plan_order():
 
 def test_a_part_at_its_defaults_changes_nothing():
     plan = CompressionPlan()
-    assert list(plan) == list(registered()) == ["prune", "quant", "distill", "finetune"]
+    parts = ["prune", "lowrank", "quant", "distill", "finetune", "coding"]
+    assert list(plan) == list(registered()) == parts
     assert not any(p.changes_model(plan[n]) for n, p in registered().items())
     assert plan.is_identity and plan.summary() == "dense, fp32"
 
 
 def test_parts_are_drawn_in_their_draw_order_and_fine_tuning_epochs_first():
-    assert [p.name for p in drawn()] == list(DRAWS) == ["distill", "prune", "quant", "finetune"]
+    order = ["distill", "prune", "quant", "finetune", "lowrank", "coding"]
+    assert [p.name for p in drawn()] == list(DRAWS) == order
     space = parse_space({**TINY, "space": {**TINY["space"], "finetune": {"epochs": [0, 1]}}})
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):

@@ -74,7 +74,7 @@ def test_layer_sparsity_is_scaled_and_capped():
         (lambda: DistillConfig(1.0, 1.5), "distill.alpha: 0 <= alpha <= 1 must hold, got 1.5"),
         (
             lambda: CompressionPlan.from_dict({"version": 99}),
-            "plan: version 99 is not supported (this paretoopt reads versions 1 to 3)",
+            "plan: version 99 is not supported (this paretoopt reads versions 1 to 4)",
         ),
     ],
 )
@@ -110,7 +110,7 @@ def test_a_plan_is_a_mapping_of_technique_to_config():
     with pytest.raises(AttributeError):
         plan.quant = QuantConfig(8)  # frozen
     with pytest.raises(PlanError, match="unknown key"):
-        CompressionPlan(lowrank=QuantConfig(8))
+        CompressionPlan(ghost=QuantConfig(8))
     with pytest.raises(PlanError, match="quant must be a QuantConfig"):
         CompressionPlan(quant=PruneConfig())
     with pytest.raises(PlanError, match="quant is given twice"):

@@ -5,11 +5,16 @@ form, plus JSON metadata (format version, plan, input shape, and what each techn
 that changes the architecture keeps to replay it: the channel-pruning history):
 
 * integer-quantized weights (2-8 bits): codes bit-packed MSB-first, a float32 scale and a
-  uint8 zero point per channel (or per tensor);
+  uint8 zero point per channel (or per tensor); on the k-means grid (weight sharing), a
+  float32 codebook of 2^bits shared values per channel (or per tensor) in place of the
+  scale;
 * 16-bit weights as float16, or as bfloat16 (the top half of each float32, kept as
   uint16 since numpy has no bfloat16); everything else (biases, BatchNorm) as stored;
 * a weight whose pruning mask pays for itself (n + nnz*b < n*b bits) is stored as a packed
-  1-bit mask followed by the kept values only.
+  1-bit mask followed by the kept values only;
+* with lossless coding (``coding.method: lzma``), every stored array that LZMA makes
+  smaller is kept coded, its type and shape in the layout; the metadata also names the
+  bytes the file would hold uncoded (``uncoded_bytes``).
 
 ``load_compressed`` rebuilds the model from a fresh copy of the user's architecture: it
 replays each technique's architecture change (``techniques.Rebuild``: the channel
@@ -20,6 +25,7 @@ decoded from this file, so the file and the measured model cannot disagree.
 from __future__ import annotations
 
 import json
+import lzma
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save, save_file
 from torch import nn
 
 from paretoopt.compress.techniques import rebuilds
 from paretoopt.compress.techniques.bench import Workbench, prunable_layers
-from paretoopt.compress.techniques.qtensor import QTensor, dequantize
+from paretoopt.compress.techniques.qtensor import QTensor, dequantize, lookup
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import ArtifactError, shown
 from paretoopt.workload import inputs as trees
@@ -88,6 +94,10 @@ def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
         if rebuild.key in meta:  # a technique's entry must not overwrite the file's own
             raise ValueError(f"artifact: rebuild key {rebuild.key!r} is taken")
         meta[rebuild.key] = json.dumps(rebuild.store(bench))
+    if plan.coding.active:
+        meta["uncoded_bytes"] = json.dumps(len(save(tensors, metadata=meta)))
+        _code(tensors, layout)
+        meta["layout"] = json.dumps(layout, separators=(",", ":"))
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)  # a reader never sees half a file
@@ -112,7 +122,11 @@ def _put_codes(out: dict[str, np.ndarray], key: str, q: QTensor) -> dict[str, An
         codes = codes[nonzero]
         entry["masked"] = True
     out[f"{key}::codes"] = pack_bits(codes, q.bits)
-    out[f"{key}::scale"] = q.scale.numpy().astype(np.float32)
+    if q.codebook is not None:  # shared values (k-means) in place of a scale
+        entry["grid"] = "kmeans"
+        out[f"{key}::codebook"] = q.codebook.numpy().astype(np.float32)
+    else:
+        out[f"{key}::scale"] = q.scale.numpy().astype(np.float32)
     out[f"{key}::zero_point"] = zp.astype(np.uint8)
     return entry
 
@@ -134,6 +148,47 @@ def _put_float(
         entry["masked"] = True
     out[f"{key}::values"] = np.ascontiguousarray(array)
     return entry
+
+
+# --------------------------------------------------------------------------- lossless coding
+
+
+# raw LZMA2 streams: the .xz container would add about 60 bytes to every array
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+CODED_ENTRY_BYTES = 48  # what an array's entry in the layout costs: coding must beat it
+CODED_DTYPES = ("|u1", "|i1", "<u2", "<i2", "<f2", "<f4", "<i4", "<u4", "<i8", "<f8")
+
+
+def _code(tensors: dict[str, np.ndarray], layout: dict[str, dict[str, Any]]) -> None:
+    """Replace each stored array by its LZMA coding where that is smaller, entry and all."""
+    for name in list(tensors):
+        key, _, part = name.partition("::")
+        array = np.ascontiguousarray(tensors[name])
+        coded = lzma.compress(array.tobytes(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+        if len(coded) + CODED_ENTRY_BYTES >= array.nbytes or array.dtype.str not in CODED_DTYPES:
+            continue
+        tensors[name] = np.frombuffer(coded, dtype=np.uint8)
+        layout[key].setdefault("coded", {})[part or "raw"] = [array.dtype.str, list(array.shape)]
+
+
+def _decoded(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> None:
+    """Decode a tensor's coded arrays in place; at most the bytes their shapes name are
+    ever produced (a crafted stream cannot inflate past them)."""
+    for part, (dtype, shape) in entry.get("coded", {}).items():
+        name = key if part == "raw" else f"{key}::{part}"
+        if dtype not in CODED_DTYPES or not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"{name}: coded as {dtype} {shape}, which is not an array type")
+        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if size > MAX_DECODED_BYTES:
+            raise ValueError(f"{name}: its shape {shape} names {size} bytes, over the limit")
+        decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+        data = decoder.decompress(arrays[name].tobytes(), max_length=size)
+        if len(data) != size or not decoder.eof:
+            raise ValueError(f"{name}: its coded stream does not decode to shape {shape}")
+        arrays[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+MAX_DECODED_BYTES = 1 << 34  # 16 GiB: no layer of a model this tool compresses is larger
 
 
 # --------------------------------------------------------------------------- reading
@@ -168,8 +223,10 @@ def decode_state_dict(path: Path) -> dict[str, torch.Tensor]:
     meta = read_metadata(path)
     arrays = load_file(str(path))
     try:
+        for key, entry in meta["layout"].items():
+            _decoded(arrays, key, entry)
         return {key: _decode(arrays, key, entry) for key, entry in meta["layout"].items()}
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, lzma.LZMAError) as exc:
         raise ArtifactError(f"{path}: damaged tensor data: {type(exc).__name__}: {exc}") from None
 
 
@@ -192,8 +249,21 @@ def _decode(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> t
         full = np.broadcast_to(zp.reshape(-1, 1), (shape[0], n // shape[0])).ravel().copy()
         full[mask] = codes
         codes = full
+    if entry.get("grid") == "kmeans":
+        return lookup(torch.from_numpy(codes.reshape(shape)), _codebook(arrays, key, entry))
     scale = torch.from_numpy(arrays[f"{key}::scale"].copy())
     return dequantize(torch.from_numpy(codes.reshape(shape)), scale, torch.from_numpy(zp))
+
+
+def _codebook(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> torch.Tensor:
+    """A k-means grid's shared values: one row per output channel, or one, of 2^bits."""
+    book = arrays[f"{key}::codebook"]
+    rows = (entry["shape"][0], 1)
+    if book.dtype != np.float32 or book.ndim != 2 or book.shape[0] not in rows:
+        raise ValueError(f"{key}: its codebook {book.dtype} {list(book.shape)} has no row shape")
+    if book.shape[1] != 2 ** entry["bits"]:
+        raise ValueError(f"{key}: a {entry['bits']}-bit codebook needs {2 ** entry['bits']} values")
+    return torch.from_numpy(book.copy())
 
 
 def _scatter(values: np.ndarray, mask: np.ndarray | None, n: int, fill: float) -> np.ndarray:

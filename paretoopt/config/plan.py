@@ -1,7 +1,7 @@
 """A compression plan: the frozen, validated recipe one trial applies to the baseline.
 
 The plan is a mapping of plan part name to its frozen config, one per registered part
-(``config/parts``: prune, quant, distill, finetune); it round-trips through JSON
+(``config/parts``: prune, lowrank, quant, distill, finetune); it round-trips through JSON
 (``to_dict``/``from_dict``, versioned) and is stored with every trial and every
 artifact. No torch here.
 """
@@ -16,7 +16,9 @@ from typing import Any
 from paretoopt.config.parts import registered, require
 from paretoopt.errors import PlanError
 
-PLAN_VERSION = 3  # 2: saliency, distribution, schedule, regrowth; 3: activations, qat, mixed
+# 2: saliency, distribution, schedule, regrowth; 3: activations, qat, mixed; 4: lowrank,
+# coding, quant.grid
+PLAN_VERSION = 4
 
 
 # plan key -> config type: what a plan holds and what its stored form names, one per
@@ -124,7 +126,7 @@ class CompressionPlan(Mapping[str, Any]):
     def from_dict(cls, raw: Mapping[str, Any]) -> CompressionPlan:
         version = raw.get("version")
         require(
-            version in (1, 2, PLAN_VERSION),
+            version in (1, 2, 3, PLAN_VERSION),
             f"plan: version {version!r} is not supported "
             f"(this paretoopt reads versions 1 to {PLAN_VERSION})",
         )

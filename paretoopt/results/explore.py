@@ -276,18 +276,23 @@ def influence(results: StudyResults) -> pd.DataFrame:
 
 
 def layer_table(record: dict[str, Any]) -> pd.DataFrame:
-    """Per layer: the sparsity reached, channels kept, bit-width and the kernel it ran in."""
+    """Per layer: the sparsity reached, channels kept, the rank a factor carries, bit-width,
+    shared values (weight clustering) and the kernel it ran in."""
     rows = [
         {
             "layer": r["layer"],
             "sparsity": r["sparsity"],
             "channels kept": f"{r['channels_kept']}/{r['channels']}" if r["channels"] else "",
+            "rank": f"{r['rank']}/{r['full_rank']}" if r["full_rank"] else "",
             "bits": r["bits"],
+            # weight clustering: the layer's shared values (per channel or per tensor)
+            "clusters": 2 ** r["bits"] if r["format"] == "kmeans" else "",
             "kernel": r["kernel"] or "",
         }
         for r in layer_rows(record)
     ]
-    return pd.DataFrame(rows, columns=["layer", "sparsity", "channels kept", "bits", "kernel"])
+    columns = ["layer", "sparsity", "channels kept", "rank", "bits", "clusters", "kernel"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def export_command(results: StudyResults, number: int) -> str:

@@ -107,15 +107,19 @@ def _focus_on_front(
 
 
 def layers_figure(layers: pd.DataFrame) -> go.Figure:
-    """One trial's layers (explore.layer_table): sparsity as bars, bit-width as colour."""
+    """One trial's layers (explore.layer_table): sparsity as bars, bit-width as colour,
+    a factor's rank (kept/full) written on its bar."""
+    factorized = bool(layers["rank"].astype(bool).any()) if len(layers) else False
     chart = px.bar(
         layers,
         x="layer",
         y="sparsity",
         color="bits",
-        hover_data=["channels kept", "kernel"],
+        text="rank" if factorized else None,
+        hover_data=["channels kept", "rank", "clusters", "kernel"],
         range_y=[0, 1],
-        title="Per layer: sparsity (bar) and bit-width (colour)",
+        title="Per layer: sparsity (bar), bit-width (colour)"
+        + (", rank of each factor (label)" if factorized else ""),
     )
     # layer names of an nn.Sequential ("0.0", "6") are names, not numbers: one bar each
     chart.update_xaxes(type="category", categoryorder="array", categoryarray=list(layers.layer))

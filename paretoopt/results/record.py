@@ -79,7 +79,7 @@ class LayerQuant(_Readable):
     the runtime really ran it in (read from its optimised graph)."""
 
     bits: int
-    format: str  # "int", "float32", "float16", "bfloat16"
+    format: str  # "int", "kmeans" (shared values), "float32", "float16", "bfloat16"
     kernel: str  # "int8" or "float32"
     granularity: str | None = None
     scheme: str | None = None
@@ -108,11 +108,13 @@ class TrialRecord(_Readable):
     # None where an older paretoopt did not record them
     int_kernels: bool | None = None  # every integer-quantized layer ran in an integer kernel
     exact_weights: bool | None = None  # the runtime model holds the compressed file's weights
+    uncoded_bytes: int | None = None  # the file without lossless coding (None: not coded)
     layer_quant: dict[str, LayerQuant] = field(default_factory=dict)
     # what the techniques recorded (Workbench.records): per layer, and their own facts
     layer_bits: dict[str, int] = field(default_factory=dict)  # empty: float32 weights
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     layer_channels: dict[str, list[int]] = field(default_factory=dict)  # kept, original
+    layer_rank: dict[str, list[int]] = field(default_factory=dict)  # factors: kept, full
     saliency: str | None = None
     finetune_loss: list[float] = field(default_factory=list)  # empty: no fine-tuning
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
@@ -192,6 +194,7 @@ TECHNIQUE_FIELDS = (
     "layer_bits",
     "layer_sparsity",
     "layer_channels",
+    "layer_rank",
     "saliency",
     "finetune_loss",
 )
@@ -226,8 +229,10 @@ LAYER_COLUMNS = (
     "sparsity",  # pruning: the share of its weights that are zero
     "channels_kept",  # channel pruning: output channels left ...
     "channels",  # ... of the original's
+    "rank",  # low-rank factorization: the rank a factor layer carries ...
+    "full_rank",  # ... of the most its layer had
     "bits",  # quantization: weight bit-width (32: float32)
-    "format",  # int, float16, bfloat16, float32
+    "format",  # int, kmeans (2^bits shared values: weight clustering), float16, ...
     "kernel",  # the kernel it ran in, read from the runtime's graph: int8 or float32
     "granularity",
     "scheme",
@@ -242,17 +247,21 @@ def layer_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     sparsity = record.get("layer_sparsity") or {}
     channels = record.get("layer_channels") or {}
     quant = record.get("layer_quant") or {}
+    ranks = record.get("layer_rank") or {}
     rows = []
     for name in dict.fromkeys([*sparsity, *channels, *quant]):
         kept, q = channels.get(name) or [None, None], quant.get(name) or {}
+        rank = ranks.get(name) or [None, None]
         rows.append(
             {
                 "layer": name,
                 "sparsity": sparsity.get(name, 0.0),
                 "channels_kept": kept[0],
                 "channels": kept[1],
+                "rank": rank[0],
+                "full_rank": rank[1],
                 "bits": q.get("bits", 32),
-                **{k: q.get(k) for k in LAYER_COLUMNS[5:]},
+                **{k: q.get(k) for k in LAYER_COLUMNS[7:]},
             }
         )
     return rows
@@ -284,6 +293,7 @@ FRAME_FIELDS = (
     "int_kernels",
     "exact_weights",
     "size_bytes",
+    "uncoded_bytes",
     "latency_ms",
 )
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from paretoopt.compress.artifact import ARTIFACT, load_compressed, save_compressed
+from paretoopt.compress.artifact import ARTIFACT, load_compressed, read_metadata, save_compressed
 from paretoopt.compress.augment import Augment, mixable
 from paretoopt.compress.recipe import Setup, load_setup, resolve_device
 from paretoopt.compress.techniques import Workbench, apply_plan
@@ -445,6 +445,7 @@ def _run(
         torch_test_accuracy=torch_test,
         deploy_gap=val - torch_val,
         size_bytes=size,
+        uncoded_bytes=read_metadata(work / ARTIFACT).get("uncoded_bytes"),
         runtime_file_bytes=runtime_file.stat().st_size if runtime_file else None,
         latency_ms=latency["latency_ms"],
         latency=Latency(**latency),
@@ -567,13 +568,16 @@ def _layer_quant(
     for name in prunable_layers(bench.model):
         bits, param = cfg.layer(name), f"{name}.weight"
         quantized = param in bench.quantized
+        shared = quantized and bench.quantized[param].codebook is not None
+        scheme = "symmetric" if is_symmetric(cfg, bits) else "affine"
         out[name] = LayerQuant(
             bits=bits,
-            format={32: "float32", 16: cfg.half_type}.get(bits, "int"),
+            # kmeans: 2^bits shared float values (weight clustering)
+            format={32: "float32", 16: cfg.half_type}.get(bits, "kmeans" if shared else "int"),
             # on this target, float32 kernels also run 16-bit and dequantized integer weights
             kernel="int8" if param in integer else "float32",
             granularity=cfg.granularity if quantized else None,
-            scheme=("symmetric" if is_symmetric(cfg, bits) else "affine") if quantized else None,
+            scheme=None if shared or not quantized else scheme,
             # the int8 model holds the trial's own codes, not re-rounded ones
             exact_weights=None if param not in int8_weights else int8_weights[param] is not None,
             int8_weights=int8_weights.get(param),

@@ -4,12 +4,13 @@ A technique is a ``Technique``: a name, a stage, ``apply(bench, plan)`` and, whe
 records something per layer once every technique has run, ``report(bench, plan)``. One
 that changes the architecture (not just the weights) also says what the compressed file
 must keep to rebuild it (``Rebuild``: ``store`` on writing, ``replay`` on a fresh copy of
-the architecture before the weights are loaded). The
-pipeline runs the registered techniques by stage: structure changes first (pruning),
-then what fine-tuning needs set up (quantization-aware training installs the quantized
-weight view), then fine-tuning with distillation (which repairs what pruning broke while
-masks hold), then weight quantization (on the fine-tuned weights). A new technique is a
-module that registers itself, plus its name in ``BUILTIN``.
+the architecture before the weights are loaded). The pipeline runs the registered
+techniques by stage: structure changes first (pruning, then low-rank factorization of the
+pruned shapes), then what fine-tuning needs set up (quantization-aware training installs
+the quantized weight view, weight clustering its shared values), then fine-tuning with
+distillation (which repairs what pruning broke while masks hold), then weight
+quantization (on the fine-tuned weights). A new technique is a module that registers
+itself, plus its name in ``BUILTIN``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Technique:
 
 
 TECHNIQUES: dict[str, Technique] = {}
-BUILTIN = ("prune", "qat", "distill", "quantize")  # modules of this package
+BUILTIN = ("prune", "lowrank", "qat", "cluster", "distill", "quantize")  # modules of this package
 
 
 def register(

@@ -35,7 +35,11 @@ class Workbench:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # param name -> keep mask
     # Torch-Pruning's replayable removal: (module name, output side?, channel indices)
     pruning_history: list[list[Any]] = field(default_factory=list)
+    # low-rank factorization: layer name -> {"kind", "ranks", "full"} (the file keeps them)
+    factorized: dict[str, dict[str, Any]] = field(default_factory=dict)
     quantized: dict[str, QTensor] = field(default_factory=dict)  # param name -> codes
+    # weight clustering fine-tuned through shared values: param name -> fixed assignments
+    clusters: dict[str, torch.Tensor] = field(default_factory=dict)
     halved: dict[str, str] = field(default_factory=dict)  # param name -> float16 / bfloat16
     # QAT: the weights the forward pass uses instead of the parameters (straight-through)
     weight_view: Callable[[nn.Module], dict[str, torch.Tensor]] | None = None

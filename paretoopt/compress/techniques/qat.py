@@ -35,6 +35,6 @@ def straight_through(model: nn.Module, cfg: QuantConfig) -> dict[str, torch.Tens
 
 @register("qat", Stage.TRAINING_SETUP)
 def qat(bench: Workbench, plan: CompressionPlan) -> None:
-    if plan.quant.method != "qat":  # the plan has checked that fine-tuning follows
-        return
+    if plan.quant.method != "qat" or plan.quant.grid == "kmeans":  # kmeans: see cluster
+        return  # the plan has checked that fine-tuning follows
     bench.weight_view = lambda model: straight_through(model, plan.quant)

@@ -17,6 +17,7 @@ import torch
 
 from paretoopt.compress.techniques import Stage, register
 from paretoopt.compress.techniques.bench import Workbench, prunable_layers
+from paretoopt.compress.techniques.cluster import cluster_tensor, keeps_zero
 from paretoopt.compress.techniques.qtensor import QTensor
 from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
@@ -67,13 +68,18 @@ def fake_quantize(w: torch.Tensor, cfg: QuantConfig, bits: int) -> torch.Tensor:
     return quantize_tensor(w, cfg, bits).dequantize()
 
 
+def _within(layer: str, name: str) -> bool:
+    return layer == name or layer.startswith(f"{name}.")
+
+
 @register("quantize", Stage.WEIGHTS)
 def quantize(bench: Workbench, plan: CompressionPlan) -> None:
     cfg = plan.quant
     if not cfg.active:
         return
     layers = prunable_layers(bench.model)
-    unknown = sorted(set(cfg.layer_bits) - set(layers))
+    # a factorized layer's name is the prefix of its factors' (fc1 of fc1.0 and fc1.1)
+    unknown = sorted(n for n in cfg.layer_bits if not any(_within(m, n) for m in layers))
     if unknown:
         raise PlanError(
             f"quant.layer_bits: names {unknown} that the model does not have; its layers: "
@@ -82,7 +88,12 @@ def quantize(bench: Workbench, plan: CompressionPlan) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             param, bits = f"{name}.weight", cfg.layer(name)
-            if bits <= 8:
+            if bits <= 8 and cfg.grid == "kmeans":  # shared values (weight clustering)
+                fixed = bench.clusters.get(param)
+                q = cluster_tensor(layer.weight, cfg, bits, keeps_zero(plan), fixed)
+                bench.quantized[param] = q
+                layer.weight.copy_(q.dequantize())
+            elif bits <= 8:
                 q = quantize_tensor(layer.weight, cfg, bits)
                 bench.quantized[param] = q
                 layer.weight.copy_(q.dequantize())

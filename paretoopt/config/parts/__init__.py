@@ -68,7 +68,14 @@ class Part:
 
 
 PARTS: dict[str, Part] = {}
-BUILTIN = ("prune", "quant", "distill", "finetune")  # modules of this package, plan order
+BUILTIN = (
+    "prune",
+    "lowrank",
+    "quant",
+    "distill",
+    "finetune",
+    "coding",
+)  # modules of this package, plan order
 
 
 def register(part: Part) -> Part:

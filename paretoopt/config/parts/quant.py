@@ -5,6 +5,7 @@ backend (``measure/``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ ACTIVATIONS = ("float", "int8")
 QUANT_METHODS = ("ptq", "qat")
 HALF_TYPES = ("float16", "bfloat16")
 QUANT_DISTRIBUTIONS = ("uniform", "per_layer")
+GRIDS = ("uniform", "kmeans")
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,18 @@ class QuantizationSpace:
         options=SUPPORTED_BITS,
         knob=True,
     )
+    grid: Knob = setting(
+        Fixed("uniform"),
+        "uniform (min-max integer codes and a scale) or kmeans (weight sharing: 2^bits "
+        "shared values per layer or channel found by k-means, fine-tuned as shared values "
+        "under qat; float activations only)",
+        kind=str,
+        options=GRIDS,
+        knob=True,
+    )
     granularity: Knob = setting(
         Fixed("per_channel"),
-        "one scale per output channel or per tensor",
+        "one scale (or codebook, on the kmeans grid) per output channel or per tensor",
         kind=str,
         options=GRANULARITIES,
         knob=True,
@@ -107,6 +118,7 @@ class QuantConfig:
     # mixed precision: layer name -> bit-width; out of the hash so a plan stays hashable
     layer_bits: Mapping[str, int] = field(default_factory=dict, hash=False)
     calibration_samples: int = 256
+    grid: str = "uniform"  # or "kmeans": shared values (weight clustering)
 
     def __post_init__(self) -> None:
         for where, bits in [("bits", self.bits)] + [
@@ -123,6 +135,7 @@ class QuantConfig:
             ("half_type", self.half_type, HALF_TYPES),
             ("activations", self.activations, ACTIVATIONS),
             ("method", self.method, QUANT_METHODS),
+            ("grid", self.grid, GRIDS),
         ):
             require(
                 value in options,
@@ -132,15 +145,27 @@ class QuantConfig:
             isinstance(self.calibration_samples, int) and self.calibration_samples >= 1,
             f"quant.calibration_samples: must be >= 1, got {self.calibration_samples}",
         )
-        for name, value in (("activations", self.activations), ("method", self.method)):
+        require(
+            self.grid == "uniform" or self.activations == "float",
+            "quant.grid: 'kmeans' shares float values, which no int8 kernel takes; it needs "
+            f"activations 'float', but got {self.activations!r}",
+        )
+        for name, value in (
+            ("activations", self.activations),
+            ("method", self.method),
+            ("grid", self.grid),
+        ):
             require(
-                value in ("float", "ptq") or self.integer,
+                value in ("float", "ptq", "uniform") or self.integer,
                 f"quant.{name}: {value!r} needs integer weights (2-8 bits), "
                 f"but every layer has {sorted(self.widths)} bits",
             )
 
     def layer(self, name: str) -> int:
-        """The bit-width of one layer."""
+        """The bit-width of one layer; a factor of a factorized layer (``fc1.0`` of
+        ``fc1``) takes its layer's."""
+        while name not in self.layer_bits and "." in name:
+            name = name.rpartition(".")[0]
         return self.layer_bits.get(name, self.bits)
 
     @property
@@ -168,7 +193,11 @@ class QuantConfig:
             text = f"int{widths[0]}-{widths[-1]} mixed"
         else:
             text = names.get(widths[0], f"int{widths[0]}")
-        if self.integer:
+        if self.integer and self.grid == "kmeans":  # "kmeans16": 16 shared values
+            text = text.replace("int", "kmeans", 1)
+            text = re.sub(r"kmeans(\d+)", lambda m: f"kmeans{2 ** int(m.group(1))}", text)
+            text += " per-tensor" if self.granularity != "per_channel" else ""
+        elif self.integer:
             text += " per-tensor" if self.granularity != "per_channel" else ""
             text += " sym" if self.scheme != "affine" else ""
             text += " int8-act" if self.activations == "int8" else ""
@@ -192,6 +221,16 @@ def draw(d: Drawing) -> QuantConfig:
     half = str(suggest(trial, "quant.half_type", q.half_type)) if 16 in widths else "float16"
     if min(widths) > 8:  # no integer grid: granularity, scheme, activations cannot matter
         return QuantConfig(bits, half_type=half, **fixed)
+    grid = str(suggest(trial, "quant.grid", q.grid))
+    if grid == "kmeans":  # shared float values: no scheme, no int8 kernels
+        return QuantConfig(
+            bits,
+            granularity=str(suggest(trial, "quant.granularity", q.granularity)),
+            half_type=half,
+            method=str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
+            grid=grid,
+            **fixed,
+        )
     activations = str(suggest(trial, "quant.activations", q.activations))
     only_8 = {w for w in widths if w <= 8} == {8}
     return QuantConfig(
@@ -227,6 +266,15 @@ def check(space: Space) -> list[str]:
         (
             "qat" in knob_values(q.method) and set(epochs) == {0},
             f"{at}.method: qat trains through the quantizer, but finetune.epochs is always 0",
+        ),
+        (
+            "kmeans" in knob_values(q.grid) and knob_values(q.activations) == ("int8",),
+            f"{at}.grid: kmeans shares float values, which no int8 kernel takes, but "
+            "activations is always int8; add float to activations",
+        ),
+        (
+            not isinstance(q.grid, Fixed) and not bits & set(range(2, 9)),
+            f"{at}.grid: searched, but bits allows only {sorted(bits)}; a grid needs 2-8",
         ),
         (
             not isinstance(q.half_type, Fixed) and 16 not in bits,
@@ -268,6 +316,7 @@ PART = register(
             "quant.granularity": ("per_channel",),
             "quant.scheme": ("symmetric",),
             "quant.method": ("qat",),  # only asked with fine-tuning
+            "quant.grid": ("uniform",),
         },
         prefer_dense={"quant.activations": ("int8",)},
         prefer_sparse={"quant.activations": ("float",)},
