@@ -22,6 +22,7 @@ import torch_pruning as tp
 from paretoopt.compress.techniques import Rebuild, Stage, register
 from paretoopt.compress.techniques.bench import StepHook, Workbench, prunable_layers
 from paretoopt.compress.techniques.saliency import SALIENCIES, fill_gradients, gradient_stats
+from paretoopt.compress.techniques.surgeon import input_hessians, surgeon
 from paretoopt.config.parts.prune import PruneConfig
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import TrialError
@@ -95,7 +96,24 @@ def _mask(
         }
     for param, s in scores.items():
         bench.masks[param] = (s > thresholds[param]).float()
+    if cfg.reconstruction == "obs":  # the same level per layer, other weights, updated
+        _surgeon(bench, cfg)
     bench.apply_masks()
+
+
+def _surgeon(bench: Workbench, cfg: PruneConfig) -> None:
+    """Optimal Brain Surgeon on every masked layer, at the sparsity its mask has."""
+    layers = prunable_layers(bench.model)
+    samples = cfg.saliency_batches * 64
+    hessians = input_hessians(bench.model, layers, bench.splits.train, samples)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            param = f"{name}.weight"
+            level = 1.0 - float(bench.masks[param].mean())
+            rows = layer.weight.reshape(layer.weight.shape[0], -1)
+            weight, keep = surgeon(rows, hessians[name].to(rows.device), level)
+            layer.weight.copy_(weight.reshape(layer.weight.shape))
+            bench.masks[param] = keep.reshape(layer.weight.shape).float()
 
 
 def _layer_level(cfg: PruneConfig, layer: str, level: float) -> float:

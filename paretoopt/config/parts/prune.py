@@ -8,13 +8,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from paretoopt.config.knobs import Choice, Fixed, Knob, Range, setting, suggest
+from paretoopt.config.knobs import Choice, Fixed, Knob, Range, knob_values, setting, suggest
 from paretoopt.config.parts import Drawing, Part, group_parameters, register, require
 
 STRUCTURES = ("unstructured", "channel")
 SALIENCIES = ("l1", "l2", "taylor", "hessian")
 DISTRIBUTIONS = ("uniform", "global", "per_layer")
 SCHEDULES = ("one_shot", "gradual")
+RECONSTRUCTIONS = ("none", "obs")
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,22 @@ class PruningSpace:
         options=(False, True),
         knob=True,
     )
+    reconstruction: Knob = setting(
+        Fixed("none"),
+        "none, or obs (Optimal Brain Surgeon, layer-wise as in SparseGPT: weights go by "
+        "w^2 / [H^-1]_jj and the rest are updated to make up for them, H from calibration "
+        "inputs; unstructured)",
+        kind=str,
+        options=RECONSTRUCTIONS,
+        knob=True,
+    )
     regrowth_interval: int = setting(
         10, "optimizer steps between regrowth events", kind=int, low=1, high=1_000_000
     )
     saliency_batches: int = setting(
         4,
-        "batches used to estimate gradients for taylor and hessian",
+        "batches of 64 used to estimate gradients for taylor and hessian, and the inputs' "
+        "Hessian for obs",
         kind=int,
         low=1,
         high=10_000,
@@ -111,6 +122,7 @@ class PruneConfig:
     gradual_steps: int = 4
     regrowth: bool = False
     regrowth_interval: int = 10
+    reconstruction: str = "none"  # or "obs": Optimal Brain Surgeon's update (unstructured)
     saliency_batches: int = 4
     round_to: int = 1
 
@@ -120,6 +132,7 @@ class PruneConfig:
             ("saliency", self.saliency, SALIENCIES),
             ("distribution", self.distribution, DISTRIBUTIONS),
             ("schedule", self.schedule, SCHEDULES),
+            ("reconstruction", self.reconstruction, RECONSTRUCTIONS),
         ):
             require(
                 value in options,
@@ -137,6 +150,11 @@ class PruneConfig:
             not self.regrowth or (self.structure == "unstructured" and self.schedule == "one_shot"),
             "prune.regrowth: needs structure 'unstructured' and schedule 'one_shot' "
             f"(sparsity stays constant), but got {self.structure!r}, {self.schedule!r}",
+        )
+        require(
+            self.reconstruction == "none" or self.structure == "unstructured",
+            "prune.reconstruction: 'obs' updates the weights left in a layer, which needs "
+            f"structure 'unstructured', but got {self.structure!r}",
         )
         require(
             bool(self.layer_scale) == (self.distribution == "per_layer" and self.active)
@@ -182,14 +200,21 @@ def draw(d: Drawing) -> PruneConfig:
         if epochs and structure == "unstructured" and schedule == "one_shot"
         else False
     )
+    saliency = str(suggest(trial, "prune.saliency", p.saliency))
+    reconstruction = (
+        str(suggest(trial, "prune.reconstruction", p.reconstruction))
+        if structure == "unstructured"
+        else "none"
+    )
     return PruneConfig(
         structure,
         sparsity,
-        str(suggest(trial, "prune.saliency", p.saliency)),
+        saliency,
         distribution,
         scales,
         schedule,
         regrowth=regrowth,
+        reconstruction=reconstruction,
         **fixed,
     )
 
@@ -209,9 +234,22 @@ def describe(plan: Mapping[str, Any]) -> str:
     if not p.active:
         return "dense"
     parts = [p.structure, f"{p.sparsity:.2f}", p.saliency, p.distribution.replace("_", "-")]
+    parts += ["obs"] if p.reconstruction == "obs" else []
     parts += ["gradual"] if p.schedule == "gradual" else []
     parts += ["regrow"] if p.regrowth else []
     return " ".join(parts)
+
+
+def check(space: Any) -> list[str]:
+    """Choices that could never take effect: an error, not a silent no-op."""
+    p = space.space.pruning
+    if "obs" in knob_values(p.reconstruction) and "unstructured" not in knob_values(p.structure):
+        allowed = list(knob_values(p.structure))
+        return [
+            "space.pruning.reconstruction: obs updates the weights left in a layer, which "
+            f"needs structure unstructured, but structure allows only {allowed}"
+        ]
+    return []
 
 
 PART = register(
@@ -225,10 +263,12 @@ PART = register(
         draw_order=1,
         changes_model=lambda cfg: cfg.active,
         describe=describe,
+        check=check,
         prefer={
             "prune.distribution": ("uniform",),
             "prune.schedule": ("one_shot",),
             "prune.regrowth": (False,),
+            "prune.reconstruction": ("obs",),  # it only ever helps a one-shot mask
         },
         prefer_dense={"prune.structure": ("channel",)},
         prefer_sparse={"prune.structure": ("unstructured",)},

@@ -1,0 +1,119 @@
+"""Optimal Brain Surgeon, layer-wise: prune a layer and move its remaining weights to make
+up for what was removed (``prune.reconstruction: obs``).
+
+For a layer with inputs X (calibration samples from the training split; a convolution's
+unfolded patches), the loss of a change dW to one output row is ||dW X||^2, whose Hessian
+H = 2 X X^T is the same for every row. Removing weight j and updating the others by
+``-w_j / [H^-1]_jj * H^-1[:, j]`` is OBS's optimal step (Hassibi & Stork 1993); weights
+go in the order of the OBS saliency ``w_j^2 / [H^-1]_jj^2``. The columns are processed
+left to right in blocks with the Cholesky factor of H^-1, choosing each block's mask
+from the weights as updated so far (SparseGPT, Frantar & Alistarh 2023: the OBC update
+for a whole row at the cost of one factorization). The layer's sparsity is the plan's; only
+which weights go and what the others become change, before fine-tuning repairs the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from paretoopt.workload import inputs as trees
+from paretoopt.workload.data import Data
+
+BLOCK = 128  # columns per block: the mask is chosen from weights updated this recently
+DAMPING = 0.01  # of the mean diagonal: keeps H invertible where inputs are collinear
+
+
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's inputs as rows of its weight's columns: (samples, in * kernel)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(layer, nn.Conv1d):  # a 1-D convolution is a 2-D one of height 1
+        x = x.unsqueeze(2)
+        kernel, dilation, padding, stride = (
+            (1, layer.kernel_size[0]),
+            (1, layer.dilation[0]),
+            (0, layer.padding[0]),
+            (1, layer.stride[0]),
+        )
+    else:
+        kernel, dilation, padding, stride = (
+            layer.kernel_size,
+            layer.dilation,
+            layer.padding,
+            layer.stride,
+        )
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def input_hessians(
+    model: nn.Module, layers: dict[str, nn.Module], split: Data, samples: int
+) -> dict[str, torch.Tensor]:
+    """X X^T / n of each layer's inputs over `samples` training samples (BatchNorm in
+    eval mode: the model is left exactly as it was)."""
+    sums = {n: torch.zeros(0) for n in layers}
+    counts = dict.fromkeys(layers, 0)
+
+    def hook(name: str, layer: nn.Module):  # noqa: ANN202
+        def record(_: nn.Module, args: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
+            rows = _patches(layer, args[0].detach()).double()
+            total = rows.T @ rows
+            sums[name] = total if counts[name] == 0 else sums[name] + total
+            counts[name] += len(rows)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        seen = 0
+        with torch.no_grad():
+            for x, y, _ in split.batches(64):  # in the split's order: the same every time
+                if seen >= samples:
+                    break
+                x = trees.take(x, slice(0, samples - seen))
+                seen += min(len(y), samples - seen)
+                trees.call(model, trees.tree_map(lambda t: t.to(device), x))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: sums[n] / max(counts[n], 1) for n in layers}
+
+
+def surgeon(
+    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` (out, columns) with `sparsity` of each block's weights removed by OBS
+    saliency and the rest updated to compensate, and its keep mask; weights already zero
+    go first."""
+    w = weight.detach().double().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0  # an input never seen: its weights cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for start in range(0, w.shape[1], BLOCK):
+        end = min(start + BLOCK, w.shape[1])
+        block, factor = w[:, start:end].clone(), inverse[start:end, start:end]
+        saliency = block.square() / torch.diag(factor).square()
+        k = int(round(sparsity * saliency.numel()))
+        drop = torch.zeros_like(block, dtype=torch.bool)
+        if k:
+            drop.view(-1)[saliency.flatten().argsort()[:k]] = True
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            kept = torch.where(drop[:, i], 0.0, block[:, i])
+            errors[:, i] = (block[:, i] - kept) / factor[i, i]
+            block[:, i:] -= errors[:, i : i + 1] * factor[i : i + 1, i:]
+            block[:, i] = kept
+        w[:, start:end] = block
+        w[:, end:] -= errors @ inverse[start:end, end:]
+        keep[:, start:end] = ~drop
+    return w.to(weight.dtype), keep

@@ -1,0 +1,110 @@
+"""Optimal Brain Surgeon (prune.reconstruction: obs): the update, and what it is worth
+before any fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from paretoopt.compress.techniques import Workbench, apply_plan
+from paretoopt.compress.techniques.bench import find_classifier, prunable_layers
+from paretoopt.compress.techniques.surgeon import input_hessians, surgeon
+from paretoopt.compress.train import Recipe, logits_of, split_quality, train
+from paretoopt.config.parts.prune import PruneConfig
+from paretoopt.config.plan import CompressionPlan
+from paretoopt.config.space import ComponentSpec, load_space
+from paretoopt.errors import PlanError, SpaceError
+from paretoopt.workload.data import Split, create_data
+from paretoopt.workload.models import mlp
+
+from .conftest import write_space
+
+
+def _output_error(w: torch.Tensor, new: torch.Tensor, x: torch.Tensor) -> float:
+    return float(((w - new) @ x.T).norm() / (w @ x.T).norm())
+
+
+def test_the_update_makes_up_for_what_was_removed():
+    """On correlated inputs, the surgeon's layer output is closer to the dense one than
+    its own mask without the update."""
+    torch.manual_seed(0)
+    mix = torch.randn(24, 24)
+    x = torch.randn(2000, 24) @ mix  # correlated inputs: where the update pays
+    w = torch.randn(16, 24)
+    new, keep = surgeon(w, x.T @ x / len(x), 0.7)
+    assert abs(1 - float(keep.float().mean()) - 0.7) < 0.01
+    assert torch.equal(new == 0, ~keep) or bool((new[~keep] == 0).all())
+    assert _output_error(w, new, x) < 0.97 * _output_error(w, w * keep, x)
+
+
+def test_nothing_removed_changes_nothing():
+    torch.manual_seed(0)
+    x = torch.randn(500, 10)
+    w = torch.randn(4, 10)
+    new, keep = surgeon(w, x.T @ x / len(x), 0.0)
+    assert keep.all()
+    torch.testing.assert_close(new, w)
+
+
+def test_input_hessians_of_a_convolution_are_its_patches_second_moments():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    model = nn.Sequential(conv)
+    x = torch.randn(10, 2, 5, 5)
+    split = Split(x, torch.zeros(10, dtype=torch.long))
+    (h,) = input_hessians(model, {"0": conv}, split, 10).values()
+    patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18)
+    torch.testing.assert_close(h, (patches.T @ patches / len(patches)).double())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return create_data(ComponentSpec(name="digits", kwargs={"size": 8}))
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    torch.manual_seed(0)
+    model = mlp(in_features=64, hidden=(64, 32))  # narrow: magnitude pruning hurts it
+    train(model, digits.train, Recipe(15, 3e-3, 32, 0))
+    return model.eval()
+
+
+def _accuracy_after(model, digits, prune: PruneConfig) -> float:
+    bench = Workbench(
+        copy.deepcopy(model),
+        digits,
+        logits_of(model, digits.train.x),
+        find_classifier(model, digits.train.x[:1]),
+    )
+    apply_plan(bench, CompressionPlan(prune))
+    for name, layer in prunable_layers(bench.model).items():
+        zeros = float((layer.weight == 0).float().mean())
+        assert abs(zeros - prune.sparsity) < 0.02, name  # the same sparsity, other weights
+    return split_quality(bench.model, digits.val)
+
+
+def test_obs_at_70_percent_beats_magnitude_before_fine_tuning_by_5_points(trained, digits):
+    dense = split_quality(trained, digits.val)
+    magnitude = _accuracy_after(trained, digits, PruneConfig("unstructured", 0.7, "l2"))
+    obs = _accuracy_after(
+        trained, digits, PruneConfig("unstructured", 0.7, "l2", reconstruction="obs")
+    )
+    assert obs >= magnitude + 5.0, (dense, magnitude, obs)
+
+
+def test_obs_needs_unstructured_pruning(tmp_path, tiny_doc):
+    with pytest.raises(PlanError, match="prune.reconstruction: 'obs' updates the weights"):
+        PruneConfig("channel", 0.5, reconstruction="obs")
+    tiny_doc["space"]["pruning"] = {
+        "structure": "channel",
+        "sparsity": 0.5,
+        "reconstruction": ["none", "obs"],
+    }
+    with pytest.raises(SpaceError, match="space.pruning.reconstruction: obs updates"):
+        load_space(write_space(tmp_path / "s.yaml", tiny_doc))
+    summary = CompressionPlan(PruneConfig("unstructured", 0.5, reconstruction="obs")).summary()
+    assert "obs" in summary
