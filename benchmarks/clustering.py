@@ -24,6 +24,7 @@ from paretoopt.config.parts.finetune import FinetuneConfig
 from paretoopt.config.parts.prune import PruneConfig
 from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
+from paretoopt.measure.fingerprint import hardware_fingerprint
 from paretoopt.measure.isa import int8_dot, this_machine
 
 LZMA = CodingConfig("lzma")
@@ -46,10 +47,18 @@ def plans(epochs: int) -> list[tuple[str, CompressionPlan]]:
             ),
             (f"kmeans{2**bits}-per-channel", plan(QuantConfig(bits, method="qat", grid="kmeans"))),
         ]
-    for sparsity, bits in ((0.9, 4), (0.9, 3), (0.95, 3), (0.95, 2)):
-        pruned = PruneConfig("unstructured", sparsity)
+    # Deep Compression's stages together: weights masked (whose mask the file must hold)
+    # or channels removed (whose removal it replays), shared values, then coding
+    for structure, sparsity, bits in (
+        ("unstructured", 0.9, 4),
+        ("unstructured", 0.9, 3),
+        ("channel", 0.5, 3),
+        ("channel", 0.6, 3),
+        ("channel", 0.5, 2),
+    ):
+        pruned = PruneConfig(structure, sparsity)
         shared = QuantConfig(bits, "per_tensor", method="qat", grid="kmeans")
-        name = f"prune{sparsity:g}-kmeans{2**bits}"
+        name = f"{structure}{sparsity:g}-kmeans{2**bits}"
         out += [(name, plan(pruned, shared)), (f"{name}-lzma", plan(pruned, shared, coding=LZMA))]
     return out
 
@@ -74,8 +83,9 @@ def main() -> int:
         )
     write_csv(rows, "clustering.csv", args.out)
     isa, machine = this_machine()
+    cpu = hardware_fingerprint()["cpu"]
     print(
-        f"machine: {machine}, int8 on {int8_dot(isa, machine)}; baseline: val "
+        f"machine: {cpu}, {machine}, int8 on {int8_dot(isa, machine)}; baseline: val "
         f"{base['accuracy']:.2f} %, {base['size_bytes']} B, {base['latency_ms']:.4f} ms\n"
     )
     print(

@@ -23,6 +23,7 @@ from paretoopt.config.parts.distill import DistillConfig
 from paretoopt.config.parts.finetune import FinetuneConfig
 from paretoopt.config.parts.lowrank import LowRankConfig
 from paretoopt.config.plan import CompressionPlan
+from paretoopt.measure.fingerprint import hardware_fingerprint
 from paretoopt.measure.isa import int8_dot, this_machine
 
 SHARES = (1.0, 0.5, 0.25, 0.125, 0.0625)  # of each layer's full rank (1.0: dense)
@@ -71,8 +72,9 @@ def main() -> int:
         progress(f"{name:14s} acc {r['accuracy']:6.2f}  x{r['speedup']:.2f} faster  {r['ranks']}")
     write_csv(rows, "lowrank.csv", args.out)
     isa, machine = this_machine()
+    cpu = hardware_fingerprint()["cpu"]
     print(
-        f"machine: {machine}, int8 on {int8_dot(isa, machine)}; baseline: val "
+        f"machine: {cpu}, {machine}, int8 on {int8_dot(isa, machine)}; baseline: val "
         f"{base['accuracy']:.2f} %, {base['params']} params, {base['macs']} MACs, "
         f"{base['latency_ms']:.4f} ms\n"
     )

@@ -51,8 +51,8 @@ def test_unknown_key(tmp_path, capsys, tiny_doc):
     tiny_doc["space"]["quantization"]["bit"] = 4
     assert bad_input(tmp_path, capsys, tiny_doc) == (
         "space.quantization.bit: unknown key (did you mean 'bits'?); allowed keys: bits, "
-        "granularity, scheme, half_type, activations, method, distribution, layer_groups, "
-        "calibration_samples"
+        "grid, granularity, scheme, half_type, activations, method, distribution, "
+        "layer_groups, calibration_samples"
     )
 
 
