@@ -150,3 +150,24 @@ def test_the_plan_names_its_coding():
     assert CompressionPlan(coding=CodingConfig("lzma")).is_identity  # the model is untouched
     with pytest.raises(PlanError, match="coding.method: 'zip' is not supported; choose from"):
         CodingConfig("zip")
+
+
+def test_codes_coded_one_per_byte_are_packed_again_exactly(files, tmp_path):
+    root, _, _ = files
+    layout = read_metadata(root / "coded.safetensors")["layout"]
+    forms = [spec for e in layout.values() for spec in e.get("coded", {}).values()]
+    assert any(spec[2:] == ["bytes"] for spec in forms), forms  # the codes' own frequencies
+
+    def overflow(layout, arrays):
+        key, entry = next((k, e) for k, e in layout.items() if "codes" in e.get("coded", {}))
+        dtype, shape, *_ = entry["coded"]["codes"]
+        entry["coded"]["codes"] = ["|u1", shape, "bytes"]
+        codes = np.full(shape, 255, dtype=np.uint8)  # beyond 4 bits
+        arrays[f"{key}::codes"] = np.frombuffer(
+            lzma.compress(codes.tobytes(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS),
+            dtype=np.uint8,
+        )
+
+    _tamper(root / "coded.safetensors", tmp_path / "bad.safetensors", overflow)
+    with pytest.raises(ArtifactError, match="do not fit 4 bits"):
+        decode_state_dict(tmp_path / "bad.safetensors")

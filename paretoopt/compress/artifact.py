@@ -95,9 +95,10 @@ def save_compressed(path: Path, bench: Workbench, plan: CompressionPlan) -> int:
             raise ValueError(f"artifact: rebuild key {rebuild.key!r} is taken")
         meta[rebuild.key] = json.dumps(rebuild.store(bench))
     if plan.coding.active:
-        meta["uncoded_bytes"] = json.dumps(len(save(tensors, metadata=meta)))
-        _code(tensors, layout)
-        meta["layout"] = json.dumps(layout, separators=(",", ":"))
+        uncoded = len(save(tensors, metadata=meta))
+        if _code(tensors, layout):  # a file nothing could be coded in stays as it was
+            meta["uncoded_bytes"] = json.dumps(uncoded)
+            meta["layout"] = json.dumps(layout, separators=(",", ":"))
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
     os.replace(tmp, path)  # a reader never sees half a file
@@ -159,23 +160,50 @@ CODED_ENTRY_BYTES = 48  # what an array's entry in the layout costs: coding must
 CODED_DTYPES = ("|u1", "|i1", "<u2", "<i2", "<f2", "<f4", "<i4", "<u4", "<i8", "<f8")
 
 
-def _code(tensors: dict[str, np.ndarray], layout: dict[str, dict[str, Any]]) -> None:
-    """Replace each stored array by its LZMA coding where that is smaller, entry and all."""
+def _code(tensors: dict[str, np.ndarray], layout: dict[str, dict[str, Any]]) -> int:
+    """Replace each stored array by its LZMA coding where that is smaller, entry and all;
+    return how many were. Packed codes are also tried one per byte: LZMA's byte-wise
+    model then sees the codes' own frequencies (Deep Compression's Huffman stage), which
+    bit-packing across byte boundaries hides."""
+    counts = {k: _code_count(tensors, k, e) for k, e in layout.items() if e["encoding"] == "int"}
+    coded = 0
     for name in list(tensors):
         key, _, part = name.partition("::")
         array = np.ascontiguousarray(tensors[name])
-        coded = lzma.compress(array.tobytes(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-        if len(coded) + CODED_ENTRY_BYTES >= array.nbytes or array.dtype.str not in CODED_DTYPES:
+        if array.dtype.str not in CODED_DTYPES:
             continue
-        tensors[name] = np.frombuffer(coded, dtype=np.uint8)
-        layout[key].setdefault("coded", {})[part or "raw"] = [array.dtype.str, list(array.shape)]
+        forms = [(array.tobytes(), [array.dtype.str, list(array.shape)])]
+        if part == "codes" and key in counts and layout[key]["bits"] < 8:
+            codes = unpack_bits(array, layout[key]["bits"], counts[key]).astype(np.uint8)
+            forms.append((codes.tobytes(), ["|u1", [len(codes)], "bytes"]))
+        streams = [(_lzma(raw), how) for raw, how in forms]
+        stream, how = min(streams, key=lambda s: len(s[0]))
+        if len(stream) + CODED_ENTRY_BYTES >= array.nbytes:
+            continue
+        tensors[name] = np.frombuffer(stream, dtype=np.uint8)
+        layout[key].setdefault("coded", {})[part or "raw"] = how
+        coded += 1
+    return coded
+
+
+def _lzma(raw: bytes) -> bytes:
+    return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
+
+def _code_count(tensors: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> int:
+    """How many codes an integer weight stores: its kept weights where it is masked."""
+    n = int(np.prod(entry["shape"]))
+    if not entry.get("masked"):
+        return n
+    return int(np.unpackbits(tensors[f"{key}::mask"])[:n].sum())
 
 
 def _decoded(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> None:
     """Decode a tensor's coded arrays in place; at most the bytes their shapes name are
     ever produced (a crafted stream cannot inflate past them)."""
-    for part, (dtype, shape) in entry.get("coded", {}).items():
+    for part, spec in entry.get("coded", {}).items():
         name = key if part == "raw" else f"{key}::{part}"
+        dtype, shape, *form = spec
         if dtype not in CODED_DTYPES or not all(type(d) is int and d >= 0 for d in shape):
             raise ValueError(f"{name}: coded as {dtype} {shape}, which is not an array type")
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -186,6 +214,19 @@ def _decoded(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> 
         if len(data) != size or not decoder.eof:
             raise ValueError(f"{name}: its coded stream does not decode to shape {shape}")
         arrays[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        if form == ["bytes"]:  # one code per byte: packed again, as the layout reads them
+            arrays[name] = _repacked(arrays[name], name, part, entry)
+        elif form:
+            raise ValueError(f"{name}: coded in form {form}, which is not one this reads")
+
+
+def _repacked(codes: np.ndarray, name: str, part: str, entry: dict[str, Any]) -> np.ndarray:
+    bits = entry.get("bits")
+    if part != "codes" or entry.get("encoding") != "int" or bits not in range(1, 9):
+        raise ValueError(f"{name}: only integer codes are coded one per byte")
+    if codes.dtype != np.uint8 or codes.ndim != 1 or (codes.size and codes.max() >= 2**bits):
+        raise ValueError(f"{name}: its codes do not fit {bits} bits")
+    return pack_bits(codes, bits)
 
 
 MAX_DECODED_BYTES = 1 << 34  # 16 GiB: no layer of a model this tool compresses is larger
