@@ -235,17 +235,30 @@ def test_a_bad_config_says_the_rule(config, rule):
         LowRankConfig(**config)
 
 
-def test_gradual_channel_pruning_does_not_combine_with_factorization(tmp_path, tiny_doc):
-    tiny_doc["space"]["pruning"]["schedule"] = ["one_shot", "gradual"]
-    tiny_doc["space"]["lowrank"] = {"rank": {"low": 0.2, "high": 1.0}}
-    with pytest.raises(SpaceError, match="space.lowrank: factorization cannot be combined"):
-        load_space(write_space(tmp_path / "s.yaml", tiny_doc))
-    with pytest.raises(PlanError, match="gradual channel pruning"):
-        CompressionPlan(
-            PruneConfig("channel", 0.5, schedule="gradual"),
-            LowRankConfig(rank=0.5),
-            FinetuneConfig(epochs=1),
-        )
+@pytest.mark.parametrize(
+    "prune",
+    [
+        PruneConfig("channel", 0.5, schedule="gradual", gradual_steps=2),
+        PruneConfig("unstructured", 0.6),
+    ],
+    ids=["gradual-channel", "unstructured"],
+)
+def test_pruning_acts_on_the_factors_and_the_file_replays_both(splits, tmp_path, prune):
+    plan = CompressionPlan(prune, LowRankConfig(rank=0.5), FinetuneConfig(epochs=1))
+    bench = _bench(splits)
+    apply_plan(bench, plan)
+    layers = prunable_layers(bench.model)
+    factors = [n for n in layers if n.rpartition(".")[0] in bench.factorized]
+    assert factors
+    if prune.structure == "unstructured":  # the factors are masked, not dense
+        assert all(f"{n}.weight" in bench.masks for n in factors)
+    else:  # the rank itself may narrow: the record reads the factors as they end
+        for name, (rank, full) in bench.records["layer_rank"].items():
+            assert rank <= full and rank in layers[name].weight.shape[:2]
+    save_compressed(tmp_path / "m.safetensors", bench, plan)
+    model = load_compressed(tmp_path / "m.safetensors", tiny_conv)
+    x = splits.val.x[:32]
+    assert torch.equal(logits_of(model, x), logits_of(bench.model, x))
 
 
 def test_a_knob_that_cannot_act_is_an_error(tmp_path, tiny_doc):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -155,7 +156,8 @@ def _put_float(
 
 
 # raw LZMA2 streams: the .xz container would add about 60 bytes to every array
-LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+# preset 6: an 8 MiB dictionary (about 100 MB to code) is larger than a layer's codes
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
 CODED_ENTRY_BYTES = 48  # what an array's entry in the layout costs: coding must beat it
 CODED_DTYPES = ("|u1", "|i1", "<u2", "<i2", "<f2", "<f4", "<i4", "<u4", "<i8", "<f8")
 
@@ -198,26 +200,29 @@ def _code_count(tensors: dict[str, np.ndarray], key: str, entry: dict[str, Any])
     return int(np.unpackbits(tensors[f"{key}::mask"])[:n].sum())
 
 
-def _decoded(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> None:
-    """Decode a tensor's coded arrays in place; at most the bytes their shapes name are
-    ever produced (a crafted stream cannot inflate past them)."""
+def _decoded(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> int:
+    """Decode a tensor's coded arrays in place and return their bytes; at most the bytes
+    their shapes name are ever produced (a crafted stream cannot inflate past them)."""
+    total = 0
     for part, spec in entry.get("coded", {}).items():
         name = key if part == "raw" else f"{key}::{part}"
         dtype, shape, *form = spec
-        if dtype not in CODED_DTYPES or not all(type(d) is int and d >= 0 for d in shape):
+        if dtype not in CODED_DTYPES or not all(type(d) is int and 0 <= d < 1 << 40 for d in shape):
             raise ValueError(f"{name}: coded as {dtype} {shape}, which is not an array type")
-        size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if size > MAX_DECODED_BYTES:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        if size > _most_bytes(entry, shape):
             raise ValueError(f"{name}: its shape {shape} names {size} bytes, over the limit")
         decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
         data = decoder.decompress(arrays[name].tobytes(), max_length=size)
         if len(data) != size or not decoder.eof:
             raise ValueError(f"{name}: its coded stream does not decode to shape {shape}")
         arrays[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        total += size
         if form == ["bytes"]:  # one code per byte: packed again, as the layout reads them
             arrays[name] = _repacked(arrays[name], name, part, entry)
         elif form:
             raise ValueError(f"{name}: coded in form {form}, which is not one this reads")
+    return total
 
 
 def _repacked(codes: np.ndarray, name: str, part: str, entry: dict[str, Any]) -> np.ndarray:
@@ -230,6 +235,20 @@ def _repacked(codes: np.ndarray, name: str, part: str, entry: dict[str, Any]) ->
 
 
 MAX_DECODED_BYTES = 1 << 34  # 16 GiB: no layer of a model this tool compresses is larger
+
+
+MAX_RAW_BYTES = 1 << 32  # a raw tensor (bias, norm, buffer) names no shape to check
+
+
+def _most_bytes(entry: dict[str, Any], shape: list[int]) -> int:
+    """The most bytes any array of a tensor's entry can hold: 8 per element of the
+    tensor's own shape, never over the limit; a raw tensor, MAX_RAW_BYTES."""
+    if "shape" not in entry:
+        return MAX_RAW_BYTES
+    tensor = entry["shape"]
+    if not isinstance(tensor, list) or not all(type(d) is int and d >= 0 for d in tensor):
+        raise ValueError(f"its shape {tensor!r} is not a list of sizes")
+    return min(8 * math.prod(tensor) + 64, MAX_DECODED_BYTES)
 
 
 # --------------------------------------------------------------------------- reading
@@ -264,10 +283,22 @@ def decode_state_dict(path: Path) -> dict[str, torch.Tensor]:
     meta = read_metadata(path)
     arrays = load_file(str(path))
     try:
+        total = 0
         for key, entry in meta["layout"].items():
-            _decoded(arrays, key, entry)
+            total += _decoded(arrays, key, entry)
+            if total > MAX_DECODED_BYTES:  # many arrays, each under the limit
+                raise ValueError(f"its coded arrays decode to over {MAX_DECODED_BYTES} bytes")
         return {key: _decode(arrays, key, entry) for key, entry in meta["layout"].items()}
-    except (KeyError, ValueError, TypeError, lzma.LZMAError) as exc:
+    except (
+        KeyError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        OverflowError,
+        RuntimeError,
+        lzma.LZMAError,
+    ) as exc:  # a crafted layout: whatever it breaks, the reader says so in one line
         raise ArtifactError(f"{path}: damaged tensor data: {type(exc).__name__}: {exc}") from None
 
 
@@ -291,6 +322,10 @@ def _decode(arrays: dict[str, np.ndarray], key: str, entry: dict[str, Any]) -> t
         full[mask] = codes
         codes = full
     if entry.get("grid") == "kmeans":
+        if zp.size and zp.max() >= 2 ** entry["bits"]:  # a dropped code must name a value
+            raise ValueError(
+                f"{key}: its zero point {int(zp.max())} is no {entry['bits']}-bit code"
+            )
         return lookup(torch.from_numpy(codes.reshape(shape)), _codebook(arrays, key, entry))
     scale = torch.from_numpy(arrays[f"{key}::scale"].copy())
     return dequantize(torch.from_numpy(codes.reshape(shape)), scale, torch.from_numpy(zp))

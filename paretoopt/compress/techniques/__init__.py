@@ -5,8 +5,8 @@ records something per layer once every technique has run, ``report(bench, plan)`
 that changes the architecture (not just the weights) also says what the compressed file
 must keep to rebuild it (``Rebuild``: ``store`` on writing, ``replay`` on a fresh copy of
 the architecture before the weights are loaded). The pipeline runs the registered
-techniques by stage: structure changes first (pruning, then low-rank factorization of the
-pruned shapes), then what fine-tuning needs set up (quantization-aware training installs
+techniques by stage: structure changes first (low-rank factorization, then pruning, which
+acts on the factors), then what fine-tuning needs set up (quantization-aware training installs
 the quantized weight view, weight clustering its shared values), then fine-tuning with
 distillation (which repairs what pruning broke while masks hold), then weight
 quantization (on the fine-tuned weights). A new technique is a module that registers
@@ -61,7 +61,7 @@ class Technique:
 
 
 TECHNIQUES: dict[str, Technique] = {}
-BUILTIN = ("prune", "lowrank", "qat", "cluster", "distill", "quantize")  # modules of this package
+BUILTIN = ("lowrank", "prune", "qat", "cluster", "distill", "quantize")  # modules of this package
 
 
 def register(

@@ -13,9 +13,11 @@ still drops them.
 With ``quant.method: qat`` the first half of fine-tuning moves the weights freely (it
 repairs what pruning broke: shared values fixed on a freshly pruned layer cannot, measured
 on digits-conv at 90 % sparsity); then the assignments are fixed and every forward pass
-uses each cluster's mean weight (this technique's weight view): the gradient of a shared
-value is the sum of its members' gradients, as in Deep Compression, and the optimizer
-moves the members together. The final codebook is the members' means after fine-tuning,
+uses each cluster's mean weight (this technique's weight view): each member receives
+its cluster's summed gradient over the member count, the same for all, so the members
+move together (under Adam, by the step Deep Compression gives the shared value; plain SGD
+would move it count times slower). With gradual pruning or regrowth, sharing begins only
+once the masks stop changing. The final codebook is the members' means after fine-tuning,
 so the model that was fine-tuned is the model the file holds. With ``ptq`` the weights
 are clustered once, after fine-tuning.
 """
@@ -27,6 +29,7 @@ from torch import nn
 
 from paretoopt.compress.techniques import Stage, register
 from paretoopt.compress.techniques.bench import Workbench, prunable_layers
+from paretoopt.compress.techniques.prune import GRADUAL_END
 from paretoopt.compress.techniques.qtensor import QTensor
 from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
@@ -106,9 +109,9 @@ def shared(
     return centroids.gather(1, codes).reshape(w.shape)
 
 
-def keeps_zero(plan: CompressionPlan) -> bool:
-    """Whether the layers keep a centroid at 0.0: the plan masks weights to zero."""
-    return plan.prune.active and plan.prune.structure == "unstructured"
+def keeps_zero(bench: Workbench, param: str) -> bool:
+    """Whether a layer keeps a shared value at 0.0: pruning masks its weights."""
+    return param in bench.masks
 
 
 def cluster_tensor(
@@ -153,15 +156,18 @@ def cluster(bench: Workbench, plan: CompressionPlan) -> None:
     cfg = plan.quant
     if cfg.grid != "kmeans" or cfg.method != "qat":
         return
-    zero = keeps_zero(plan)
+    # masks that still change (gradual pruning, regrowth) would move weights in and out
+    # of the zero value after sharing began: share once they hold
+    moving = plan.prune.active and (plan.prune.schedule == "gradual" or plan.prune.regrowth)
+    begin = max(SHARED_FROM, GRADUAL_END) if moving else SHARED_FROM
 
     def start(step: int, total: int) -> bool:
-        if not bench.clusters and step >= SHARED_FROM * total:
+        if not bench.clusters and step >= begin * total:
             for name, layer in clustered_layers(bench.model, cfg).items():
+                param = f"{name}.weight"
                 weight = layer.weight.detach().cpu()
-                bench.clusters[f"{name}.weight"] = cluster_tensor(
-                    weight, cfg, cfg.layer(name), zero
-                ).codes
+                zero = keeps_zero(bench, param)
+                bench.clusters[param] = cluster_tensor(weight, cfg, cfg.layer(name), zero).codes
         return False
 
     def view(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -171,12 +177,14 @@ def cluster(bench: Workbench, plan: CompressionPlan) -> None:
         for name, layer in clustered_layers(model, cfg).items():
             param, k = f"{name}.weight", 2 ** cfg.layer(name)
             codes = bench.clusters.get(param)
+            zero = keeps_zero(bench, param)
             if codes is None or codes.shape != layer.weight.shape:  # channels removed since
                 weight = layer.weight.detach().cpu()
                 codes = cluster_tensor(weight, cfg, cfg.layer(name), zero).codes
                 bench.clusters[param] = codes
-            rows = rows_of(codes, cfg).to(layer.weight.device)
-            out[param] = shared(layer.weight, rows, k, zero, cfg)
+            if codes.device != layer.weight.device:  # moved once, not at every step
+                codes = bench.clusters[param] = codes.to(layer.weight.device)
+            out[param] = shared(layer.weight, rows_of(codes, cfg), k, zero, cfg)
         return out
 
     bench.step_hooks.append(start)

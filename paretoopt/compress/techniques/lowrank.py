@@ -10,9 +10,10 @@ to float rounding). Grouped and depthwise convolutions, the output layer and a l
 factors would hold as many weights as itself are kept whole: those gain nothing.
 
 The factors replace the layer in place (an ``nn.Sequential`` under the layer's own name,
-so ``fc1`` becomes ``fc1.0`` and ``fc1.1``), run after pruning (the ranks are those of the
-pruned shapes) and are fine-tuned like any other layer; quantization gives each factor
-its layer's bit-width. The compressed file keeps each factorized layer's kind and ranks,
+so ``fc1`` becomes ``fc1.0`` and ``fc1.1``) before anything else: pruning then acts on
+the factors (masks on their weights, or channels removed, the inner rank included), and
+they are fine-tuned like any other layer; pruning budgets and bit-widths of a layer
+apply to its factors. The compressed file keeps each factorized layer's kind and ranks,
 and a fresh copy of the architecture is rebuilt with the same shapes before the weights
 are loaded. Whether fewer multiply-accumulates make the deployed model faster is measured,
 not assumed: the runtime's latency says so.
@@ -170,9 +171,11 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def eligible(name: str, layer: nn.Module, classifier: str) -> bool:
-    """Whether `layer` can be factorized: not the output layer, not grouped."""
-    return name != classifier and getattr(layer, "groups", 1) == 1
+def eligible(name: str, layer: nn.Module, classifier: str, model: nn.Module) -> bool:
+    """Whether `layer` can be factorized: not the output layer, not grouped, and not the
+    output projection of an attention module (which reads its weight directly)."""
+    owned = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    return name != classifier and getattr(layer, "groups", 1) == 1 and id(layer) not in owned
 
 
 # --------------------------------------------------------------------------- the technique
@@ -185,14 +188,13 @@ def lowrank(bench: Workbench, plan: CompressionPlan) -> None:
         return
     kept: dict[str, dict[str, Any]] = {}
     for name, layer in prunable_layers(bench.model).items():
-        if not eligible(name, layer, bench.classifier):
+        if not eligible(name, layer, bench.classifier, bench.model):
             continue
         ranks = plan_ranks(layer, cfg, cfg.share(name))
         if factored_size(layer, ranks) >= layer.weight.numel():
             continue  # no smaller than the layer: nothing to gain
         factors = factorize(layer, ranks)
         _replace(bench.model, name, factors)
-        bench.masks.pop(f"{name}.weight", None)  # the factors are dense
         for i, factor in enumerate(factors):
             bench.original[f"{name}.{i}"] = (int(factor.weight.shape[0]), factor.weight.numel())
         kind = "svd" if len(ranks) == 1 else "tucker2"
@@ -215,11 +217,14 @@ def _check_forward(bench: Workbench) -> None:
 
 
 def layer_report(bench: Workbench, plan: CompressionPlan) -> None:
-    """Per factor layer, the rank it carries and the most it could carry ([kept, full]):
-    an SVD's two factors both carry r; Tucker-2's first carries r_in, the others r_out."""
+    """Per factor layer, the rank it carries and the most it could carry ([kept, full]),
+    read from the factors as they end (channel pruning may narrow the rank too): an SVD's
+    two factors both carry r; Tucker-2's first carries r_in, the others r_out."""
     ranks: dict[str, list[int]] = {}
+    layers = prunable_layers(bench.model)
     for name, entry in bench.factorized.items():
-        pairs = list(zip(entry["ranks"], entry["full"], strict=True))
+        inner = [int(layers[f"{name}.{i}"].weight.shape[0]) for i in range(len(entry["full"]))]
+        pairs = list(zip(inner, entry["full"], strict=True))
         for i, pair in enumerate(pairs + pairs[-1:]):  # the last factor carries the last rank
             ranks[f"{name}.{i}"] = list(pair)
     bench.records["layer_rank"] = ranks

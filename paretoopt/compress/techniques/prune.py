@@ -22,7 +22,7 @@ import torch_pruning as tp
 from paretoopt.compress.techniques import Rebuild, Stage, register
 from paretoopt.compress.techniques.bench import StepHook, Workbench, prunable_layers
 from paretoopt.compress.techniques.saliency import SALIENCIES, fill_gradients, gradient_stats
-from paretoopt.compress.techniques.surgeon import input_hessians, surgeon
+from paretoopt.compress.techniques.surgeon import input_hessians, operable, surgeon
 from paretoopt.config.parts.prune import PruneConfig
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import TrialError
@@ -109,6 +109,8 @@ def _surgeon(bench: Workbench, cfg: PruneConfig) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             param = f"{name}.weight"
+            if not operable(layer, hessians[name]):  # keeps the saliency's mask
+                continue
             level = 1.0 - float(bench.masks[param].mean())
             rows = layer.weight.reshape(layer.weight.shape[0], -1)
             weight, keep = surgeon(rows, hessians[name].to(rows.device), level)
@@ -117,7 +119,7 @@ def _surgeon(bench: Workbench, cfg: PruneConfig) -> None:
 
 
 def _layer_level(cfg: PruneConfig, layer: str, level: float) -> float:
-    return min(level * cfg.layer_scale.get(layer, 1.0), 0.99)
+    return min(level * cfg.scale(layer), 0.99)
 
 
 def _threshold(values: torch.Tensor, sparsity: float) -> float:

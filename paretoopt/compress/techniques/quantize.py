@@ -90,7 +90,8 @@ def quantize(bench: Workbench, plan: CompressionPlan) -> None:
             param, bits = f"{name}.weight", cfg.layer(name)
             if bits <= 8 and cfg.grid == "kmeans":  # shared values (weight clustering)
                 fixed = bench.clusters.get(param)
-                q = cluster_tensor(layer.weight, cfg, bits, keeps_zero(plan), fixed)
+                fixed = None if fixed is None else fixed.cpu()  # fine-tuned on a GPU, maybe
+                q = cluster_tensor(layer.weight, cfg, bits, keeps_zero(bench, param), fixed)
                 bench.quantized[param] = q
                 layer.weight.copy_(q.dequantize())
             elif bits <= 8:

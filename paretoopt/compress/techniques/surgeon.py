@@ -58,6 +58,8 @@ def input_hessians(
 
     def hook(name: str, layer: nn.Module):  # noqa: ANN202
         def record(_: nn.Module, args: tuple[torch.Tensor, ...], __: torch.Tensor) -> None:
+            if getattr(layer, "groups", 1) != 1 or isinstance(getattr(layer, "padding", 0), str):
+                return  # not operable: its mask stays the saliency's
             rows = _patches(layer, args[0].detach()).double()
             total = rows.T @ rows
             sums[name] = total if counts[name] == 0 else sums[name] + total
@@ -96,7 +98,7 @@ def surgeon(
     dead = torch.diag(h) == 0  # an input never seen: its weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype)
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype, device=h.device)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     keep = torch.ones_like(w, dtype=torch.bool)
     for start in range(0, w.shape[1], BLOCK):
@@ -117,3 +119,12 @@ def surgeon(
         w[:, end:] -= errors @ inverse[start:end, end:]
         keep[:, start:end] = ~drop
     return w.to(weight.dtype), keep
+
+
+def operable(layer: nn.Module, hessian: torch.Tensor) -> bool:
+    """Whether OBS can take a layer: its inputs were seen (attention reads its output
+    projection's weight itself, so no hook sees them), one Hessian serves all its rows (no
+    groups) and its padding is numeric."""
+    columns = layer.weight[0].numel()
+    numeric = not isinstance(getattr(layer, "padding", 0), str)
+    return getattr(layer, "groups", 1) == 1 and numeric and hessian.shape == (columns, columns)

@@ -1,10 +1,10 @@
 """Low-rank factorization: a layer becomes a product of thinner layers that computes a
 rank-r approximation of it. A Linear layer (or a 1x1 convolution) of rank r becomes two
 (truncated SVD); a KxK convolution becomes 1x1 -> KxK -> 1x1 with r_in and r_out channels
-in the middle (Tucker-2). How much rank each layer keeps is a share of its full rank, one
-for every layer or a searched multiplier per layer group, or the least rank that keeps a
-share of the weight's energy (its squared singular values). Applied by
-``compress/techniques/lowrank``."""
+in the middle (Tucker-2). Pruning then acts on the factors. How much rank each layer
+keeps is a share of its full rank, one for every layer or a searched multiplier per layer
+group, or the least rank that keeps a share of the weight's energy (its squared singular
+values). Applied by ``compress/techniques/lowrank``."""
 
 from __future__ import annotations
 
@@ -155,38 +155,7 @@ def check(space: Any) -> list[str]:
             "factorization); give rank a value below 1 or a range",
         ),
     ]
-    return [message for broken, message in rules if broken] + _with_pruning(space)
-
-
-def _can_factorize(k: LowRankSpace) -> bool:
-    criteria = set(knob_values(k.criterion))
-    by_ratio = "ratio" in criteria and k.rank != Fixed(1.0)
-    return by_ratio or ("energy" in criteria and k.energy != Fixed(1.0))
-
-
-def _with_pruning(space: Any) -> list[str]:
-    """Channels removed during fine-tuning are removed from the factors, which the file
-    could not replay in the order they happened: the two do not combine."""
-    p = space.space.pruning
-    gradual = "gradual" in knob_values(p.schedule) and "channel" in knob_values(p.structure)
-    if not (_can_factorize(space.space.lowrank) and gradual):
-        return []
-    return [
-        "space.lowrank: factorization cannot be combined with gradual channel pruning "
-        "(space.pruning.schedule may be gradual with structure channel); prune channels "
-        "one_shot, or prune unstructured"
-    ]
-
-
-def check_plan(plan: Mapping[str, Any]) -> str | None:
-    p = plan["prune"]
-    gradual = p.active and p.structure == "channel" and p.schedule == "gradual"
-    if plan["lowrank"].active and gradual and plan["finetune"].epochs > 0:
-        return (
-            "lowrank: factorization cannot be combined with gradual channel pruning; prune "
-            "channels one_shot, or prune unstructured"
-        )
-    return None
+    return [message for broken, message in rules if broken]
 
 
 PART = register(
@@ -201,7 +170,6 @@ PART = register(
         changes_model=lambda cfg: cfg.active,
         describe=describe,
         check=check,
-        check_plan=check_plan,
         prefer={"lowrank.distribution": ("uniform",), "lowrank.criterion": ("ratio",)},
         stronger={"lowrank.rank": "down", "lowrank.energy": "down", "lowrank.scale": "down"},
     )

@@ -166,9 +166,16 @@ class PruneConfig:
         for name, scale in self.layer_scale.items():
             require(scale >= 0.0, f"prune.layer_scale[{name!r}]: must be >= 0, got {scale}")
 
+    def scale(self, layer: str) -> float:
+        """One layer's multiplier; a factor of a factorized layer (``fc1.0`` of ``fc1``)
+        takes its layer's."""
+        while layer not in self.layer_scale and "." in layer:
+            layer = layer.rpartition(".")[0]
+        return self.layer_scale.get(layer, 1.0)
+
     def layer_sparsity(self, layer: str) -> float:
         """The budget of one layer: the global level scaled by its multiplier, capped."""
-        return min(self.sparsity * self.layer_scale.get(layer, 1.0), 0.99)
+        return min(self.sparsity * self.scale(layer), 0.99)
 
     @property
     def active(self) -> bool:
