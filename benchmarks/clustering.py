@@ -21,6 +21,7 @@ from common import arguments, context, progress, ratios, run_plans, table, write
 from paretoopt.config.parts.coding import CodingConfig
 from paretoopt.config.parts.distill import DistillConfig
 from paretoopt.config.parts.finetune import FinetuneConfig
+from paretoopt.config.parts.lowrank import LowRankConfig
 from paretoopt.config.parts.prune import PruneConfig
 from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
@@ -60,6 +61,10 @@ def plans(epochs: int) -> list[tuple[str, CompressionPlan]]:
         shared = QuantConfig(bits, "per_tensor", method="qat", grid="kmeans")
         name = f"{structure}{sparsity:g}-kmeans{2**bits}"
         out += [(name, plan(pruned, shared)), (f"{name}-lzma", plan(pruned, shared, coding=LZMA))]
+    for rank in (0.25, 0.125):  # the survey's other structural stage: low-rank factors
+        shared = QuantConfig(3, "per_tensor", method="qat", grid="kmeans")
+        factors = LowRankConfig(rank=rank)
+        out.append((f"lowrank{rank:g}-kmeans8-lzma", plan(factors, shared, coding=LZMA)))
     return out
 
 
