@@ -46,7 +46,7 @@ def test_layer_sparsity_is_scaled_and_capped():
     [
         (
             lambda: PruneConfig("filter", 0.5),
-            "prune.structure: 'filter' is not supported; choose from unstructured, channel",
+            "prune.structure: 'filter' is not supported; choose from unstructured, channel, nm",
         ),
         (
             lambda: PruneConfig("channel", 1.0),

@@ -72,9 +72,9 @@ def test_knob_forms():
         (
             {**BASE, "space": {"pruning": {"sparsty": 0.5}}},
             "space.pruning.sparsty: unknown key (did you mean 'sparsity'?); allowed keys: "
-            "structure, sparsity, saliency, distribution, layer_scale, layer_groups, schedule, "
-            "gradual_steps, regrowth, reconstruction, regrowth_interval, saliency_batches, "
-            "round_to",
+            "structure, nm_keep, nm_group, sparsity, saliency, distribution, layer_scale, "
+            "layer_groups, schedule, gradual_steps, regrowth, reconstruction, "
+            "regrowth_interval, saliency_batches, round_to",
         ),
         (
             {**BASE, "serch": {}},

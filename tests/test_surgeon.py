@@ -83,7 +83,8 @@ def _accuracy_after(model, digits, prune: PruneConfig) -> float:
     apply_plan(bench, CompressionPlan(prune))
     for name, layer in prunable_layers(bench.model).items():
         zeros = float((layer.weight == 0).float().mean())
-        assert abs(zeros - prune.sparsity) < 0.02, name  # the same sparsity, other weights
+        # the same sparsity, other weights (and the weights of inputs never seen active)
+        assert -0.02 < zeros - prune.sparsity < 0.05, name
     return split_quality(bench.model, digits.val)
 
 
@@ -108,3 +109,69 @@ def test_obs_needs_unstructured_pruning(tmp_path, tiny_doc):
         load_space(write_space(tmp_path / "s.yaml", tiny_doc))
     summary = CompressionPlan(PruneConfig("unstructured", 0.5, reconstruction="obs")).summary()
     assert "obs" in summary
+
+
+# --------------------------------------------------------------------------- N:M
+
+
+def _groups(weight: torch.Tensor, group: int) -> torch.Tensor:
+    rows = weight.reshape(weight.shape[0], -1)
+    full = rows.shape[1] // group * group
+    return rows[:, :full].reshape(rows.shape[0], -1, group)
+
+
+def test_nm_keeps_the_best_of_every_group_and_the_partial_one_whole():
+    from paretoopt.compress.techniques.prune import nm_mask
+
+    scores = torch.tensor([[1.0, 4.0, 3.0, 2.0, 9.0, 8.0, 7.0, 6.0, 5.0, 0.5]])
+    assert nm_mask(scores, 2, 4).tolist() == [[0, 1, 1, 0, 1, 1, 0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("reconstruction", ["none", "obs"])
+def test_nm_pruning_leaves_the_pattern_and_the_file_holds_it(
+    trained, digits, tmp_path, reconstruction
+):
+    from paretoopt.compress.artifact import load_compressed, save_compressed
+
+    prune = PruneConfig("nm", 0.5, reconstruction=reconstruction)
+    plan = CompressionPlan(prune)
+    bench = Workbench(
+        copy.deepcopy(trained),
+        digits,
+        logits_of(trained, digits.train.x),
+        find_classifier(trained, digits.train.x[:1]),
+    )
+    apply_plan(bench, plan)
+    for layer in prunable_layers(bench.model).values():
+        assert ((_groups(layer.weight, 4) != 0).sum(dim=2) <= 2).all()
+    save_compressed(tmp_path / "m.safetensors", bench, plan)
+    model = load_compressed(
+        tmp_path / "m.safetensors", lambda: mlp(in_features=64, hidden=(64, 32))
+    )
+    x = digits.val.x[:32]
+    assert torch.equal(logits_of(model, x), logits_of(bench.model, x))
+    assert plan.summary().startswith("2:4 l2")
+
+
+def test_obs_beats_magnitude_at_2_4_before_fine_tuning(trained, digits):
+    magnitude = _accuracy_after(trained, digits, PruneConfig("nm", 0.5))
+    obs = _accuracy_after(trained, digits, PruneConfig("nm", 0.5, reconstruction="obs"))
+    assert obs >= magnitude + 2.0, (magnitude, obs)
+
+
+def test_nm_fixes_its_sparsity_and_schedule(tmp_path, tiny_doc):
+    with pytest.raises(PlanError, match="structure nm 2:4 removes 0.5 of the weights"):
+        PruneConfig("nm", 0.3)
+    with pytest.raises(PlanError, match="nm keeps the same share of every group, at once"):
+        PruneConfig("nm", 0.5, schedule="gradual")
+    with pytest.raises(PlanError, match="1 <= keep < group <= 64"):
+        PruneConfig("nm", 0.0, nm_keep=4, nm_group=4)
+    tiny_doc["space"]["pruning"] = {"structure": "nm", "nm_keep": 1, "nm_group": 4}
+    space = load_space(write_space(tmp_path / "s.yaml", tiny_doc))
+    import optuna
+
+    from paretoopt.study.sampling import sample_plan
+
+    trial = optuna.create_study().ask()
+    plan = sample_plan(trial, space, ["a"])
+    assert (plan.prune.structure, plan.prune.sparsity) == ("nm", 0.75)

@@ -62,7 +62,7 @@ def prune_to(
             bench.seed,
             loss=bench.setup.criterion,  # the gradients of what fine-tuning minimises
         )
-    if cfg.structure == "unstructured":
+    if cfg.structure in ("unstructured", "nm"):
         _mask(bench, cfg, level, stats)
     else:
         if stats is not None:
@@ -84,6 +84,13 @@ def _mask(
         scores[param] = score(w, stats[param] if stats is not None else None)
         if param in bench.masks:  # weights pruned earlier stay pruned (gradual schedule)
             scores[param] = scores[param] * bench.masks[param]
+    if cfg.structure == "nm":  # the best nm_keep of every group of a row
+        for param, s in scores.items():
+            bench.masks[param] = nm_mask(s, cfg.nm_keep, cfg.nm_group)
+        if cfg.reconstruction == "obs":
+            _surgeon(bench, cfg)
+        bench.apply_masks()
+        return
     if cfg.distribution == "global":  # one ranking: the budget flows to the least salient
         pooled = _threshold(torch.cat([s.flatten() for s in scores.values()]), level)
         # ... but no layer loses more than 99 %: scores of different layers can differ by
@@ -113,9 +120,21 @@ def _surgeon(bench: Workbench, cfg: PruneConfig) -> None:
                 continue
             level = 1.0 - float(bench.masks[param].mean())
             rows = layer.weight.reshape(layer.weight.shape[0], -1)
-            weight, keep = surgeon(rows, hessians[name].to(rows.device), level)
+            nm = (cfg.nm_keep, cfg.nm_group) if cfg.structure == "nm" else None
+            weight, keep = surgeon(rows, hessians[name].to(rows.device), level, nm)
             layer.weight.copy_(weight.reshape(layer.weight.shape))
             bench.masks[param] = keep.reshape(layer.weight.shape).float()
+
+
+def nm_mask(scores: torch.Tensor, keep: int, group: int) -> torch.Tensor:
+    """Keep the `keep` highest scores of every `group` consecutive weights of a row (its
+    input dimension, as N:M sparse kernels read it); a row's last, partial group stays."""
+    rows = scores.reshape(scores.shape[0], -1)
+    full = rows.shape[1] // group * group
+    groups = rows[:, :full].reshape(rows.shape[0], -1, group)
+    chosen = torch.zeros_like(groups).scatter_(2, groups.topk(keep, dim=2).indices, 1.0)
+    rest = torch.ones_like(rows[:, full:])
+    return torch.cat([chosen.reshape(rows.shape[0], full), rest], dim=1).reshape(scores.shape)
 
 
 def _layer_level(cfg: PruneConfig, layer: str, level: float) -> float:

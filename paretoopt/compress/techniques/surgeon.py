@@ -21,7 +21,7 @@ from torch import nn
 from paretoopt.workload import inputs as trees
 from paretoopt.workload.data import Data
 
-BLOCK = 128  # columns per block: the mask is chosen from weights updated this recently
+BLOCK = 128  # columns per block (whole N:M groups): masks are chosen this recently
 DAMPING = 0.01  # of the mean diagonal: keeps H invertible where inputs are collinear
 
 
@@ -88,11 +88,15 @@ def input_hessians(
 
 
 def surgeon(
-    weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` (out, columns) with `sparsity` of each block's weights removed by OBS
     saliency and the rest updated to compensate, and its keep mask; weights already zero
-    go first."""
+    go first. With `nm` (keep, group), each row keeps `keep` of every `group` columns,
+    chosen from the weights as updated when the group is reached."""
     w = weight.detach().double().clone()
     h = hessian.double().clone()
     dead = torch.diag(h) == 0  # an input never seen: its weights cannot matter
@@ -101,16 +105,26 @@ def surgeon(
     h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype, device=h.device)
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     keep = torch.ones_like(w, dtype=torch.bool)
-    for start in range(0, w.shape[1], BLOCK):
-        end = min(start + BLOCK, w.shape[1])
+    step = BLOCK if nm is None else max(nm[1], BLOCK // nm[1] * nm[1])  # whole groups
+    for start in range(0, w.shape[1], step):
+        end = min(start + step, w.shape[1])
         block, factor = w[:, start:end].clone(), inverse[start:end, start:end]
         saliency = block.square() / torch.diag(factor).square()
         k = int(round(sparsity * saliency.numel()))
         drop = torch.zeros_like(block, dtype=torch.bool)
         if k:
             drop.view(-1)[saliency.flatten().argsort()[:k]] = True
+        if nm is not None:
+            drop[:] = False
         errors = torch.zeros_like(block)
         for i in range(end - start):
+            if nm is not None and (start + i) % nm[1] == 0 and start + i + nm[1] <= w.shape[1]:
+                width = nm[1]
+                scores = (
+                    block[:, i : i + width].square() / torch.diag(factor)[i : i + width].square()
+                )
+                lowest = scores.topk(width - nm[0], dim=1, largest=False).indices
+                drop[:, i : i + width].scatter_(1, lowest, True)
             kept = torch.where(drop[:, i], 0.0, block[:, i])
             errors[:, i] = (block[:, i] - kept) / factor[i, i]
             block[:, i:] -= errors[:, i : i + 1] * factor[i : i + 1, i:]

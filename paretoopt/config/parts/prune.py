@@ -11,7 +11,8 @@ from typing import Any
 from paretoopt.config.knobs import Choice, Fixed, Knob, Range, knob_values, setting, suggest
 from paretoopt.config.parts import Drawing, Part, group_parameters, register, require
 
-STRUCTURES = ("unstructured", "channel")
+STRUCTURES = ("unstructured", "channel", "nm")
+MASKED = ("unstructured", "nm")  # the structures that mask single weights
 SALIENCIES = ("l1", "l2", "taylor", "hessian")
 DISTRIBUTIONS = ("uniform", "global", "per_layer")
 SCHEDULES = ("one_shot", "gradual")
@@ -21,11 +22,20 @@ RECONSTRUCTIONS = ("none", "obs")
 @dataclass(frozen=True)
 class PruningSpace:
     structure: Knob = setting(
-        Choice(STRUCTURES),
-        "unstructured (weights) or channel (whole channels, physically removed)",
+        Choice(STRUCTURES[:2]),
+        "unstructured (weights), channel (whole channels, physically removed) or nm "
+        "(semi-structured: nm_keep of every nm_group consecutive weights of a row kept)",
         kind=str,
         options=STRUCTURES,
         knob=True,
+    )
+    nm_keep: int = setting(2, "weights kept in each group (structure nm)", kind=int, low=1, high=63)
+    nm_group: int = setting(
+        4,
+        "consecutive weights of a row per group (structure nm): 2:4 by default",
+        kind=int,
+        low=2,
+        high=64,
     )
     sparsity: Knob = setting(
         Range(0.0, 0.9),
@@ -123,6 +133,8 @@ class PruneConfig:
     regrowth: bool = False
     regrowth_interval: int = 10
     reconstruction: str = "none"  # or "obs": Optimal Brain Surgeon's update (unstructured)
+    nm_keep: int = 2  # structure nm: weights kept in every group of nm_group
+    nm_group: int = 4
     saliency_batches: int = 4
     round_to: int = 1
 
@@ -152,10 +164,12 @@ class PruneConfig:
             f"(sparsity stays constant), but got {self.structure!r}, {self.schedule!r}",
         )
         require(
-            self.reconstruction == "none" or self.structure == "unstructured",
+            self.reconstruction == "none" or self.structure in MASKED,
             "prune.reconstruction: 'obs' updates the weights left in a layer, which needs "
-            f"structure 'unstructured', but got {self.structure!r}",
+            f"structure 'unstructured' or 'nm', but got {self.structure!r}",
         )
+        if self.structure == "nm":
+            self._check_nm()
         require(
             bool(self.layer_scale) == (self.distribution == "per_layer" and self.active)
             or not self.active,
@@ -165,6 +179,25 @@ class PruneConfig:
         )
         for name, scale in self.layer_scale.items():
             require(scale >= 0.0, f"prune.layer_scale[{name!r}]: must be >= 0, got {scale}")
+
+    def _check_nm(self) -> None:
+        require(
+            1 <= self.nm_keep < self.nm_group <= 64,
+            f"prune.nm_keep, nm_group: 1 <= keep < group <= 64 must hold, got "
+            f"{self.nm_keep}:{self.nm_group}",
+        )
+        want = 1.0 - self.nm_keep / self.nm_group
+        require(
+            self.sparsity in (0.0, want),
+            f"prune.sparsity: structure nm {self.nm_keep}:{self.nm_group} removes {want:g} of "
+            f"the weights, but got {self.sparsity}",
+        )
+        require(
+            self.distribution == "uniform" and self.schedule == "one_shot" and not self.regrowth,
+            "prune.structure: nm keeps the same share of every group, at once: it needs "
+            f"distribution uniform and schedule one_shot without regrowth, but got "
+            f"{self.distribution!r}, {self.schedule!r}, regrowth {self.regrowth}",
+        )
 
     def scale(self, layer: str) -> float:
         """One layer's multiplier; a factor of a factorized layer (``fc1.0`` of ``fc1``)
@@ -186,15 +219,25 @@ def draw(d: Drawing) -> PruneConfig:
     trial, layer_names, epochs = d.trial, d.layer_names, d.epochs
     p = d.section("prune")
     structure = str(suggest(trial, "prune.structure", p.structure))
-    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
-    # weights, so the two levels mean different things and the sampler must learn them apart.
-    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
     fixed = {
         "round_to": p.round_to,
         "gradual_steps": p.gradual_steps,
         "regrowth_interval": p.regrowth_interval,
         "saliency_batches": p.saliency_batches,
+        "nm_keep": p.nm_keep,
+        "nm_group": p.nm_group,
     }
+    if structure == "nm":  # the pattern fixes the sparsity, the spread and the schedule
+        return PruneConfig(
+            "nm",
+            1.0 - p.nm_keep / p.nm_group,
+            str(suggest(trial, "prune.saliency", p.saliency)),
+            reconstruction=str(suggest(trial, "prune.reconstruction", p.reconstruction)),
+            **fixed,
+        )
+    # One sparsity parameter per structure: 0.5 of the channels removes about 75 % of the
+    # weights, so the two levels mean different things and the sampler must learn them apart.
+    sparsity = float(suggest(trial, f"prune.{structure}.sparsity", p.sparsity))
     if sparsity == 0.0:
         return PruneConfig(structure, 0.0, **fixed)
     distribution = str(suggest(trial, "prune.distribution", p.distribution))
@@ -240,6 +283,11 @@ def describe(plan: Mapping[str, Any]) -> str:
     p = plan["prune"]
     if not p.active:
         return "dense"
+    if p.structure == "nm":
+        return " ".join(
+            [f"{p.nm_keep}:{p.nm_group}", p.saliency]
+            + (["obs"] if p.reconstruction == "obs" else [])
+        )
     parts = [p.structure, f"{p.sparsity:.2f}", p.saliency, p.distribution.replace("_", "-")]
     parts += ["obs"] if p.reconstruction == "obs" else []
     parts += ["gradual"] if p.schedule == "gradual" else []
@@ -250,11 +298,11 @@ def describe(plan: Mapping[str, Any]) -> str:
 def check(space: Any) -> list[str]:
     """Choices that could never take effect: an error, not a silent no-op."""
     p = space.space.pruning
-    if "obs" in knob_values(p.reconstruction) and "unstructured" not in knob_values(p.structure):
+    if "obs" in knob_values(p.reconstruction) and not set(MASKED) & set(knob_values(p.structure)):
         allowed = list(knob_values(p.structure))
         return [
             "space.pruning.reconstruction: obs updates the weights left in a layer, which "
-            f"needs structure unstructured, but structure allows only {allowed}"
+            f"needs structure unstructured or nm, but structure allows only {allowed}"
         ]
     return []
 
