@@ -160,6 +160,8 @@ def _put_float(
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6}]
 CODED_ENTRY_BYTES = 48  # what an array's entry in the layout costs: coding must beat it
 CODED_DTYPES = ("|u1", "|i1", "<u2", "<i2", "<f2", "<f4", "<i4", "<u4", "<i8", "<f8")
+MAX_DECODED_BYTES = 1 << 34  # 16 GiB: no layer of a model this tool compresses is larger
+MAX_RAW_BYTES = 1 << 32  # a raw tensor (bias, norm, buffer) names no shape to check
 
 
 def _code(tensors: dict[str, np.ndarray], layout: dict[str, dict[str, Any]]) -> int:
@@ -232,12 +234,6 @@ def _repacked(codes: np.ndarray, name: str, part: str, entry: dict[str, Any]) ->
     if codes.dtype != np.uint8 or codes.ndim != 1 or (codes.size and codes.max() >= 2**bits):
         raise ValueError(f"{name}: its codes do not fit {bits} bits")
     return pack_bits(codes, bits)
-
-
-MAX_DECODED_BYTES = 1 << 34  # 16 GiB: no layer of a model this tool compresses is larger
-
-
-MAX_RAW_BYTES = 1 << 32  # a raw tensor (bias, norm, buffer) names no shape to check
 
 
 def _most_bytes(entry: dict[str, Any], shape: list[int]) -> int:

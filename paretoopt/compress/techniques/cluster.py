@@ -85,11 +85,12 @@ def means(
     members: torch.Tensor,
     fallback: torch.Tensor,
 ) -> torch.Tensor:
-    """Each cluster's mean of its member values; an empty cluster keeps `fallback`."""
+    """Each cluster's mean of its member values; an empty cluster keeps `fallback`.
+    Differentiable in `values`: each member receives its cluster's gradient over the
+    count."""
     weight = members.to(values.dtype)
-    sums = torch.zeros(values.shape[0], k, dtype=values.dtype).scatter_add(
-        1, codes, values * weight
-    )
+    sums = torch.zeros(values.shape[0], k, dtype=values.dtype, device=values.device)
+    sums = sums.scatter_add(1, codes, values * weight)
     counts = torch.zeros_like(sums).scatter_add(1, codes, weight)
     return torch.where(counts > 0, sums / counts.clamp(min=1), fallback)
 
@@ -100,10 +101,8 @@ def shared(
     """The weight as each member's cluster mean; the gradient reaching a member is its
     cluster's summed gradient over the count (the mean's), the same for every member."""
     rows = rows_of(w, cfg)
-    sums = torch.zeros(rows.shape[0], k, dtype=rows.dtype, device=rows.device)
-    sums = sums.scatter_add(1, codes, rows)
-    counts = torch.zeros_like(sums).scatter_add(1, codes, torch.ones_like(rows))
-    centroids = sums / counts.clamp(min=1)
+    everyone = torch.ones_like(rows, dtype=torch.bool)
+    centroids = means(rows, codes, k, everyone, torch.zeros((), dtype=rows.dtype))
     if zero:  # the pruned weights' value stays exactly 0.0
         centroids = torch.cat([torch.zeros_like(centroids[:, :1]), centroids[:, 1:]], dim=1)
     return centroids.gather(1, codes).reshape(w.shape)
@@ -117,7 +116,7 @@ def keeps_zero(bench: Workbench, param: str) -> bool:
 def cluster_tensor(
     w: torch.Tensor, cfg: QuantConfig, bits: int, zero: bool, codes: torch.Tensor | None = None
 ) -> QTensor:
-    """The weight on its k-means grid: the given `codes` (fixed before fine-tuning) with
+    """The weight on its k-means grid: the given `codes` (fixed during fine-tuning) with
     their members' means, or a fresh k-means."""
     rows, k = rows_of(w.detach().float(), cfg), 2**bits
     if codes is None or codes.shape != w.shape:  # none fixed, or channels removed since

@@ -171,11 +171,20 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def eligible(name: str, layer: nn.Module, classifier: str, model: nn.Module) -> bool:
-    """Whether `layer` can be factorized: not the output layer, not grouped, and not the
+def eligible(model: nn.Module, classifier: str) -> dict[str, nn.Module]:
+    """The layers that can be factorized: not the output layer, not grouped, and not the
     output projection of an attention module (which reads its weight directly)."""
     owned = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
-    return name != classifier and getattr(layer, "groups", 1) == 1 and id(layer) not in owned
+    return {
+        name: layer
+        for name, layer in prunable_layers(model).items()
+        if name != classifier and getattr(layer, "groups", 1) == 1 and id(layer) not in owned
+    }
+
+
+def kind_of(ranks: tuple[int, ...] | list[int]) -> str:
+    """An SVD keeps one rank, Tucker-2 two."""
+    return "svd" if len(ranks) == 1 else "tucker2"
 
 
 # --------------------------------------------------------------------------- the technique
@@ -187,9 +196,7 @@ def lowrank(bench: Workbench, plan: CompressionPlan) -> None:
     if not cfg.active:
         return
     kept: dict[str, dict[str, Any]] = {}
-    for name, layer in prunable_layers(bench.model).items():
-        if not eligible(name, layer, bench.classifier, bench.model):
-            continue
+    for name, layer in eligible(bench.model, bench.classifier).items():
         ranks = plan_ranks(layer, cfg, cfg.share(name))
         if factored_size(layer, ranks) >= layer.weight.numel():
             continue  # no smaller than the layer: nothing to gain
@@ -197,8 +204,8 @@ def lowrank(bench: Workbench, plan: CompressionPlan) -> None:
         _replace(bench.model, name, factors)
         for i, factor in enumerate(factors):
             bench.original[f"{name}.{i}"] = (int(factor.weight.shape[0]), factor.weight.numel())
-        kind = "svd" if len(ranks) == 1 else "tucker2"
-        kept[name] = {"kind": kind, "ranks": list(ranks), "full": list(full_ranks(layer))}
+        full = list(full_ranks(layer))
+        kept[name] = {"kind": kind_of(ranks), "ranks": list(ranks), "full": full}
     bench.factorized = kept
     _check_forward(bench)
 
@@ -251,7 +258,7 @@ def _replay(model: nn.Module, kept: Any, example: Any) -> None:
             raise ValueError(f"it names layer {name!r}, which the model does not have")
         ranks = tuple(entry.get("ranks", ())) if isinstance(entry, dict) else ()
         full = full_ranks(layer)
-        kind = "svd" if len(full) == 1 else "tucker2"
+        kind = kind_of(full)
         if entry.get("kind") != kind or len(ranks) != len(full):
             raise ValueError(f"layer {name!r}: a {kind} needs {len(full)} rank(s), got {entry}")
         for r, most in zip(ranks, full, strict=True):
