@@ -177,3 +177,9 @@ def test_a_codebook_of_the_wrong_shape_is_refused(splits, tmp_path):
     save_file(arrays, str(path), metadata=meta)
     with pytest.raises(ArtifactError, match="a 4-bit codebook needs 16 values"):
         load_compressed(path, tiny_conv)
+
+
+def test_a_kmeans_grid_without_integer_widths_is_refused(tmp_path, tiny_doc):
+    tiny_doc["space"]["quantization"] = {"bits": 32, "grid": "kmeans"}
+    with pytest.raises(SpaceError, match=r"grid: kmeans shares 2\^bits values, but bits allows"):
+        load_space(write_space(tmp_path / "s.yaml", tiny_doc))

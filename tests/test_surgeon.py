@@ -175,3 +175,9 @@ def test_nm_fixes_its_sparsity_and_schedule(tmp_path, tiny_doc):
     trial = optuna.create_study().ask()
     plan = sample_plan(trial, space, ["a"])
     assert (plan.prune.structure, plan.prune.sparsity) == ("nm", 0.75)
+
+
+def test_an_nm_pattern_that_keeps_everything_is_refused(tmp_path, tiny_doc):
+    tiny_doc["space"]["pruning"] = {"structure": "nm", "nm_keep": 4, "nm_group": 4}
+    with pytest.raises(SpaceError, match="nm_keep: 4 of every nm_group 4 keeps them all"):
+        load_space(write_space(tmp_path / "s.yaml", tiny_doc))

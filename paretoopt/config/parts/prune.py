@@ -298,6 +298,11 @@ def describe(plan: Mapping[str, Any]) -> str:
 def check(space: Any) -> list[str]:
     """Choices that could never take effect: an error, not a silent no-op."""
     p = space.space.pruning
+    if "nm" in knob_values(p.structure) and not p.nm_keep < p.nm_group:
+        return [
+            f"space.pruning.nm_keep: {p.nm_keep} of every nm_group {p.nm_group} keeps them "
+            "all; nm_keep < nm_group must hold"
+        ]
     if "obs" in knob_values(p.reconstruction) and not set(MASKED) & set(knob_values(p.structure)):
         allowed = list(knob_values(p.structure))
         return [

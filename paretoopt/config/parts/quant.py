@@ -273,8 +273,9 @@ def check(space: Space) -> list[str]:
             "activations is always int8; add float to activations",
         ),
         (
-            not isinstance(q.grid, Fixed) and not bits & set(range(2, 9)),
-            f"{at}.grid: searched, but bits allows only {sorted(bits)}; a grid needs 2-8",
+            "kmeans" in knob_values(q.grid) and not bits & set(range(2, 9)),
+            f"{at}.grid: kmeans shares 2^bits values, but bits allows only {sorted(bits)}; "
+            "add a width of 2-8",
         ),
         (
             not isinstance(q.half_type, Fixed) and 16 not in bits,
