@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv extras demo test lint bench clean
 
 venv: $(STAMP)
 
@@ -15,6 +15,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt torch
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# The optional runtimes (target.runtime: openvino, executorch): about a minute, and heavy
+# (ExecuTorch pulls torchao and coremltools). Their tests are skipped without them.
+EXTRAS := $(VENV)/.extras
+extras: $(EXTRAS)
+
+$(EXTRAS): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,openvino,executorch]'
+	touch $(EXTRAS)
 
 demo: $(STAMP)
 	$(VENV)/bin/paretoopt search --space search_spaces/conv.yaml

@@ -24,7 +24,7 @@ from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import ComponentSpec, parse_space
 from paretoopt.errors import PlanError, SpaceError
 from paretoopt.measure import OrtRunner, export_onnx
-from paretoopt.measure.int8 import _int8_weight, integer_initializers, quantize_model
+from paretoopt.measure.int8 import int8_weight, integer_initializers, quantize_model
 from paretoopt.measure.isa import Int8Recipe
 from paretoopt.study.sampling import sample_plan
 from paretoopt.study.trial import RUNTIME_FILE, calibrate, prepare, run_trial
@@ -278,15 +278,15 @@ def test_widths_count_the_default_for_unnamed_layers():
     assert QuantConfig(16, layer_bits={"x": 32}).describe() == "fp16/fp32 mixed"
 
 
-def test_int8_activations_need_onnxruntime():
+def test_int8_activations_need_a_runtime_with_int8_kernels():
     doc = copy.deepcopy(TINY)
     doc["target"]["runtime"] = "torch"
     doc["space"]["quantization"]["activations"] = ["float", "int8"]
     with pytest.raises(SpaceError) as info:
         parse_space(doc)
     assert str(info.value) == (
-        "space.quantization.activations: int8 needs target.runtime onnxruntime (the only "
-        "runtime here with maintained int8 kernels), but target.runtime is 'torch'"
+        "space.quantization.activations: int8 needs a runtime with int8 kernels "
+        "(onnxruntime, openvino, executorch), but target.runtime is 'torch'"
     )
 
 
@@ -484,8 +484,8 @@ def test_a_transposed_square_weight_is_matched_either_way_round():
     torch.manual_seed(0)
     q = quantize_tensor(torch.randn(6, 6), QuantConfig(3))
     straight = q.dequantize().numpy() * np.linspace(0.5, 2.0, 6)[:, None]
-    weight = _int8_weight(q, straight.T.astype(np.float32))
+    weight = int8_weight(q, straight.T.astype(np.float32))
     assert weight is not None and weight.axis == 1
     decoded = weight.ints.T.astype(np.float64) * weight.scale[:, None]
     np.testing.assert_allclose(decoded, straight, rtol=1e-5, atol=1e-6)
-    assert _int8_weight(q, np.random.default_rng(0).normal(size=(6, 6))) is None
+    assert int8_weight(q, np.random.default_rng(0).normal(size=(6, 6))) is None

@@ -129,7 +129,8 @@ def test_knob_forms():
         ),
         (
             {**BASE, "target": {"runtime": "tflite"}},
-            "target.runtime: 'tflite' is not supported; choose from onnxruntime, torch",
+            "target.runtime: 'tflite' is not supported; choose from onnxruntime, torch, openvino, "
+            "executorch",
         ),
         (
             {**BASE, "constraints": {"max_accuracy_drop": -1}},

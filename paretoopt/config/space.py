@@ -36,7 +36,7 @@ from paretoopt.errors import SpaceError, shown
 
 METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direction
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
-RUNTIMES = ("onnxruntime", "torch")
+RUNTIMES = ("onnxruntime", "torch", "openvino", "executorch")
 DEVICES = ("cpu", "cuda")
 INT8_RECIPES = ("auto", "u8s8", "u8u8")  # int8 weight types: see measure/isa.py
 FIDELITIES = ("auto", "full", "prescreen", "halving")  # see study/fidelity.py

@@ -118,7 +118,7 @@ def quantize_model(
     staging.unlink()
     exact: dict[str, str | None] = {}
     for param, q in codes.items():
-        weight = _int8_weight(q, weights.get(param))
+        weight = int8_weight(q, weights.get(param))
         kind = recipe.weight_type(int(np.abs(weight.ints).max(initial=0))) if weight else None
         written = kind is not None and _write_weight(model, param, weight, weights, kind)
         exact[param] = kind if written else None
@@ -141,7 +141,7 @@ def _quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _int8_weight(q: QTensor, theirs: np.ndarray | None) -> Int8Weight | None:
+def int8_weight(q: QTensor, theirs: np.ndarray | None) -> Int8Weight | None:
     """The plan's codes laid out as the exported tensor `theirs`, which may be transposed
     and scaled per output channel by a folded BatchNorm; None unless the result, decoded,
     reproduces `theirs` (so a layer is never called exact on faith)."""

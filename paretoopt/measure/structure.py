@@ -31,14 +31,14 @@ def onnx_structure(path: Path) -> str:
         "inputs": [_value_info(v) for v in graph.input],
         "outputs": [_value_info(v) for v in graph.output],
     }
-    return _digest(doc)
+    return digest(doc)
 
 
 def module_structure(model: nn.Module) -> str:
     """The structure of a module that runs as it is (eager PyTorch, CUDA): its layers
     and every tensor's name, shape and dtype."""
     tensors = [[k, list(v.shape), str(v.dtype)] for k, v in model.state_dict().items()]
-    return _digest({"modules": repr(model), "tensors": tensors})
+    return digest({"modules": repr(model), "tensors": tensors})
 
 
 def _attributes(node: onnx.NodeProto) -> list[Any]:
@@ -64,6 +64,6 @@ def _value_info(v: onnx.ValueInfoProto) -> list[Any]:
     return [v.name, tensor.elem_type, dims]
 
 
-def _digest(doc: dict[str, Any]) -> str:
+def digest(doc: dict[str, Any]) -> str:
     text = json.dumps(doc, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

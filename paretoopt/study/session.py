@@ -374,7 +374,7 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
     from paretoopt.measure import hardware_fingerprint
 
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    hardware, versions = hardware_fingerprint(), _versions()
+    hardware, versions = hardware_fingerprint(), _versions(session.space.target.runtime)
     facts = {
         "study": session.space.study,
         "seed": session.space.search.seed,
@@ -406,11 +406,15 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
         )
 
 
-def _versions() -> dict[str, str]:
+def _versions(runtime: str) -> dict[str, str]:
+    """The packages the study ran on; an optional runtime's too, where it measured."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("torch", "torch-pruning", "optuna", "onnx", "onnxruntime", "numpy", "pandas"):
+    packages = ["torch", "torch-pruning", "optuna", "onnx", "onnxruntime", "numpy", "pandas"]
+    if runtime in ("openvino", "executorch"):
+        packages.append(runtime)
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:

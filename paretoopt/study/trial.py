@@ -446,7 +446,7 @@ def _run(
         deploy_gap=val - torch_val,
         size_bytes=size,
         uncoded_bytes=read_metadata(work / ARTIFACT).get("uncoded_bytes"),
-        runtime_file_bytes=runtime_file.stat().st_size if runtime_file else None,
+        runtime_file_bytes=_runtime_bytes(ctx, work) if runtime_file else None,
         latency_ms=latency["latency_ms"],
         latency=Latency(**latency),
         runtime=runner.name,
@@ -583,6 +583,11 @@ def _layer_quant(
             int8_weights=int8_weights.get(param),
         )
     return out
+
+
+def _runtime_bytes(ctx: StudyContext, work: Path) -> int:
+    """Bytes of every file the target's runtime loads (an OpenVINO IR is two)."""
+    return sum((work / name).stat().st_size for name in ctx.target.backend.files)
 
 
 def _macs(model: nn.Module, example: Inputs) -> int:

@@ -128,10 +128,11 @@ def feeds(names: Sequence[str], x: Tree) -> dict[str, np.ndarray]:
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 
-def for_export(x: Inputs) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+def for_export(x: Inputs, max_batch: int = 65_536) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
     """torch.export's positional and keyword arguments, and their dynamic shapes: the
-    batch dimension free (the same one for every input), every other fixed."""
-    batch = torch.export.Dim("batch", min=1, max=65_536)
+    batch dimension free up to `max_batch` (the same one for every input), every other
+    fixed."""
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
     args, kwargs = as_args(x)
     if kwargs:
         return args, kwargs, {name: {0: batch} for name in kwargs}

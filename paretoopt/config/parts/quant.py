@@ -24,6 +24,7 @@ QUANT_METHODS = ("ptq", "qat")
 HALF_TYPES = ("float16", "bfloat16")
 QUANT_DISTRIBUTIONS = ("uniform", "per_layer")
 GRIDS = ("uniform", "kmeans")
+INT8_RUNTIMES = ("onnxruntime", "openvino", "executorch")  # runtimes with int8 kernels here
 
 
 @dataclass(frozen=True)
@@ -254,9 +255,9 @@ def check(space: Space) -> list[str]:
     at, runtime = "space.quantization", space.target.runtime
     rules = [
         (
-            "int8" in knob_values(q.activations) and runtime != "onnxruntime",
-            f"{at}.activations: int8 needs target.runtime onnxruntime (the only runtime here "
-            f"with maintained int8 kernels), but target.runtime is {runtime!r}",
+            "int8" in knob_values(q.activations) and runtime not in INT8_RUNTIMES,
+            f"{at}.activations: int8 needs a runtime with int8 kernels "
+            f"({', '.join(INT8_RUNTIMES)}), but target.runtime is {runtime!r}",
         ),
         (
             "int8" in knob_values(q.activations) and not bits & set(range(2, 9)),

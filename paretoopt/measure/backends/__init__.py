@@ -2,7 +2,11 @@
 
 - ``onnxruntime``: an ONNX file, float or int8 QDQ, on the CPU (the default);
 - ``torch_eager``: the rebuilt module in eager PyTorch on the CPU;
-- ``cuda``: the rebuilt module in PyTorch on a CUDA device.
+- ``cuda``: the rebuilt module in PyTorch on a CUDA device;
+- ``openvino_ir``: an OpenVINO IR (``.xml``/``.bin``), float or int8, on the CPU;
+- ``executorch_pte``: an ExecuTorch program (``.pte``) delegated to XNNPACK, float or int8.
+
+The last two are optional extras (``pip install -e '.[openvino]'``, ``'.[executorch]'``).
 
 ``create_backend`` picks one for a target and imports only that one. A new runtime is a
 module with a class that has ``from_spec`` and the protocol's methods, and one entry in
@@ -25,6 +29,8 @@ BACKENDS = {
     "onnxruntime": ("onnxruntime", "OnnxRuntimeBackend"),
     "torch": ("torch_eager", "TorchBackend"),
     "torch-cuda": ("cuda", "CudaBackend"),
+    "openvino": ("openvino_ir", "OpenVinoBackend"),  # optional: the openvino extra
+    "executorch": ("executorch_pte", "ExecuTorchBackend"),  # optional: the executorch extra
 }
 
 

@@ -56,6 +56,7 @@ class Deployment:
 class Backend(Protocol):
     name: str  # the runtime, as target.runtime names it
     file: str | None  # the runtime file in a trial folder (None: the module itself runs)
+    files: tuple[str, ...]  # every file the runtime loads (an OpenVINO IR has two)
 
     def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
         """A float model (the baseline, a candidate) in this runtime; `half` names the
@@ -81,3 +82,22 @@ class Backend(Protocol):
         ...
 
     def version(self) -> str: ...
+
+
+# runtime -> (the package it needs, the extra that installs it)
+OPTIONAL = {"openvino": ("openvino", "openvino"), "executorch": ("executorch", "executorch")}
+
+
+def require(runtime: str) -> None:
+    """An optional runtime's package must be installed; say how when it is not."""
+    import importlib.util
+
+    package, extra = OPTIONAL[runtime]
+    if importlib.util.find_spec(package) is None:
+        from paretoopt.errors import StudyError
+
+        raise StudyError(
+            f"target.runtime: {runtime} needs the optional package {package!r}, which is not "
+            f"installed; install it with `pip install -c constraints.txt -e '.[{extra}]'` "
+            "(or `make extras`), or choose target.runtime onnxruntime or torch"
+        )

@@ -68,6 +68,7 @@ class OrtRunner:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
     file: str | None = ONNX_FILE
+    files: tuple[str, ...] = (ONNX_FILE,)
 
     def __init__(self, threads: int, example: Inputs) -> None:
         self.threads = threads

@@ -58,6 +58,7 @@ class TorchRunner:
 class TorchBackend:
     name = "torch"
     file: str | None = None  # the module itself runs
+    files: tuple[str, ...] = ()
 
     def __init__(self, threads: int, example: Inputs) -> None:
         self.threads = threads

@@ -1,0 +1,230 @@
+"""OpenVINO (CPU): the deployed model is an OpenVINO IR, ``model.xml`` with ``model.bin``.
+
+The IR is converted from the same ONNX graph ONNX Runtime would time: float, or the int8
+QDQ graph that holds the plan's own weight codes (see ``int8``). OpenVINO's ONNX reader
+keeps each QDQ weight as an integer constant under its initializer's name, and its CPU
+plugin fuses ``FakeQuantize -> Convolution`` into integer kernels. Which layers ran in
+them is read from the compiled model's runtime graph (each node's ``runtimePrecision``),
+and whether the IR holds the plan's codes is checked constant by constant.
+
+Float models are compiled with ``INFERENCE_PRECISION_HINT: f32``: on a CPU with
+AVX-512 BF16 or AMX (this machine's EPYC lists BF16 among the plugin's capabilities) the
+plugin otherwise runs float32 models in bfloat16, a different model from the one the
+file holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from paretoopt.compress.techniques.bench import prunable_layers
+from paretoopt.measure.backends.base import Deployment, DeployRequest, require
+from paretoopt.measure.int8 import quantize_model
+from paretoopt.measure.onnx_export import export_onnx
+from paretoopt.measure.structure import digest
+from paretoopt.workload.inputs import Inputs, feeds, numpy
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from paretoopt.config.space import TargetSpec
+    from paretoopt.measure.protocol import Runner
+
+IR_FILE, WEIGHTS_FILE = "model.xml", "model.bin"  # what this runtime loads; export hands over
+FLOAT_FILE, QDQ_FILE = "model.float.onnx", "model.qdq.onnx"  # made on the way (not kept)
+# runtime-graph layer types that multiply by a weight: where int8 kernels pay off
+WEIGHTED = frozenset(
+    {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"}
+)
+INTEGER = frozenset({"u8", "i8"})
+_CORE: Any = None  # one OpenVINO Core per process (its plugins load once)
+
+
+def core() -> Any:
+    global _CORE
+    if _CORE is None:
+        import openvino as ov
+
+        _CORE = ov.Core()
+    return _CORE
+
+
+class OpenVinoRunner:
+    name = "openvino"
+    mode = "cpu"
+
+    def __init__(self, model: Path | Any, threads: int) -> None:
+        """`model`: an IR's ``.xml`` (its ``.bin`` beside it), or an ``ov.Model``. The
+        model is kept, so that fresh compilations can be made after the file is gone."""
+        self.model = core().read_model(str(model)) if isinstance(model, Path) else model
+        self.threads = threads
+        config = {
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # not bf16 (see the module's docstring)
+        }
+        self.compiled = core().compile_model(self.model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.inputs = [i.get_any_name() for i in self.compiled.inputs]
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """Logits of a batch: an array, or a tuple or dict of arrays (several inputs)."""
+        return np.array(self.request.infer(feeds(self.inputs, x))[0])
+
+    def fresh(self) -> OpenVinoRunner:
+        return OpenVinoRunner(self.model, self.threads)  # compiled anew: its memory too
+
+    def timer(self, batch: Any) -> Callable[[], Any]:
+        feed, request = feeds(self.inputs, batch), self.compiled.create_infer_request()
+        return lambda: request.infer(feed, share_inputs=True, share_outputs=True)
+
+    def peak_memory(self, batch: Any) -> int | None:
+        return None  # the CPU plugin does not report its allocations
+
+    def layers(self) -> list[dict[str, Any]]:
+        """The compiled model's runtime graph: per node, its layer type, the precision it
+        ran in, its kernel and the names of its inputs' producers."""
+        out = []
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            out.append(
+                {
+                    **{k: str(info[k].astype(str)) for k in RT_KEYS if k in info},
+                    "inputs": [_named(i.get_source_output().get_node()) for i in op.inputs()],
+                    "shapes": [str(o.get_partial_shape()) for o in op.outputs()],
+                }
+            )
+        return out
+
+
+RT_KEYS = ("layerType", "runtimePrecision", "outputPrecisions", "primitiveType")
+
+
+def _named(node: Any) -> tuple[str, str]:
+    """A runtime-graph node as (friendly name, layer type)."""
+    info = node.get_rt_info()
+    kind = str(info["layerType"].astype(str)) if "layerType" in info else ""
+    return node.get_friendly_name(), kind
+
+
+class OpenVinoBackend:
+    name = "openvino"
+    file: str | None = IR_FILE
+    files: tuple[str, ...] = (IR_FILE, WEIGHTS_FILE)
+
+    def __init__(self, threads: int, example: Inputs) -> None:
+        require("openvino")
+        self.threads = threads
+        self.example = example  # one input, for export
+
+    @classmethod
+    def from_spec(cls, spec: TargetSpec, example: Inputs) -> OpenVinoBackend:
+        return cls(spec.threads, example)
+
+    def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
+        export_onnx(model, self.example, work / FLOAT_FILE)
+        write_ir(work / FLOAT_FILE, work / IR_FILE)
+        (work / FLOAT_FILE).unlink()
+        return OpenVinoRunner(work / IR_FILE, self.threads)
+
+    def deploy(self, request: DeployRequest) -> Deployment:
+        work, quant = request.work, request.quant
+        if quant.activations != "int8":
+            runner = request.timed("export", self.runner, request.model, work)
+            return Deployment(runner, work / IR_FILE)
+        if request.calibration is None or request.int8 is None:
+            raise ValueError("an int8 deployment needs calibration samples and a recipe")
+        request.timed("export", export_onnx, request.model, self.example, work / FLOAT_FILE)
+        floats = [f"{n}.weight" for n in prunable_layers(request.model) if quant.layer(n) > 8]
+        types = request.timed(
+            "calibrate",
+            quantize_model,
+            work / FLOAT_FILE,
+            work / QDQ_FILE,
+            numpy(request.calibration),
+            dict(request.codes),
+            floats,
+            request.int8,
+        )
+        held = request.timed("export", write_ir, work / QDQ_FILE, work / IR_FILE)
+        codes = qdq_codes(work / QDQ_FILE, types)
+        for path in (work / FLOAT_FILE, work / QDQ_FILE):
+            path.unlink()
+        # a layer counts as exact only where the IR holds the QDQ file's very codes
+        exact = {
+            p: kind if kind and _same(held.get(f"{p}_quantized"), codes.get(p)) else None
+            for p, kind in types.items()
+        }
+        return Deployment(OpenVinoRunner(work / IR_FILE, self.threads), work / IR_FILE, exact)
+
+    def reload(self, directory: Path, build: Callable[[], nn.Module]) -> Runner:
+        return OpenVinoRunner(directory / IR_FILE, self.threads)  # exactly the file it timed
+
+    def integer_weights(self, deployment: Deployment) -> set[str]:
+        runner = deployment.runner
+        if not deployment.int8_weights or not isinstance(runner, OpenVinoRunner):
+            return set()
+        return integer_constants(runner)
+
+    def structure(self, deployment: Deployment) -> str | None:
+        runner = deployment.runner
+        if not isinstance(runner, OpenVinoRunner):
+            return None
+        nodes = [[n.get(k) for k in RT_KEYS] + [n["shapes"]] for n in runner.layers()]
+        return digest({"openvino": nodes})
+
+    def version(self) -> str:
+        import openvino as ov
+
+        return str(ov.__version__)
+
+
+def write_ir(onnx_path: Path, xml: Path) -> dict[str, np.ndarray]:
+    """Convert an ONNX file to an IR (float32 weights stay float32: OpenVINO would halve
+    them by default); return the IR's integer constants by name."""
+    import openvino as ov
+
+    model = ov.convert_model(str(onnx_path))
+    tmp = xml.with_name(xml.stem + ".tmp.xml")
+    ov.save_model(model, str(tmp), compress_to_fp16=False)
+    tmp.with_suffix(".bin").replace(xml.with_suffix(".bin"))
+    tmp.replace(xml)
+    return {
+        op.get_friendly_name(): op.get_data()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Constant" and op.get_element_type().is_integral()
+    }
+
+
+def qdq_codes(path: Path, types: dict[str, str | None]) -> dict[str, np.ndarray]:
+    """The integer weights of a QDQ ONNX file, for each parameter written exactly."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    names = {p: f"{p}_quantized" for p, kind in types.items() if kind}
+    return {p: numpy_helper.to_array(inits[n]) for p, n in names.items() if n in inits}
+
+
+def integer_constants(runner: OpenVinoRunner) -> set[str]:
+    """Weights that ran in integer kernels: the integer constants (``<param>_quantized``)
+    feeding a weighted layer whose runtime precision is u8 or i8."""
+    found = set()
+    for node in runner.layers():
+        if node.get("layerType") not in WEIGHTED or node.get("runtimePrecision") not in INTEGER:
+            continue
+        for name, kind in node["inputs"]:
+            if name.endswith("_quantized") and kind == "Const":
+                found.add(name.removesuffix("_quantized"))
+    return found
+
+
+def _same(held: np.ndarray | None, codes: np.ndarray | None) -> bool:
+    if held is None or codes is None or held.dtype != codes.dtype:
+        return False
+    return held.shape == codes.shape and bool(np.array_equal(held, codes))
