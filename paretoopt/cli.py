@@ -82,9 +82,9 @@ def _report(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from paretoopt.config.metrics import quality_metric, quality_name
-    from paretoopt.export import FORMATS, export_trial
+    from paretoopt.export import export_trial
 
-    formats = tuple(f.strip() for f in args.format.split(",") if f.strip()) or FORMATS
+    formats = tuple(f.strip() for f in (args.format or "").split(",") if f.strip()) or None
     done = export_trial(
         Path(args.results) / args.study,
         args.out,
@@ -262,8 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--format",
-        default="onnx,pt2,safetensors",
-        help="comma-separated: onnx, pt2, safetensors (default: all three)",
+        default=None,
+        help="comma-separated: onnx, pt2, safetensors, openvino (.xml/.bin), executorch "
+        "(.pte) (default: the first three, and the study's runtime's own)",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument(

@@ -48,9 +48,19 @@ from paretoopt.results.frames import StudyResults, hardware_text, load_results, 
 from paretoopt.results.pick import pick
 from paretoopt.results.record import TrialRecord, quiet_reading
 
-FORMATS = ("onnx", "pt2", "safetensors")
-SUFFIX = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
-ARTIFACT, ONNX_FILE = "model.safetensors", "model.onnx"  # as artifact and the ORT backend name them
+FORMATS = ("onnx", "pt2", "safetensors", "openvino", "executorch")
+BASE_FORMATS = FORMATS[:3]  # always exported by default; a runtime's own format beside them
+SUFFIX = {
+    "onnx": ".onnx",
+    "pt2": ".pt2",
+    "safetensors": ".safetensors",
+    "openvino": ".xml",
+    "executorch": ".pte",
+}
+COMPANIONS = {"openvino": (".bin",)}  # files a format's model file needs beside it
+ARTIFACT = "model.safetensors"  # as artifact names it
+# format -> the trial file it is when the study measured in that format's runtime
+MEASURED = {"onnx": "model.onnx", "openvino": "model.xml", "executorch": "model.pte"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ def export_trial(
     *,
     trial: int | None = None,
     rule: str | None = None,
-    formats: tuple[str, ...] = FORMATS,
+    formats: tuple[str, ...] | None = None,
     force: bool = False,
     tolerance: float = 0.5,
     storage: str | None = None,
@@ -88,14 +98,16 @@ def export_trial(
         )
     number = _choose(results, trial, rule)
     record = _checked_record(results, number)
+    formats = default_formats(record.runtime) if formats is None else formats
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise StudyError(f"--format: {unknown or 'none'}; choose from {', '.join(FORMATS)}")
     out = Path(out)
     stem = f"{results.name}-trial{number}"
     targets = {f: out / f"{stem}{SUFFIX[f]}" for f in formats}
+    beside = [p.with_suffix(c) for f, p in targets.items() for c in COMPANIONS.get(f, ())]
     cards = (out / f"{stem}.card.json", out / f"{stem}.card.md")
-    _check_destination(out, [*targets.values(), *cards], force)
+    _check_destination(out, [*targets.values(), *beside, *cards], force)
     source = results.directory / record["artifact"]
     _check_hashes(source, record)
     staging = out / f".{stem}.partial"
@@ -108,11 +120,17 @@ def export_trial(
         card = model_card(results, number, record, {f: targets[f] for f in formats}, checks)
         (staging / cards[0].name).write_text(json.dumps(card, indent=2, default=str) + "\n")
         (staging / cards[1].name).write_text(card_markdown(card))
-        for path in [*targets.values(), *cards]:
+        for path in [*targets.values(), *beside, *cards]:
             (staging / path.name).replace(path)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Exported(number, targets, cards[0], checks)
+
+
+def default_formats(runtime: str) -> tuple[str, ...]:
+    """ONNX, a PyTorch program and the compressed file; and the format of the runtime a
+    trial was measured in, where it has its own (an OpenVINO IR, an ExecuTorch program)."""
+    return BASE_FORMATS + ((runtime,) if runtime in FORMATS[3:] else ())
 
 
 def untrusted_factories(results: StudyResults) -> list[str]:
@@ -221,13 +239,14 @@ def _write_and_verify(
         model = load(path, space=space)
         measured = model.split_quality(test, quality)
         # the runtime the trial measured in decides which recorded figure applies
-        same_runtime = fmt == "onnx" and not fresh
-        key = "test_accuracy" if same_runtime else "torch_test_accuracy"
+        key = "test_accuracy" if not fresh and fmt in MEASURED else "torch_test_accuracy"
         recorded = getattr(record, key)
+        companions = [path.with_suffix(c) for c in COMPANIONS.get(fmt, ())]
         checks[fmt] = {
             "file": path.name,
             "sha256": _sha256(path),
-            "bytes": path.stat().st_size,
+            "bytes": sum(p.stat().st_size for p in [path, *companions]),  # all it loads
+            "companions": {p.name: _sha256(p) for p in companions},
             "made_afresh": fresh,
             "metric": space.metric,  # what test_accuracy measures
             "test_accuracy": measured,
@@ -249,8 +268,11 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
     if fmt == "safetensors":
         shutil.copyfile(source / ARTIFACT, path)
         return False
-    if fmt == "onnx" and (source / ONNX_FILE).exists():  # the file the trial measured
-        shutil.copyfile(source / ONNX_FILE, path)
+    measured = source / MEASURED[fmt] if fmt in MEASURED else None
+    if measured is not None and measured.exists():  # the file the trial measured
+        shutil.copyfile(measured, path)
+        for suffix in COMPANIONS.get(fmt, ()):  # an IR's weights, beside it
+            shutil.copyfile(measured.with_suffix(suffix), path.with_suffix(suffix))
         return False
     import torch
 
@@ -260,10 +282,21 @@ def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
 
     model = load_compressed(source / ARTIFACT, lambda: create_model(space.model))
     layout = input_layout(read_metadata(source / ARTIFACT), source / ARTIFACT)
-    if fmt == "onnx":
+    if fmt in ("onnx", "openvino"):
         from paretoopt.measure.onnx_export import export_onnx
 
-        export_onnx(model, trees.zeros(layout), path)
+        onnx_path = path if fmt == "onnx" else path.with_suffix(".float.onnx")
+        export_onnx(model, trees.zeros(layout), onnx_path)
+        if fmt == "openvino":  # in float: the int8 graph is made in the runtime's trial
+            from paretoopt.measure.backends.openvino_ir import write_ir
+
+            write_ir(onnx_path, path)
+            onnx_path.unlink()
+        return True
+    if fmt == "executorch":
+        from paretoopt.measure.backends.executorch_pte import lower
+
+        path.write_bytes(lower(model.eval(), trees.zeros(layout))[0])
         return True
     # batch 1 would be traced as a constant
     args, kwargs, shapes = trees.for_export(trees.zeros(layout, batch=2))
@@ -309,10 +342,18 @@ def model_card(
         },
         "baseline": results.baseline,
         "target": space["target"],
+        "runtime": _runtime_named(space["target"], results.metadata.get("versions") or {}),
         "hardware": results.metadata.get("hardware"),
         "versions": results.metadata.get("versions"),
         "files": {fmt: checks[fmt] for fmt in files},
     }
+
+
+def _runtime_named(target: dict[str, Any], versions: dict[str, Any]) -> str:
+    """The runtime that measured the model, with its version, e.g. "openvino 2026.4.1"."""
+    runtime = str(target.get("runtime", "onnxruntime"))
+    version = versions.get(runtime)
+    return f"{runtime} {version}" if version else runtime
 
 
 def _card_row(metric: Metric, measured: dict[str, Any], base: dict[str, Any]) -> str:
@@ -345,7 +386,8 @@ def card_markdown(card: dict[str, Any]) -> str:
         f"{q.text(b.get('test_accuracy', float('nan')))} | |",
         *(_card_row(x, m, b) for x in shown(card.get("objectives", ()))[1:]),
         "",
-        f"Latency: {t['runtime']} on {t['device']}, {t['threads']} thread(s), batch "
+        f"Latency: {card.get('runtime') or t['runtime']} on {t['device']}, "
+        f"{t['threads']} thread(s), batch "
         f"{t['batch_size']}; p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
         f"{latency.get('spread', float('nan')):.3f} over {latency.get('runs', '?')} runs, "
         f"mode {latency.get('mode', 'cpu')}{quiet_reading(latency, '; ')}.",
@@ -465,6 +507,14 @@ def load(
         from paretoopt.measure.backends.onnxruntime import OrtRunner
 
         return LoadedModel("onnx", path, OrtRunner(path, threads=1))
+    if path.suffix == ".xml":  # an OpenVINO IR: its weights in the .bin of the same stem
+        return LoadedModel("openvino", path, _openvino(path))
+    if path.suffix == ".pte":  # an ExecuTorch program (a flatbuffer: data, no code)
+        from paretoopt.measure.backends.base import require
+        from paretoopt.measure.backends.executorch_pte import ExecuTorchRunner
+
+        require("executorch")
+        return LoadedModel("executorch", path, ExecuTorchRunner(path.read_bytes(), threads=1))
     if path.suffix == ".pt2":
         module = _load_program(path, trust).module()
         return LoadedModel("pt2", path, _torch_call(module), module)
@@ -474,8 +524,22 @@ def load(
         module = load_compressed(path, build or _builder(path, space))
         return LoadedModel("safetensors", path, _torch_call(module), module)
     raise StudyError(
-        f"{path}: unknown format {path.suffix!r}; expected .onnx, .pt2 or .safetensors"
+        f"{path}: unknown format {path.suffix!r}; expected .onnx, .pt2, .safetensors, .xml "
+        "(OpenVINO) or .pte (ExecuTorch)"
     )
+
+
+def _openvino(path: Path) -> Any:
+    from paretoopt.measure.backends.base import require
+    from paretoopt.measure.backends.openvino_ir import OpenVinoRunner
+
+    require("openvino")
+    if not path.with_suffix(".bin").is_file():
+        raise StudyError(
+            f"{path}: an OpenVINO IR keeps its weights in {path.with_suffix('.bin').name} "
+            "beside it, which is missing"
+        )
+    return OpenVinoRunner(path, threads=1)
 
 
 def _load_program(path: Path, trust: bool) -> Any:
