@@ -510,11 +510,7 @@ def load(
     if path.suffix == ".xml":  # an OpenVINO IR: its weights in the .bin of the same stem
         return LoadedModel("openvino", path, _openvino(path))
     if path.suffix == ".pte":  # an ExecuTorch program (a flatbuffer: data, no code)
-        from paretoopt.measure.backends.base import require
-        from paretoopt.measure.backends.executorch_pte import ExecuTorchRunner
-
-        require("executorch")
-        return LoadedModel("executorch", path, ExecuTorchRunner(path.read_bytes(), threads=1))
+        return LoadedModel("executorch", path, _executorch(path))
     if path.suffix == ".pt2":
         module = _load_program(path, trust).module()
         return LoadedModel("pt2", path, _torch_call(module), module)
@@ -539,7 +535,27 @@ def _openvino(path: Path) -> Any:
             f"{path}: an OpenVINO IR keeps its weights in {path.with_suffix('.bin').name} "
             "beside it, which is missing"
         )
-    return OpenVinoRunner(path, threads=1)
+    try:
+        return OpenVinoRunner(path, threads=1)
+    except RuntimeError as exc:  # the runtime's own checks of the XML and the weights
+        raise StudyError(f"{path}: not a readable OpenVINO IR ({_reason(exc)})") from None
+
+
+def _executorch(path: Path) -> Any:
+    from paretoopt.measure.backends.base import require
+    from paretoopt.measure.backends.executorch_pte import ExecuTorchRunner
+
+    require("executorch")
+    try:  # the runtime verifies the program's internal consistency as it loads it
+        return ExecuTorchRunner(path.read_bytes(), threads=1)
+    except RuntimeError as exc:
+        raise StudyError(f"{path}: not a readable ExecuTorch program ({_reason(exc)})") from None
+
+
+def _reason(exc: Exception) -> str:
+    from paretoopt.errors import one_line
+
+    return one_line(str(exc))[:200]
 
 
 def _load_program(path: Path, trust: bool) -> Any:

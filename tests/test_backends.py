@@ -4,6 +4,7 @@ reload the kept files to the same outputs, report kernels from its own graph."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 import pytest
@@ -22,7 +23,11 @@ from paretoopt.workload.data import create_data
 from paretoopt.workload.models import create_model
 
 SPEC = ComponentSpec(name="tiny_conv")
-NEEDS = {"torch-cuda": torch.cuda.is_available()}
+NEEDS = {
+    "torch-cuda": torch.cuda.is_available(),
+    "openvino": importlib.util.find_spec("openvino") is not None,  # optional extras
+    "executorch": importlib.util.find_spec("executorch") is not None,
+}
 
 
 def _bench(plan: CompressionPlan) -> Workbench:
@@ -43,7 +48,7 @@ def _target(name: str) -> TargetSpec:
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_every_backend_deploys_and_reloads_the_model_it_measured(name, tmp_path):
     if not NEEDS.get(name, True):
-        pytest.skip(f"{name} needs a CUDA device")
+        pytest.skip(f"{name} needs a CUDA device or its optional package")
     spec = _target(name)
     assert backend_name(spec) == name
     plan = CompressionPlan(quant=QuantConfig(bits=32))

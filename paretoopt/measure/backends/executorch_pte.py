@@ -238,7 +238,8 @@ def quantize(
 ) -> tuple[Any, dict[str, str | None]]:
     """The model with int8 weights and activations for XNNPACK, calibrated on
     `calibration`; per quantized weight, "s8" where it holds the plan's own codes, or
-    None where the quantizer's re-rounded weight stayed. `floats`: layers kept float."""
+    None where the quantizer's re-rounded weight stayed. `floats`: layers kept float
+    (the other layers' operators are then quantized layer by layer, not all of them)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -246,9 +247,13 @@ def quantize(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     config = get_symmetric_quantization_config(is_per_channel=True)
-    quantizer = XNNPACKQuantizer().set_global(config)
-    for name in floats:
-        quantizer.set_module_name(name, None)
+    quantizer = XNNPACKQuantizer()
+    if not floats:
+        quantizer.set_global(config)
+    else:  # the quantizer cannot exempt a module: name the int8 ones instead
+        for name in prunable_layers(model):
+            if name not in floats:
+                quantizer.set_module_name(name, config)
     prepared = prepare_pt2e(_export(model, example).module(), quantizer)
     with torch.no_grad():
         for i in range(0, trees.count(calibration), CALIBRATION_BATCH):
