@@ -32,7 +32,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Every script runs (about 3 hours on 2 cores); the exit status says whether all targets held.
-BENCHMARKS := pruning lowrank quantization clustering augmentation latency search cost cost_search streaming workload
+BENCHMARKS := pruning lowrank quantization clustering augmentation latency runtimes search cost cost_search streaming workload
 bench: $(STAMP)
 	@status=0; for script in $(BENCHMARKS); do \
 		echo "== benchmarks/$$script.py"; $(PY) benchmarks/$$script.py || status=1; \
