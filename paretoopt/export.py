@@ -48,8 +48,9 @@ from paretoopt.results.frames import StudyResults, hardware_text, load_results, 
 from paretoopt.results.pick import pick
 from paretoopt.results.record import TrialRecord, quiet_reading
 
-FORMATS = ("onnx", "pt2", "safetensors", "openvino", "executorch")
-BASE_FORMATS = FORMATS[:3]  # always exported by default; a runtime's own format beside them
+BASE_FORMATS = ("onnx", "pt2", "safetensors")  # exported by default
+RUNTIME_FORMATS = ("openvino", "executorch")  # by default too, where a trial measured in it
+FORMATS = BASE_FORMATS + RUNTIME_FORMATS
 SUFFIX = {
     "onnx": ".onnx",
     "pt2": ".pt2",
@@ -130,7 +131,7 @@ def export_trial(
 def default_formats(runtime: str) -> tuple[str, ...]:
     """ONNX, a PyTorch program and the compressed file; and the format of the runtime a
     trial was measured in, where it has its own (an OpenVINO IR, an ExecuTorch program)."""
-    return BASE_FORMATS + ((runtime,) if runtime in FORMATS[3:] else ())
+    return BASE_FORMATS + ((runtime,) if runtime in RUNTIME_FORMATS else ())
 
 
 def untrusted_factories(results: StudyResults) -> list[str]:

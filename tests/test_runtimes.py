@@ -6,10 +6,12 @@ it end to end, and its exported file reloaded. Skipped where a runtime is not in
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -19,11 +21,12 @@ from paretoopt.compress.techniques.bench import prunable_layers
 from paretoopt.compress.train import logits_of
 from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
-from paretoopt.config.space import TargetSpec
-from paretoopt.errors import StudyError
+from paretoopt.config.space import ComponentSpec, TargetSpec, parse_space
+from paretoopt.errors import SpaceError, StudyError
 from paretoopt.measure.backends import DeployRequest, create_backend
 from paretoopt.measure.backends import base as backend_base
 from paretoopt.measure.isa import Int8Recipe, this_machine
+from paretoopt.workload.data import create_data
 from tests.test_backends import _bench
 
 RUNTIMES = [
@@ -116,7 +119,8 @@ def test_a_search_measures_in_the_runtime_and_exports_the_file_it_timed(name, tm
     doc["search"] = {"trials": 2, "seed": 0, "anchors": 0}
     doc["space"] = {
         "pruning": {"structure": ["channel"], "sparsity": {"low": 0.2, "high": 0.4}},
-        "quantization": {"bits": [8], "activations": ["int8"]},
+        # 4-bit codes fit every CPU's s8 kernels: int8 kernels with or without VNNI
+        "quantization": {"bits": [4], "activations": ["int8"]},
         "finetune": {"epochs": 1},
     }
     space = tmp_path / "space.yaml"
@@ -129,7 +133,7 @@ def test_a_search_measures_in_the_runtime_and_exports_the_file_it_timed(name, tm
         text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
-    trials = __import__("pandas").read_csv(results / doc["study"] / "trials.csv")
+    trials = pd.read_csv(results / doc["study"] / "trials.csv")
     done = trials[trials["state"] == "COMPLETE"]
     assert len(done) == 2 and done[done["number"] == 1]["int_kernels"].all()  # 0: baseline
     out = tmp_path / "out"
@@ -142,13 +146,10 @@ def test_a_search_measures_in_the_runtime_and_exports_the_file_it_timed(name, tm
     assert run.returncode == 0, run.stderr[-2000:]
     suffix = {"openvino": ".xml", "executorch": ".pte"}[name]
     model = paretoopt.load(out / f"{doc['study']}-trial1{suffix}")
-    card = __import__("json").loads((out / f"{doc['study']}-trial1.card.json").read_text())
+    card = json.loads((out / f"{doc['study']}-trial1.card.json").read_text())
     assert card["files"][name]["made_afresh"] is False  # the very file it timed
     assert card["runtime"].startswith(f"{name} ")  # named with its version
     measured = float(done[done["number"] == 1]["test_accuracy"].iloc[0])
-    from paretoopt.config.space import ComponentSpec
-    from paretoopt.workload.data import create_data
-
     test = create_data(ComponentSpec(name="digits", kwargs={"size": 8})).test
     assert model.split_accuracy(test) == pytest.approx(measured, abs=1e-9)
 
@@ -166,3 +167,13 @@ def test_a_damaged_runtime_file_is_refused_in_one_line(name, suffix, body, tmp_p
     (tmp_path / "m.bin").write_bytes(b"")
     with pytest.raises(StudyError, match="not a readable"):
         paretoopt.load(path)
+
+
+def test_executorch_batches_beyond_its_planned_size_are_refused_at_load(tiny_doc):
+    tiny_doc["target"] = {**tiny_doc["target"], "runtime": "executorch", "batch_size": 512}
+    with pytest.raises(SpaceError) as info:
+        parse_space(tiny_doc)
+    assert str(info.value) == (
+        "target.batch_size: runtime executorch takes at most 256 (its programs are planned "
+        "for that batch), but batch_size is 512"
+    )

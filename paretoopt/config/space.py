@@ -38,6 +38,7 @@ METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direct
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
 RUNTIMES = ("onnxruntime", "torch", "openvino", "executorch")
 DEVICES = ("cpu", "cuda")
+EXECUTORCH_MAX_BATCH = 256  # an ExecuTorch program's memory is planned for this batch
 INT8_RECIPES = ("auto", "u8s8", "u8u8")  # int8 weight types: see measure/isa.py
 FIDELITIES = ("auto", "full", "prescreen", "halving")  # see study/fidelity.py
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
@@ -470,6 +471,11 @@ def _check_combinations(space: Space) -> None:
             t.device == "cuda" and t.runtime != "torch",
             f"target.device: cuda is measured with runtime torch (ONNX Runtime has no CUDA "
             f"provider here), but target.runtime is {t.runtime!r}",
+        ),
+        (
+            t.runtime == "executorch" and t.batch_size > EXECUTORCH_MAX_BATCH,
+            f"target.batch_size: runtime executorch takes at most {EXECUTORCH_MAX_BATCH} (its "
+            f"programs are planned for that batch), but batch_size is {t.batch_size}",
         ),
         (
             t.agent is not None and (t.runtime != "onnxruntime" or t.device != "cpu"),

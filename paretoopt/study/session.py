@@ -410,10 +410,12 @@ def _versions(runtime: str) -> dict[str, str]:
     """The packages the study ran on; an optional runtime's too, where it measured."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from paretoopt.measure.backends.base import OPTIONAL
+
     out = {}
     packages = ["torch", "torch-pruning", "optuna", "onnx", "onnxruntime", "numpy", "pandas"]
-    if runtime in ("openvino", "executorch"):
-        packages.append(runtime)
+    if runtime in OPTIONAL:
+        packages.append(OPTIONAL[runtime][0])
     for pkg in packages:
         try:
             out[pkg] = version(pkg)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from paretoopt.compress.techniques.bench import prunable_layers
+from paretoopt.config.space import EXECUTORCH_MAX_BATCH
 from paretoopt.measure.backends.base import Deployment, DeployRequest, require
 from paretoopt.measure.int8 import CALIBRATION_BATCH, int8_weight
 from paretoopt.measure.structure import digest
@@ -45,7 +46,8 @@ if TYPE_CHECKING:
     from paretoopt.measure.protocol import Runner
 
 PTE_FILE = "model.pte"  # the file this runtime loads, times, and export hands over
-MAX_BATCH = 256  # the largest batch a program takes (the study evaluates 256 at a time)
+# the largest batch a program takes (the study evaluates 256 at a time)
+MAX_BATCH = EXECUTORCH_MAX_BATCH
 WEIGHTED = ("convolution", "linear", "addmm", "mm")  # edge ops that multiply by a weight
 
 
@@ -91,8 +93,6 @@ class ExecuTorchRunner:
         return ExecuTorchRunner(self.program, self.threads, self.integer, self.structure)
 
     def timer(self, batch: Any) -> Callable[[], Any]:
-        if trees.count(batch) > MAX_BATCH:
-            raise ValueError(f"target.batch_size: at most {MAX_BATCH} for runtime executorch")
         tensors = [torch.from_numpy(np.ascontiguousarray(v)) for v in trees.leaves(batch)]
         method = self.method
         return lambda: method.execute(tensors)
@@ -113,14 +113,7 @@ class ExecuTorchBackend:
 
     @classmethod
     def from_spec(cls, spec: TargetSpec, example: Inputs) -> ExecuTorchBackend:
-        if spec.batch_size > MAX_BATCH:
-            from paretoopt.errors import StudyError
-
-            raise StudyError(
-                f"target.batch_size: {spec.batch_size} is more than runtime executorch "
-                f"takes here (at most {MAX_BATCH}: its programs are planned for that)"
-            )
-        return cls(spec.threads, example)
+        return cls(spec.threads, example)  # the space file keeps batch_size <= MAX_BATCH
 
     def runner(self, model: nn.Module, work: Path, half: str | None = None) -> Runner:
         program, integer, structure = lower(model.eval(), self.example)

@@ -31,6 +31,29 @@ ONNX_FILE = "model.onnx"  # the file this runtime loads, times, and export hands
 FLOAT_FILE = "model.float.onnx"  # the float graph an int8 model is made from (not kept)
 
 
+def write_qdq(request: DeployRequest, example: Inputs, out: Path) -> dict[str, str | None]:
+    """An int8 plan as a QDQ ONNX file at `out`: exported in float, calibrated, the plan's
+    own codes written in (see ``int8``); returns each layer's weight type, or None where
+    it holds re-rounded codes. ONNX Runtime times this file, OpenVINO converts it."""
+    model, quant, work = request.model, request.quant, request.work
+    request.timed("export", export_onnx, model, example, work / FLOAT_FILE)
+    floats = [f"{n}.weight" for n in prunable_layers(model) if quant.layer(n) > 8]
+    if request.calibration is None or request.int8 is None:
+        raise ValueError("an int8 deployment needs calibration samples and a recipe")
+    types = request.timed(
+        "calibrate",
+        quantize_model,
+        work / FLOAT_FILE,
+        out,
+        numpy(request.calibration),
+        dict(request.codes),
+        floats,
+        request.int8,
+    )
+    (work / FLOAT_FILE).unlink()
+    return types
+
+
 class OrtRunner:
     name = "onnxruntime"
     mode = "cpu"
@@ -87,22 +110,7 @@ class OnnxRuntimeBackend:
         if quant.activations != "int8":
             runner = request.timed("export", self._export, request)
             return Deployment(runner, work / ONNX_FILE)
-        model = request.model
-        request.timed("export", export_onnx, model, self.example, work / FLOAT_FILE)
-        floats = [f"{n}.weight" for n in prunable_layers(model) if quant.layer(n) > 8]
-        if request.calibration is None or request.int8 is None:
-            raise ValueError("an int8 deployment needs calibration samples and a recipe")
-        types = request.timed(
-            "calibrate",
-            quantize_model,
-            work / FLOAT_FILE,
-            work / ONNX_FILE,
-            numpy(request.calibration),
-            dict(request.codes),
-            floats,
-            request.int8,
-        )
-        (work / FLOAT_FILE).unlink()
+        types = write_qdq(request, self.example, work / ONNX_FILE)
         return Deployment(OrtRunner(work / ONNX_FILE, self.threads), work / ONNX_FILE, types)
 
     def _export(self, request: DeployRequest) -> Runner:

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from paretoopt.compress.techniques.bench import prunable_layers
 from paretoopt.measure.backends.base import Deployment, DeployRequest, require
-from paretoopt.measure.int8 import quantize_model
+from paretoopt.measure.backends.onnxruntime import FLOAT_FILE, write_qdq
 from paretoopt.measure.onnx_export import export_onnx
 from paretoopt.measure.structure import digest
-from paretoopt.workload.inputs import Inputs, feeds, numpy
+from paretoopt.workload.inputs import Inputs, feeds
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from paretoopt.measure.protocol import Runner
 
 IR_FILE, WEIGHTS_FILE = "model.xml", "model.bin"  # what this runtime loads; export hands over
-FLOAT_FILE, QDQ_FILE = "model.float.onnx", "model.qdq.onnx"  # made on the way (not kept)
+QDQ_FILE = "model.qdq.onnx"  # the int8 graph the IR is converted from (not kept)
 # runtime-graph layer types that multiply by a weight: where int8 kernels pay off
 WEIGHTED = frozenset(
     {"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul", "Gemm"}
@@ -137,24 +136,10 @@ class OpenVinoBackend:
         if quant.activations != "int8":
             runner = request.timed("export", self.runner, request.model, work)
             return Deployment(runner, work / IR_FILE)
-        if request.calibration is None or request.int8 is None:
-            raise ValueError("an int8 deployment needs calibration samples and a recipe")
-        request.timed("export", export_onnx, request.model, self.example, work / FLOAT_FILE)
-        floats = [f"{n}.weight" for n in prunable_layers(request.model) if quant.layer(n) > 8]
-        types = request.timed(
-            "calibrate",
-            quantize_model,
-            work / FLOAT_FILE,
-            work / QDQ_FILE,
-            numpy(request.calibration),
-            dict(request.codes),
-            floats,
-            request.int8,
-        )
+        types = write_qdq(request, self.example, work / QDQ_FILE)
         held = request.timed("export", write_ir, work / QDQ_FILE, work / IR_FILE)
         codes = qdq_codes(work / QDQ_FILE, types)
-        for path in (work / FLOAT_FILE, work / QDQ_FILE):
-            path.unlink()
+        (work / QDQ_FILE).unlink()
         # a layer counts as exact only where the IR holds the QDQ file's very codes
         exact = {
             p: kind if kind and _same(held.get(f"{p}_quantized"), codes.get(p)) else None
