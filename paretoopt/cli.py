@@ -144,11 +144,13 @@ def _agent(args: argparse.Namespace) -> int:
             f"token (at least {MIN_TOKEN} characters); it is "
             f"{'unset' if not token else f'{len(token)} characters'}"
         )
-    server = make_server(Agent(token, args.max_bytes), args.host, args.port)
+    agent = Agent(token, args.max_bytes)
+    server = make_server(agent, args.host, args.port)
     # an empty working folder: nothing a model could name relative to it exists
     os.chdir(tempfile.mkdtemp(prefix="paretoopt-agent-"))
+    runtimes = ", ".join(f"{name} {version}" for name, version in agent.runtimes().items())
     print(
-        f"paretoopt agent on {args.host}:{server.server_port} (ONNX models up to "
+        f"paretoopt agent on {args.host}:{server.server_port} ({runtimes}; uploads up to "
         f"{args.max_bytes} bytes); Ctrl-C stops it",
         file=sys.stderr,
     )
@@ -300,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_app)
 
     p = sub.add_parser(
-        "agent", parents=[debug], help="time ONNX models on this machine for a remote search"
+        "agent",
+        parents=[debug],
+        help="time models on this machine for a remote search (ONNX Runtime; OpenVINO and "
+        "ExecuTorch where installed)",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8765, help="port (default: 8765)")

@@ -5,10 +5,13 @@ it end to end, and its exported file reloaded. Skipped where a runtime is not in
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import struct
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pandas as pd
@@ -23,10 +26,14 @@ from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import ComponentSpec, TargetSpec, parse_space
 from paretoopt.errors import SpaceError, StudyError
-from paretoopt.measure.backends import DeployRequest, create_backend
+from paretoopt.measure import export_onnx
+from paretoopt.measure.agent import Agent, AgentClient, AgentError, Rejected, make_server
+from paretoopt.measure.backends import DeployRequest, create_backend, served
 from paretoopt.measure.backends import base as backend_base
 from paretoopt.measure.isa import Int8Recipe, this_machine
+from paretoopt.study.trial import calibrate, prepare, run_trial
 from paretoopt.workload.data import create_data
+from tests.conftest import TINY
 from tests.test_backends import _bench
 
 RUNTIMES = [
@@ -38,6 +45,7 @@ RUNTIMES = [
     )
     for name in ("openvino", "executorch")
 ]
+OPENVINO, EXECUTORCH = (mark for param in RUNTIMES for mark in param.marks)
 FILES = {"openvino": ["model.bin", "model.xml"], "executorch": ["model.pte"]}
 
 
@@ -176,4 +184,163 @@ def test_executorch_batches_beyond_its_planned_size_are_refused_at_load(tiny_doc
     assert str(info.value) == (
         "target.batch_size: runtime executorch takes at most 256 (its programs are planned "
         "for that batch), but batch_size is 512"
+    )
+
+
+# --------------------------------------------------------------------------- on an agent
+
+TOKEN = "a-long-enough-test-token"
+PROTOCOL = TargetSpec(warmup=5, repeats=3, iterations=20, batch_size=16, sessions=2, quiet_rounds=0)
+
+
+@pytest.fixture
+def agent():
+    """An agent on loopback serving every installed runtime: (address, agent)."""
+    state = Agent(TOKEN, max_bytes=8_000_000)
+    server = make_server(state, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_port}", state
+    server.shutdown()
+    server.server_close()
+
+
+def _int8_and_float(name, tmp_path):
+    plan = CompressionPlan(quant=QuantConfig(4, scheme="symmetric", activations="int8"))
+    bench = _bench(plan)
+    backend, int8 = _deploy(name, bench, plan, tmp_path / "int8")
+    float_plan = CompressionPlan(quant=QuantConfig(32))
+    _, floats = _deploy(name, _bench(float_plan), float_plan, tmp_path / "float")
+    return backend, int8, floats
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_an_agent_times_the_runtime_s_own_file_against_a_baseline_in_it(name, agent, tmp_path):
+    address, state = agent
+    backend, int8, floats = _int8_and_float(name, tmp_path)
+    client = AgentClient(address, TOKEN)
+    assert set(client.runtimes()) >= {"onnxruntime", name}
+    ours = client.upload(int8.file, runtime=name)
+    theirs = client.upload(floats.file, runtime=name)
+    assert state.models[ours][0] == state.models[theirs][0] == name
+    timing = client.paired(ours, theirs, PROTOCOL)
+    assert timing.ours.runs == timing.theirs.runs == 2 * 3 * 20 and timing.ours.batch_size == 16
+    assert timing.ratio > 0 and len(timing.session_ratios) == 2
+    if name == "openvino":  # compiled on the agent's CPU: its own report of the int8 layers
+        assert client.kernels[ours].integer == frozenset(backend.integer_weights(int8))
+        assert client.kernels[ours].structure == backend.structure(int8)
+        assert client.kernels[theirs].integer == frozenset()
+    else:  # lowering decided the kernels: no report from the agent, the file's stands
+        assert ours not in client.kernels
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_an_agent_refuses_a_reference_from_another_runtime(name, agent, tmp_path):
+    address, state = agent
+    _, int8, _ = _int8_and_float(name, tmp_path)
+    client = AgentClient(address, TOKEN)
+    ours = client.upload(int8.file, runtime=name)
+    onnx_file = tmp_path / "m.onnx"
+    export_onnx(torch.nn.Linear(4, 2), torch.zeros(1, 4), onnx_file)
+    other = client.upload(onnx_file)
+    with pytest.raises(AgentError, match=f"400 the model runs in {name} but the reference in "):
+        client.paired(ours, other, PROTOCOL)
+
+
+def test_an_agent_says_which_runtimes_it_serves(agent, tmp_path):
+    address, _ = agent
+    state = Agent(TOKEN, formats={"onnxruntime": served("onnxruntime")})
+    with pytest.raises(Rejected) as info:
+        state.add_model(b"anything", runtime="openvino")
+    assert info.value.status == 404
+    assert str(info.value) == (
+        "runtime 'openvino' is not served here; this agent serves ['onnxruntime'] (a runtime's "
+        "extra installs it beside the agent)"
+    )
+
+
+def _ir(tmp_path):
+    _, int8, _ = _int8_and_float("openvino", tmp_path)
+    return int8.file.read_bytes(), int8.file.with_suffix(".bin").read_bytes()
+
+
+def _framed(xml: bytes, weights: bytes) -> bytes:
+    return struct.pack("<4sQ", b"OVIR", len(xml)) + xml + weights
+
+
+@OPENVINO
+def test_an_agent_refuses_hostile_openvino_uploads(tmp_path):
+    xml, weights = _ir(tmp_path)
+    check = served("openvino").check
+    assert check(_framed(xml, weights)) is not None  # the real one passes, with its kernels
+    entities = b'<?xml version="1.0"?><!DOCTYPE net [<!ENTITY a "aaaa">]><net>&a;</net>'
+    cases = {
+        xml: "not an OpenVINO IR upload",  # not framed
+        struct.pack("<4sQ", b"OVIR", 10**9) + xml: "is said to be 1000000000 bytes",
+        _framed(entities, b""): "document type and entity declarations in the .xml are refused",
+        _framed(b"<net><layers>", b""): "the IR's .xml does not parse",
+        _framed(b"<model/>", b""): "the .xml's root is <model>, not <net>",
+        # every constant must lie inside the weights sent with it
+        _framed(xml, weights[: len(weights) // 2]): "lie outside the",
+        _framed(xml.replace(b'type="Const"', b'type="NoSuchOp"', 1), weights): "OpenVINO cannot",
+    }
+    for body, reason in cases.items():
+        with pytest.raises(backend_base.Refused, match=reason.replace(".", r"\.")):
+            check(body)
+
+
+@EXECUTORCH
+def test_an_agent_refuses_hostile_executorch_uploads(tmp_path):
+    _, int8, _ = _int8_and_float("executorch", tmp_path)
+    program = int8.file.read_bytes()
+    check = served("executorch").check
+    assert check(program) is None  # the real one passes
+    assert b"XnnpackBackend" in program
+    # a backend the runtime also registers here, but the agent does not let a program call
+    foreign = program.replace(b"XnnpackBackend", b"QnnBackendXXXX")
+    cases = {
+        b"\x00" * 64: "lacks the ET12 identifier",
+        program[:8] + b"\xff" * 56: "its flatbuffer does not parse",
+        foreign: r"delegates to \['QnnBackendXXXX'\]; this agent runs only \['XnnpackBackend'\]",
+        program[: len(program) // 2]: "ExecuTorch cannot load it",  # torn: its verifier says
+    }
+    for body, reason in cases.items():
+        with pytest.raises(backend_base.Refused, match=reason):
+            check(body)
+
+
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_a_trial_measured_on_an_agent_in_the_runtime(name, agent, tmp_path, monkeypatch):
+    address, state = agent
+    monkeypatch.setenv("PARETOOPT_AGENT_TOKEN", TOKEN)
+    doc = copy.deepcopy(TINY)
+    doc["target"].update({"agent": address, "runtime": name, "sessions": 2})
+    ctx = prepare(parse_space(doc), tmp_path / "cache", log=lambda _: None)
+    cal = calibrate(ctx, tmp_path / "cal")
+    assert cal["mode"] == "remote"
+    plan = CompressionPlan(quant=QuantConfig(4, scheme="symmetric", activations="int8"))
+    record = run_trial(ctx, plan, tmp_path / "1", seed=0)
+    assert record["latency"]["mode"] == "remote" and record["runtime"] == name
+    assert record["int_kernels"] and record["exact_weights"]
+    assert {runtime for runtime, _ in state.models.values()} == {name}
+
+
+@OPENVINO
+def test_a_study_on_an_agent_without_its_runtime_stops_before_any_trial(tmp_path, monkeypatch):
+    state = Agent(TOKEN, formats={"onnxruntime": served("onnxruntime")})
+    server = make_server(state, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("PARETOOPT_AGENT_TOKEN", TOKEN)
+    doc = copy.deepcopy(TINY)
+    address = f"127.0.0.1:{server.server_port}"
+    doc["target"].update({"agent": address, "runtime": "openvino"})
+    ctx = prepare(parse_space(doc), tmp_path / "cache", log=lambda _: None)
+    try:
+        with pytest.raises(StudyError) as info:
+            calibrate(ctx, tmp_path / "cal")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(info.value).startswith(
+        f"target.agent: the agent at {address} serves ['onnxruntime'], not target.runtime "
+        "openvino; install it beside the agent"
     )

@@ -133,6 +133,11 @@ def test_knob_forms():
             "executorch",
         ),
         (
+            {**BASE, "target": {"runtime": "torch", "agent": "10.0.0.2:8765"}},
+            "target.agent: an agent times runtime files on its CPU, so it needs device cpu and a "
+            "runtime from onnxruntime, openvino, executorch, but got 'torch' on 'cpu'",
+        ),
+        (
             {**BASE, "constraints": {"max_accuracy_drop": -1}},
             "constraints.max_accuracy_drop: must be >= 0.0, but got -1.0",
         ),

@@ -38,6 +38,7 @@ METRICS = {m.name: m.direction for m in METRIC_TABLE.values()}  # name -> direct
 SAMPLERS = ("tpe", "nsga2", "random", "gp", "grid")
 RUNTIMES = ("onnxruntime", "torch", "openvino", "executorch")
 DEVICES = ("cpu", "cuda")
+AGENT_RUNTIMES = ("onnxruntime", "openvino", "executorch")  # those whose files an agent takes
 EXECUTORCH_MAX_BATCH = 256  # an ExecuTorch program's memory is planned for this batch
 INT8_RECIPES = ("auto", "u8s8", "u8u8")  # int8 weight types: see measure/isa.py
 FIDELITIES = ("auto", "full", "prescreen", "halving")  # see study/fidelity.py
@@ -215,8 +216,8 @@ class TargetSpec:
     )
     agent: str | None = setting(
         None,
-        "host:port of a paretoopt agent on the target machine that times the ONNX model "
-        "(accuracy is still measured here)",
+        "host:port of a paretoopt agent on the target machine that times the runtime file "
+        "(ONNX, OpenVINO IR or ExecuTorch program; accuracy is still measured here)",
         kind=str,
         nullable=True,
     )
@@ -478,9 +479,10 @@ def _check_combinations(space: Space) -> None:
             f"programs are planned for that batch), but batch_size is {t.batch_size}",
         ),
         (
-            t.agent is not None and (t.runtime != "onnxruntime" or t.device != "cpu"),
-            f"target.agent: an agent times ONNX models on its CPU, so it needs runtime "
-            f"onnxruntime and device cpu, but got {t.runtime!r} on {t.device!r}",
+            t.agent is not None and (t.runtime not in AGENT_RUNTIMES or t.device != "cpu"),
+            f"target.agent: an agent times runtime files on its CPU, so it needs device cpu "
+            f"and a runtime from {', '.join(AGENT_RUNTIMES)}, but got {t.runtime!r} on "
+            f"{t.device!r}",
         ),
         *(
             (

@@ -1,23 +1,30 @@
-"""Remote measurement: an agent on the target device times ONNX models for a search
-running elsewhere.
+"""Remote measurement: an agent on the target device times models for a search running
+elsewhere, in any runtime installed beside it (ONNX Runtime always; OpenVINO and
+ExecuTorch with their extras).
 
 ``paretoopt agent`` serves three calls over HTTP, each with the shared token as
 ``Authorization: Bearer <token>``:
 
-- ``GET /info``: the device's hardware fingerprint and limits;
-- ``POST /models``: the body is an ONNX model; the answer is its sha256, by which the
-  model is named afterwards (a model already held is not sent twice);
+- ``GET /info``: the device's hardware fingerprint, limits, and the runtimes it serves
+  with their versions;
+- ``POST /models/<runtime>`` (``POST /models``: ONNX Runtime): the body is the runtime's
+  file (an ONNX file, an OpenVINO IR framed with its weights, an ExecuTorch ``.pte``:
+  see each backend's format); the answer is its sha256, by which the model is named
+  afterwards (a model already held is not sent twice), and, where the kernels a runtime
+  compiles to depend on the device, which weights ran in its integer kernels here;
 - ``POST /measure``: JSON ``{"model": sha, "reference": sha or null, "batch_size",
   "threads", "warmup", "warmup_s", "warmup_tolerance", "repeats", "iterations"}``; the
   answer holds the latency statistics of the model (and of the reference, timed in
   alternating rounds, with their ratio), measured with the same protocol as local
-  targets.
+  targets. Both must run in the same runtime.
 
-What it accepts: ONNX only, never a pickle. An upload must declare its size, stay under
-``max_bytes``, parse as ONNX, pass the ONNX checker, use only the standard and ONNX
-Runtime operator domains, keep every tensor inside the file (external data would let a
-model name any file on the device), and load in ONNX Runtime. Anything else gets a 4xx
-answer with one line saying why. Nothing but ONNX Runtime ever runs what is uploaded.
+What it accepts: each runtime's own file format, never a pickle, under ``max_bytes``,
+passing that runtime's rules before anything else reads it (see ``check`` of
+``OnnxFormat``, ``IrFormat``, ``PteFormat``: for ONNX, a self-contained model in the
+standard and ONNX Runtime operator domains; for an IR, no entity declarations and every
+constant inside its weights; for a program, XNNPACK as its only delegate and
+ExecuTorch's own verification), and loading in that runtime. Anything else gets a 4xx
+answer with one line saying why. Nothing but the runtime ever runs what is uploaded.
 """
 
 from __future__ import annotations
@@ -41,16 +48,18 @@ import numpy as np
 
 from paretoopt.config.space import BEFORE_IT_EXISTED, TargetSpec
 from paretoopt.errors import ParetoError
+from paretoopt.measure.backends import Served, installed_formats
+from paretoopt.measure.backends.base import InputSpec, Kernels, Refused
 from paretoopt.measure.fingerprint import hardware_fingerprint
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.protocol import (
     LatencyStats,
     PairedTiming,
+    Runner,
     Timers,
     time_runner,
     time_sessions,
 )
-from paretoopt.measure.runtimes import OrtRunner
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_JSON_BYTES = 64 * 1024
@@ -60,7 +69,6 @@ MAX_INPUT_ELEMENTS = 16 * 1024 * 1024  # values in one timing batch (64 MB of fl
 UPLOAD_SLOTS = 2  # upload bodies held at once (20 parallel 40 MB uploads took 2.3 GB)
 MAX_CONNECTIONS = 64  # open at once; beyond, a connection is closed unanswered
 READ_DEADLINE_S = 30.0  # to send a whole request (one byte every 20 s held one forever)
-ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "batch_size": (1, 4096),
     "threads": (1, 256),
@@ -99,10 +107,16 @@ class Rejected(Exception):  # noqa: N818  (an answer, not a fault of the agent)
 class Agent:
     """The models the agent holds and the measurements it makes, without the HTTP."""
 
-    def __init__(self, token: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(
+        self,
+        token: str,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        formats: dict[str, Served] | None = None,
+    ) -> None:
         self.token = token
         self.max_bytes = max_bytes
-        self.models: OrderedDict[str, bytes] = OrderedDict()
+        self.formats = installed_formats() if formats is None else formats  # runtime -> format
+        self.models: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # sha -> runtime, body
         self.gate = MeasurementGate()
         self.lock = threading.Lock()  # one measurement at a time
         # uploads: at most UPLOAD_SLOTS bodies in memory at once, checked one at a time,
@@ -119,22 +133,54 @@ class Agent:
             return False
         return hmac.compare_digest(given.encode(), self.token.encode())
 
-    def add_model(self, body: bytes) -> str:
+    def runtimes(self) -> dict[str, str]:
+        """The runtimes served here, with their versions."""
+        return {runtime: fmt.version() for runtime, fmt in self.formats.items()}
+
+    def add_model(self, body: bytes, runtime: str = "onnxruntime") -> dict[str, Any]:
+        """Check and keep an upload; its sha256 and what the runtime compiled it to here."""
+        fmt = self.format_of(runtime)
         with self.checking, self.check_gate.computing():
-            check_onnx(body)
+            try:
+                kernels = fmt.check(body)
+            except Refused as exc:
+                raise Rejected(HTTPStatus.BAD_REQUEST, str(exc)) from None
         sha = hashlib.sha256(body).hexdigest()
-        self.models[sha] = body
+        self.models[sha] = (runtime, body)
         self.models.move_to_end(sha)
         while len(self.models) > KEPT_MODELS:
             self.models.popitem(last=False)
-        return sha
+        answer: dict[str, Any] = {"sha256": sha, "runtime": runtime}
+        if kernels is not None:
+            answer["kernels"] = {
+                "integer": sorted(kernels.integer),
+                "structure": kernels.structure,
+            }
+        return answer
+
+    def format_of(self, runtime: str) -> Served:
+        if runtime not in self.formats:
+            raise Rejected(
+                HTTPStatus.NOT_FOUND,
+                f"runtime {runtime!r} is not served here; this agent serves "
+                f"{sorted(self.formats)} (a runtime's extra installs it beside the agent)",
+            )
+        return self.formats[runtime]
 
     def measure(self, job: dict[str, Any]) -> dict[str, Any]:
         target = _protocol(job)
+        runtime = self._runtime(job.get("model"))
+        if job.get("reference") and self._runtime(job["reference"]) != runtime:
+            raise Rejected(
+                HTTPStatus.BAD_REQUEST,
+                f"the model runs in {runtime} but the reference in "
+                f"{self._runtime(job['reference'])}: a ratio across runtimes would credit one",
+            )
+        fmt = self.formats[runtime]
         model = self._runner(job.get("model"), target.threads)
         reference = self._runner(job["reference"], target.threads) if job.get("reference") else None
         with self.lock, self.gate.measuring():
-            batch = _inputs(model, target.batch_size)
+            batch = _inputs(fmt.inputs(model), target.batch_size)
             for runner in (model, reference) if reference is not None else (model,):
                 _runs_on(runner, batch)
             run = model.timer(batch)
@@ -144,7 +190,9 @@ class Agent:
 
             def timers(k: int) -> Timers:  # a fresh session of both models after the first
                 ours, theirs = pair if k == 0 else (model.fresh(), reference.fresh())
-                batch = _inputs(ours, target.batch_size)
+                if ours is None or theirs is None:
+                    return None  # a runtime without sessions to renew is timed in one
+                batch = _inputs(fmt.inputs(ours), target.batch_size)
                 return ours.timer(batch), theirs.timer(batch)
 
             key = (str(job["reference"]), target.batch_size, target.threads)
@@ -162,78 +210,15 @@ class Agent:
             "quiet_level_ms": timing.quiet_level_ms,
         }
 
-    def _runner(self, sha: Any, threads: int) -> OrtRunner:
+    def _runtime(self, sha: Any) -> str:
         if not isinstance(sha, str) or sha not in self.models:
             raise Rejected(HTTPStatus.NOT_FOUND, f"no model {sha!r} here; upload it first")
+        return self.models[sha][0]
+
+    def _runner(self, sha: Any, threads: int) -> Runner:
+        runtime, body = self.models[sha]
         self.models.move_to_end(sha)  # in use: the last to be dropped
-        return OrtRunner(self.models[sha], threads)
-
-
-def check_onnx(body: bytes) -> None:
-    """Raise Rejected unless `body` is a self-contained ONNX model ONNX Runtime can load."""
-    import onnx
-    import onnxruntime as ort
-
-    try:
-        model = onnx.load_model_from_string(body)
-    except Exception:
-        raise Rejected(HTTPStatus.BAD_REQUEST, "not a valid ONNX model: cannot parse") from None
-    # before anything reads the model further: external data would name files here
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model)):
-        raise Rejected(HTTPStatus.BAD_REQUEST, "tensors stored outside the file are refused")
-    try:
-        onnx.checker.check_model(model)
-    except Exception as exc:
-        raise Rejected(HTTPStatus.BAD_REQUEST, f"not a valid ONNX model: {exc}") from None
-    nodes = [n for g in _graphs(model) for n in g.node]
-    domains = {op.domain for op in model.opset_import} | {n.domain for n in nodes}
-    foreign = sorted(domains - ALLOWED_DOMAINS)
-    if foreign:
-        raise Rejected(HTTPStatus.BAD_REQUEST, f"operators from unsupported domains {foreign}")
-    try:
-        ort.InferenceSession(body, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise Rejected(HTTPStatus.BAD_REQUEST, f"ONNX Runtime cannot load it: {exc}") from None
-
-
-def _graphs(model: Any) -> list[Any]:
-    """The main graph and every subgraph (If/Loop/Scan bodies), at any depth."""
-    import onnx
-
-    out, todo = [], [model.graph]
-    nodes = [n for f in model.functions for n in f.node]  # a function's If/Loop bodies too
-    while todo or nodes:
-        if todo:
-            graph = todo.pop()
-            out.append(graph)
-            nodes += list(graph.node)
-        for node in nodes:
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    todo.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    todo.extend(a.graphs)
-        nodes = []
-    return out
-
-
-def _tensors(model: Any) -> list[Any]:
-    """Every tensor the model holds: initializers and attribute tensors, in subgraphs and
-    functions too."""
-    import onnx
-
-    out = []
-    nodes = [n for f in model.functions for n in f.node]
-    for graph in _graphs(model):
-        out += list(graph.initializer) + [s.values for s in graph.sparse_initializer]
-        nodes += list(graph.node)
-    for node in nodes:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                out.append(a.t)
-            elif a.type == onnx.AttributeProto.TENSORS:
-                out.extend(a.tensors)
-    return out
+        return self.formats[runtime].load(body, threads)
 
 
 def _protocol(job: dict[str, Any]) -> TargetSpec:
@@ -259,16 +244,18 @@ def _protocol(job: dict[str, Any]) -> TargetSpec:
     return TargetSpec(**values)
 
 
-def _inputs(runner: Any, batch_size: int) -> dict[str, np.ndarray]:
+def _inputs(specs: list[InputSpec], batch_size: int) -> dict[str, np.ndarray]:
     """A seeded batch for each of the model's inputs (the batch axis is the first), of at
     most MAX_INPUT_ELEMENTS values in all (a 98-byte model declaring a 16384x16384 input
     took 11.8 s and 2.8 GB)."""
     batch, total = {}, 0
-    for value in runner.session.get_inputs():
-        shape = value.shape
-        dims = [batch_size] + [d if isinstance(d, int) and d > 0 else 0 for d in shape[1:]]
+    for value in specs:
+        dims = [batch_size, *value.dims]
         if 0 in dims[1:]:
+            shape = ["?" if d == 0 else d for d in dims]
             raise Rejected(HTTPStatus.BAD_REQUEST, f"the input shape {shape} is not fixed")
+        if value.dtype not in ("float32", "int64", "int32", "bool"):
+            raise Rejected(HTTPStatus.BAD_REQUEST, f"input {value.name!r}: an unsupported type")
         elements = math.prod(dims)  # Python ints: no wrap-around
         total += elements
         if total > MAX_INPUT_ELEMENTS:
@@ -277,17 +264,14 @@ def _inputs(runner: Any, batch_size: int) -> dict[str, np.ndarray]:
                 f"an input batch of shape {dims} holds {elements} values; this agent takes "
                 f"at most {MAX_INPUT_ELEMENTS} in all",
             )
-        batch[value.name] = _values(value.type, dims)
+        batch[value.name] = _values(value.dtype, dims)
     return batch
 
 
-def _values(kind: str, dims: list[int]) -> np.ndarray:
-    if kind != "tensor(float)":  # ids or flags: zero is a valid one of every vocabulary
-        return np.zeros(dims, dtype=ONNX_INPUTS.get(kind, np.float32))
+def _values(dtype: str, dims: list[int]) -> np.ndarray:
+    if dtype != "float32":  # ids or flags: zero is a valid one of every vocabulary
+        return np.zeros(dims, dtype=np.dtype(dtype))
     return np.random.default_rng(0).standard_normal(dims).astype(np.float32)
-
-
-ONNX_INPUTS = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
 def _runs_on(runner: Any, batch: dict[str, np.ndarray]) -> None:
@@ -345,13 +329,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _info(self) -> dict[str, Any]:
         if self.path != "/info":
             raise Rejected(HTTPStatus.NOT_FOUND, f"no such call: GET {self.path}")
-        return {"fingerprint": hardware_fingerprint(), "max_bytes": self.agent.max_bytes}
+        return {
+            "fingerprint": hardware_fingerprint(),
+            "max_bytes": self.agent.max_bytes,
+            "runtimes": self.agent.runtimes(),
+        }
 
     def _post(self) -> dict[str, Any]:
-        if self.path == "/models":
+        if self.path == "/models" or self.path.startswith("/models/"):
+            runtime = self.path.removeprefix("/models").strip("/") or "onnxruntime"
+            self.agent.format_of(runtime)  # before the body: an unserved runtime reads none
             with self.agent.upload_slots:
                 self._restart_deadline()  # waiting for a slot is not the client's time
-                return {"sha256": self.agent.add_model(self._body(self.agent.max_bytes))}
+                return self.agent.add_model(self._body(self.agent.max_bytes), runtime)
         if self.path == "/measure":
             try:
                 job = json.loads(self._body(MAX_JSON_BYTES))
@@ -456,14 +446,25 @@ class AgentClient:
         self.base = f"http://{address}"
         self.token = token
         self.timeout = timeout
-        self.sent: dict[str, Path] = {}  # sha256 -> file, to send again if the agent lost it
+        # sha256 -> (file, runtime), to send again if the agent lost it
+        self.sent: dict[str, tuple[Path, str]] = {}
+        self.kernels: dict[str, Kernels] = {}  # sha256 -> what the agent compiled it to
         self._max_bytes: int | None = None  # the agent's upload limit, asked once
 
     def info(self) -> dict[str, Any]:
         return self._call("GET", "/info", None, "application/json")
 
-    def upload(self, path: Path, again: bool = False) -> str:
-        body = path.read_bytes()
+    def runtimes(self) -> dict[str, str]:
+        """The runtimes the agent serves, with their versions (an agent from before
+        runtimes were named serves ONNX Runtime)."""
+        return dict(self.info().get("runtimes") or {"onnxruntime": "?"})
+
+    def upload(self, path: Path, again: bool = False, runtime: str = "onnxruntime") -> str:
+        """Send a runtime file (with any file beside it that the runtime loads); its name
+        on the agent."""
+        from paretoopt.measure.backends import served
+
+        body = served(runtime).pack(path)
         sha = hashlib.sha256(body).hexdigest()
         if sha in self.sent and not again:
             return sha
@@ -475,8 +476,12 @@ class AgentClient:
                 f"agent {self.base}: {path.name} is {len(body)} bytes; the agent takes at "
                 f"most {limit} (paretoopt agent --max-bytes)"
             )
-        self._call("POST", "/models", body, "application/octet-stream")
-        self.sent[sha] = path
+        route = "/models" if runtime == "onnxruntime" else f"/models/{runtime}"  # older agents
+        answer = self._call("POST", route, body, "application/octet-stream")
+        kernels = answer.get("kernels")
+        if kernels:
+            self.kernels[sha] = Kernels(frozenset(kernels["integer"]), str(kernels["structure"]))
+        self.sent[sha] = (path, runtime)
         return sha
 
     def measure(
@@ -515,7 +520,8 @@ class AgentClient:
                 raise
             for sha in (model, reference):
                 if sha in self.sent:
-                    self.upload(self.sent[sha], again=True)
+                    path, runtime = self.sent[sha]
+                    self.upload(path, again=True, runtime=runtime)
             return self._call("POST", "/measure", body, "application/json")
 
     def _call(self, method: str, path: str, body: bytes | None, kind: str) -> dict[str, Any]:

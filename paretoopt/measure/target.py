@@ -18,7 +18,8 @@ from torch import nn
 from paretoopt.config.space import TargetSpec
 from paretoopt.errors import StudyError
 from paretoopt.measure.agent import AgentClient
-from paretoopt.measure.backends import Backend, create_backend
+from paretoopt.measure.backends import Backend, Deployment, create_backend
+from paretoopt.measure.backends.base import Kernels
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.isa import Int8Recipe, this_machine
 from paretoopt.measure.protocol import (
@@ -76,6 +77,26 @@ class Target:
         a CUDA model runs in (every layer at 16 bits)."""
         return self.backend.runner(model, work, half)
 
+    def structure(self, deployment: Deployment) -> str | None:
+        """The deployment's structure (see measure/structure): the agent's compiled graph
+        where its runtime compiles per machine, else the backend's."""
+        kernels = self._remote(deployment)
+        return kernels.structure if kernels else self.backend.structure(deployment)
+
+    def integer_weights(self, deployment: Deployment) -> set[str]:
+        """Weights that ran in integer kernels where the model is timed: on the agent's
+        machine for a runtime whose kernels depend on the CPU (OpenVINO)."""
+        kernels = self._remote(deployment)
+        if kernels is None:
+            return self.backend.integer_weights(deployment)
+        return set(kernels.integer) if deployment.int8_weights else set()
+
+    def _remote(self, deployment: Deployment) -> Kernels | None:
+        if self.agent is None or deployment.file is None:
+            return None
+        sha = self.agent.upload(deployment.file, runtime=self.backend.name)
+        return self.agent.kernels.get(sha)
+
     # ------------------------------------------------------------------ timing
 
     def calibrate(
@@ -92,8 +113,9 @@ class Target:
         with self.gate.computing():
             self.reference = self.runner(baseline, work)
         if self.agent is not None:
+            _served(self.agent, self.backend.name, str(self.spec.agent))
             self.reference_file = work / str(self.backend.file)
-            self.reference_sha = self.agent.upload(self.reference_file)
+            self.reference_sha = self.agent.upload(self.reference_file, runtime=self.backend.name)
         settle = self._settle()
         medians = [self._time_alone().median_ms for _ in range(CALIBRATION_ROUNDS)]
         measured = sorted(medians)[len(medians) // 2]
@@ -156,8 +178,8 @@ class Target:
             raise StudyError("no calibrated baseline to measure against (calibrate first)")
         if self.agent is not None:
             if runtime_file is None:
-                raise StudyError("target.agent: the agent times ONNX files, and there is none")
-            sha = self.agent.upload(runtime_file)
+                raise StudyError("target.agent: the agent times runtime files, and there is none")
+            sha = self.agent.upload(runtime_file, runtime=self.backend.name)
             timing = self.agent.paired(sha, str(self.reference_sha), self.spec)
         else:
             known = self.candidate_levels.get(structure) if structure else None
@@ -203,6 +225,18 @@ class Target:
     def mode(self, runner: Runner) -> str:
         """How latency is taken: "cpu", "eager", "cuda-graph", or "remote" (an agent)."""
         return "remote" if self.agent is not None else runner.mode
+
+
+def _served(agent: AgentClient, runtime: str, address: str) -> None:
+    """The agent must serve the study's runtime: said once, before any trial."""
+    runtimes = agent.runtimes()
+    if runtime not in runtimes:
+        raise StudyError(
+            f"target.agent: the agent at {address} serves {sorted(runtimes)}, not "
+            f"target.runtime {runtime}; install it beside the agent (`pip install -c "
+            f"constraints.txt -e '.[{runtime}]'` or `make extras`, then restart `paretoopt "
+            "agent`) or measure in one of those"
+        )
 
 
 def _agent_client(spec: TargetSpec) -> AgentClient:

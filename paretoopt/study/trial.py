@@ -429,13 +429,13 @@ def _run(
         _check_runtime(runner, reloaded, checked, rounded)
         val, test = bench.timed("evaluate", _evaluate, runner, ctx.splits, ctx.quality)
     runtime_file = deployment.file  # none for the torch runtime: it runs the module
-    structure = ctx.target.backend.structure(deployment)  # see pooling
+    structure = ctx.target.structure(deployment)  # see pooling
     if known is not None and structure is not None and known.get("structure") == structure:
         latency = {**known, "before_training": True}  # the same graph: timed once, untrained
     else:
         latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file, structure)
     latency["structure"] = structure
-    layers = _layer_quant(plan, bench, ctx.target.backend.integer_weights(deployment), exact)
+    layers = _layer_quant(plan, bench, ctx.target.integer_weights(deployment), exact)
     integer = [n for n, e in layers.items() if e.format == "int"]
     return TrialRecord(
         plan=plan.to_dict(),
@@ -483,7 +483,7 @@ def prescreen(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -
         deployed = load_compressed(work / ARTIFACT, ctx.build_model)
         with ctx.target.gate.computing():
             deployment = _deploy(ctx, deployed, work, plan, bench)
-        structure = ctx.target.backend.structure(deployment)
+        structure = ctx.target.structure(deployment)
         latency = settled_latency(ctx, deployment.runner, deployment.file, structure)
         latency["structure"] = structure
         macs = _macs(deployed, ctx.splits.train.head(1))

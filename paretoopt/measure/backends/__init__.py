@@ -10,7 +10,8 @@ The last two are optional extras (``pip install -e '.[openvino]'``, ``'.[executo
 
 ``create_backend`` picks one for a target and imports only that one. A new runtime is a
 module with a class that has ``from_spec`` and the protocol's methods, and one entry in
-``BACKENDS``.
+``BACKENDS``; a runtime a remote agent can serve has a format class too (``Served``),
+with its entry in ``FORMATS``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from paretoopt.measure.backends.base import Backend, Deployment, DeployRequest
+from paretoopt.measure.backends.base import (
+    OPTIONAL,
+    Backend,
+    Deployment,
+    DeployRequest,
+    Served,
+)
 
 if TYPE_CHECKING:
     from paretoopt.config.space import TargetSpec
@@ -32,6 +39,31 @@ BACKENDS = {
     "openvino": ("openvino_ir", "OpenVinoBackend"),  # optional: the openvino extra
     "executorch": ("executorch_pte", "ExecuTorchBackend"),  # optional: the executorch extra
 }
+
+
+# runtime -> (module, class) of the format an agent takes its files in
+FORMATS = {
+    "onnxruntime": ("onnxruntime", "OnnxFormat"),
+    "openvino": ("openvino_ir", "IrFormat"),
+    "executorch": ("executorch_pte", "PteFormat"),
+}
+
+
+def served(runtime: str) -> Served:
+    """The format a runtime's files travel to an agent in (KeyError: none is served)."""
+    module, cls = FORMATS[runtime]
+    fmt: Served = getattr(importlib.import_module(f".{module}", __name__), cls)()
+    return fmt
+
+
+def installed_formats() -> dict[str, Served]:
+    """The formats an agent on this machine can serve: those whose runtime is installed."""
+    import importlib.util
+
+    def here(runtime: str) -> bool:
+        return runtime not in OPTIONAL or importlib.util.find_spec(OPTIONAL[runtime][0]) is not None
+
+    return {runtime: served(runtime) for runtime in FORMATS if here(runtime)}
 
 
 def backend_name(spec: TargetSpec) -> str:
@@ -48,4 +80,15 @@ def create_backend(spec: TargetSpec, example: Inputs) -> Backend:
     return backend
 
 
-__all__ = ["BACKENDS", "Backend", "DeployRequest", "Deployment", "backend_name", "create_backend"]
+__all__ = [
+    "BACKENDS",
+    "FORMATS",
+    "Backend",
+    "DeployRequest",
+    "Deployment",
+    "Served",
+    "backend_name",
+    "create_backend",
+    "installed_formats",
+    "served",
+]

@@ -4,6 +4,10 @@ A backend deploys a trial's model (and writes the exact file it times), reloads 
 trial's file for the end-of-search confirmation, says which layers ran in integer
 kernels (read from the runtime's own graph, never assumed), and names its version. The
 target holds one; the pipeline, the confirmation and export call only it.
+
+A runtime a remote agent serves also has a ``Served`` format: how its files travel as
+one upload, the rules an upload must pass before anything else reads it, and how the
+agent loads it (see ``measure/agent``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,49 @@ class Backend(Protocol):
         """A key equal for deployments that run the same kernels on the same shapes and
         types, weights aside (see ``structure``): they share one latency estimate."""
         ...
+
+    def version(self) -> str: ...
+
+
+class Refused(Exception):  # noqa: N818  (an answer to a client, not a fault)
+    """An upload a runtime's rules refuse; the agent answers 400 with the reason."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input of a loaded model, as an agent feeds it."""
+
+    name: str
+    dtype: str  # numpy's name: "float32", "int64", "int32", "bool"
+    dims: tuple[int, ...]  # after the batch axis; 0 where the model leaves one free
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What a runtime made of a model on the machine that loaded it: the weights its
+    integer kernels took, and the structure of its compiled graph."""
+
+    integer: frozenset[str]
+    structure: str
+
+
+class Served(Protocol):
+    """A runtime's files as one upload to a remote agent, and the agent's side of it."""
+
+    runtime: str  # as target.runtime names it
+
+    def pack(self, file: Path) -> bytes:
+        """The body that carries the trial's runtime file (and any file beside it)."""
+        ...
+
+    def check(self, body: bytes) -> Kernels | None:
+        """Raise Refused unless `body` is a model this runtime loads and nothing else runs;
+        what it compiled to where that depends on the machine (None: the file says)."""
+        ...
+
+    def load(self, body: bytes, threads: int) -> Runner: ...
+
+    def inputs(self, runner: Runner) -> list[InputSpec]: ...
 
     def version(self) -> str: ...
 

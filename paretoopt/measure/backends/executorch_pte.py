@@ -18,6 +18,12 @@ Two facts of ExecuTorch 1.5 shape this module: the XNNPACK thread pool is the pr
 (set to ``target.threads`` when a runner is made), and a program exported at a small
 example batch refused larger batches at run time whatever the dimension's declared
 maximum, so programs are exported at MAX_BATCH.
+
+An agent serving this runtime takes the ``.pte`` as it is (``PteFormat``). It refuses a
+file without ExecuTorch's identifier, a program that delegates to any backend but
+XNNPACK (the runtime here also registers others), and one that ExecuTorch's own
+verification refuses. Which layers run in integer kernels is decided at lowering, so
+the lowering's report stands for the file wherever it runs.
 """
 
 from __future__ import annotations
@@ -32,7 +38,14 @@ import torch
 
 from paretoopt.compress.techniques.bench import prunable_layers
 from paretoopt.config.space import EXECUTORCH_MAX_BATCH
-from paretoopt.measure.backends.base import Deployment, DeployRequest, require
+from paretoopt.measure.backends.base import (
+    Deployment,
+    DeployRequest,
+    InputSpec,
+    Kernels,
+    Refused,
+    require,
+)
 from paretoopt.measure.int8 import CALIBRATION_BATCH, int8_weight
 from paretoopt.measure.structure import digest
 from paretoopt.workload import inputs as trees
@@ -75,6 +88,7 @@ class ExecuTorchRunner:
         self.program, self.threads = program, threads
         self.integer, self.structure = integer, structure
         self.method = Runtime.get().load_program(program).load_method("forward")
+        self.meta = self.method.metadata
 
     def __call__(self, x: Any) -> np.ndarray:
         """Logits of a batch (an array, or a tuple or dict of arrays), MAX_BATCH rows at
@@ -296,3 +310,91 @@ def _fold_weights(graph_module: Any) -> None:
         torch.ops.quantized_decomposed.quantize_per_tensor.default,
     }
     constant_fold(graph_module, lambda n: n.op == "call_function" and n.target in ops)
+
+
+# --------------------------------------------------------------------------- on an agent
+
+IDENTIFIER = b"ET12"  # the flatbuffer's file identifier, bytes 4-8 of every .pte
+DELEGATES = frozenset({"XnnpackBackend"})  # the backends an agent lets a program call
+# ExecuTorch's ScalarType codes of the inputs an agent can feed
+ET_INPUTS = {6: "float32", 4: "int64", 3: "int32", 11: "bool"}
+
+
+class PteFormat:
+    """An ExecuTorch program as an agent takes it: the ``.pte``'s bytes, unchanged."""
+
+    runtime = "executorch"
+
+    def pack(self, file: Path) -> bytes:
+        return file.read_bytes()
+
+    def check(self, body: bytes) -> Kernels | None:
+        from executorch.runtime import Runtime, Verification
+
+        if len(body) < 8 or body[4:8] != IDENTIFIER:
+            raise Refused("not an ExecuTorch program: the file lacks the ET12 identifier")
+        try:
+            delegates = program_delegates(body)
+        except Exception:
+            raise Refused("not an ExecuTorch program: its flatbuffer does not parse") from None
+        for method, ids in delegates.items():
+            foreign = sorted(set(ids) - DELEGATES)
+            if foreign:
+                raise Refused(
+                    f"method {method!r} delegates to {foreign}; this agent runs only "
+                    f"{sorted(DELEGATES)}"
+                )
+        if "forward" not in delegates:
+            raise Refused(f"the program has no forward method (it has {sorted(delegates)})")
+        try:
+            verified = Verification.InternalConsistency  # the flatbuffer verifier too
+            Runtime.get().load_program(body, verification=verified).load_method("forward")
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise Refused(f"ExecuTorch cannot load it: {reason}") from None
+        return None  # lowering chose the kernels: the report made with the file stands
+
+    def load(self, body: bytes, threads: int) -> Runner:
+        return ExecuTorchRunner(body, threads)
+
+    def inputs(self, runner: Runner) -> list[InputSpec]:
+        assert isinstance(runner, ExecuTorchRunner)
+        out = []
+        for i in range(runner.meta.num_inputs()):
+            info = runner.meta.input_tensor_meta(i)
+            kind = ET_INPUTS.get(int(info.dtype()), "?")
+            out.append(InputSpec(f"input{i}", kind, tuple(int(d) for d in info.sizes()[1:])))
+        return out
+
+    def version(self) -> str:
+        from importlib.metadata import version
+
+        return version("executorch")
+
+
+def program_delegates(body: bytes) -> dict[str, list[str]]:
+    """Per method of a .pte, the ids of the backends it delegates to: read from the
+    flatbuffer (``schema/program.fbs``: Program.execution_plan, ExecutionPlan.name and
+    .delegates, BackendDelegate.id) before ExecuTorch loads anything."""
+    from flatbuffers import encode, packer
+    from flatbuffers.table import Table
+
+    def field(index: int) -> int:  # a table field's slot in its vtable
+        return 4 + 2 * index
+
+    def tables(table: Table, index: int) -> list[Table]:
+        slot = table.Offset(field(index))
+        if slot == 0:
+            return []
+        start, count = table.Vector(slot), table.VectorLen(slot)
+        if start + 4 * count > len(buf):  # a hostile length: refused before any loop
+            raise ValueError("a vector runs past the end of the file")
+        return [Table(buf, table.Indirect(start + 4 * k)) for k in range(count)]
+
+    def text(table: Table, index: int) -> str:
+        slot = table.Offset(field(index))
+        return table.String(table.Pos + slot).decode() if slot else ""
+
+    buf = bytearray(body)
+    program = Table(buf, encode.Get(packer.uoffset, buf, 0))
+    return {text(plan, 0): [text(d, 0) for d in tables(plan, 7)] for plan in tables(program, 1)}

@@ -4,6 +4,10 @@ A float model is exported once per architecture (see ``onnx_export``). An int8 p
 exported in float, calibrated and converted to QDQ with the plan's own weight codes (see
 ``int8``); ORT's CPU graph optimizer then fuses it into integer kernels, and which layers
 it fused is read back from the optimized graph.
+
+An agent serving this runtime takes the ONNX file as it is (``OnnxFormat``) and refuses
+anything but a self-contained model in the standard and ONNX Runtime operator domains
+that ONNX Runtime loads.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from paretoopt.compress.techniques.bench import prunable_layers
-from paretoopt.measure.backends.base import Deployment, DeployRequest
+from paretoopt.measure.backends.base import (
+    Deployment,
+    DeployRequest,
+    InputSpec,
+    Kernels,
+    Refused,
+)
 from paretoopt.measure.int8 import integer_initializers, quantize_model
 from paretoopt.measure.onnx_export import export_onnx
 from paretoopt.measure.structure import onnx_structure
@@ -29,6 +39,7 @@ if TYPE_CHECKING:
 
 ONNX_FILE = "model.onnx"  # the file this runtime loads, times, and export hands over
 FLOAT_FILE = "model.float.onnx"  # the float graph an int8 model is made from (not kept)
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})  # on an agent
 
 
 def write_qdq(request: DeployRequest, example: Inputs, out: Path) -> dict[str, str | None]:
@@ -133,3 +144,110 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         return str(ort.__version__)
+
+
+# --------------------------------------------------------------------------- on an agent
+
+
+class OnnxFormat:
+    """An ONNX file as an agent takes it: the file's bytes, unchanged."""
+
+    runtime = "onnxruntime"
+
+    def pack(self, file: Path) -> bytes:
+        return file.read_bytes()
+
+    def check(self, body: bytes) -> Kernels | None:
+        check_onnx(body)
+        return None  # the graph's fusions do not depend on the machine: the file says
+
+    def load(self, body: bytes, threads: int) -> Runner:
+        return OrtRunner(body, threads)
+
+    def inputs(self, runner: Runner) -> list[InputSpec]:
+        assert isinstance(runner, OrtRunner)
+        out = []
+        for value in runner.session.get_inputs():
+            dims = tuple(d if isinstance(d, int) and d > 0 else 0 for d in value.shape[1:])
+            out.append(InputSpec(value.name, ONNX_INPUTS.get(value.type, "?"), dims))
+        return out
+
+    def version(self) -> str:
+        import onnxruntime as ort
+
+        return str(ort.__version__)
+
+
+ONNX_INPUTS = {
+    "tensor(float)": "float32",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+}
+
+
+def check_onnx(body: bytes) -> None:
+    """Raise Refused unless `body` is a self-contained ONNX model ONNX Runtime can load."""
+    import onnx
+    import onnxruntime as ort
+
+    try:
+        model = onnx.load_model_from_string(body)
+    except Exception:
+        raise Refused("not a valid ONNX model: cannot parse") from None
+    # before anything reads the model further: external data would name files here
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _tensors(model)):
+        raise Refused("tensors stored outside the file are refused")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise Refused(f"not a valid ONNX model: {exc}") from None
+    nodes = [n for g in _graphs(model) for n in g.node]
+    domains = {op.domain for op in model.opset_import} | {n.domain for n in nodes}
+    foreign = sorted(domains - ALLOWED_DOMAINS)
+    if foreign:
+        raise Refused(f"operators from unsupported domains {foreign}")
+    try:
+        ort.InferenceSession(body, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise Refused(f"ONNX Runtime cannot load it: {exc}") from None
+
+
+def _graphs(model: Any) -> list[Any]:
+    """The main graph and every subgraph (If/Loop/Scan bodies), at any depth."""
+    import onnx
+
+    out, todo = [], [model.graph]
+    nodes = [n for f in model.functions for n in f.node]  # a function's If/Loop bodies too
+    while todo or nodes:
+        if todo:
+            graph = todo.pop()
+            out.append(graph)
+            nodes += list(graph.node)
+        for node in nodes:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    todo.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    todo.extend(a.graphs)
+        nodes = []
+    return out
+
+
+def _tensors(model: Any) -> list[Any]:
+    """Every tensor the model holds: initializers and attribute tensors, in subgraphs and
+    functions too."""
+    import onnx
+
+    out = []
+    nodes = [n for f in model.functions for n in f.node]
+    for graph in _graphs(model):
+        out += list(graph.initializer) + [s.values for s in graph.sparse_initializer]
+        nodes += list(graph.node)
+    for node in nodes:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                out.append(a.t)
+            elif a.type == onnx.AttributeProto.TENSORS:
+                out.extend(a.tensors)
+    return out

@@ -11,17 +11,33 @@ Float models are compiled with ``INFERENCE_PRECISION_HINT: f32``: on a CPU with
 AVX-512 BF16 or AMX (this machine's EPYC lists BF16 among the plugin's capabilities) the
 plugin otherwise runs float32 models in bfloat16, a different model from the one the
 file holds.
+
+An agent serving this runtime takes the IR as one upload (``IrFormat``: the ``.xml``
+and the ``.bin`` framed together). It refuses document type and entity declarations
+in the ``.xml`` (entity expansion), any constant whose bytes lie outside the ``.bin``,
+and anything OpenVINO cannot read and compile; it reports which layers its own CPU
+plugin compiled into integer kernels, as that depends on the CPU (u8 weights ran in
+float kernels on a CPU without VNNI).
 """
 
 from __future__ import annotations
 
+import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from paretoopt.measure.backends.base import Deployment, DeployRequest, require
+from paretoopt.measure.backends.base import (
+    Deployment,
+    DeployRequest,
+    InputSpec,
+    Kernels,
+    Refused,
+    require,
+)
 from paretoopt.measure.backends.onnxruntime import FLOAT_FILE, write_qdq
 from paretoopt.measure.onnx_export import export_onnx
 from paretoopt.measure.structure import digest
@@ -158,10 +174,7 @@ class OpenVinoBackend:
 
     def structure(self, deployment: Deployment) -> str | None:
         runner = deployment.runner
-        if not isinstance(runner, OpenVinoRunner):
-            return None
-        nodes = [[n.get(k) for k in RT_KEYS] + [n["shapes"]] for n in runner.layers()]
-        return digest({"openvino": nodes})
+        return runtime_structure(runner) if isinstance(runner, OpenVinoRunner) else None
 
     def version(self) -> str:
         import openvino as ov
@@ -209,7 +222,101 @@ def integer_constants(runner: OpenVinoRunner) -> set[str]:
     return found
 
 
+def runtime_structure(runner: OpenVinoRunner) -> str:
+    """The compiled graph's structure: each node's layer type, precisions, kernel and
+    output shapes."""
+    nodes = [[n.get(k) for k in RT_KEYS] + [n["shapes"]] for n in runner.layers()]
+    return digest({"openvino": nodes})
+
+
 def _same(held: np.ndarray | None, codes: np.ndarray | None) -> bool:
     if held is None or codes is None or held.dtype != codes.dtype:
         return False
     return held.shape == codes.shape and bool(np.array_equal(held, codes))
+
+
+# --------------------------------------------------------------------------- on an agent
+
+MAGIC = b"OVIR"  # then the .xml's length (8 bytes, little-endian), the .xml, the .bin
+HEADER = struct.Struct("<4sQ")
+DECLARATIONS = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
+
+
+class IrFormat:
+    """An OpenVINO IR as an agent takes it: its ``.xml`` and ``.bin`` in one body."""
+
+    runtime = "openvino"
+
+    def pack(self, file: Path) -> bytes:
+        xml = file.read_bytes()
+        return HEADER.pack(MAGIC, len(xml)) + xml + file.with_suffix(".bin").read_bytes()
+
+    def check(self, body: bytes) -> Kernels | None:
+        xml, weights = unpack(body)
+        check_ir(xml, len(weights))
+        try:
+            runner = self.load(body, 1)
+        except Exception as exc:
+            raise Refused(f"OpenVINO cannot load it: {_line(exc)}") from None
+        return Kernels(frozenset(integer_constants(runner)), runtime_structure(runner))
+
+    def load(self, body: bytes, threads: int) -> Runner:
+        xml, weights = unpack(body)
+        return OpenVinoRunner(core().read_model(xml, weights), threads)
+
+    def inputs(self, runner: Runner) -> list[InputSpec]:
+        assert isinstance(runner, OpenVinoRunner)
+        out = []
+        for value in runner.compiled.inputs:
+            dims = tuple(d.get_length() if d.is_static else 0 for d in value.get_partial_shape())
+            kind = OV_INPUTS.get(value.get_element_type().get_type_name(), "?")
+            out.append(InputSpec(value.get_any_name(), kind, dims[1:]))
+        return out
+
+    def version(self) -> str:
+        import openvino as ov
+
+        return str(ov.__version__)
+
+
+OV_INPUTS = {"f32": "float32", "i64": "int64", "i32": "int32", "boolean": "bool"}
+
+
+def unpack(body: bytes) -> tuple[bytes, bytes]:
+    """The .xml and the .bin of an upload; Refused unless it is framed as IrFormat packs."""
+    if len(body) < HEADER.size or body[:4] != MAGIC:
+        raise Refused("not an OpenVINO IR upload: the .xml and .bin come framed as one body")
+    _, length = HEADER.unpack_from(body)
+    if length > len(body) - HEADER.size:
+        raise Refused(f"the IR's .xml is said to be {length} bytes, more than the upload holds")
+    xml = body[HEADER.size : HEADER.size + length]
+    return xml, body[HEADER.size + length :]
+
+
+def check_ir(xml: bytes, weights: int) -> None:
+    """Refused unless the .xml declares no document type or entities, parses as an IR,
+    and every constant's bytes lie inside the `weights`-byte .bin."""
+    from xml.etree import ElementTree
+
+    if DECLARATIONS.search(xml):  # before any parser sees it: entities expand
+        raise Refused("document type and entity declarations in the .xml are refused")
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError as exc:
+        raise Refused(f"the IR's .xml does not parse: {exc}") from None
+    if root.tag != "net":
+        raise Refused(f"not an OpenVINO IR: the .xml's root is <{root.tag}>, not <net>")
+    for layer in root.iter("layer"):
+        data = layer.find("data")
+        if layer.get("type") != "Const" or data is None:
+            continue
+        offset, size = data.get("offset", ""), data.get("size", "")
+        if not (offset.isdigit() and size.isdigit()) or int(offset) + int(size) > weights:
+            raise Refused(
+                f"constant {layer.get('name')!r}: bytes {offset}+{size} lie outside the "
+                f"{weights}-byte .bin"
+            )
+
+
+def _line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]
