@@ -316,7 +316,7 @@ def test_a_trial_measured_on_an_agent_in_the_runtime(name, agent, tmp_path, monk
     doc["target"].update({"agent": address, "runtime": name, "sessions": 2})
     ctx = prepare(parse_space(doc), tmp_path / "cache", log=lambda _: None)
     cal = calibrate(ctx, tmp_path / "cal")
-    assert cal["mode"] == "remote"
+    assert cal["mode"] == "remote" and cal["agent_runtimes"][name] == ctx.target.backend.version()
     plan = CompressionPlan(quant=QuantConfig(4, scheme="symmetric", activations="int8"))
     record = run_trial(ctx, plan, tmp_path / "1", seed=0)
     assert record["latency"]["mode"] == "remote" and record["runtime"] == name

@@ -132,7 +132,10 @@ class Target:
             "peak_memory_bytes": self.reference.peak_memory(self.batch),
         }
         if self.agent is not None:
-            self.calibration["agent"] = self.agent.info()["fingerprint"]
+            info = self.agent.info()
+            self.calibration["agent"] = info["fingerprint"]
+            # the version that timed the study's models is the agent's, not this machine's
+            self.calibration["agent_runtimes"] = info.get("runtimes") or {"onnxruntime": "?"}
         return self.calibration
 
     def _settle(self) -> int:
