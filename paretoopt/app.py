@@ -24,7 +24,13 @@ import streamlit as st
 from paretoopt.config.metrics import Metric, quality_name, quality_short, shown
 from paretoopt.errors import ParetoError
 from paretoopt.results import explore, figures, share
-from paretoopt.results.frames import StudyResults, early_text, hardware_text, trial_record
+from paretoopt.results.frames import (
+    StudyResults,
+    early_text,
+    for_target,
+    hardware_text,
+    trial_record,
+)
 from paretoopt.results.record import quiet_reading
 
 COLORS = figures.COLORS
@@ -72,6 +78,15 @@ def main() -> None:
     except ParetoError as exc:
         st.warning(str(exc))
         return
+    if len(results.runtimes) > 1:  # target.compare: one front per runtime
+        with st.sidebar:
+            runtime = st.selectbox(
+                "Runtime",
+                results.runtimes,
+                key=f"runtime:{name}",
+                help="every trial was measured in each: its figures, ratios and front there",
+            )
+        results = for_target(results, runtime)
     show_study(results, stamp)
 
 
@@ -185,6 +200,7 @@ def header(results: StudyResults) -> None:
         + (f", {early}" if early else "")
         + (f", {running} running" if running else "")
         + f" · measured on {hardware_text(hardware)}, timing mode {target.get('mode', 'cpu')}"
+        + (f" · figures in {results.shown_runtime}" if results.compared else "")
     )
     if base:
         metrics = results.shown_metrics
@@ -204,6 +220,8 @@ def budget_controls(results: StudyResults) -> explore.Budget:
     # bounds from the baseline alone (and keys that carry the study), so new trials of a
     # running study do not reset the user's budgets
     base, name = results.baseline, results.name
+    if results.compared:  # each runtime's budgets: their scales differ
+        name = f"{name}@{results.shown_runtime}"
     metrics = results.shown_metrics
     limits: dict[str, float] = {}
     with st.sidebar:
@@ -371,7 +389,12 @@ def export_zip(results: StudyResults, number: int) -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         export_trial(
-            results.directory, tmp, trial=number, storage=results.storage, space=arguments().space
+            results.directory,
+            tmp,
+            trial=number,
+            storage=results.storage,
+            space=arguments().space,
+            target=results.shown_runtime or None,  # the runtime the page shows
         )
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:

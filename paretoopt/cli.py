@@ -15,6 +15,10 @@ from paretoopt.errors import ParetoError, one_line
 
 EXIT_BAD_INPUT = 2
 MIN_TOKEN = 16  # characters of the agent's shared token
+TARGET_HELP = (
+    "one of the runtimes the study compared (target.compare): its figures and front "
+    "(default: the study's target.runtime)"
+)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -52,7 +56,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from paretoopt.results.frames import JOURNAL_FILE, load_results, torn_tail
+    from paretoopt.results.frames import JOURNAL_FILE, for_target, load_results, torn_tail
     from paretoopt.results.report import fitted_width, front_table, plain_console
 
     folder = Path(args.results) / args.study
@@ -66,7 +70,8 @@ def _show(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     console = plain_console()
-    console.print(front_table(load_results(folder, args.storage), fitted_width(console)))
+    results = for_target(load_results(folder, args.storage), args.target)
+    console.print(front_table(results, fitted_width(console)))
     return 0
 
 
@@ -95,8 +100,11 @@ def _export(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         storage=args.storage,
         space=args.space,
+        target=args.target,
     )
     how = f" (picked by {args.pick!r}; latencies as re-measured when the search ended)"
+    if args.target:
+        how = f" (picked by {args.pick!r} on the {args.target} front)"
     print(f"exported trial {done.trial} of {args.study}{how if args.pick else ''}:")
     for fmt, path in done.files.items():
         check = done.checks[fmt]
@@ -237,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage", default=None, help="the study's database URL (a folder's is never opened)"
     )
+    p.add_argument("--target", default=None, help=TARGET_HELP)
     p.set_defaults(func=_show)
 
     p = sub.add_parser(
@@ -268,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: onnx, pt2, safetensors, openvino (.xml/.bin), executorch "
         "(.pte) (default: the first three, and the study's runtime's own)",
     )
+    p.add_argument("--target", default=None, help=TARGET_HELP)
     p.add_argument("--force", action="store_true", help="overwrite existing files")
     p.add_argument(
         "--tolerance",

@@ -44,7 +44,13 @@ from paretoopt.config.metrics import (
 )
 from paretoopt.errors import StudyError
 from paretoopt.errors import shown as quoted
-from paretoopt.results.frames import StudyResults, hardware_text, load_results, trial_record
+from paretoopt.results.frames import (
+    StudyResults,
+    for_target,
+    hardware_text,
+    load_results,
+    trial_record,
+)
 from paretoopt.results.pick import pick
 from paretoopt.results.record import TrialRecord, quiet_reading
 
@@ -62,6 +68,7 @@ COMPANIONS = {"openvino": (".bin",)}  # files a format's model file needs beside
 ARTIFACT = "model.safetensors"  # as artifact names it
 # format -> the trial file it is when the study measured in that format's runtime
 MEASURED = {"onnx": "model.onnx", "openvino": "model.xml", "executorch": "model.pte"}
+RUNTIME_OF = {"onnx": "onnxruntime", "openvino": "openvino", "executorch": "executorch"}
 
 
 @dataclass(frozen=True)
@@ -83,13 +90,16 @@ def export_trial(
     tolerance: float = 0.5,
     storage: str | None = None,
     space: str | Path | None = None,
+    target: str | None = None,
 ) -> Exported:
     """Export one trial (by number, or by a pick rule such as "knee") into `out`.
 
     A results folder is data: the model and data factories its space.yaml names are not
     imported. A study built from user factories is exported with `space`, the space
-    file the caller searched with (and trusts)."""
-    results = load_results(study_dir, storage)
+    file the caller searched with (and trusts). `target`: one of the runtimes the study
+    compared (target.compare): the pick reads its front, the card its figures, and its
+    measured file is handed over by default."""
+    results = for_target(load_results(study_dir, storage), target)
     untrusted = untrusted_factories(results) if space is None else []
     if untrusted:
         raise StudyError(
@@ -99,7 +109,8 @@ def export_trial(
         )
     number = _choose(results, trial, rule)
     record = _checked_record(results, number)
-    formats = default_formats(record.runtime) if formats is None else formats
+    runtime = results.shown_runtime or record.runtime
+    formats = default_formats(runtime) if formats is None else formats
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise StudyError(f"--format: {unknown or 'none'}; choose from {', '.join(FORMATS)}")
@@ -118,7 +129,9 @@ def export_trial(
         checks = _write_and_verify(
             results, source, record, staging, stem, formats, tolerance, space
         )
-        card = model_card(results, number, record, {f: targets[f] for f in formats}, checks)
+        card = model_card(
+            results, number, record, {f: targets[f] for f in formats}, checks, runtime
+        )
         (staging / cards[0].name).write_text(json.dumps(card, indent=2, default=str) + "\n")
         (staging / cards[1].name).write_text(card_markdown(card))
         for path in [*targets.values(), *beside, *cards]:
@@ -199,9 +212,12 @@ def _check_destination(out: Path, paths: list[Path], force: bool) -> None:
 
 
 def _check_hashes(source: Path, record: TrialRecord) -> None:
-    """The trial's files must be the ones it measured (a later edit is refused)."""
-    for name, recorded in record.files.items():
-        path = source / name
+    """The trial's files must be the ones it measured (a later edit is refused), those of
+    each compared runtime (in <runtime>/) too."""
+    recorded_files = {source / name: sha for name, sha in record.files.items()}
+    for runtime, figures in record.compared.items():
+        recorded_files.update({source / runtime / n: sha for n, sha in figures.files.items()})
+    for path, recorded in recorded_files.items():
         if path.exists() and _sha256(path) != recorded:
             raise StudyError(
                 f"{path}: its sha256 differs from the one the trial recorded; the file was "
@@ -236,12 +252,12 @@ def _write_and_verify(
     checks = {}
     for fmt in formats:
         path = staging / f"{stem}{SUFFIX[fmt]}"
-        fresh = _write(fmt, source, path, space)
+        found = measured_file(fmt, source, record)
+        fresh = _write(fmt, source, path, space, found)
         model = load(path, space=space)
         measured = model.split_quality(test, quality)
-        # the runtime the trial measured in decides which recorded figure applies
-        key = "test_accuracy" if not fresh and fmt in MEASURED else "torch_test_accuracy"
-        recorded = getattr(record, key)
+        # the runtime that measured the file decides which recorded figure applies
+        key, recorded = _recorded(fmt, record, None if fresh else found)
         companions = [path.with_suffix(c) for c in COMPANIONS.get(fmt, ())]
         checks[fmt] = {
             "file": path.name,
@@ -264,13 +280,37 @@ def _write_and_verify(
     return checks
 
 
-def _write(fmt: str, source: Path, path: Path, space: Any) -> bool:
+def measured_file(fmt: str, source: Path, record: TrialRecord) -> Path | None:
+    """The file of this format a runtime measured for the trial: in the trial's folder
+    for the study's runtime, in <runtime>/ for a compared one; None where none did."""
+    if fmt not in MEASURED:
+        return None
+    runtime = RUNTIME_OF[fmt]
+    figures = record.compared.get(runtime)
+    if figures is not None and not figures.error:
+        return source / runtime / MEASURED[fmt]
+    own = source / MEASURED[fmt]
+    return own if own.exists() and record.runtime == runtime else None
+
+
+def _recorded(fmt: str, record: TrialRecord, found: Path | None) -> tuple[str, float]:
+    """The recorded test figure a written file is checked against, and its name: that
+    of the runtime that measured it, or the PyTorch model's (a file made afresh, the
+    compressed file)."""
+    if found is None:
+        return "torch_test_accuracy", record.torch_test_accuracy
+    figures = record.compared.get(RUNTIME_OF[fmt])
+    if figures is not None and figures.test_accuracy is not None:  # measured in <runtime>/
+        return f"compared.{figures.runtime}.test_accuracy", figures.test_accuracy
+    return "test_accuracy", record.test_accuracy
+
+
+def _write(fmt: str, source: Path, path: Path, space: Any, measured: Path | None) -> bool:
     """Write one format; True when it had to be made afresh (not the measured file)."""
     if fmt == "safetensors":
         shutil.copyfile(source / ARTIFACT, path)
         return False
-    measured = source / MEASURED[fmt] if fmt in MEASURED else None
-    if measured is not None and measured.exists():  # the file the trial measured
+    if measured is not None and measured.exists():  # the file a runtime measured
         shutil.copyfile(measured, path)
         for suffix in COMPANIONS.get(fmt, ()):  # an IR's weights, beside it
             shutil.copyfile(measured.with_suffix(suffix), path.with_suffix(suffix))
@@ -315,7 +355,10 @@ def model_card(
     record: TrialRecord,
     files: dict[str, Path],
     checks: dict[str, dict[str, Any]],
+    runtime: str | None = None,
 ) -> dict[str, Any]:
+    """`runtime`: the runtime whose figures the card leads with (a compared one, or the
+    study's own)."""
     from paretoopt._version import __version__
     from paretoopt.config.space import load_space, space_to_dict
 
@@ -323,6 +366,12 @@ def model_card(
     keys = ("accuracy", "test_accuracy", "torch_accuracy", "torch_test_accuracy", "deploy_gap")
     keys += ("size_bytes", "runtime_file_bytes", "latency_ms", "latency")
     stored = record.to_attrs()  # plain JSON values, nested ones included
+    named = _runtime_named(space["target"], results.metadata.get("versions") or {})
+    confirmation = results.metadata.get("confirmations", {}).get(str(number))
+    compared = stored.get("compared", {}).get(runtime) if runtime else None
+    if compared:  # the figures measured in that runtime; confirmations were of the study's
+        stored = {**stored, **{k: v for k, v in compared.items() if k in (*keys, "int_kernels")}}
+        named, confirmation = f"{runtime} {compared['version']}".strip(), None
     return {
         "study": results.name,
         "trial": number,
@@ -338,12 +387,14 @@ def model_card(
         "metric": space.get("metric", DEFAULT_QUALITY),  # what "accuracy" measured
         "measured": {
             **{k: stored[k] for k in keys},
-            "confirmation": results.metadata.get("confirmations", {}).get(str(number)),
+            "confirmation": confirmation,
             **{k: stored[k] for k in ("params", "macs", "int_kernels", "layer_quant")},
         },
+        # the same file measured in every runtime of target.compare
+        "compared": record.to_attrs().get("compared", {}),
         "baseline": results.baseline,
         "target": space["target"],
-        "runtime": _runtime_named(space["target"], results.metadata.get("versions") or {}),
+        "runtime": named,
         "hardware": results.metadata.get("hardware"),
         "versions": results.metadata.get("versions"),
         "files": {fmt: checks[fmt] for fmt in files},

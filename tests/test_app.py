@@ -361,3 +361,49 @@ def test_a_study_in_a_database_is_followed_live_too(tmp_path):
     running = explore.storage_state(results)
     study.tell(trial, 1.0)
     assert len({before, running, explore.storage_state(results)}) == 3
+
+
+# --------------------------------------------------------------------------- compared runtimes
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """A finished study whose trials were measured in eager PyTorch too (target.compare)."""
+    base = tmp_path_factory.mktemp("compared")
+    doc = dict(TINY, study="tiny-compare", search={"trials": 3, "seed": 0})
+    doc["target"] = {**TINY["target"], "compare": ["torch"]}
+    search(write_space(base / "tiny.yaml", doc), results_root=base / "results")
+    return base / "results"
+
+
+def test_a_compared_study_reads_one_front_per_runtime(compared):
+    from paretoopt.results.frames import for_target
+
+    results = load_results(compared / "tiny-compare")
+    assert results.runtimes == ["onnxruntime", "torch"] and results.shown_runtime == "onnxruntime"
+    assert for_target(results, "onnxruntime") is results and for_target(results, None) is results
+    view = for_target(results, "torch")
+    base = results.baseline["compared"]["torch"]
+    assert view.baseline["latency_ms"] == base["latency_ms"]
+    assert view.baseline["size_bytes"] == results.baseline["size_bytes"]  # the same file
+    done = view.trials[view.trials["state"] == "COMPLETE"]
+    own = results.trials.set_index("number")
+    for _, row in done.iterrows():
+        assert row["latency_ms"] == own.loc[row["number"], "latency_ms@torch"]
+        assert row["accuracy"] == own.loc[row["number"], "accuracy@torch"]
+        assert row["speedup"] == pytest.approx(base["latency_ms"] / row["latency_ms"])
+        assert row["accuracy_change"] == pytest.approx(row["accuracy"] - base["accuracy"])
+    assert set(view.pareto["number"]) <= set(done["number"])
+    with pytest.raises(Exception, match="measured its trials in onnxruntime, torch, not in"):
+        for_target(results, "openvino")
+
+
+def test_the_explorer_switches_between_the_runtimes_of_a_compared_study(compared):
+    at = app(compared, "tiny-compare")
+    selector = at.selectbox(key="runtime:tiny-compare")
+    assert list(selector.options) == ["onnxruntime", "torch"]
+    assert "figures in onnxruntime" in texts(at)
+    selector.set_value("torch").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "figures in torch" in texts(at)
+    assert " --target torch --trial " in at.code[0].value  # the export of what the page shows

@@ -12,6 +12,7 @@ from paretoopt.results.record import (
     VERSION_ATTR,
     Latency,
     LayerQuant,
+    RuntimeFigures,
     TrialRecord,
     frame_columns,
     record_field_names,
@@ -52,6 +53,31 @@ def test_a_record_round_trips_through_its_stored_form_as_json():
     stored = json.loads(json.dumps(ours.to_attrs()))
     assert stored[VERSION_ATTR] == RECORD_VERSION
     assert TrialRecord.from_attrs(stored) == ours
+
+
+def test_a_record_keeps_each_compared_runtime_s_figures():
+    openvino = RuntimeFigures(
+        "openvino",
+        "2026.4.1",
+        accuracy=97.9,
+        test_accuracy=97.2,
+        deploy_gap=-0.2,
+        latency_ms=0.2,
+        latency=LATENCY,
+        runtime_file_bytes=6000,
+        int_kernels=True,
+        exact_weights=True,
+        kernels={"0": "int8"},
+        files={"model.xml": "ab", "model.bin": "cd"},
+    )
+    failed = RuntimeFigures("executorch", "1.5.1", error="RuntimeError: cannot lower")
+    ours = record(compared={"openvino": openvino, "executorch": failed})
+    read = TrialRecord.from_attrs(json.loads(json.dumps(ours.to_attrs())))
+    assert read == ours and read["compared"]["openvino"]["latency"]["mode"] == "cpu"
+    columns = frame_columns(read)
+    assert columns["latency_ms@openvino"] == 0.2 and columns["error@openvino"] == ""
+    assert columns["accuracy@executorch"] is None and columns["error@executorch"].startswith("R")
+    assert TrialRecord.from_attrs(record().to_attrs()).compared == {}  # measured in one
 
 
 def test_records_read_like_the_stored_mapping():

@@ -67,3 +67,57 @@ def test_search_stays_a_function_after_its_module_is_imported():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True True"
+
+
+def test_a_compared_runtime_s_view_judges_each_trial_by_its_figures_there(tmp_path):
+    import pandas as pd
+
+    from paretoopt.results.frames import StudyResults, for_target
+
+    def row(number, acc, ms, acc_ov, ms_ov, error=""):
+        return {
+            "number": number,
+            "state": "COMPLETE",
+            "baseline": number == 0,
+            "feasible": True,
+            "accuracy": acc,
+            "size_bytes": 1000 // (number + 1),
+            "latency_ms": ms,
+            "speedup": 1.0 / ms,
+            "confirm_latency_ms": ms,
+            "accuracy@openvino": acc_ov,
+            "latency_ms@openvino": ms_ov,
+            "error@openvino": error,
+        }
+
+    trials = pd.DataFrame(
+        [
+            row(0, 99.0, 1.0, 98.0, 2.0),
+            row(1, 98.5, 0.5, 96.0, 1.0),  # 2 points below the baseline there: out
+            row(2, 98.0, 0.4, 97.5, 0.5),
+            row(3, 97.5, 0.3, None, None, "RuntimeError: cannot convert"),
+        ]
+    )
+    baseline = {"accuracy": 99.0, "size_bytes": 1000, "latency_ms": 1.0}
+    baseline["compared"] = {"openvino": {"accuracy": 98.0, "latency_ms": 2.0}}
+    results = StudyResults(
+        "s",
+        tmp_path,
+        trials,
+        trials,
+        baseline,
+        {},
+        constraints={"max_accuracy_drop": 1.0},
+        runtime="onnxruntime",
+        compared=("openvino",),
+        shown_runtime="onnxruntime",
+    )
+    view = for_target(results, "openvino")
+    by = view.trials.set_index("number")
+    assert list(by["feasible"]) == [True, False, True, False]
+    assert by.loc[2, "speedup"] == pytest.approx(4.0)  # 2.0 ms there / 0.5 ms there
+    assert by.loc[2, "accuracy_change"] == pytest.approx(-0.5)
+    assert by.loc[3, "error"] == "RuntimeError: cannot convert"
+    assert by.loc[3, "speedup"] is None or np.isnan(by.loc[3, "speedup"])
+    assert sorted(view.pareto["number"]) == [0, 2]
+    assert "confirm_latency_ms" not in view.trials and view.shown_runtime == "openvino"

@@ -344,3 +344,91 @@ def test_a_study_on_an_agent_without_its_runtime_stops_before_any_trial(tmp_path
         f"target.agent: the agent at {address} serves ['onnxruntime'], not target.runtime "
         "openvino; install it beside the agent"
     )
+
+
+# --------------------------------------------------------------------------- compared targets
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(n) is None for n in ("openvino", "executorch")),
+    reason="needs both optional runtimes",
+)
+def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
+    from paretoopt.results.frames import for_target, load_results
+
+    doc = {**tiny_doc, "study": "tiny-compare"}
+    doc["target"] = {**doc["target"], "compare": ["openvino", "executorch"]}
+    doc["search"] = {"trials": 2, "seed": 0, "anchors": 0}
+    doc["space"] = {
+        "pruning": {"structure": ["channel"], "sparsity": {"low": 0.2, "high": 0.4}},
+        "quantization": {"bits": [4], "activations": ["int8"]},
+        "finetune": {"epochs": 1},
+    }
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(doc))
+    cli = [sys.executable, "-m", "paretoopt.cli"]
+    results_root = tmp_path / "results"
+    run = subprocess.run(
+        [*cli, "search", "--space", str(space), "--results", str(results_root)],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "calibration: baseline latency in openvino" in run.stdout
+    assert " | openvino acc " in run.stdout and " | executorch acc " in run.stdout
+    results = load_results(results_root / doc["study"])
+    assert results.runtimes == ["onnxruntime", "openvino", "executorch"]
+    trial = results.trials[results.trials["number"] == 1].iloc[0]
+    for name in ("openvino", "executorch"):
+        assert trial[f"int_kernels@{name}"] and trial[f"exact_weights@{name}"]
+        assert trial[f"error@{name}"] == ""
+        view = for_target(results, name)
+        row = view.trials[view.trials["number"] == 1].iloc[0]
+        base = results.baseline["compared"][name]
+        # every figure and ratio of the view is the runtime's own, against its baseline
+        assert row["latency_ms"] == trial[f"latency_ms@{name}"]
+        assert row["accuracy"] == trial[f"accuracy@{name}"]
+        assert row["speedup"] == pytest.approx(base["latency_ms"] / row["latency_ms"])
+        assert view.baseline["latency_ms"] == base["latency_ms"] != results.baseline["latency_ms"]
+        assert "confirm_latency_ms" not in view.trials  # confirmed in the study's runtime only
+    shown = subprocess.run(
+        [*cli, "show", "--results", str(results_root), "--study", doc["study"]]
+        + ["--target", "executorch"],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0 and "measured in executorch" in shown.stdout
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [*cli, "export", "--results", str(results_root), "--study", doc["study"], "--trial", "1"]
+        + ["--out", str(out), "--target", "openvino"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    card = json.loads((out / f"{doc['study']}-trial1.card.json").read_text())
+    assert sorted(card["files"]) == ["onnx", "openvino", "pt2", "safetensors"]
+    checked = card["files"]["openvino"]
+    assert checked["made_afresh"] is False  # the IR measured in openvino/, handed over
+    assert checked["recorded_as"] == "compared.openvino.test_accuracy"
+    assert checked["test_accuracy"] == pytest.approx(trial["test_accuracy@openvino"], abs=1e-9)
+    assert card["files"]["onnx"]["recorded_as"] == "test_accuracy"  # the study's own file
+    assert card["runtime"].startswith("openvino ") and card["measured"]["confirmation"] is None
+    assert card["measured"]["latency_ms"] == trial["latency_ms@openvino"]
+    wrong = subprocess.run(
+        [*cli, "show", "--results", str(results_root), "--study", doc["study"]]
+        + ["--target", "tflite"],
+        capture_output=True,
+        text=True,
+    )
+    assert wrong.returncode == 2
+    assert (
+        wrong.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "--target: study 'tiny-compare' measured its trials in onnxruntime, openvino, "
+            "executorch, not in 'tflite' (target.compare lists the runtimes measured beside "
+            "target.runtime)"
+        )
+    )

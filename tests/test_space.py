@@ -133,6 +133,29 @@ def test_knob_forms():
             "executorch",
         ),
         (
+            {**BASE, "target": {"compare": ["openvino", "onnxruntime"]}},
+            "target.compare: names target.runtime 'onnxruntime' itself; list the other runtimes "
+            "the trials are also measured in",
+        ),
+        (
+            {**BASE, "target": {"compare": ["openvino", "openvino"]}},
+            "target.compare: the values must be distinct, but got ['openvino', 'openvino']",
+        ),
+        (
+            {**BASE, "target": {"compare": ["tflite"]}},
+            "target.compare[0]: 'tflite' is not supported; choose from onnxruntime, torch, "
+            "openvino, executorch",
+        ),
+        (
+            {**BASE, "target": {"runtime": "torch", "device": "cuda", "compare": "openvino"}},
+            "target.compare: the compared runtimes run on the CPU, but target.device is 'cuda'",
+        ),
+        (
+            {**BASE, "target": {"compare": ["torch"], "agent": "10.0.0.2:8765"}},
+            "target.compare: with target.agent every runtime is timed on the agent, which "
+            "serves onnxruntime, openvino, executorch, but compare names torch",
+        ),
+        (
             {**BASE, "target": {"runtime": "torch", "agent": "10.0.0.2:8765"}},
             "target.agent: an agent times runtime files on its CPU, so it needs device cpu and a "
             "runtime from onnxruntime, openvino, executorch, but got 'torch' on 'cpu'",

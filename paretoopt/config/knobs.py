@@ -174,10 +174,12 @@ def setting(
     options: tuple[Any, ...] | None = None,
     knob: bool = False,
     nullable: bool = False,
+    many: bool = False,
 ) -> Any:
-    """Declare one setting of a section: its type, bounds, default and documentation."""
+    """Declare one setting of a section: its type, bounds, default and documentation.
+    `many`: a list of distinct such values (a tuple), not a searched knob."""
     rule = KnobRule(kind, low, high, options, searchable=knob)
-    meta = {"rule": rule, "knob": knob, "nullable": nullable, "doc": doc}
+    meta = {"rule": rule, "knob": knob, "nullable": nullable, "doc": doc, "many": many}
     return field(default=default, metadata=meta)
 
 

@@ -214,6 +214,15 @@ class TargetSpec:
         kind=bool,
         options=(False, True),
     )
+    compare: tuple[str, ...] = setting(
+        (),
+        "other runtimes every trial is also deployed, checked and timed in, each against "
+        "the baseline in that runtime, for one front per runtime (the search ranks by "
+        "target.runtime)",
+        kind=str,
+        options=RUNTIMES,
+        many=True,
+    )
     agent: str | None = setting(
         None,
         "host:port of a paretoopt agent on the target machine that times the runtime file "
@@ -474,9 +483,25 @@ def _check_combinations(space: Space) -> None:
             f"provider here), but target.runtime is {t.runtime!r}",
         ),
         (
-            t.runtime == "executorch" and t.batch_size > EXECUTORCH_MAX_BATCH,
+            "executorch" in (t.runtime, *t.compare) and t.batch_size > EXECUTORCH_MAX_BATCH,
             f"target.batch_size: runtime executorch takes at most {EXECUTORCH_MAX_BATCH} (its "
             f"programs are planned for that batch), but batch_size is {t.batch_size}",
+        ),
+        (
+            t.runtime in t.compare,
+            f"target.compare: names target.runtime {t.runtime!r} itself; list the other "
+            "runtimes the trials are also measured in",
+        ),
+        (
+            bool(t.compare) and t.device != "cpu",
+            f"target.compare: the compared runtimes run on the CPU, but target.device is "
+            f"{t.device!r}",
+        ),
+        (
+            t.agent is not None and bool(set(t.compare) - set(AGENT_RUNTIMES)),
+            f"target.compare: with target.agent every runtime is timed on the agent, which "
+            f"serves {', '.join(AGENT_RUNTIMES)}, but compare names "
+            f"{', '.join(sorted(set(t.compare) - set(AGENT_RUNTIMES)))}",
         ),
         (
             t.agent is not None and (t.runtime not in AGENT_RUNTIMES or t.device != "cpu"),
@@ -559,9 +584,20 @@ def _parse_value(meta: Mapping[str, Any], raw: Any, where: str) -> Any:
         raise SpaceError(f"{where}: a value is required here (null is not allowed)")
     if meta["knob"]:
         return parse_knob(raw, meta["rule"], where)
+    if meta.get("many"):
+        return _parse_many(raw, meta["rule"], where)
     if isinstance(raw, (list, dict)):
         raise SpaceError(f"{where}: this setting cannot be searched; give a single value")
     return meta["rule"].check(raw, where)
+
+
+def _parse_many(raw: Any, rule: KnobRule, where: str) -> tuple[Any, ...]:
+    """A list of distinct values (one value alone counts as a list of one)."""
+    items = raw if isinstance(raw, list) else [raw]
+    values = tuple(rule.check(v, f"{where}[{i}]") for i, v in enumerate(items))
+    if len(set(values)) != len(values):
+        raise SpaceError(f"{where}: the values must be distinct, but got {shown(items)}")
+    return values
 
 
 def _parse_component(
@@ -734,6 +770,8 @@ def section_to_dict(obj: Any) -> dict[str, Any]:
             out[f.name] = value.to_yaml()
         elif is_dataclass(value):
             out[f.name] = section_to_dict(value)
+        elif isinstance(value, tuple):  # a list setting: YAML writes lists
+            out[f.name] = list(value)
         else:
             out[f.name] = value
     return out
@@ -765,6 +803,7 @@ def _reference(cls: type, where: str) -> list[tuple[str, str, str, str]]:
             continue
         default = f.default if f.default is not MISSING else None
         value = default.to_yaml() if isinstance(default, (Fixed, Choice, Range)) else default
+        value = list(value) if isinstance(value, tuple) else value
         rows.append(
             (
                 path,

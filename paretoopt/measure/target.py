@@ -10,6 +10,7 @@ reference times the candidate/baseline ratio measured in alternating rounds.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +43,20 @@ SETTLE_LIMIT = 10
 
 
 class Target:
-    def __init__(self, spec: TargetSpec, timing_split: Data, example: Inputs) -> None:
+    def __init__(
+        self,
+        spec: TargetSpec,
+        timing_split: Data,
+        example: Inputs,
+        gate: MeasurementGate | None = None,
+    ) -> None:
+        """`gate`: shared with the study's other targets (target.compare), so that one
+        process holds one gate."""
         self.spec = spec
         self.batch = timing_batch(timing_split, spec.batch_size)  # real inputs, one batch
         self.example = example  # one input, for export
         self.backend: Backend = create_backend(spec, example)  # the runtime that runs it all
-        self.gate = MeasurementGate()
+        self.gate = gate or MeasurementGate()
         self.agent = _agent_client(spec) if spec.agent else None
         self.reference: Runner | None = None  # the baseline in this runtime
         self.reference_file: Path | None = None
@@ -224,6 +233,18 @@ class Target:
             return ours.timer(self.batch), theirs.timer(self.batch)
 
         return time_sessions(timers, self.spec, self.spec.sessions, self.quiet_level_ms, known)
+
+    def compared(self, timing_split: Data) -> dict[str, Target]:
+        """A target for each runtime of target.compare: the same settings, this gate."""
+        return {
+            runtime: Target(
+                replace(self.spec, runtime=runtime, compare=()),
+                timing_split,
+                self.example,
+                self.gate,
+            )
+            for runtime in self.spec.compare
+        }
 
     def mode(self, runner: Runner) -> str:
         """How latency is taken: "cpu", "eager", "cuda-graph", or "remote" (an agent)."""

@@ -305,6 +305,8 @@ def export_command(results: StudyResults, number: int) -> str:
         if root.resolve() == Path("results").resolve()
         else f" --results {shlex.quote(str(root))}"
     )
+    if results.shown_runtime != results.runtime:  # a compared runtime's file, as measured
+        flags += f" --target {shlex.quote(results.shown_runtime)}"
     return (
         f"paretoopt export --study {shlex.quote(results.name)}{flags} --trial {number} "
         "--out exported/"

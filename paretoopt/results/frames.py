@@ -6,6 +6,7 @@ module must stay cheap to import.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from paretoopt.config.yamlfile import load_yaml
 from paretoopt.errors import SpaceError, StudyError, one_line, shown
 from paretoopt.results.pooling import pool_study
 from paretoopt.results.record import (
+    COMPARED_FIELDS,
     LAYER_COLUMNS,
     TrialRecord,
     frame_columns,
@@ -65,6 +67,14 @@ class StudyResults:
     storage: str | None = None  # the storage URL it was read from (None: its journal)
     quality: str = DEFAULT_QUALITY  # what the accuracy objective measures (metric:)
     constraints: dict[str, Any] = field(default_factory=dict)  # the stored space's limits
+    runtime: str = ""  # the runtime the study measured and ranked in (target.runtime)
+    compared: tuple[str, ...] = ()  # the runtimes every trial was also measured in
+    shown_runtime: str = ""  # the runtime these frames' figures are of (see for_target)
+
+    @property
+    def runtimes(self) -> list[str]:
+        """Every runtime the study's trials were measured in, its own first."""
+        return [r for r in (self.runtime, *self.compared) if r]
 
     @property
     def shown_metrics(self) -> list[Metric]:
@@ -191,6 +201,64 @@ def front(
     return ok[mask].sort_values(METRICS["size"].field).reset_index(drop=True)
 
 
+def for_target(results: StudyResults, runtime: str | None) -> StudyResults:
+    """The study read in one of the runtimes it measured every trial in (target.compare):
+    each trial's accuracy, latency and runtime file there, its ratios against the
+    baseline there, its feasibility under the study's limits, and that runtime's front.
+    The study's own runtime (or None) gives the study back. End-of-search confirmations
+    were made in the study's runtime, so a compared view has none."""
+    if runtime is None or runtime == results.runtime:
+        return results
+    if runtime not in results.compared:
+        raise StudyError(
+            f"--target: study {results.name!r} measured its trials in "
+            f"{', '.join(results.runtimes) or 'one runtime'}, not in {runtime!r} "
+            "(target.compare lists the runtimes measured beside target.runtime)"
+        )
+    frame = results.trials.drop(columns=CONFIRM_COLUMNS, errors="ignore").copy()
+    base = {**results.baseline, **(results.baseline.get("compared") or {}).get(runtime, {})}
+    if len(frame):
+        for column in (*COMPARED_FIELDS, "error"):
+            named = f"{column}@{runtime}"
+            frame[column] = frame.get(named)  # None: no trial was measured there
+        frame = frame.apply(lambda row: _in_target(row, base, results.constraints), axis=1)
+    directions = [METRICS[m].direction for m in results.metrics]
+    return dataclasses.replace(
+        results,
+        trials=frame,
+        pareto=front(frame, results.metrics, directions),
+        baseline=base,
+        shown_runtime=runtime,
+    )
+
+
+CONFIRM_COLUMNS = ["confirm_latency_ms", "confirm_spread", "confirm_quiet", "confirm_speedup"]
+
+
+def _in_target(row: pd.Series, base: dict[str, Any], limits: dict[str, Any]) -> pd.Series:
+    """A trial's ratios and feasibility from the figures of the runtime in its row."""
+    measured = row["state"] == "COMPLETE" and not row.get("error") and _finite(row)
+    row = row.copy()
+    for m in METRICS.values():  # stale ratios of the study's runtime must not survive
+        row[m.ratio_column] = None
+    if not measured:
+        row["feasible"] = False
+        return row
+    for key, value in ratios(row.to_dict(), base).items():
+        row[key] = value
+    row["feasible"] = all(
+        m.violation(float(row[m.field]), base.get(m.field), float(limits[m.limit.key])) <= 0
+        for m in METRICS.values()
+        if limits.get(m.limit.key) is not None and row.get(m.field) is not None
+    )
+    return row
+
+
+def _finite(row: pd.Series) -> bool:
+    values = (row.get("accuracy"), row.get("latency_ms"))  # what a compared runtime measured
+    return all(isinstance(v, (int, float)) and np.isfinite(v) for v in values)
+
+
 # --------------------------------------------------------------------------- storage
 
 
@@ -312,7 +380,17 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
         url,
         _quality(space.get("metric")),
         _constraints(space.get("constraints")),
+        *_runtimes(space.get("target")),
     )
+
+
+def _runtimes(stored: Any) -> tuple[str, tuple[str, ...], str]:
+    """The stored space's runtime and compared runtimes (strings only: a folder is data)."""
+    target = stored if isinstance(stored, dict) else {}
+    runtime = target.get("runtime") if isinstance(target.get("runtime"), str) else ""
+    listed = target.get("compare") if isinstance(target.get("compare"), list) else []
+    compared = tuple(r for r in listed if isinstance(r, str) and r != runtime)
+    return runtime or "", compared, runtime or ""
 
 
 def _constraints(stored: Any) -> dict[str, Any]:

@@ -88,6 +88,35 @@ class LayerQuant(_Readable):
 
 
 @dataclass(frozen=True)
+class RuntimeFigures(_Readable):
+    """The trial's compressed file measured in another runtime (target.compare): deployed
+    from the same file, checked against the compressed model, evaluated, and timed
+    against the baseline in that runtime. `error` says why it could not be, where it
+    could not (the figures are then None)."""
+
+    runtime: str
+    version: str = ""
+    accuracy: float | None = None  # validation, in this runtime
+    test_accuracy: float | None = None
+    deploy_gap: float | None = None  # against the PyTorch model, as the record's
+    latency_ms: float | None = None  # this runtime's reference x candidate/baseline ratio
+    latency: Latency | None = None
+    runtime_file_bytes: int | None = None
+    int_kernels: bool | None = None
+    exact_weights: bool | None = None
+    kernels: dict[str, str] = field(default_factory=dict)  # layer -> int8 or float32
+    files: dict[str, str] = field(default_factory=dict)  # its files (in <runtime>/) -> sha256
+    error: str = ""
+
+    @classmethod
+    def from_attrs(cls, raw: Mapping[str, Any]) -> RuntimeFigures:
+        values = _known(cls, raw)
+        if isinstance(raw.get("latency"), Mapping):
+            values["latency"] = _latency(raw["latency"], raw)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class TrialRecord(_Readable):
     """Everything one trial measured. Figures of the deployed model unless named torch_."""
 
@@ -122,6 +151,8 @@ class TrialRecord(_Readable):
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     artifact: str = ""  # the trial's folder, relative to the study folder
     plan_summary: str = ""
+    # the same file measured in each runtime of target.compare
+    compared: dict[str, RuntimeFigures] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> TrialRecord:
         return dataclasses.replace(self, **changes)
@@ -144,6 +175,11 @@ class TrialRecord(_Readable):
             name: LayerQuant(**_known(LayerQuant, entry))
             for name, entry in (raw.get("layer_quant") or {}).items()
         }
+        values["compared"] = {
+            name: RuntimeFigures.from_attrs(entry)
+            for name, entry in (raw.get("compared") or {}).items()
+            if isinstance(entry, Mapping)
+        }
         values.setdefault("torch_test_accuracy", raw.get("test_accuracy"))
         missing = [f.name for f in fields(cls) if _required(f) and f.name not in values]
         if missing:
@@ -155,6 +191,7 @@ class TrialRecord(_Readable):
         these)."""
         out = {k: getattr(self, k) for k in BASELINE_FIELDS}
         out["latency"] = asdict(self.latency)
+        out["compared"] = {name: asdict(f) for name, f in self.compared.items()}
         return out
 
 
@@ -282,6 +319,26 @@ def frame_columns(record: TrialRecord | None) -> dict[str, Any]:
     out["latency_structure"] = latency.structure if latency else None
     out["params"] = record.params if record else None
     out["macs"] = record.macs if record else None
+    for name, figures in (record.compared if record else {}).items():
+        out.update(compared_columns(name, figures))
+    return out
+
+
+# a compared runtime's figures in the trials frame, as "<column>@<runtime>"
+COMPARED_FIELDS = (
+    "accuracy",
+    "test_accuracy",
+    "deploy_gap",
+    "latency_ms",
+    "int_kernels",
+    "exact_weights",
+    "runtime_file_bytes",
+)
+
+
+def compared_columns(runtime: str, figures: RuntimeFigures) -> dict[str, Any]:
+    out = {f"{k}@{runtime}": getattr(figures, k) for k in COMPARED_FIELDS}
+    out[f"error@{runtime}"] = figures.error
     return out
 
 

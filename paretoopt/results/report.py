@@ -134,6 +134,7 @@ class RichReporter(Reporter):
         status = "[green]ok[/]" if feasible else "[yellow]infeasible[/]"
         short = quality_short(self.quality)
         figures = "  ".join(_figure(m, record[m.field], baseline[m.field], short) for m in metrics)
+        figures += compared_text(record, baseline)
         self.log(
             f"trial {number:>3} {status} {seconds:5.1f} s  {figures}  "
             f"{escape(record.get('plan_summary', ''))}"
@@ -193,6 +194,20 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def compared_text(record: TrialRecord, baseline: dict[str, Any]) -> str:
+    """e.g. " | openvino acc 98.52 2.73x" for each runtime of target.compare: the trial's
+    accuracy there and its speed-up over the baseline there ("" where none)."""
+    parts = []
+    for runtime, figures in record.compared.items():
+        base = (baseline.get("compared") or {}).get(runtime) or {}
+        if figures.error or figures.latency_ms is None or not base.get("latency_ms"):
+            parts.append(f"{runtime} [red]failed[/]" if figures.error else f"{runtime} ?")
+            continue
+        speedup = base["latency_ms"] / figures.latency_ms
+        parts.append(f"{runtime} acc {figures.accuracy:.2f} {speedup:.2f}x")
+    return "".join(f" | {p}" for p in parts)
+
+
 def _figure(m: Metric, value: float, base: float, short: str = "acc") -> str:
     """e.g. "acc  98.52 % (-0.74)", "size   10.2 kB (45.7x)", "latency 0.0171 ms (4.87x)"
     (`short`: the quality metric's name, "acc" for top-1 accuracy)."""
@@ -215,6 +230,7 @@ def front_table(results: StudyResults, width: int | None = None) -> Table:
             f"Pareto front of {results.name}: {len(results.pareto)} of "
             f"{len(results.trials)} trials (feasible, non-dominated)"
             + (f"; {early}" if early else "")
+            + (f"; measured in {results.shown_runtime}" if results.compared else "")
         )
     else:
         title = (

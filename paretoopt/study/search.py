@@ -16,6 +16,7 @@ from paretoopt.config.space import Space, load_space
 from paretoopt.results.frames import (
     TRIALS_DIR,
     StudyResults,
+    for_target,
     load_results,
     write_tables,
 )
@@ -122,6 +123,8 @@ def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None
         baseline_ids = set(frame.loc[frame["baseline"], "number"])
         live = set(frame.loc[frame["state"].isin(["RUNNING", "WAITING"]), "number"])
     keep = set(results.pareto.get("number", [])) | baseline_ids
+    for runtime in results.compared:  # each compared runtime's front stays exportable
+        keep |= set(for_target(results, runtime).pareto.get("number", []))
     trials_dir = session.directory / TRIALS_DIR
     check_folder(session.directory)  # never delete through a link
     if trials_dir.is_dir():

@@ -368,13 +368,20 @@ def study_reference(directory: Path) -> float | None:
     return read_json(directory / RUN_FILE).get("reference_ms")
 
 
+def compared_references(directory: Path) -> dict[str, float]:
+    """Each compared runtime's latency scale (target.compare), fixed likewise."""
+    found = read_json(directory / RUN_FILE).get("compared_reference_ms")
+    return dict(found) if isinstance(found, dict) else {}
+
+
 def write_metadata(session: Session, ctx: StudyContext) -> None:
     """What the study ran on: fixed facts once, and one entry per session (a resume may
     run on another machine, with other versions)."""
     from paretoopt.measure import hardware_fingerprint
 
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    hardware, versions = hardware_fingerprint(), _versions(session.space.target.runtime)
+    t = session.space.target
+    hardware, versions = hardware_fingerprint(), _versions(t.runtime, *t.compare)
     facts = {
         "study": session.space.study,
         "seed": session.space.search.seed,
@@ -394,6 +401,9 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
             meta.setdefault(key, value)
         if ctx.calibration:
             meta.setdefault("reference_ms", ctx.calibration["measured_ms"])
+            scales = meta.setdefault("compared_reference_ms", {})
+            for runtime, cal in ctx.calibration.get("compared", {}).items():
+                scales.setdefault(runtime, cal["measured_ms"])
         meta.setdefault("sessions", []).append(
             {
                 "started": now,
@@ -406,7 +416,7 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
         )
 
 
-def _versions(runtime: str) -> dict[str, str]:
+def _versions(*runtimes: str) -> dict[str, str]:
     """The packages the study ran on; an optional runtime's too, where it measured."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -414,8 +424,7 @@ def _versions(runtime: str) -> dict[str, str]:
 
     out = {}
     packages = ["torch", "torch-pruning", "optuna", "onnx", "onnxruntime", "numpy", "pandas"]
-    if runtime in OPTIONAL:
-        packages.append(OPTIONAL[runtime][0])
+    packages += [OPTIONAL[r][0] for r in runtimes if r in OPTIONAL]
     for pkg in packages:
         try:
             out[pkg] = version(pkg)

@@ -20,7 +20,7 @@ from paretoopt.errors import StudyError, one_line
 from paretoopt.results.report import Reporter
 from paretoopt.study.loop import REASON_LIMIT
 from paretoopt.study.sampling import make_sampler
-from paretoopt.study.session import check_devices, study_reference
+from paretoopt.study.session import check_devices, compared_references, study_reference
 
 if TYPE_CHECKING:
     from paretoopt.study.trial import StudyContext
@@ -50,7 +50,7 @@ def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: 
     reference = study_reference(directory)  # a resumed study keeps its latency scale
     try:
         with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
-            cal = calibrate(ctx, Path(tmp), reference)
+            cal = calibrate(ctx, Path(tmp), reference, compared_references(directory))
     except Exception as exc:
         raise StudyError(
             f"the baseline cannot be measured in the target runtime "
@@ -68,6 +68,11 @@ def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: 
         reporter.log(
             f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
             f"(rounds {rounds}; spread {cal['spread']:.2f})"
+        )
+    for runtime, their in cal.get("compared", {}).items():
+        reporter.log(
+            f"calibration: baseline latency in {runtime} {their['reference_ms']:.4f} ms "
+            f"(compared: every trial is measured there too)"
         )
     if cal["spread"] > 1.0 + space.target.max_spread:  # too noisy to rank candidates
         reporter.log(

@@ -14,7 +14,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,7 +46,13 @@ from paretoopt.measure.backends import Deployment, DeployRequest
 from paretoopt.measure.backends.onnxruntime import ONNX_FILE
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.target import Target
-from paretoopt.results.record import Latency, LayerQuant, TrialRecord, technique_fields
+from paretoopt.results.record import (
+    Latency,
+    LayerQuant,
+    RuntimeFigures,
+    TrialRecord,
+    technique_fields,
+)
 from paretoopt.study.fidelity import Fidelity, rung_steps
 from paretoopt.workload.data import Splits, bounded, create_data
 from paretoopt.workload.inputs import Inputs, as_args, call, describe_inputs, numpy
@@ -67,6 +73,8 @@ class StudyContext:
     target: Target  # the runtime, the gate, the reference and the calibration
     setup: Setup = Setup()  # fine-tuning's device and the recipe's hooks
     quality: Quality = TOP1  # what the accuracy objective measures (metric:)
+    # the other runtimes each trial is measured in (target.compare), by name
+    compared: dict[str, Target] = field(default_factory=dict)
 
     @property
     def calibration(self) -> dict[str, Any] | None:
@@ -187,7 +195,16 @@ def prepare(
     teacher = Teacher.of(model, splits.train)
     classifier = find_classifier(model, splits.train.head(1))
     return StudyContext(
-        space, splits, model, teacher, classifier, source, target, finetune_setup, quality
+        space,
+        splits,
+        model,
+        teacher,
+        classifier,
+        source,
+        target,
+        finetune_setup,
+        quality,
+        target.compared(splits.val),
     )
 
 
@@ -327,9 +344,18 @@ def calibrate(
     ctx: StudyContext,
     work: Path,
     reference_ms: float | None = None,
+    compared_ms: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Time the baseline in the target runtime; see Target.calibrate."""
-    return ctx.target.calibrate(ctx.baseline, work, reference_ms)
+    """Time the baseline in the target runtime, and in each compared runtime (under
+    "compared", each on its own scale: `compared_ms`); see Target.calibrate."""
+    calibration = ctx.target.calibrate(ctx.baseline, work, reference_ms)
+    known = compared_ms or {}
+    for runtime, target in ctx.compared.items():
+        # the baseline reads 1.0x in every runtime: the first runs of each are discarded
+        calibration.setdefault("compared", {})[runtime] = target.calibrate(
+            ctx.baseline, work / runtime, known.get(runtime)
+        )
+    return calibration
 
 
 # --------------------------------------------------------------------------- one trial
@@ -380,6 +406,7 @@ STAGES = {  # what each stage of a trial's time is made of (bench.timings keys)
     "calibrate": ("calibrate",),  # int8 activation ranges
     "measure": ("evaluate", "measure"),  # accuracy in the runtime, then latency
     "prescreen": ("prescreen",),  # the plan's structure measured before fine-tuning
+    "compare": ("compare",),  # deployed, evaluated and timed in each runtime of target.compare
 }
 
 
@@ -437,6 +464,20 @@ def _run(
     latency["structure"] = structure
     layers = _layer_quant(plan, bench, ctx.target.integer_weights(deployment), exact)
     integer = [n for n, e in layers.items() if e.format == "int"]
+    compared = {
+        name: bench.timed(
+            "compare",
+            _measured_in,
+            ctx,
+            target,
+            copy.deepcopy(deployed),  # each runtime's conversion starts from the file's model
+            work,
+            plan,
+            bench,
+            (reloaded, torch_val),
+        )
+        for name, target in ctx.compared.items()
+    }
     return TrialRecord(
         plan=plan.to_dict(),
         accuracy=val,
@@ -465,7 +506,59 @@ def _run(
             stage: round(sum(bench.timings.get(k, 0.0) for k in keys), 4)
             for stage, keys in STAGES.items()
         },
+        compared=compared,
     )
+
+
+def _measured_in(
+    ctx: StudyContext,
+    target: Target,
+    model: nn.Module,
+    work: Path,
+    plan: CompressionPlan,
+    bench: Workbench,
+    expected: tuple[torch.Tensor, float],
+) -> RuntimeFigures:
+    """The compressed file's model in a compared runtime (target.compare), written to
+    <work>/<runtime>/: checked against the compressed model's logits and evaluated as in
+    the study's runtime, timed against the baseline there. A runtime that cannot take
+    the model is recorded with its reason; the trial stands on its own runtime."""
+    runtime, (logits, torch_val) = target.backend.name, expected
+    folder = work / runtime
+    folder.mkdir()
+    try:
+        with target.gate.computing():
+            deployment = _deploy(ctx, model, folder, plan, bench, target)
+            _check_runtime(deployment.runner, logits, ctx.splits.val.head(CHECKED), _rounds(plan))
+            val, test = _evaluate(deployment.runner, ctx.splits, ctx.quality)
+        structure = target.structure(deployment)
+        latency = settled_latency(ctx, deployment.runner, deployment.file, structure, target)
+    except Exception as exc:  # any runtime's fault: the reason is the record
+        shutil.rmtree(folder, ignore_errors=True)
+        reason = f"{type(exc).__name__}: {one_line(str(exc))[:300]}"
+        return RuntimeFigures(runtime, target.backend.version(), error=reason)
+    layers = _layer_quant(plan, bench, target.integer_weights(deployment), deployment.int8_weights)
+    integer = [n for n, e in layers.items() if e.format == "int"]
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    return RuntimeFigures(
+        runtime,
+        target.backend.version(),
+        accuracy=val,
+        test_accuracy=test,
+        deploy_gap=val - torch_val,
+        latency_ms=latency["latency_ms"],
+        latency=Latency(**{**latency, "structure": structure}),
+        runtime_file_bytes=sum((folder / n).stat().st_size for n in target.backend.files) or None,
+        int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
+        exact_weights=all(kind is not None for kind in deployment.int8_weights.values()),
+        kernels={name: entry.kernel for name, entry in layers.items()},
+        files=files,
+    )
+
+
+def _rounds(plan: CompressionPlan) -> bool:
+    """Whether the deployed model rounds (int8 activations): checked within that."""
+    return plan.quant.activations == "int8"
 
 
 def prescreen(ctx: StudyContext, plan: CompressionPlan, work: Path, seed: int) -> dict[str, Any]:
@@ -536,10 +629,17 @@ def _evaluate(runner: Runner, splits: Splits, quality: Quality) -> tuple[float, 
 
 
 def _deploy(
-    ctx: StudyContext, model: nn.Module, work: Path, plan: CompressionPlan, bench: Workbench
+    ctx: StudyContext,
+    model: nn.Module,
+    work: Path,
+    plan: CompressionPlan,
+    bench: Workbench,
+    target: Target | None = None,
 ) -> Deployment:
-    """The model in the target's runtime. Int8: activations calibrated on training
-    samples, the plan's own weights."""
+    """The model in the target's runtime (`target`: a compared one). Int8: activations
+    calibrated on training samples, the plan's own weights."""
+    clock = bench.timed if target is None else _unclocked  # compared: counted under "compare"
+    target = target or ctx.target
     cfg = plan.quant
     request = DeployRequest(
         model,
@@ -547,10 +647,14 @@ def _deploy(
         cfg,
         calibration=ctx.splits.train.head(cfg.calibration_samples),
         codes=bench.quantized,
-        timed=bench.timed,
-        int8=ctx.target.int8_recipe() if cfg.activations == "int8" else None,
+        timed=clock,
+        int8=target.int8_recipe() if cfg.activations == "int8" else None,
     )
-    return ctx.target.backend.deploy(request)
+    return target.backend.deploy(request)
+
+
+def _unclocked(_stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 def _layer_quant(
@@ -611,7 +715,11 @@ def confirm(ctx: StudyContext, directory: Path, structure: str | None = None) ->
 
 
 def settled_latency(
-    ctx: StudyContext, runner: Runner, file: Path | None, structure: str | None = None
+    ctx: StudyContext,
+    runner: Runner,
+    file: Path | None,
+    structure: str | None = None,
+    target: Target | None = None,
 ) -> dict[str, Any]:
     """The target's latency figure; a timing that never found the machine quiet is taken
     again, QUIET_TRIES times at most (`tries`), unless target.quiet_s is 0 (no time to
@@ -619,9 +727,9 @@ def settled_latency(
     for 5 s each read 0.292-0.307 of the baseline where quiet, but 0.42 in the one timing
     that never got quiet (a disturbed stretch of more than 5 s): its figure is a draw
     from the other state, so it is not kept while another try can do better."""
-    tries = 0
+    tries, target = 0, target or ctx.target
     while True:
-        figure, tries = ctx.target.latency(runner, file, structure), tries + 1
+        figure, tries = target.latency(runner, file, structure), tries + 1
         settled = figure["quiet"] is not False or ctx.space.target.quiet_s == 0
         if settled or tries == QUIET_TRIES:
             return {**figure, "tries": tries}
