@@ -28,8 +28,11 @@ the lowering's report stands for the file wherever it runs.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +67,28 @@ MAX_BATCH = EXECUTORCH_MAX_BATCH
 WEIGHTED = ("convolution", "linear", "addmm", "mm")  # edge ops that multiply by a weight
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """ExecuTorch 1.5 and torchao 0.18 talk at a user's terminal: a FutureWarning about
+    torch's LeafSpec six times per lowering, torchao's CUDA-only kernels that do not
+    load on a CPU machine, a torch.compile notice at import. None is the user's to act
+    on, so they are held back while this module calls them (ExecuTorch's own C++ lines
+    about the CPU, once per process, still reach stderr)."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"executorch\.")
+        warnings.filterwarnings("ignore", message=r".*experimental.*")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
 class ExecuTorchRunner:
     name = "executorch"
     mode = "cpu"
@@ -77,11 +102,12 @@ class ExecuTorchRunner:
     ) -> None:
         """`program`: a .pte's bytes; `integer` and `structure`: what lowering reported
         (unknown for a program loaded from its file alone)."""
-        from executorch.extension.pybindings.portable_lib import (
-            _threadpool_get_thread_count,
-            _unsafe_reset_threadpool,
-        )
-        from executorch.runtime import Runtime
+        with quiet():
+            from executorch.extension.pybindings.portable_lib import (
+                _threadpool_get_thread_count,
+                _unsafe_reset_threadpool,
+            )
+            from executorch.runtime import Runtime
 
         if _threadpool_get_thread_count() != threads:  # the process's one thread pool
             _unsafe_reset_threadpool(threads)
@@ -179,6 +205,11 @@ def _export(model: nn.Module, example: Inputs) -> Any:
 def lower(model: nn.Module, example: Inputs) -> tuple[bytes, frozenset[str], str]:
     """The model as an ExecuTorch program delegated to XNNPACK; with the weights that run
     in its integer kernels and the lowered program's structure."""
+    with quiet():
+        return _lower(model, example)
+
+
+def _lower(model: nn.Module, example: Inputs) -> tuple[bytes, frozenset[str], str]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -247,6 +278,17 @@ def quantize(
     `calibration`; per quantized weight, "s8" where it holds the plan's own codes, or
     None where the quantizer's re-rounded weight stayed. `floats`: layers kept float
     (the other layers' operators are then quantized layer by layer, not all of them)."""
+    with quiet():
+        return _quantize(model, example, calibration, codes, floats)
+
+
+def _quantize(
+    model: nn.Module,
+    example: Inputs,
+    calibration: Inputs,
+    codes: dict[str, QTensor] | Any,
+    floats: list[str],
+) -> tuple[Any, dict[str, str | None]]:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
