@@ -296,13 +296,9 @@ def _quantize(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     config = get_symmetric_quantization_config(is_per_channel=True)
-    quantizer = XNNPACKQuantizer()
-    if not floats:
-        quantizer.set_global(config)
-    else:  # the quantizer cannot exempt a module: name the int8 ones instead
-        for name in prunable_layers(model):
-            if name not in floats:
-                quantizer.set_module_name(name, config)
+    quantizer = XNNPACKQuantizer().set_global(config)
+    if floats:  # the layers kept float are exempted; every other pattern is quantized
+        quantizer.set_filter_function(_outside(frozenset(floats)))
     prepared = prepare_pt2e(_export(model, example).module(), quantizer)
     with torch.no_grad():
         for i in range(0, trees.count(calibration), CALIBRATION_BATCH):
@@ -311,6 +307,18 @@ def _quantize(
     exact = _own_codes(converted, dict(codes))
     _fold_weights(converted)
     return converted, exact
+
+
+def _outside(floats: frozenset[str]) -> Callable[[Any], bool]:
+    """A node filter: False for nodes of the layers kept float. Naming the int8 layers
+    instead (set_module_name) missed conv-BN patterns, whose weight nodes belong to no
+    module."""
+
+    def keep(node: Any) -> bool:
+        stack = node.meta.get("nn_module_stack") or {}
+        return not any(str(path) in floats for path, _ in stack.values())
+
+    return keep
 
 
 def _weight_quantizers(graph_module: Any) -> Iterable[tuple[str, Any]]:
