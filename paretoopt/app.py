@@ -86,7 +86,11 @@ def main() -> None:
                 key=f"runtime:{name}",
                 help="every trial was measured in each: its figures, ratios and front there",
             )
-        results = for_target(results, runtime)
+        try:
+            results = for_target(results, runtime)
+        except ParetoError as exc:
+            st.warning(str(exc))
+            return
     show_study(results, stamp)
 
 
@@ -314,7 +318,12 @@ def candidate_table(results: StudyResults, pool: pd.DataFrame, knee: int | None)
 
 
 def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
-    rec = record(results, results.name, number, stamp)
+    own = results.shown_runtime == results.runtime  # not a compared runtime's view
+    try:  # the figures of the runtime the page shows
+        rec = record(results, results.name, number, stamp).in_runtime(results.shown_runtime)
+    except (KeyError, ValueError) as exc:
+        st.warning(f"Trial {number} could not be measured in {results.shown_runtime}: {exc}")
+        return
     base = results.baseline
     latency = rec.get("latency", {})
     st.markdown(f"### Trial {number}: {rec.get('plan_summary', '')}")
@@ -332,7 +341,7 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
     pts = " pts" if q.display_unit else ""
     gap = f"{rec.get('deploy_gap', 0.0):+.{q.decimals}f}{pts}"
     columns[-1].metric("Deployed minus PyTorch", gap)
-    confirmation = results.metadata.get("confirmations", {}).get(str(number))
+    confirmation = results.metadata.get("confirmations", {}).get(str(number)) if own else None
     st.caption(
         f"Latency above: the baseline's reference times the measured ratio (drift-corrected); "
         f"the raw runs' p90 {latency.get('p90_ms', float('nan')):.4f} ms, spread "
@@ -344,6 +353,9 @@ def candidate_card(results: StudyResults, number: int, stamp: int) -> None:
             + quiet_reading(confirmation, ", ")
             if confirmation
             else "; not re-measured (confirmation runs when a search ends)"
+            if own
+            else f"; timed once in {results.shown_runtime} (the end of a search re-times the "
+            f"study's own runtime, {results.runtime})"
         )
         + f" · test {quality_name(results.quality)} {metrics[0].text(rec['test_accuracy'])}"
         + " · int8 kernels: "

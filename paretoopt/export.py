@@ -42,7 +42,7 @@ from paretoopt.config.metrics import (
     quality_name,
     shown,
 )
-from paretoopt.errors import StudyError
+from paretoopt.errors import StudyError, one_line
 from paretoopt.errors import shown as quoted
 from paretoopt.results.frames import (
     StudyResults,
@@ -109,6 +109,14 @@ def export_trial(
         )
     number = _choose(results, trial, rule)
     record = _checked_record(results, number)
+    if target is not None and target in record.compared:
+        try:
+            record.in_runtime(target)
+        except ValueError as exc:
+            raise StudyError(
+                f"--target: trial {number} could not be measured in {target} "
+                f"({one_line(str(exc))[:200]}); export it without --target, or pick another"
+            ) from None
     runtime = results.shown_runtime or record.runtime
     formats = default_formats(runtime) if formats is None else formats
     unknown = sorted(set(formats) - set(FORMATS))
@@ -365,13 +373,12 @@ def model_card(
     space = space_to_dict(load_space(results.directory / "space.yaml"))
     keys = ("accuracy", "test_accuracy", "torch_accuracy", "torch_test_accuracy", "deploy_gap")
     keys += ("size_bytes", "runtime_file_bytes", "latency_ms", "latency")
-    stored = record.to_attrs()  # plain JSON values, nested ones included
     named = _runtime_named(space["target"], results.metadata.get("versions") or {})
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
-    compared = stored.get("compared", {}).get(runtime) if runtime else None
-    if compared:  # the figures measured in that runtime; confirmations were of the study's
-        stored = {**stored, **{k: v for k, v in compared.items() if k in (*keys, "int_kernels")}}
-        named, confirmation = f"{runtime} {compared['version']}".strip(), None
+    if runtime in record.compared:  # its figures there; confirmations were of the study's
+        named = f"{runtime} {record.compared[runtime].version}".strip()
+        confirmation = None
+    stored = record.in_runtime(runtime).to_attrs()  # plain JSON values, nested ones too
     return {
         "study": results.name,
         "trial": number,

@@ -78,6 +78,14 @@ def test_a_record_keeps_each_compared_runtime_s_figures():
     assert columns["latency_ms@openvino"] == 0.2 and columns["error@openvino"] == ""
     assert columns["accuracy@executorch"] is None and columns["error@executorch"].startswith("R")
     assert TrialRecord.from_attrs(record().to_attrs()).compared == {}  # measured in one
+    there = read.in_runtime("openvino")  # the record as measured in openvino
+    assert (there.runtime, there.accuracy, there.latency_ms) == ("openvino", 97.9, 0.2)
+    assert there.layer_quant["0"].kernel == "int8" and there.size_bytes == ours.size_bytes
+    assert read.in_runtime("onnxruntime") is read and read.in_runtime(None) is read
+    with pytest.raises(ValueError, match="RuntimeError: cannot lower"):
+        read.in_runtime("executorch")
+    with pytest.raises(KeyError):
+        read.in_runtime("torch")
 
 
 def test_records_read_like_the_stored_mapping():

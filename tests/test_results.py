@@ -121,3 +121,23 @@ def test_a_compared_runtime_s_view_judges_each_trial_by_its_figures_there(tmp_pa
     assert by.loc[3, "speedup"] is None or np.isnan(by.loc[3, "speedup"])
     assert sorted(view.pareto["number"]) == [0, 2]
     assert "confirm_latency_ms" not in view.trials and view.shown_runtime == "openvino"
+
+
+def test_a_runtime_whose_baseline_failed_there_has_no_view(tmp_path):
+    import pandas as pd
+
+    from paretoopt.errors import StudyError
+    from paretoopt.results.frames import StudyResults, for_target
+
+    trials = pd.DataFrame([{"number": 0, "state": "COMPLETE", "feasible": True}])
+    baseline = {"accuracy": 99.0, "latency_ms": 1.0}
+    baseline["compared"] = {"openvino": {"accuracy": None, "error": "RuntimeError: no IR"}}
+    results = StudyResults(
+        "s", tmp_path, trials, trials, baseline, {}, runtime="onnxruntime", compared=("openvino",)
+    )
+    with pytest.raises(StudyError) as info:
+        for_target(results, "openvino")
+    assert str(info.value) == (
+        "--target: study 's' could not measure its baseline in openvino (RuntimeError: no IR), "
+        "so nothing there can be compared"
+    )

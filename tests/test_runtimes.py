@@ -273,6 +273,13 @@ def test_an_agent_refuses_hostile_openvino_uploads(tmp_path):
         _framed(b"<model/>", b""): "the .xml's root is <model>, not <net>",
         # every constant must lie inside the weights sent with it
         _framed(xml, weights[: len(weights) // 2]): "lie outside the",
+        # a UTF-16 file hid its entity declarations from a byte search
+        _framed(entities.decode().replace("1.0", '1.0" encoding="UTF-16').encode("utf-16"), b""): (
+            "the IR's .xml must be UTF-8"
+        ),
+        _framed(xml.replace(b'offset="0"', b'offset="\xc2\xb2"', 1), weights): (
+            "offset and size must be whole numbers of bytes"
+        ),
         _framed(xml.replace(b'type="Const"', b'type="NoSuchOp"', 1), weights): "OpenVINO cannot",
     }
     for body, reason in cases.items():
@@ -291,13 +298,53 @@ def test_an_agent_refuses_hostile_executorch_uploads(tmp_path):
     foreign = program.replace(b"XnnpackBackend", b"QnnBackendXXXX")
     cases = {
         b"\x00" * 64: "lacks the ET12 identifier",
-        program[:8] + b"\xff" * 56: "its flatbuffer does not parse",
+        program[:8] + b"\xff" * 56: "ExecuTorch cannot load it",  # its verifier refuses it
         foreign: r"delegates to \['QnnBackendXXXX'\]; this agent runs only \['XnnpackBackend'\]",
         program[: len(program) // 2]: "ExecuTorch cannot load it",  # torn: its verifier says
     }
     for body, reason in cases.items():
         with pytest.raises(backend_base.Refused, match=reason):
             check(body)
+    # a method planning more memory than the agent gives is refused before it loads
+    huge = bytearray(program)
+    at = _planned_sizes(huge)
+    huge[at : at + 8] = struct.pack("<q", 1 << 40)
+    with pytest.raises(backend_base.Refused, match=r"plans 1099511\d+ bytes of buffers"):
+        check(bytes(huge))
+
+
+def _planned_sizes(buf: bytearray) -> int:
+    """Where the forward method's first planned-buffer size sits in a .pte."""
+    from flatbuffers import encode, packer
+    from flatbuffers.table import Table
+
+    program = Table(buf, encode.Get(packer.uoffset, buf, 0))
+    plans = program.Vector(program.Offset(6))
+    plan = Table(buf, program.Indirect(plans))
+    return plan.Vector(plan.Offset(4 + 2 * 8))
+
+
+@EXECUTORCH
+def test_reading_a_program_s_methods_is_bounded_whatever_the_file_claims():
+    import flatbuffers
+
+    from paretoopt.measure.backends.executorch_pte import MAX_PLANS, program_plans
+
+    builder = flatbuffers.Builder(1024)
+    name = builder.CreateString("forward")
+    builder.StartObject(9)
+    builder.PrependUOffsetTRelativeSlot(0, name, 0)
+    plan = builder.EndObject()
+    builder.StartVector(4, MAX_PLANS + 1, 4)  # every entry the same small table
+    for _ in range(MAX_PLANS + 1):
+        builder.PrependUOffsetTRelative(plan)
+    plans = builder.EndVector()
+    builder.StartObject(8)
+    builder.PrependUOffsetTRelativeSlot(1, plans, 0)
+    builder.Finish(builder.EndObject(), file_identifier=b"ET12")
+    body = bytes(builder.Output())
+    with pytest.raises(backend_base.Refused, match="lists 17 methods; this agent reads at most 16"):
+        program_plans(body)
 
 
 @pytest.mark.parametrize("name", RUNTIMES)

@@ -484,8 +484,10 @@ def _check_combinations(space: Space) -> None:
         ),
         (
             "executorch" in (t.runtime, *t.compare) and t.batch_size > EXECUTORCH_MAX_BATCH,
-            f"target.batch_size: runtime executorch takes at most {EXECUTORCH_MAX_BATCH} (its "
-            f"programs are planned for that batch), but batch_size is {t.batch_size}",
+            f"target.batch_size: runtime executorch"
+            f"{' (target.compare)' if t.runtime != 'executorch' else ''} takes at most "
+            f"{EXECUTORCH_MAX_BATCH} (its programs are planned for that batch), but "
+            f"batch_size is {t.batch_size}",
         ),
         (
             t.runtime in t.compare,

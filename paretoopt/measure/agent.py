@@ -84,6 +84,7 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
 }
 
 
+FED = ("float32", "int64", "int32", "bool")  # the input types an agent makes batches of
 FLOATS = {"warmup_s", "warmup_tolerance", "quiet_tolerance", "quiet_s"}
 
 
@@ -177,28 +178,38 @@ class Agent:
                 f"{self._runtime(job['reference'])}: a ratio across runtimes would credit one",
             )
         fmt = self.formats[runtime]
-        model = self._runner(job.get("model"), target.threads)
-        reference = self._runner(job["reference"], target.threads) if job.get("reference") else None
-        with self.lock, self.gate.measuring():
-            batch = _inputs(fmt.inputs(model), target.batch_size)
-            for runner in (model, reference) if reference is not None else (model,):
-                _runs_on(runner, batch)
-            run = model.timer(batch)
-            if reference is None:
-                return {"candidate": asdict(time_runner(run, target))}
-            pair = (model, reference)
+        with self.lock:  # one job at a time: loading one changes process-wide state too
+            with self.gate.computing():  # (ExecuTorch's thread pool) and is not timing
+                model = self._runner(job.get("model"), target.threads)
+                reference = (
+                    self._runner(job["reference"], target.threads) if job.get("reference") else None
+                )
+            with self.gate.measuring():
+                return self._timed(job, target, fmt, model, reference)
 
-            def timers(k: int) -> Timers:  # a fresh session of both models after the first
-                ours, theirs = pair if k == 0 else (model.fresh(), reference.fresh())
-                if ours is None or theirs is None:
-                    return None  # a runtime without sessions to renew is timed in one
-                batch = _inputs(fmt.inputs(ours), target.batch_size)
-                return ours.timer(batch), theirs.timer(batch)
+    def _timed(
+        self, job: dict[str, Any], target: TargetSpec, fmt: Served, model: Runner, reference: Any
+    ) -> dict[str, Any]:
+        """The model timed alone, or against the reference in alternating rounds."""
+        batch = _inputs(fmt.inputs(model), target.batch_size)
+        for runner in (model, reference) if reference is not None else (model,):
+            _runs_on(runner, batch)
+        run = model.timer(batch)
+        if reference is None:
+            return {"candidate": asdict(time_runner(run, target))}
+        pair = (model, reference)
 
-            key = (str(job["reference"]), target.batch_size, target.threads)
-            timing = time_sessions(timers, target, target.sessions, self.quiet_levels.get(key))
-            if timing.quiet_level_ms is not None:
-                self.quiet_levels[key] = timing.quiet_level_ms
+        def timers(k: int) -> Timers:  # a fresh session of both models after the first
+            ours, theirs = pair if k == 0 else (model.fresh(), reference.fresh())
+            if ours is None or theirs is None:
+                return None  # a runtime without sessions to renew is timed in one
+            batch = _inputs(fmt.inputs(ours), target.batch_size)
+            return ours.timer(batch), theirs.timer(batch)
+
+        key = (str(job["reference"]), target.batch_size, target.threads)
+        timing = time_sessions(timers, target, target.sessions, self.quiet_levels.get(key))
+        if timing.quiet_level_ms is not None:
+            self.quiet_levels[key] = timing.quiet_level_ms
         return {
             "candidate": asdict(timing.ours),
             "reference": asdict(timing.theirs),
@@ -216,6 +227,8 @@ class Agent:
         return self.models[sha][0]
 
     def _runner(self, sha: Any, threads: int) -> Runner:
+        if sha not in self.models:  # dropped since it was named: the client sends it again
+            raise Rejected(HTTPStatus.NOT_FOUND, f"no model {sha!r} here; upload it first")
         runtime, body = self.models[sha]
         self.models.move_to_end(sha)  # in use: the last to be dropped
         return self.formats[runtime].load(body, threads)
@@ -254,8 +267,12 @@ def _inputs(specs: list[InputSpec], batch_size: int) -> dict[str, np.ndarray]:
         if 0 in dims[1:]:
             shape = ["?" if d == 0 else d for d in dims]
             raise Rejected(HTTPStatus.BAD_REQUEST, f"the input shape {shape} is not fixed")
-        if value.dtype not in ("float32", "int64", "int32", "bool"):
-            raise Rejected(HTTPStatus.BAD_REQUEST, f"input {value.name!r}: an unsupported type")
+        if value.dtype not in FED:
+            raise Rejected(
+                HTTPStatus.BAD_REQUEST,
+                f"input {value.name!r}: its type {value.dtype!r} cannot be fed; this agent "
+                f"feeds {', '.join(FED)}",
+            )
         elements = math.prod(dims)  # Python ints: no wrap-around
         total += elements
         if total > MAX_INPUT_ELEMENTS:

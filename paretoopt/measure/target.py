@@ -20,7 +20,7 @@ from paretoopt.config.space import TargetSpec
 from paretoopt.errors import StudyError
 from paretoopt.measure.agent import AgentClient
 from paretoopt.measure.backends import Backend, Deployment, create_backend
-from paretoopt.measure.backends.base import Kernels
+from paretoopt.measure.backends.base import OPTIONAL, Kernels, require
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.isa import Int8Recipe, this_machine
 from paretoopt.measure.protocol import (
@@ -49,12 +49,16 @@ class Target:
         timing_split: Data,
         example: Inputs,
         gate: MeasurementGate | None = None,
+        where: str = "target.runtime",
     ) -> None:
         """`gate`: shared with the study's other targets (target.compare), so that one
-        process holds one gate."""
-        self.spec = spec
+        process holds one gate; `where`: the setting that named the runtime."""
+        self.spec, self.where = spec, where
+        self.timing_split = timing_split
         self.batch = timing_batch(timing_split, spec.batch_size)  # real inputs, one batch
         self.example = example  # one input, for export
+        if spec.runtime in OPTIONAL and spec.device == "cpu":  # said before any import
+            require(spec.runtime, where)
         self.backend: Backend = create_backend(spec, example)  # the runtime that runs it all
         self.gate = gate or MeasurementGate()
         self.agent = _agent_client(spec) if spec.agent else None
@@ -122,7 +126,7 @@ class Target:
         with self.gate.computing():
             self.reference = self.runner(baseline, work)
         if self.agent is not None:
-            _served(self.agent, self.backend.name, str(self.spec.agent))
+            _served(self.agent, self.backend.name, str(self.spec.agent), self.where)
             self.reference_file = work / str(self.backend.file)
             self.reference_sha = self.agent.upload(self.reference_file, runtime=self.backend.name)
         settle = self._settle()
@@ -234,14 +238,16 @@ class Target:
 
         return time_sessions(timers, self.spec, self.spec.sessions, self.quiet_level_ms, known)
 
-    def compared(self, timing_split: Data) -> dict[str, Target]:
-        """A target for each runtime of target.compare: the same settings, this gate."""
+    def compared(self) -> dict[str, Target]:
+        """A target for each runtime of target.compare: the same settings, timing batch
+        and gate."""
         return {
             runtime: Target(
                 replace(self.spec, runtime=runtime, compare=()),
-                timing_split,
+                self.timing_split,
                 self.example,
                 self.gate,
+                "target.compare",
             )
             for runtime in self.spec.compare
         }
@@ -251,13 +257,13 @@ class Target:
         return "remote" if self.agent is not None else runner.mode
 
 
-def _served(agent: AgentClient, runtime: str, address: str) -> None:
+def _served(agent: AgentClient, runtime: str, address: str, where: str) -> None:
     """The agent must serve the study's runtime: said once, before any trial."""
     runtimes = agent.runtimes()
     if runtime not in runtimes:
         raise StudyError(
             f"target.agent: the agent at {address} serves {sorted(runtimes)}, not "
-            f"target.runtime {runtime}; install it beside the agent (`pip install -c "
+            f"{where} {runtime}; install it beside the agent (`pip install -c "
             f"constraints.txt -e '.[{runtime}]'` or `make extras`, then restart `paretoopt "
             "agent`) or measure in one of those"
         )

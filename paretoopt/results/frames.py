@@ -29,7 +29,7 @@ from paretoopt.config.yamlfile import load_yaml
 from paretoopt.errors import SpaceError, StudyError, one_line, shown
 from paretoopt.results.pooling import pool_study
 from paretoopt.results.record import (
-    COMPARED_FIELDS,
+    COMPARED_COLUMNS,
     LAYER_COLUMNS,
     TrialRecord,
     frame_columns,
@@ -216,9 +216,16 @@ def for_target(results: StudyResults, runtime: str | None) -> StudyResults:
             "(target.compare lists the runtimes measured beside target.runtime)"
         )
     frame = results.trials.drop(columns=CONFIRM_COLUMNS, errors="ignore").copy()
-    base = {**results.baseline, **(results.baseline.get("compared") or {}).get(runtime, {})}
+    theirs = (results.baseline.get("compared") or {}).get(runtime)
+    if results.baseline and not (theirs and theirs.get("accuracy") is not None):
+        reason = (theirs or {}).get("error") or "it has no figures there"
+        raise StudyError(
+            f"--target: study {results.name!r} could not measure its baseline in {runtime} "
+            f"({one_line(str(reason))[:200]}), so nothing there can be compared"
+        )
+    base = {**results.baseline, **(theirs or {})}
     if len(frame):
-        for column in (*COMPARED_FIELDS, "error"):
+        for column in COMPARED_COLUMNS:
             named = f"{column}@{runtime}"
             frame[column] = frame.get(named)  # None: no trial was measured there
         frame = frame.apply(lambda row: _in_target(row, base, results.constraints), axis=1)

@@ -186,6 +186,35 @@ class TrialRecord(_Readable):
             raise KeyError(f"trial record: missing {', '.join(missing)}")
         return cls(**values)
 
+    def in_runtime(self, runtime: str | None) -> TrialRecord:
+        """The record as measured in one of its compared runtimes (target.compare): that
+        runtime's accuracy, latency, runtime file and kernels in the fields the study's
+        runtime fills (the record itself for its own runtime, or None). KeyError: it was
+        not measured there; ValueError: measuring it there failed, with the reason."""
+        if runtime is None or runtime == self.runtime:
+            return self
+        figures = self.compared[runtime]
+        if figures.error or figures.latency is None or figures.accuracy is None:
+            raise ValueError(figures.error or "no figures were recorded there")
+        layers = {  # the kernels there; whether each holds the plan's codes is not kept
+            name: dataclasses.replace(
+                q, kernel=figures.kernels.get(name, q.kernel), exact_weights=None
+            )
+            for name, q in self.layer_quant.items()
+        }
+        return self.replace(
+            accuracy=figures.accuracy,
+            test_accuracy=figures.test_accuracy,
+            deploy_gap=figures.deploy_gap,
+            latency_ms=figures.latency_ms,
+            latency=figures.latency,
+            runtime_file_bytes=figures.runtime_file_bytes,
+            int_kernels=figures.int_kernels,
+            exact_weights=figures.exact_weights,
+            runtime=runtime,
+            layer_quant=layers,
+        )
+
     def baseline_view(self) -> dict[str, Any]:
         """The baseline's figures as run.json keeps them (every ratio is read against
         these)."""
@@ -337,9 +366,35 @@ COMPARED_FIELDS = (
 
 
 def compared_columns(runtime: str, figures: RuntimeFigures) -> dict[str, Any]:
-    out = {f"{k}@{runtime}": getattr(figures, k) for k in COMPARED_FIELDS}
-    out[f"error@{runtime}"] = figures.error
-    return out
+    """A compared runtime's columns, each named "<column>@<runtime>" after the column of
+    the study's runtime it stands for (see COMPARED_COLUMNS)."""
+    latency = figures.latency
+    out: dict[str, Any] = {k: getattr(figures, k) for k in COMPARED_FIELDS}
+    out |= {
+        "error": figures.error,
+        "latency_raw_median_ms": latency.median_ms if latency else None,
+        "latency_raw_p90_ms": latency.p90_ms if latency else None,
+        "latency_spread": latency.spread if latency else None,
+        "latency_own_ms": figures.latency_ms,  # compared figures are not pooled
+        "latency_pooled_trials": 1 if latency else None,
+        "latency_quiet": latency.quiet if latency else None,
+        "latency_structure": latency.structure if latency else None,
+    }
+    return {f"{k}@{runtime}": v for k, v in out.items()}
+
+
+# every column a compared runtime gives the trials frame, under "<column>@<runtime>"
+COMPARED_COLUMNS = (
+    *COMPARED_FIELDS,
+    "error",
+    "latency_raw_median_ms",
+    "latency_raw_p90_ms",
+    "latency_spread",
+    "latency_own_ms",
+    "latency_pooled_trials",
+    "latency_quiet",
+    "latency_structure",
+)
 
 
 FRAME_FIELDS = (

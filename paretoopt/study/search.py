@@ -7,12 +7,14 @@ the study holds the requested number, then keeps and re-measures the front (``fi
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from paretoopt.config.space import Space, load_space
+from paretoopt.errors import StudyError
 from paretoopt.results.frames import (
     TRIALS_DIR,
     StudyResults,
@@ -124,7 +126,8 @@ def finish(session: Session, reporter: Reporter, ctx: StudyContext | None = None
         live = set(frame.loc[frame["state"].isin(["RUNNING", "WAITING"]), "number"])
     keep = set(results.pareto.get("number", [])) | baseline_ids
     for runtime in results.compared:  # each compared runtime's front stays exportable
-        keep |= set(for_target(results, runtime).pareto.get("number", []))
+        with contextlib.suppress(StudyError):  # one whose baseline failed there has none
+            keep |= set(for_target(results, runtime).pareto.get("number", []))
     trials_dir = session.directory / TRIALS_DIR
     check_folder(session.directory)  # never delete through a link
     if trials_dir.is_dir():

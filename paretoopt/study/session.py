@@ -399,11 +399,11 @@ def write_metadata(session: Session, ctx: StudyContext) -> None:
         meta.setdefault("created", now)
         for key, value in facts.items():
             meta.setdefault(key, value)
-        if ctx.calibration:
-            meta.setdefault("reference_ms", ctx.calibration["measured_ms"])
+        if ctx.calibration:  # the scale the first session read every latency on
+            meta.setdefault("reference_ms", ctx.calibration["reference_ms"])
             scales = meta.setdefault("compared_reference_ms", {})
             for runtime, cal in ctx.calibration.get("compared", {}).items():
-                scales.setdefault(runtime, cal["measured_ms"])
+                scales.setdefault(runtime, cal["reference_ms"])
         meta.setdefault("sessions", []).append(
             {
                 "started": now,

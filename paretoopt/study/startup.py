@@ -51,6 +51,8 @@ def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: 
     try:
         with tempfile.TemporaryDirectory(prefix="paretoopt-") as tmp:
             cal = calibrate(ctx, Path(tmp), reference, compared_references(directory))
+    except StudyError:  # already says which setting, and why
+        raise
     except Exception as exc:
         raise StudyError(
             f"the baseline cannot be measured in the target runtime "

@@ -40,7 +40,7 @@ from paretoopt.config.knobs import Choice, Range
 from paretoopt.config.metrics import quality_metric, quality_name
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import RecipeSpec, Space, section_to_dict, space_to_dict
-from paretoopt.errors import SpaceError, TrialError, one_line
+from paretoopt.errors import SpaceError, StudyError, TrialError, one_line
 from paretoopt.measure import Runner, runtime_quality
 from paretoopt.measure.backends import Deployment, DeployRequest
 from paretoopt.measure.backends.onnxruntime import ONNX_FILE
@@ -204,7 +204,7 @@ def prepare(
         target,
         finetune_setup,
         quality,
-        target.compared(splits.val),
+        target.compared(),
     )
 
 
@@ -351,10 +351,18 @@ def calibrate(
     calibration = ctx.target.calibrate(ctx.baseline, work, reference_ms)
     known = compared_ms or {}
     for runtime, target in ctx.compared.items():
-        # the baseline reads 1.0x in every runtime: the first runs of each are discarded
-        calibration.setdefault("compared", {})[runtime] = target.calibrate(
-            ctx.baseline, work / runtime, known.get(runtime)
-        )
+        try:
+            calibration.setdefault("compared", {})[runtime] = target.calibrate(
+                ctx.baseline, work / runtime, known.get(runtime)
+            )
+        except StudyError:
+            raise
+        except Exception as exc:
+            raise StudyError(
+                f"target.compare: the baseline cannot be measured in {runtime}: "
+                f"{type(exc).__name__}: {one_line(str(exc))[:300]}; take it out of "
+                "target.compare, or fix what the reason names"
+            ) from exc
     return calibration
 
 
@@ -533,13 +541,15 @@ def _measured_in(
             val, test = _evaluate(deployment.runner, ctx.splits, ctx.quality)
         structure = target.structure(deployment)
         latency = settled_latency(ctx, deployment.runner, deployment.file, structure, target)
+        integer_weights = target.integer_weights(deployment)  # an agent's report, maybe
+        files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        file_bytes = sum((folder / n).stat().st_size for n in target.backend.files) or None
     except Exception as exc:  # any runtime's fault: the reason is the record
         shutil.rmtree(folder, ignore_errors=True)
         reason = f"{type(exc).__name__}: {one_line(str(exc))[:300]}"
         return RuntimeFigures(runtime, target.backend.version(), error=reason)
-    layers = _layer_quant(plan, bench, target.integer_weights(deployment), deployment.int8_weights)
+    layers = _layer_quant(plan, bench, integer_weights, deployment.int8_weights)
     integer = [n for n, e in layers.items() if e.format == "int"]
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     return RuntimeFigures(
         runtime,
         target.backend.version(),
@@ -548,7 +558,7 @@ def _measured_in(
         deploy_gap=val - torch_val,
         latency_ms=latency["latency_ms"],
         latency=Latency(**{**latency, "structure": structure}),
-        runtime_file_bytes=sum((folder / n).stat().st_size for n in target.backend.files) or None,
+        runtime_file_bytes=file_bytes,
         int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
         exact_weights=all(kind is not None for kind in deployment.int8_weights.values()),
         kernels={name: entry.kernel for name, entry in layers.items()},

@@ -135,8 +135,9 @@ class Served(Protocol):
 OPTIONAL = {"openvino": ("openvino", "openvino"), "executorch": ("executorch", "executorch")}
 
 
-def require(runtime: str) -> None:
-    """An optional runtime's package must be installed; say how when it is not."""
+def require(runtime: str, where: str = "target.runtime") -> None:
+    """An optional runtime's package must be installed; say how when it is not (`where`:
+    the setting that named it)."""
     import importlib.util
 
     package, extra = OPTIONAL[runtime]
@@ -144,7 +145,7 @@ def require(runtime: str) -> None:
         from paretoopt.errors import StudyError
 
         raise StudyError(
-            f"target.runtime: {runtime} needs the optional package {package!r}, which is not "
+            f"{where}: {runtime} needs the optional package {package!r}, which is not "
             f"installed; install it with `pip install -c constraints.txt -e '.[{extra}]'` "
             "(or `make extras`), or choose target.runtime onnxruntime or torch"
         )

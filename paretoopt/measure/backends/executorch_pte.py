@@ -31,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +69,9 @@ MAX_BATCH = EXECUTORCH_MAX_BATCH
 WEIGHTED = ("convolution", "linear", "addmm", "mm")  # edge ops that multiply by a weight
 
 
+_QUIET = threading.RLock()
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """ExecuTorch 1.5 and torchao 0.18 talk at a user's terminal: a FutureWarning about
@@ -75,8 +80,8 @@ def quiet() -> Iterator[None]:
     on, so they are held back while this module calls them (ExecuTorch's own C++ lines
     about the CPU, once per process, still reach stderr)."""
     loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    with warnings.catch_warnings():
+    with _QUIET, warnings.catch_warnings():  # process-wide state: one thread at a time
+        levels = [lg.level for lg in loggers]
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"executorch\.")
         warnings.filterwarnings("ignore", message=r".*experimental.*")
@@ -366,6 +371,8 @@ def _fold_weights(graph_module: Any) -> None:
 
 IDENTIFIER = b"ET12"  # the flatbuffer's file identifier, bytes 4-8 of every .pte
 DELEGATES = frozenset({"XnnpackBackend"})  # the backends an agent lets a program call
+MAX_PLANS, MAX_DELEGATES, MAX_BUFFERS = 16, 1024, 1024  # read of a program, at most
+MAX_PLANNED_BYTES = 1 << 30  # buffers a method may plan (its memory when it loads)
 # ExecuTorch's ScalarType codes of the inputs an agent can feed
 ET_INPUTS = {6: "float32", 4: "int64", 3: "int32", 11: "bool"}
 
@@ -383,25 +390,36 @@ class PteFormat:
 
         if len(body) < 8 or body[4:8] != IDENTIFIER:
             raise Refused("not an ExecuTorch program: the file lacks the ET12 identifier")
+        try:  # ExecuTorch's flatbuffer verifier (bounds, depth, table count); no backend runs
+            verified = Verification.InternalConsistency
+            program = Runtime.get().load_program(body, verification=verified)
+        except Exception as exc:
+            raise Refused(f"ExecuTorch cannot load it: {_line(exc)}") from None
         try:
-            delegates = program_delegates(body)
+            plans = program_plans(body)
+        except Refused:
+            raise
         except Exception:
             raise Refused("not an ExecuTorch program: its flatbuffer does not parse") from None
-        for method, ids in delegates.items():
-            foreign = sorted(set(ids) - DELEGATES)
+        for plan in plans:
+            foreign = sorted(set(plan.delegates) - DELEGATES)
             if foreign:
                 raise Refused(
-                    f"method {method!r} delegates to {foreign}; this agent runs only "
+                    f"method {plan.name!r} delegates to {foreign}; this agent runs only "
                     f"{sorted(DELEGATES)}"
                 )
-        if "forward" not in delegates:
-            raise Refused(f"the program has no forward method (it has {sorted(delegates)})")
+            if plan.planned_bytes > MAX_PLANNED_BYTES:  # allocated when the method loads
+                raise Refused(
+                    f"method {plan.name!r} plans {plan.planned_bytes} bytes of buffers; this "
+                    f"agent gives a program at most {MAX_PLANNED_BYTES}"
+                )
+        names = sorted(plan.name for plan in plans)
+        if "forward" not in names:
+            raise Refused(f"the program has no forward method (it has {names})")
         try:
-            verified = Verification.InternalConsistency  # the flatbuffer verifier too
-            Runtime.get().load_program(body, verification=verified).load_method("forward")
+            program.load_method("forward")
         except Exception as exc:
-            reason = " ".join(str(exc).split())[:300]
-            raise Refused(f"ExecuTorch cannot load it: {reason}") from None
+            raise Refused(f"ExecuTorch cannot load it: {_line(exc)}") from None
         return None  # lowering chose the kernels: the report made with the file stands
 
     def load(self, body: bytes, threads: int) -> Runner:
@@ -422,29 +440,64 @@ class PteFormat:
         return version("executorch")
 
 
-def program_delegates(body: bytes) -> dict[str, list[str]]:
-    """Per method of a .pte, the ids of the backends it delegates to: read from the
-    flatbuffer (``schema/program.fbs``: Program.execution_plan, ExecutionPlan.name and
-    .delegates, BackendDelegate.id) before ExecuTorch loads anything."""
-    from flatbuffers import encode, packer
+@dataclass(frozen=True)
+class PlanFacts:
+    """What an agent reads of one method before ExecuTorch loads it."""
+
+    name: str
+    delegates: tuple[str, ...]  # the backend ids it calls
+    planned_bytes: int  # the memory-planned buffers it asks for
+
+
+def program_plans(body: bytes) -> list[PlanFacts]:
+    """Each method of a .pte: its name, the ids of the backends it delegates to, and the
+    bytes of the buffers it plans, read from the flatbuffer (``schema/program.fbs``:
+    Program.execution_plan, ExecutionPlan.name, .delegates and .non_const_buffer_sizes,
+    BackendDelegate.id). Run after ExecuTorch's verifier; at most MAX_PLANS methods and
+    MAX_DELEGATES delegates each are read (Refused beyond), so a small file cannot make
+    the walk long."""
+    from flatbuffers import encode, number_types, packer
     from flatbuffers.table import Table
 
-    def field(index: int) -> int:  # a table field's slot in its vtable
-        return 4 + 2 * index
+    buf = bytearray(body)
 
-    def tables(table: Table, index: int) -> list[Table]:
-        slot = table.Offset(field(index))
-        if slot == 0:
+    def slot(table: Table, index: int) -> int:  # a table field's offset, 0 when absent
+        return int(table.Offset(4 + 2 * index))
+
+    def tables(table: Table, index: int, limit: int, what: str) -> list[Table]:
+        at = slot(table, index)
+        if not at:
             return []
-        start, count = table.Vector(slot), table.VectorLen(slot)
-        if start + 4 * count > len(buf):  # a hostile length: refused before any loop
-            raise ValueError("a vector runs past the end of the file")
+        start, count = table.Vector(at), table.VectorLen(at)
+        if count > limit:
+            raise Refused(f"the program lists {count} {what}; this agent reads at most {limit}")
         return [Table(buf, table.Indirect(start + 4 * k)) for k in range(count)]
 
     def text(table: Table, index: int) -> str:
-        slot = table.Offset(field(index))
-        return table.String(table.Pos + slot).decode() if slot else ""
+        at = slot(table, index)
+        return bytes(table.String(table.Pos + at)).decode() if at else ""
 
-    buf = bytearray(body)
+    def sizes(table: Table, index: int) -> list[int]:
+        at = slot(table, index)
+        if not at:
+            return []
+        start, count = table.Vector(at), table.VectorLen(at)
+        if count > MAX_BUFFERS:
+            raise Refused(
+                f"the program plans {count} buffers; this agent reads at most {MAX_BUFFERS}"
+            )
+        return [table.Get(number_types.Int64Flags, start + 8 * k) for k in range(count)]
+
     program = Table(buf, encode.Get(packer.uoffset, buf, 0))
-    return {text(plan, 0): [text(d, 0) for d in tables(plan, 7)] for plan in tables(program, 1)}
+    return [
+        PlanFacts(
+            text(plan, 0),
+            tuple(text(d, 0) for d in tables(plan, 7, MAX_DELEGATES, "delegates in a method")),
+            sum(max(0, int(n)) for n in sizes(plan, 8)),
+        )
+        for plan in tables(program, 1, MAX_PLANS, "methods")
+    ]
+
+
+def _line(exc: Exception) -> str:
+    return " ".join(str(exc).split())[:300]

@@ -294,16 +294,10 @@ def unpack(body: bytes) -> tuple[bytes, bytes]:
 
 
 def check_ir(xml: bytes, weights: int) -> None:
-    """Refused unless the .xml declares no document type or entities, parses as an IR,
-    and every constant's bytes lie inside the `weights`-byte .bin."""
-    from xml.etree import ElementTree
-
-    if DECLARATIONS.search(xml):  # before any parser sees it: entities expand
-        raise Refused("document type and entity declarations in the .xml are refused")
-    try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError as exc:
-        raise Refused(f"the IR's .xml does not parse: {exc}") from None
+    """Refused unless the .xml is UTF-8 (what OpenVINO reads it as), declares no document
+    type or entities, parses as an IR, and every constant's bytes lie inside the
+    `weights`-byte .bin."""
+    root = _parsed(xml)
     if root.tag != "net":
         raise Refused(f"not an OpenVINO IR: the .xml's root is <{root.tag}>, not <net>")
     for layer in root.iter("layer"):
@@ -311,11 +305,49 @@ def check_ir(xml: bytes, weights: int) -> None:
         if layer.get("type") != "Const" or data is None:
             continue
         offset, size = data.get("offset", ""), data.get("size", "")
-        if not (offset.isdigit() and size.isdigit()) or int(offset) + int(size) > weights:
+        if not all(v.isascii() and v.isdecimal() for v in (offset, size)):
+            raise Refused(
+                f"constant {layer.get('name')!r}: offset and size must be whole numbers of "
+                f"bytes, but are {offset!r} and {size!r}"
+            )
+        if int(offset) + int(size) > weights:
             raise Refused(
                 f"constant {layer.get('name')!r}: bytes {offset}+{size} lie outside the "
                 f"{weights}-byte .bin"
             )
+
+
+def _parsed(xml: bytes) -> Any:
+    """The .xml's tree, read as UTF-8 only (a UTF-16 file hid its declarations from a
+    byte search) by a parser that refuses a document type or an entity outright."""
+    from xml.etree import ElementTree
+    from xml.parsers import expat
+
+    try:
+        text = xml.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refused("the IR's .xml must be UTF-8") from None
+    head = re.match(r"\ufeff?<\?xml[^>]*encoding=[\"']([^\"']+)", text)
+    if "\x00" in text or (head and head.group(1).lower().replace("_", "-") != "utf-8"):
+        raise Refused("the IR's .xml must be UTF-8")
+    if DECLARATIONS.search(xml):
+        raise Refused("document type and entity declarations in the .xml are refused")
+
+    def refuse(*_: Any) -> None:
+        raise Refused("document type and entity declarations in the .xml are refused")
+
+    builder = ElementTree.TreeBuilder()
+    parser = expat.ParserCreate("utf-8")  # the encoding is fixed, whatever the file says
+    parser.StartElementHandler = builder.start
+    parser.EndElementHandler = builder.end
+    parser.CharacterDataHandler = builder.data
+    parser.StartDoctypeDeclHandler = refuse  # a DTD is never read, let alone expanded
+    parser.EntityDeclHandler = refuse
+    try:
+        parser.Parse(text.encode("utf-8"), True)
+        return builder.close()
+    except expat.ExpatError as exc:
+        raise Refused(f"the IR's .xml does not parse: {exc}") from None
 
 
 def _line(exc: Exception) -> str:
