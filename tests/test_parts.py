@@ -63,3 +63,31 @@ def test_a_part_name_is_registered_once():
     with pytest.raises(ValueError, match="registered twice"):
         register(Part("prune", "x", "", object, object, lambda d: None, 9, lambda c: False))
     assert PARTS["prune"].section == "pruning"  # the first one stays
+
+
+def test_gptq_is_drawn_without_fine_tuning_and_never_on_a_kmeans_grid():
+    from paretoopt.config.parts.quant import QuantConfig
+
+    with pytest.raises(PlanError, match="'gptq' rounds to a uniform grid"):
+        QuantConfig(4, method="gptq", grid="kmeans")
+    assert QuantConfig(3, method="gptq").describe() == "int3 gptq"
+    space = {"quantization": {"bits": [3], "method": ["ptq", "gptq"]}}
+    space |= {"finetune": {"epochs": 0}, "pruning": {"sparsity": 0.0}}
+    assert _methods({**TINY, "space": space}) == {("ptq", "uniform"), ("gptq", "uniform")}
+    space["quantization"]["grid"] = ["uniform", "kmeans"]
+    assert ("gptq", "kmeans") not in _methods({**TINY, "space": space})
+    space["quantization"]["grid"] = "kmeans"
+    with pytest.raises(SpaceError, match="method: gptq rounds to the uniform grid, but grid"):
+        parse_space({**TINY, "space": space})
+
+
+def _methods(doc: dict) -> set[tuple[str, str]]:
+    space = parse_space(doc)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    found = set()
+    for _ in range(30):
+        trial = study.ask()
+        quant = sample_plan(trial, space, ["a", "b"]).quant
+        found.add((quant.method, quant.grid))
+        study.tell(trial, 0.0)
+    return found

@@ -181,3 +181,87 @@ def test_an_nm_pattern_that_keeps_everything_is_refused(tmp_path, tiny_doc):
     tiny_doc["space"]["pruning"] = {"structure": "nm", "nm_keep": 4, "nm_group": 4}
     with pytest.raises(SpaceError, match="nm_keep: 4 of every nm_group 4 keeps them all"):
         load_space(write_space(tmp_path / "s.yaml", tiny_doc))
+
+
+# --------------------------------------------------------------------------- GPTQ
+
+
+def _grid(w: torch.Tensor, bits: int, scheme: str = "affine"):
+    from paretoopt.compress.techniques.quantize import quantize_tensor
+    from paretoopt.config.parts.quant import QuantConfig
+
+    return quantize_tensor(w, QuantConfig(bits, scheme=scheme), bits)
+
+
+def _span(bits: int, scheme: str) -> tuple[int, int]:
+    half, top = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    return (half - top, half + top) if scheme == "symmetric" else (0, 2**bits - 1)
+
+
+@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest(scheme):
+    from paretoopt.compress.techniques.surgeon import surgeon_codes
+
+    torch.manual_seed(0)
+    w = torch.randn(8, 40)
+    grid = _grid(w, 3, scheme)
+    codes = surgeon_codes(w, torch.eye(40), grid.scale, grid.zero_point, _span(3, scheme))
+    assert torch.equal(codes, grid.codes)  # no correlation: nothing to compensate
+
+
+@pytest.mark.parametrize("scheme", ["affine", "symmetric"])
+def test_gptq_codes_sit_on_the_grid_and_beat_nearest_on_correlated_inputs(scheme):
+    from paretoopt.compress.techniques.qtensor import QTensor
+    from paretoopt.compress.techniques.surgeon import surgeon_codes
+
+    torch.manual_seed(0)
+    x = torch.randn(3000, 48) @ torch.randn(48, 48)
+    w = torch.randn(16, 48)
+    grid = _grid(w, 3, scheme)
+    low, high = _span(3, scheme)
+    codes = surgeon_codes(w, x.T @ x / len(x), grid.scale, grid.zero_point, (low, high))
+    assert int(codes.min()) >= low and int(codes.max()) <= high
+    ours = QTensor(codes, grid.scale, grid.zero_point, 3).dequantize()
+    assert _output_error(w, ours, x) < 0.8 * _output_error(w, grid.dequantize(), x)
+
+
+def test_gptq_keeps_pruned_weights_exactly_zero():
+    from paretoopt.compress.techniques.qtensor import QTensor
+    from paretoopt.compress.techniques.surgeon import surgeon_codes
+
+    torch.manual_seed(0)
+    x = torch.randn(2000, 32) @ torch.randn(32, 32)
+    keep = torch.rand(8, 32) > 0.6
+    w = torch.randn(8, 32) * keep
+    grid = _grid(w, 4)
+    codes = surgeon_codes(w, x.T @ x / len(x), grid.scale, grid.zero_point, (0, 15), keep)
+    ours = QTensor(codes, grid.scale, grid.zero_point, 4).dequantize()
+    assert bool((ours[~keep] == 0).all()) and bool((ours[keep] != 0).any())
+
+
+def _quantized(model, digits, method: str, bits: int, tmp_path=None) -> float:
+    from paretoopt.compress.artifact import load_compressed, save_compressed
+    from paretoopt.config.parts.quant import QuantConfig
+
+    plan = CompressionPlan(quant=QuantConfig(bits, method=method))
+    bench = Workbench(
+        copy.deepcopy(model),
+        digits,
+        logits_of(model, digits.train.x),
+        find_classifier(model, digits.train.x[:1]),
+    )
+    apply_plan(bench, plan)
+    if tmp_path is not None:  # the file holds exactly the codes GPTQ chose
+        save_compressed(tmp_path / "m.safetensors", bench, plan)
+        rebuilt = load_compressed(
+            tmp_path / "m.safetensors", lambda: mlp(in_features=64, hidden=(64, 32))
+        )
+        x = digits.val.x[:64]
+        assert torch.equal(logits_of(rebuilt, x), logits_of(bench.model, x))
+    return split_quality(bench.model, digits.val)
+
+
+def test_gptq_beats_round_to_nearest_at_2_bits_before_fine_tuning(trained, digits, tmp_path):
+    nearest = _quantized(trained, digits, "ptq", 2)
+    gptq = _quantized(trained, digits, "gptq", 2, tmp_path)
+    assert gptq >= nearest + 5.0, (nearest, gptq)

@@ -1,7 +1,9 @@
 """Weight quantization of every Conv and Linear layer (post-training, after fine-tuning).
 
 2-8 bits: integer codes on a min-max grid, per output channel or per tensor, affine (a zero
-point, so that 0.0 stays exactly 0.0 and pruned weights stay pruned) or symmetric. The
+point, so that 0.0 stays exactly 0.0 and pruned weights stay pruned) or symmetric, each
+weight rounded to its nearest code, or (``method: gptq``) on the same grid with every
+column's rounding error compensated in the columns after it (see ``surgeon``). The
 model keeps the dequantized values, which are bit-for-bit what the artifact decodes to;
 the codes go to the artifact, packed. 16 bits: float16 or bfloat16 rounding. 32 bits:
 untouched. Each layer takes its own width under mixed precision (``layer_bits``).
@@ -19,6 +21,7 @@ from paretoopt.compress.techniques import Stage, register
 from paretoopt.compress.techniques.bench import Workbench, prunable_layers
 from paretoopt.compress.techniques.cluster import cluster_tensor, keeps_zero
 from paretoopt.compress.techniques.qtensor import QTensor
+from paretoopt.compress.techniques.surgeon import input_hessians, operable, surgeon_codes
 from paretoopt.config.parts.quant import QuantConfig
 from paretoopt.config.plan import CompressionPlan
 from paretoopt.errors import PlanError
@@ -68,6 +71,32 @@ def fake_quantize(w: torch.Tensor, cfg: QuantConfig, bits: int) -> torch.Tensor:
     return quantize_tensor(w, cfg, bits).dequantize()
 
 
+def _surgeon_rounded(
+    bench: Workbench, cfg: QuantConfig, name: str, layer: torch.nn.Module, grid: QTensor
+) -> QTensor:
+    """The layer's codes by GPTQ on `grid`, from the inputs it sees in the model as
+    quantized so far (the layers before it already hold their codes), on the training
+    split's first `calibration_samples`. A layer OBS cannot take (grouped, or never
+    reached by a hook) keeps round-to-nearest."""
+    hessian = input_hessians(
+        bench.model, {name: layer}, bench.splits.train, cfg.calibration_samples
+    )
+    if not operable(layer, hessian[name]):
+        return grid
+    weight = layer.weight.reshape(len(layer.weight), -1)
+    mask = bench.masks.get(f"{name}.weight")
+    keep = None if mask is None else mask.reshape(weight.shape).bool().to(weight.device)
+    bits = grid.bits
+    symmetric = is_symmetric(cfg, bits)
+    qmax = 2 ** (bits - 1) - 1
+    span = (2 ** (bits - 1) - qmax, 2 ** (bits - 1) + qmax) if symmetric else (0, 2**bits - 1)
+    codes = surgeon_codes(
+        weight, hessian[name].to(weight.device), grid.scale, grid.zero_point, span, keep
+    )
+    codes = codes.reshape(layer.weight.shape).to(grid.codes.device)
+    return QTensor(codes, grid.scale, grid.zero_point, bits)
+
+
 def _within(layer: str, name: str) -> bool:
     return layer == name or layer.startswith(f"{name}.")
 
@@ -96,6 +125,8 @@ def quantize(bench: Workbench, plan: CompressionPlan) -> None:
                 layer.weight.copy_(q.dequantize())
             elif bits <= 8:
                 q = quantize_tensor(layer.weight, cfg, bits)
+                if cfg.method == "gptq":  # the same grid, codes chosen by OBS
+                    q = _surgeon_rounded(bench, cfg, name, layer, q)
                 bench.quantized[param] = q
                 layer.weight.copy_(q.dequantize())
             elif bits == 16:

@@ -10,6 +10,12 @@ left to right in blocks with the Cholesky factor of H^-1, choosing each block's 
 from the weights as updated so far (SparseGPT, Frantar & Alistarh 2023: the OBC update
 for a whole row at the cost of one factorization). The layer's sparsity is the plan's; only
 which weights go and what the others become change, before fine-tuning repairs the rest.
+
+The same update quantizes (``quantization.method: gptq``, Frantar et al. 2023): columns
+are rounded one at a time to the layer's grid (the scales and zero points round-to-
+nearest would use), and each column's rounding error is spread over the columns not yet
+rounded, in proportion to how the inputs correlate. With uncorrelated inputs the update
+is zero and the codes are round-to-nearest's.
 """
 
 from __future__ import annotations
@@ -98,12 +104,8 @@ def surgeon(
     go first. With `nm` (keep, group), each row keeps `keep` of every `group` columns,
     chosen from the weights as updated when the group is reached."""
     w = weight.detach().double().clone()
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0  # an input never seen: its weights cannot matter
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype, device=h.device)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    inverse, dead = _inverse_factor(hessian)
+    w[:, dead] = 0.0  # an input never seen: its weights cannot matter
     keep = torch.ones_like(w, dtype=torch.bool)
     step = BLOCK if nm is None else max(nm[1], BLOCK // nm[1] * nm[1])  # whole groups
     for start in range(0, w.shape[1], step):
@@ -133,6 +135,52 @@ def surgeon(
         w[:, end:] -= errors @ inverse[start:end, end:]
         keep[:, start:end] = ~drop
     return w.to(weight.dtype), keep
+
+
+def _inverse_factor(hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upper Cholesky factor of the damped H^-1, and the inputs never seen (their
+    diagonal is set to 1, so that H stays invertible)."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype, device=h.device)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return inverse, dead
+
+
+def surgeon_codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    code_range: tuple[int, int],
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Integer codes of `weight` (out, columns) on a fixed grid (`scale` and `zero_point`
+    per row, or one of each; codes within `code_range`), chosen column by column with
+    each rounding error compensated in the columns still to come (GPTQ). Where `keep` is
+    False the code is the zero point: a pruned weight stays exactly zero."""
+    w = weight.detach().double().clone()
+    inverse, _ = _inverse_factor(hessian)  # an unseen input's weights are kept, not zeroed
+    rows = torch.ones(len(w), 1, dtype=w.dtype, device=w.device)
+    step = (scale.double().reshape(-1, 1) * rows).to(w.device)
+    zero = (zero_point.double().reshape(-1, 1) * rows).to(w.device)
+    low, high = code_range
+    codes = torch.empty_like(w)
+    for start in range(0, w.shape[1], BLOCK):
+        end = min(start + BLOCK, w.shape[1])
+        block, factor = w[:, start:end].clone(), inverse[start:end, start:end]
+        errors = torch.zeros_like(block)
+        for i in range(end - start):
+            code = torch.clamp(torch.round(block[:, i : i + 1] / step) + zero, low, high)
+            if keep is not None:
+                code = torch.where(keep[:, start + i : start + i + 1], code, zero)
+            codes[:, start + i : start + i + 1] = code
+            rounded = ((code - zero) * step)[:, 0]
+            errors[:, i] = (block[:, i] - rounded) / factor[i, i]
+            block[:, i:] -= errors[:, i : i + 1] * factor[i : i + 1, i:]
+        w[:, end:] -= errors @ inverse[start:end, end:]
+    return codes.long()
 
 
 def operable(layer: nn.Module, hessian: torch.Tensor) -> bool:

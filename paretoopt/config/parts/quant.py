@@ -20,7 +20,7 @@ SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16, 32)
 GRANULARITIES = ("per_channel", "per_tensor")
 SCHEMES = ("affine", "symmetric")
 ACTIVATIONS = ("float", "int8")
-QUANT_METHODS = ("ptq", "qat")
+QUANT_METHODS = ("ptq", "qat", "gptq")
 HALF_TYPES = ("float16", "bfloat16")
 QUANT_DISTRIBUTIONS = ("uniform", "per_layer")
 GRIDS = ("uniform", "kmeans")
@@ -77,8 +77,10 @@ class QuantizationSpace:
     )
     method: Knob = setting(
         Fixed("ptq"),
-        "ptq (quantize after fine-tuning) or qat (fake-quantized weights with a "
-        "straight-through gradient during fine-tuning)",
+        "ptq (round to nearest after fine-tuning), qat (fake-quantized weights with a "
+        "straight-through gradient during fine-tuning) or gptq (after fine-tuning, each "
+        "column's rounding error compensated in the others from calibration inputs, as "
+        "Optimal Brain Surgeon does)",
         kind=str,
         options=QUANT_METHODS,
         knob=True,
@@ -101,7 +103,7 @@ class QuantizationSpace:
     )
     calibration_samples: int = setting(
         256,
-        "training samples that calibrate int8 activation scales",
+        "training samples that calibrate int8 activation scales (and GPTQ's input statistics)",
         kind=int,
         low=1,
         high=1_000_000,
@@ -115,7 +117,7 @@ class QuantConfig:
     scheme: str = "affine"
     half_type: str = "float16"  # the format of 16-bit weights
     activations: str = "float"  # or "int8": static, calibrated, run in int8 kernels
-    method: str = "ptq"  # or "qat": fake-quantized weights during fine-tuning
+    method: str = "ptq"  # "qat": fake-quantized weights in fine-tuning; "gptq": OBS rounding
     # mixed precision: layer name -> bit-width; out of the hash so a plan stays hashable
     layer_bits: Mapping[str, int] = field(default_factory=dict, hash=False)
     calibration_samples: int = 256
@@ -145,6 +147,11 @@ class QuantConfig:
         require(
             isinstance(self.calibration_samples, int) and self.calibration_samples >= 1,
             f"quant.calibration_samples: must be >= 1, got {self.calibration_samples}",
+        )
+        require(
+            self.grid == "uniform" or self.method != "gptq",
+            "quant.method: 'gptq' rounds to a uniform grid; kmeans shares values of its own, "
+            "so it needs method ptq or qat",
         )
         require(
             self.grid == "uniform" or self.activations == "float",
@@ -202,7 +209,7 @@ class QuantConfig:
             text += " per-tensor" if self.granularity != "per_channel" else ""
             text += " sym" if self.scheme != "affine" else ""
             text += " int8-act" if self.activations == "int8" else ""
-            text += " qat" if self.method == "qat" else ""
+            text += f" {self.method}" if self.method != "ptq" else ""
         return text
 
 
@@ -228,7 +235,7 @@ def draw(d: Drawing) -> QuantConfig:
             bits,
             granularity=str(suggest(trial, "quant.granularity", q.granularity)),
             half_type=half,
-            method=str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
+            method=_method(trial, q, epochs, kmeans=True),
             grid=grid,
             **fixed,
         )
@@ -243,9 +250,21 @@ def draw(d: Drawing) -> QuantConfig:
         else str(suggest(trial, "quant.scheme", q.scheme)),
         half_type=half,
         activations=activations,
-        method=str(suggest(trial, "quant.method", q.method)) if epochs else "ptq",
+        method=_method(trial, q, epochs),
         **fixed,
     )
+
+
+def _method(trial: Any, q: QuantizationSpace, epochs: int, kmeans: bool = False) -> str:
+    """The method drawn for a plan: qat only with fine-tuning to train through, gptq only
+    on a uniform grid (each falls back to ptq, round to nearest, where it cannot apply)."""
+    options = set(knob_values(q.method))
+    if not epochs and not (options & {"gptq"} and not kmeans):
+        return "ptq"  # nothing to draw: without fine-tuning, qat is ptq
+    method = str(suggest(trial, "quant.method", q.method))
+    if (method == "qat" and not epochs) or (method == "gptq" and kmeans):
+        return "ptq"
+    return method
 
 
 def check(space: Space) -> list[str]:
@@ -272,6 +291,11 @@ def check(space: Space) -> list[str]:
             "kmeans" in knob_values(q.grid) and knob_values(q.activations) == ("int8",),
             f"{at}.grid: kmeans shares float values, which no int8 kernel takes, but "
             "activations is always int8; add float to activations",
+        ),
+        (
+            "gptq" in knob_values(q.method) and knob_values(q.grid) == ("kmeans",),
+            f"{at}.method: gptq rounds to the uniform grid, but grid is always kmeans; add "
+            "uniform to grid",
         ),
         (
             "kmeans" in knob_values(q.grid) and not bits & set(range(2, 9)),
