@@ -76,8 +76,17 @@ def test_one_trial_measures_the_model_rebuilt_from_its_file(ctx, tmp_path):
     assert any(kept < original for kept, original in channels.values())
     assert set(record["timings"]) >= {"prune", "distill", "quantize", "write", "export", "measure"}
     stages = record["stages"]
-    assert set(stages) == {"train", "compress", "export", "calibrate", "measure", "prescreen"}
+    assert set(stages) == {
+        "train",
+        "compress",
+        "export",
+        "calibrate",
+        "measure",
+        "prescreen",
+        "compare",
+    }
     assert stages["prescreen"] == 0  # no gauge: nothing measured before fine-tuning
+    assert stages["compare"] == 0  # no target.compare: measured in one runtime
     assert stages["train"] == record["timings"]["distill"] > 0
     assert stages["measure"] == pytest.approx(
         record["timings"]["evaluate"] + record["timings"]["measure"], abs=1e-3
