@@ -285,3 +285,63 @@ def test_a_study_searches_ranks_and_records_them(tmp_path, tiny_doc):
     ranked = factored[factored["rank"].notna()]
     assert len(ranked) and (ranked["rank"] <= ranked["full_rank"]).all()
     assert layers.loc[layers["trial"] == 0, "rank"].isna().all()
+
+
+# --------------------------------------------------------------------------- spatial
+
+
+SPATIAL = {
+    "conv3x3-strided": (lambda: nn.Conv2d(6, 8, 3, stride=2, padding=1), (2, 6, 9, 9)),
+    "conv5x3-dilated": (
+        lambda: nn.Conv2d(4, 5, (5, 3), stride=(2, 1), padding=(2, 3), dilation=(1, 2)),
+        (2, 4, 11, 10),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SPATIAL))
+def test_a_spatial_split_at_full_rank_reproduces_the_layer_and_its_error_falls_with_rank(name):
+    torch.manual_seed(0)
+    build, shape = SPATIAL[name]
+    layer, x = build().eval(), torch.randn(*shape)
+    full = full_ranks(layer, "spatial")
+    factors = factorize(layer, full, "spatial")
+    assert [tuple(f.weight.shape[2:]) for f in factors] == [(layer.kernel_size[0], 1)] + [
+        (1, layer.kernel_size[1])
+    ]
+    errors = []
+    with torch.no_grad():
+        reference = layer(x)
+        torch.testing.assert_close(factors(x), reference, atol=2e-6, rtol=1e-5)
+        for share in (0.2, 0.4, 0.6, 0.8, 1.0):
+            ranks = plan_ranks(layer, LowRankConfig(rank=share), share, "spatial")
+            out = factorize(layer, ranks, "spatial")(x)
+            errors.append(float((out - reference).norm() / reference.norm()))
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < 1e-5 and errors[0] > 0.1
+
+
+def test_a_spatially_factorized_model_rebuilds_from_its_file(splits, tmp_path):
+    plan = CompressionPlan(LowRankConfig(rank=0.5, conv="spatial"), QuantConfig(4))
+    bench = _bench(splits)
+    apply_plan(bench, plan)
+    kinds = {e["kind"] for e in bench.factorized.values()}
+    assert "spatial" in kinds and "tucker2" not in kinds
+    for name, entry in bench.factorized.items():
+        if entry["kind"] == "spatial":  # both factors carry the rank
+            rank = [entry["ranks"][0], entry["full"][0]]
+            assert bench.records["layer_rank"][f"{name}.0"] == rank
+            assert bench.records["layer_rank"][f"{name}.1"] == rank
+    save_compressed(tmp_path / "m.safetensors", bench, plan)
+    model = load_compressed(tmp_path / "m.safetensors", tiny_conv)
+    x = splits.val.x[:32]
+    assert torch.equal(logits_of(model, x), logits_of(bench.model, x))
+    assert "rank 0.50 spatial" in plan.summary()
+
+    def change(meta):  # a Linear layer cannot be split by its kernel
+        linear = next(n for n, e in meta["factorization"].items() if e["kind"] == "svd")
+        meta["factorization"][linear]["kind"] = "spatial"
+
+    _rewrite(tmp_path / "m.safetensors", change)
+    with pytest.raises(ArtifactError, match="takes a svd"):
+        load_compressed(tmp_path / "m.safetensors", tiny_conv)

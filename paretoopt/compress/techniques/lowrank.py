@@ -5,9 +5,13 @@ truncated SVD split evenly, ``W ~ (U sqrt(S)) (sqrt(S) V^T)``; a convolution wit
 (or length-1) kernel the same, as two 1x1 convolutions. A KxK convolution becomes
 ``1x1 (in -> r_in) -> KxK (r_in -> r_out) -> 1x1 (r_out -> out)``: Tucker-2 by the higher-
 order SVD, the input and output modes projected on their leading singular vectors and the
-core kept in between (Kim et al. 2016). At full rank both reproduce the layer exactly (up
-to float rounding). Grouped and depthwise convolutions, the output layer and a layer whose
-factors would hold as many weights as itself are kept whole: those gain nothing.
+core kept in between (Kim et al. 2016). With ``conv: spatial`` a KxK convolution becomes
+``Kx1 (in -> r) -> 1xK (r -> out)`` instead: the weight as a (in*K) x (out*K) matrix of
+its rows against its columns, split by its truncated SVD (Jaderberg et al. 2014); the
+first takes the vertical stride, padding and dilation, the second the horizontal ones.
+At full rank each reproduces the layer exactly (up to float rounding). Grouped and
+depthwise convolutions, the output layer and a layer whose factors would hold as many
+weights as itself are kept whole: those gain nothing.
 
 The factors replace the layer in place (an ``nn.Sequential`` under the layer's own name,
 so ``fc1`` becomes ``fc1.0`` and ``fc1.1``) before anything else: pruning then acts on
@@ -42,20 +46,46 @@ def kernel(layer: nn.Module) -> tuple[int, ...]:
     return tuple(layer.weight.shape[2:])
 
 
-def full_ranks(layer: nn.Module) -> tuple[int, ...]:
+def kind_for(layer: nn.Module, conv: str = "tucker2") -> str:
+    """How `layer` is factorized: svd (a matrix-like layer), tucker2, or spatial (a 2-D
+    convolution with zero padding given in numbers and a kernel of at least 2 both ways;
+    others take tucker2)."""
+    k = kernel(layer)
+    if math.prod(k) == 1:
+        return "svd"
+    spatial = (
+        conv == "spatial"
+        and len(k) == 2
+        and min(k) > 1
+        and not isinstance(layer.padding, str)
+        and layer.padding_mode == "zeros"
+    )
+    return "spatial" if spatial else "tucker2"
+
+
+def full_ranks(layer: nn.Module, kind: str | None = None) -> tuple[int, ...]:
     """The most rank each factor can keep: (min(out, in),) for a matrix-like layer, the
-    ranks of the input and output unfoldings for a KxK convolution."""
+    ranks of the input and output unfoldings for Tucker-2, that of the rows-by-columns
+    matrix for a spatial split."""
     out, inp, k = layer.weight.shape[0], layer.weight.shape[1], math.prod(kernel(layer))
-    if k == 1:
+    kind = kind or kind_for(layer)
+    if kind == "svd":
         return (min(out, inp),)
+    if kind == "spatial":
+        height, width = kernel(layer)
+        return (min(inp * height, out * width),)
     return (min(inp, out * k), min(out, inp * k))
 
 
-def factored_size(layer: nn.Module, ranks: tuple[int, ...]) -> int:
+def factored_size(layer: nn.Module, ranks: tuple[int, ...], kind: str | None = None) -> int:
     """Weights of the factors (biases aside)."""
     out, inp, k = layer.weight.shape[0], layer.weight.shape[1], math.prod(kernel(layer))
-    if len(ranks) == 1:
+    kind = kind or kind_for(layer)
+    if kind == "svd":
         return ranks[0] * (inp + out)
+    if kind == "spatial":
+        height, width = kernel(layer)
+        return ranks[0] * (inp * height + out * width)
     r_in, r_out = ranks
     return inp * r_in + r_in * r_out * k + r_out * out
 
@@ -82,12 +112,24 @@ def _unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
     return weight.transpose(0, mode).reshape(weight.shape[mode], -1)
 
 
-def plan_ranks(layer: nn.Module, cfg: LowRankConfig, share: float) -> tuple[int, ...]:
-    """The ranks the plan gives `layer`: one for an SVD, (r_in, r_out) for Tucker-2."""
+def _rows_by_columns(weight: torch.Tensor) -> torch.Tensor:
+    """A 2-D convolution weight (out, in, kh, kw) as the (in*kh) x (out*kw) matrix whose
+    rank-r split is a Kx1 then a 1xK convolution with r channels between."""
+    return weight.permute(1, 2, 0, 3).reshape(weight.shape[1] * weight.shape[2], -1)
+
+
+def plan_ranks(
+    layer: nn.Module, cfg: LowRankConfig, share: float, kind: str | None = None
+) -> tuple[int, ...]:
+    """The ranks the plan gives `layer`: one for an SVD or a spatial split, (r_in, r_out)
+    for Tucker-2."""
     w = layer.weight.detach().double()
-    if math.prod(kernel(layer)) == 1:
+    kind = kind or kind_for(layer)
+    if kind == "svd":
         values = torch.linalg.svdvals(w.reshape(w.shape[0], -1))
         return (kept_rank(values, cfg, share),)
+    if kind == "spatial":
+        return (kept_rank(torch.linalg.svdvals(_rows_by_columns(w)), cfg, share),)
     return tuple(kept_rank(torch.linalg.svdvals(_unfold(w, mode)), cfg, share) for mode in (1, 0))
 
 
@@ -114,10 +156,27 @@ def _linear_like(layer: nn.Module, inp: int, out: int, bias: bool, first: bool) 
     )
 
 
-def factor_modules(layer: nn.Module, ranks: tuple[int, ...]) -> nn.Sequential:
+def _spatial_modules(layer: nn.Module, rank: int) -> nn.Sequential:
+    """Kx1 (the layer's vertical stride, padding and dilation) then 1xK (the horizontal
+    ones): zero padding in two steps pads as the layer did, since the first factor has
+    no bias and so maps the padded zeros to zeros."""
+    (sh, sw), (ph, pw), (dh, dw) = layer.stride, layer.padding, layer.dilation
+    (kh, kw), out, inp = kernel(layer), layer.weight.shape[0], layer.weight.shape[1]
+    return nn.Sequential(
+        nn.Conv2d(inp, rank, (kh, 1), (sh, 1), (ph, 0), (dh, 1), bias=False),
+        nn.Conv2d(rank, out, (1, kw), (1, sw), (0, pw), (1, dw), bias=layer.bias is not None),
+    )
+
+
+def factor_modules(
+    layer: nn.Module, ranks: tuple[int, ...], kind: str | None = None
+) -> nn.Sequential:
     """The factors' modules for `ranks`, weights not yet set (the file's replay)."""
     out, inp = layer.weight.shape[0], layer.weight.shape[1]
     bias = layer.bias is not None
+    kind = kind or kind_for(layer)
+    if kind == "spatial":
+        return _spatial_modules(layer, ranks[0])
     if len(ranks) == 1:
         (r,) = ranks
         return nn.Sequential(
@@ -141,13 +200,22 @@ def factor_modules(layer: nn.Module, ranks: tuple[int, ...]) -> nn.Sequential:
     )
 
 
-def factorize(layer: nn.Module, ranks: tuple[int, ...]) -> nn.Sequential:
-    """`layer` as its rank-`ranks` factors, weights set from its own (SVD or Tucker-2)."""
-    factors = factor_modules(layer, ranks)
+def factorize(layer: nn.Module, ranks: tuple[int, ...], kind: str | None = None) -> nn.Sequential:
+    """`layer` as its rank-`ranks` factors, weights set from its own (SVD, Tucker-2 or
+    the spatial split)."""
+    kind = kind or kind_for(layer)
+    factors = factor_modules(layer, ranks, kind)
     w = layer.weight.detach().double()
     ones = (1,) * (w.dim() - 2)
     with torch.no_grad():
-        if len(ranks) == 1:
+        if kind == "spatial":
+            (r,), (out, inp, kh, kw) = ranks, w.shape
+            u, s, vh = torch.linalg.svd(_rows_by_columns(w), full_matrices=False)
+            root = s[:r].sqrt()
+            vertical = (u[:, :r] * root).T.reshape(r, inp, kh, 1)
+            horizontal = (root[:, None] * vh[:r]).reshape(r, out, kw).permute(1, 0, 2)
+            weights = [vertical, horizontal.reshape(out, r, 1, kw)]
+        elif len(ranks) == 1:
             u, s, vh = torch.linalg.svd(w.reshape(w.shape[0], -1), full_matrices=False)
             root = s[: ranks[0]].sqrt()
             first = root[:, None] * vh[: ranks[0]]
@@ -182,11 +250,6 @@ def eligible(model: nn.Module, classifier: str) -> dict[str, nn.Module]:
     }
 
 
-def kind_of(ranks: tuple[int, ...] | list[int]) -> str:
-    """An SVD keeps one rank, Tucker-2 two."""
-    return "svd" if len(ranks) == 1 else "tucker2"
-
-
 # --------------------------------------------------------------------------- the technique
 
 
@@ -197,15 +260,16 @@ def lowrank(bench: Workbench, plan: CompressionPlan) -> None:
         return
     kept: dict[str, dict[str, Any]] = {}
     for name, layer in eligible(bench.model, bench.classifier).items():
-        ranks = plan_ranks(layer, cfg, cfg.share(name))
-        if factored_size(layer, ranks) >= layer.weight.numel():
+        kind = kind_for(layer, cfg.conv)
+        ranks = plan_ranks(layer, cfg, cfg.share(name), kind)
+        if factored_size(layer, ranks, kind) >= layer.weight.numel():
             continue  # no smaller than the layer: nothing to gain
-        factors = factorize(layer, ranks)
+        factors = factorize(layer, ranks, kind)
         _replace(bench.model, name, factors)
         for i, factor in enumerate(factors):
             bench.original[f"{name}.{i}"] = (int(factor.weight.shape[0]), factor.weight.numel())
-        full = list(full_ranks(layer))
-        kept[name] = {"kind": kind_of(ranks), "ranks": list(ranks), "full": full}
+        full = list(full_ranks(layer, kind))
+        kept[name] = {"kind": kind, "ranks": list(ranks), "full": full}
     bench.factorized = kept
     _check_forward(bench)
 
@@ -257,14 +321,17 @@ def _replay(model: nn.Module, kept: Any, example: Any) -> None:
         if layer is None:
             raise ValueError(f"it names layer {name!r}, which the model does not have")
         ranks = tuple(entry.get("ranks", ())) if isinstance(entry, dict) else ()
-        full = full_ranks(layer)
-        kind = kind_of(full)
-        if entry.get("kind") != kind or len(ranks) != len(full):
-            raise ValueError(f"layer {name!r}: a {kind} needs {len(full)} rank(s), got {entry}")
+        named = entry.get("kind") if isinstance(entry, dict) else None
+        kinds = {kind_for(layer), kind_for(layer, "spatial")}  # what this layer can take
+        if named not in kinds:
+            raise ValueError(f"layer {name!r}: takes a {' or '.join(sorted(kinds))}, got {entry}")
+        full = full_ranks(layer, named)
+        if len(ranks) != len(full):
+            raise ValueError(f"layer {name!r}: a {named} needs {len(full)} rank(s), got {entry}")
         for r, most in zip(ranks, full, strict=True):
             if type(r) is not int or not 1 <= r <= most:  # never allocate what cannot be
                 raise ValueError(f"layer {name!r}: rank {r!r} is not in 1..{most}")
-        _replace(model, name, factor_modules(layer, ranks))
+        _replace(model, name, factor_modules(layer, ranks, named))
 
 
 REBUILD = Rebuild("factorization", "low-rank factorization", _store, _replay)

@@ -1,10 +1,11 @@
 """Low-rank factorization: a layer becomes a product of thinner layers that computes a
 rank-r approximation of it. A Linear layer (or a 1x1 convolution) of rank r becomes two
 (truncated SVD); a KxK convolution becomes 1x1 -> KxK -> 1x1 with r_in and r_out channels
-in the middle (Tucker-2). Pruning then acts on the factors. How much rank each layer
-keeps is a share of its full rank, one for every layer or a searched multiplier per layer
-group, or the least rank that keeps a share of the weight's energy (its squared singular
-values). Applied by ``compress/techniques/lowrank``."""
+in the middle (Tucker-2), or Kx1 -> 1xK with r channels between (spatial). Pruning then
+acts on the factors. How much rank each layer keeps is a share of its full rank, one for
+every layer or a searched multiplier per layer group, or the least rank that keeps a share
+of the weight's energy (its squared singular values). Applied by
+``compress/techniques/lowrank``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from paretoopt.config.knobs import Fixed, Knob, Range, knob_values, setting, sug
 from paretoopt.config.parts import Drawing, Part, group_parameters, register, require
 
 CRITERIA = ("ratio", "energy")
+CONV_KINDS = ("tucker2", "spatial")  # how a KxK convolution is factorized
 DISTRIBUTIONS = ("uniform", "per_layer")
 
 
@@ -44,6 +46,14 @@ class LowRankSpace:
         kind=float,
         low=0.1,
         high=1.0,
+        knob=True,
+    )
+    conv: Knob = setting(
+        Fixed("tucker2"),
+        "how a KxK convolution is factorized: tucker2 (1x1 -> KxK -> 1x1, the channel "
+        "modes) or spatial (Kx1 -> 1xK, the kernel's rows and columns)",
+        kind=str,
+        options=CONV_KINDS,
         knob=True,
     )
     distribution: Knob = setting(
@@ -79,8 +89,13 @@ class LowRankConfig:
     energy: float = 1.0  # share of the squared singular values (criterion energy)
     # per-layer multipliers of `rank`; out of the hash so a plan stays hashable
     layer_scale: Mapping[str, float] = field(default_factory=dict, hash=False)
+    conv: str = "tucker2"  # or "spatial": KxK convolutions as Kx1 -> 1xK
 
     def __post_init__(self) -> None:
+        require(
+            self.conv in CONV_KINDS,
+            f"lowrank.conv: {self.conv!r} is not supported; choose from {', '.join(CONV_KINDS)}",
+        )
         require(
             self.criterion in CRITERIA,
             f"lowrank.criterion: {self.criterion!r} is not supported; "
@@ -112,18 +127,19 @@ def draw(d: Drawing) -> LowRankConfig:
     k = d.section("lowrank")
     criterion = str(suggest(d.trial, "lowrank.criterion", k.criterion))
     if criterion == "energy":
-        return LowRankConfig(
-            criterion="energy", energy=float(suggest(d.trial, "lowrank.energy", k.energy))
-        )
+        energy = float(suggest(d.trial, "lowrank.energy", k.energy))
+        conv = str(suggest(d.trial, "lowrank.conv", k.conv)) if energy < 1.0 else "tucker2"
+        return LowRankConfig(criterion="energy", energy=energy, conv=conv)
     rank = float(suggest(d.trial, "lowrank.rank", k.rank))
     if rank == 1.0 and isinstance(k.rank, Fixed):  # factorization is off in this space
         return LowRankConfig()
+    conv = str(suggest(d.trial, "lowrank.conv", k.conv))
     distribution = str(suggest(d.trial, "lowrank.distribution", k.distribution))
     scales: dict[str, float] = {}
     if distribution == "per_layer":
         for name, group in group_parameters(d.layer_names, k.layer_groups, "lowrank.scale"):
             scales.update(dict.fromkeys(group, float(suggest(d.trial, name, k.layer_scale))))
-    return LowRankConfig(rank, layer_scale=scales)
+    return LowRankConfig(rank, layer_scale=scales, conv=conv)
 
 
 def describe(plan: Mapping[str, Any]) -> str:
@@ -131,9 +147,10 @@ def describe(plan: Mapping[str, Any]) -> str:
     cfg = plan["lowrank"]
     if not cfg.active:
         return ""
+    spatial = " spatial" if cfg.conv == "spatial" else ""
     if cfg.criterion == "energy":
-        return f"rank e{cfg.energy:.2f}"
-    return f"rank {cfg.rank:.2f}" + (" per-layer" if cfg.layer_scale else "")
+        return f"rank e{cfg.energy:.2f}{spatial}"
+    return f"rank {cfg.rank:.2f}" + (" per-layer" if cfg.layer_scale else "") + spatial
 
 
 def check(space: Any) -> list[str]:
@@ -148,6 +165,10 @@ def check(space: Any) -> list[str]:
         (
             "energy" not in criteria and not isinstance(k.energy, Fixed),
             f"{at}.energy: searched, but the criterion is never energy; add energy to it",
+        ),
+        (
+            not isinstance(k.conv, Fixed) and k.rank == Fixed(1.0) and k.energy == Fixed(1.0),
+            f"{at}.conv: searched, but rank and energy are fixed at 1 (no factorization)",
         ),
         (
             "per_layer" in knob_values(k.distribution) and k.rank == Fixed(1.0),
@@ -170,7 +191,11 @@ PART = register(
         changes_model=lambda cfg: cfg.active,
         describe=describe,
         check=check,
-        prefer={"lowrank.distribution": ("uniform",), "lowrank.criterion": ("ratio",)},
+        prefer={
+            "lowrank.distribution": ("uniform",),
+            "lowrank.criterion": ("ratio",),
+            "lowrank.conv": ("tucker2",),
+        },
         stronger={"lowrank.rank": "down", "lowrank.energy": "down", "lowrank.scale": "down"},
     )
 )
