@@ -76,10 +76,10 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from paretoopt.results.frames import load_results
+    from paretoopt.results.frames import for_target, load_results
     from paretoopt.results.share import write_report
 
-    results = load_results(Path(args.results) / args.study, args.storage)
+    results = for_target(load_results(Path(args.results) / args.study, args.storage), args.target)
     path = write_report(results, args.out)
     print(f"report of {args.study}: {path} ({path.stat().st_size:,} bytes, opens offline)")
     return 0
@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage", default=None, help="the study's database URL (a folder's is never opened)"
     )
+    p.add_argument("--target", default=None, help=TARGET_HELP)
     p.set_defaults(func=_report)
 
     p = sub.add_parser(

@@ -407,3 +407,16 @@ def test_the_explorer_switches_between_the_runtimes_of_a_compared_study(compared
     assert not at.exception, [e.value for e in at.exception]
     assert "figures in torch" in texts(at)
     assert " --target torch --trial " in at.code[0].value  # the export of what the page shows
+
+
+def test_the_report_of_a_compared_runtime_names_it_and_its_baseline(compared, tmp_path):
+    from paretoopt.cli import main
+
+    out = tmp_path / "torch.html"
+    args = ["report", "--results", str(compared), "--study", "tiny-compare", "--out", str(out)]
+    assert main([*args, "--target", "torch"]) == 0
+    page = out.read_text()
+    run = json.loads((compared / "tiny-compare" / "run.json").read_text())
+    theirs = run["sessions"][-1]["calibration"]["compared"]["torch"]["reference_ms"]
+    assert "Measured in torch on" in page and f"baseline reference {theirs:.4f} ms" in page
+    assert main([*args, "--target", "tflite"]) == 2  # one line, not a traceback

@@ -98,9 +98,12 @@ def _setting(results: StudyResults) -> str:
     meta = results.metadata
     sessions = meta.get("sessions") or [{}]
     calibration = sessions[-1].get("calibration") or {}
+    if results.shown_runtime != results.runtime:  # a compared runtime's view: its own
+        calibration = (calibration.get("compared") or {}).get(results.shown_runtime) or {}
     versions = ", ".join(f"{k} {v}" for k, v in (meta.get("versions") or {}).items())
+    shown = f" in {results.shown_runtime}" if results.compared else ""
     lines = [
-        f"Measured on {hardware_text(meta.get('hardware') or {})}; timing mode "
+        f"Measured{shown} on {hardware_text(meta.get('hardware') or {})}; timing mode "
         f"{calibration.get('mode', 'cpu')}, baseline reference "
         f"{calibration.get('reference_ms', float('nan')):.4f} ms.",
         f"Versions: {versions}." if versions else "",
