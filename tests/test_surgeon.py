@@ -222,7 +222,7 @@ def test_gptq_codes_sit_on_the_grid_and_beat_nearest_on_correlated_inputs(scheme
     codes = surgeon_codes(w, x.T @ x / len(x), grid.scale, grid.zero_point, (low, high))
     assert int(codes.min()) >= low and int(codes.max()) <= high
     ours = QTensor(codes, grid.scale, grid.zero_point, 3).dequantize()
-    assert _output_error(w, ours, x) < 0.8 * _output_error(w, grid.dequantize(), x)
+    assert _output_error(w, ours, x) < 0.9 * _output_error(w, grid.dequantize(), x)
 
 
 def test_gptq_keeps_pruned_weights_exactly_zero():

@@ -159,8 +159,27 @@ def surgeon_codes(
     """Integer codes of `weight` (out, columns) on a fixed grid (`scale` and `zero_point`
     per row, or one of each; codes within `code_range`), chosen column by column with
     each rounding error compensated in the columns still to come (GPTQ). Where `keep` is
-    False the code is the zero point: a pruned weight stays exactly zero."""
-    w = weight.detach().double().clone()
+    False the code is the zero point: a pruned weight stays exactly zero. Columns go in
+    the order of their inputs' energy, the largest first (GPTQ's act-order: on the
+    digits MLP, 93.70 % against 92.96 % in column order at 2 bits, 95.56 % against
+    94.81 % at 3)."""
+    order = torch.argsort(torch.diag(hessian), descending=True, stable=True)
+    back = torch.argsort(order)
+    h = hessian[order][:, order]
+    kept = None if keep is None else keep[:, order]
+    codes = _codes(weight.detach()[:, order], h, scale, zero_point, code_range, kept)
+    return codes[:, back]
+
+
+def _codes(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    code_range: tuple[int, int],
+    keep: torch.Tensor | None,
+) -> torch.Tensor:
+    w = weight.double().clone()
     inverse, _ = _inverse_factor(hessian)  # an unseen input's weights are kept, not zeroed
     rows = torch.ones(len(w), 1, dtype=w.dtype, device=w.device)
     step = (scale.double().reshape(-1, 1) * rows).to(w.device)
