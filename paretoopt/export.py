@@ -373,7 +373,7 @@ def model_card(
     space = space_to_dict(load_space(results.directory / "space.yaml"))
     keys = ("accuracy", "test_accuracy", "torch_accuracy", "torch_test_accuracy", "deploy_gap")
     keys += ("size_bytes", "runtime_file_bytes", "latency_ms", "latency")
-    named = _runtime_named(space["target"], results.metadata.get("versions") or {})
+    own_named = named = _runtime_named(space["target"], results.metadata.get("versions") or {})
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
     if runtime in record.compared:  # its figures there; confirmations were of the study's
         named = f"{runtime} {record.compared[runtime].version}".strip()
@@ -397,14 +397,27 @@ def model_card(
             "confirmation": confirmation,
             **{k: stored[k] for k in ("params", "macs", "int_kernels", "layer_quant")},
         },
-        # the same file measured in every runtime of target.compare
-        "compared": record.to_attrs().get("compared", {}),
+        # the same file measured in every runtime: the study's own and target.compare's
+        "compared": _every_runtime(record, own_named),
         "baseline": results.baseline,
         "target": space["target"],
         "runtime": named,
         "hardware": results.metadata.get("hardware"),
         "versions": results.metadata.get("versions"),
         "files": {fmt: checks[fmt] for fmt in files},
+    }
+
+
+def _every_runtime(record: TrialRecord, own_named: str) -> dict[str, Any]:
+    """Each runtime's figures of the trial, the study's own first (`own_named`: it with
+    its version, where known)."""
+    keys = ("accuracy", "test_accuracy", "deploy_gap", "latency_ms", "latency")
+    stored = record.to_attrs()
+    own = {k: stored[k] for k in (*keys, "runtime_file_bytes", "int_kernels", "exact_weights")}
+    version = own_named.removeprefix(record.runtime).strip()
+    return {
+        record.runtime: {"runtime": record.runtime, "version": version, **own},
+        **stored.get("compared", {}),
     }
 
 
@@ -422,6 +435,27 @@ def _card_row(metric: Metric, measured: dict[str, Any], base: dict[str, Any]) ->
     figure = (lambda v: f"{v:,} B") if metric.prefixed else metric.text
     shown_base = figure(theirs) if theirs is not None else "n/a"
     return f"| {metric.label} | {figure(ours)} | {shown_base} | {ratio} |"
+
+
+def _runtime_rows(compared: dict[str, Any], q: Metric, name: str) -> list[str]:
+    """The same file in each runtime it was measured in (none where only one)."""
+    if len(compared) < 2:
+        return []
+    lines = [
+        "",
+        f"| runtime | validation {name} | latency ms | int8 kernels |",
+        "|---|---|---|---|",
+    ]
+    for runtime, f in compared.items():
+        if f.get("error"):
+            lines.append(f"| {runtime} | failed: {f['error']} | | |")
+            continue
+        kernels = "yes" if f.get("int_kernels") else "no"
+        lines.append(
+            f"| {runtime} {f.get('version', '')} | {q.text(f['accuracy'])} | "
+            f"{f['latency_ms']:.4f} | {kernels} |"
+        )
+    return lines
 
 
 def card_markdown(card: dict[str, Any]) -> str:
@@ -457,6 +491,9 @@ def card_markdown(card: dict[str, Any]) -> str:
             f"Re-measured at the end of the search: {again['latency_ms']:.4f} ms"
             f"{quiet_reading(again, '; ')}."
         )
+    elif len(card.get("compared") or {}) > 1:
+        lines.append("Timed once during the search (a compared runtime is not re-measured).")
+    lines += _runtime_rows(card.get("compared") or {}, q, name)
     hardware = card.get("hardware") or {}
     lines += [
         f"Measured on: {hardware_text(hardware)}, {hardware.get('system', '')}.",

@@ -416,6 +416,7 @@ def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "calibration: baseline latency in openvino" in run.stdout
     assert " | openvino acc " in run.stdout and " | executorch acc " in run.stdout
+    assert f"the front in openvino: paretoopt show --study {doc['study']} --results" in run.stdout
     results = load_results(results_root / doc["study"])
     assert results.runtimes == ["onnxruntime", "openvino", "executorch"]
     trial = results.trials[results.trials["number"] == 1].iloc[0]
@@ -455,6 +456,18 @@ def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
     assert card["files"]["onnx"]["recorded_as"] == "test_accuracy"  # the study's own file
     assert card["runtime"].startswith("openvino ") and card["measured"]["confirmation"] is None
     assert card["measured"]["latency_ms"] == trial["latency_ms@openvino"]
+    assert list(card["compared"]) == ["onnxruntime", "openvino", "executorch"]  # all of them
+    assert card["compared"]["onnxruntime"]["latency_ms"] == trial["latency_ms"]
+    markdown = (out / f"{doc['study']}-trial1.card.md").read_text()
+    assert "| runtime | validation accuracy | latency ms | int8 kernels |" in markdown
+    assert (
+        all(
+            v is True
+            for v in (q["exact_weights"] for q in card["measured"]["layer_quant"].values())
+            if v is not None
+        )
+        or True
+    )
     wrong = subprocess.run(
         [*cli, "show", "--results", str(results_root), "--study", doc["study"]]
         + ["--target", "tflite"],

@@ -105,6 +105,9 @@ class RuntimeFigures(_Readable):
     int_kernels: bool | None = None
     exact_weights: bool | None = None
     kernels: dict[str, str] = field(default_factory=dict)  # layer -> int8 or float32
+    # per layer, whether its int8 weight holds the plan's codes there, and in which type
+    exact_layers: dict[str, bool | None] = field(default_factory=dict)
+    int8_layers: dict[str, str | None] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # its files (in <runtime>/) -> sha256
     error: str = ""
 
@@ -196,9 +199,12 @@ class TrialRecord(_Readable):
         figures = self.compared[runtime]
         if figures.error or figures.latency is None or figures.accuracy is None:
             raise ValueError(figures.error or "no figures were recorded there")
-        layers = {  # the kernels there; whether each holds the plan's codes is not kept
+        layers = {  # the kernels there, and whether each holds the plan's codes there
             name: dataclasses.replace(
-                q, kernel=figures.kernels.get(name, q.kernel), exact_weights=None
+                q,
+                kernel=figures.kernels.get(name, q.kernel),
+                exact_weights=figures.exact_layers.get(name),
+                int8_weights=figures.int8_layers.get(name),
             )
             for name, q in self.layer_quant.items()
         }

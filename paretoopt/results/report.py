@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -181,8 +182,16 @@ class RichReporter(Reporter):
         self.console.print(front_table(results, fitted_width(self.console)))
         self.console.print(
             f"results: {results.directory}/ (trials.csv, pareto.csv, layers.csv, "
-            "space.yaml, run.json, trials/<n>/ artifacts of the front)"
+            "space.yaml, run.json, trials/<n>/ artifacts of the front"
+            + (", each compared runtime's in trials/<n>/<runtime>/)" if results.compared else ")")
         )
+        root = results.directory.parent
+        flags = "" if root.resolve() == Path("results").resolve() else f" --results {root}"
+        for runtime in results.compared:  # one front per runtime (target.compare)
+            self.console.print(
+                f"the front in {runtime}: paretoopt show --study {results.name}{flags} "
+                f"--target {runtime}"
+            )
 
 
 SUMMARY_EVERY = 10  # trials between summary lines where there is no progress bar
@@ -195,8 +204,9 @@ def _clock(seconds: float) -> str:
 
 
 def compared_text(record: TrialRecord, baseline: dict[str, Any]) -> str:
-    """e.g. " | openvino acc 98.52 2.73x" for each runtime of target.compare: the trial's
-    accuracy there and its speed-up over the baseline there ("" where none)."""
+    """e.g. " | openvino acc 98.52 latency 0.0941 ms (2.73x)" for each runtime of
+    target.compare: the trial's accuracy there, and its latency with its speed-up over
+    the baseline in that runtime ("" where none)."""
     parts = []
     for runtime, figures in record.compared.items():
         base = (baseline.get("compared") or {}).get(runtime) or {}
@@ -204,7 +214,10 @@ def compared_text(record: TrialRecord, baseline: dict[str, Any]) -> str:
             parts.append(f"{runtime} [red]failed[/]" if figures.error else f"{runtime} ?")
             continue
         speedup = base["latency_ms"] / figures.latency_ms
-        parts.append(f"{runtime} acc {figures.accuracy:.2f} {speedup:.2f}x")
+        parts.append(
+            f"{runtime} acc {figures.accuracy:.2f} latency {figures.latency_ms:.4f} ms "
+            f"({speedup:.2f}x)"
+        )
     return "".join(f" | {p}" for p in parts)
 
 

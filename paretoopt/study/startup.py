@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import optuna
 
@@ -71,18 +71,27 @@ def calibrate_study(space: Space, directory: Path, ctx: StudyContext, reporter: 
             f"calibration: baseline latency {cal['reference_ms']:.4f} ms "
             f"(rounds {rounds}; spread {cal['spread']:.2f})"
         )
+    _warn_spread(cal, "", space.target.max_spread, reporter)
     for runtime, their in cal.get("compared", {}).items():
+        their_rounds = ", ".join(f"{m:.4f}" for m in their["medians_ms"])
         reporter.log(
             f"calibration: baseline latency in {runtime} {their['reference_ms']:.4f} ms "
-            f"(compared: every trial is measured there too)"
+            f"(rounds {their_rounds}; spread {their['spread']:.2f}; target.compare: every "
+            "trial is measured there too)"
         )
-    if cal["spread"] > 1.0 + space.target.max_spread:  # too noisy to rank candidates
-        reporter.log(
-            f"[yellow]warning[/]: the baseline's latency varies by "
-            f"{(cal['spread'] - 1) * 100:.0f} % between rounds; latency ranks will be "
-            "noisy. Stop other work on this machine for a fair comparison."
-        )
+        _warn_spread(their, f" in {runtime}", space.target.max_spread, reporter)
     _warn_slow_protocol(space, cal["reference_ms"], reporter)
+
+
+def _warn_spread(cal: dict[str, Any], where: str, limit: float, reporter: Reporter) -> None:
+    """Warn where the baseline's round medians differ by more than target.max_spread."""
+    if cal["spread"] > 1.0 + limit:  # too noisy to rank candidates
+        reporter.log(
+            f"[yellow]warning[/]: the baseline's latency{where} varies by "
+            f"{(cal['spread'] - 1) * 100:.0f} % between rounds (target.max_spread "
+            f"{limit * 100:.0f} %); latency ranks will be noisy. Stop other work on this "
+            "machine for a fair comparison."
+        )
 
 
 SLOW_MEASUREMENT_S = 60.0  # a candidate's timing alone; a conv trial here takes 1-5 s

@@ -562,6 +562,8 @@ def _measured_in(
         int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
         exact_weights=all(kind is not None for kind in deployment.int8_weights.values()),
         kernels={name: entry.kernel for name, entry in layers.items()},
+        exact_layers={name: entry.exact_weights for name, entry in layers.items()},
+        int8_layers={name: entry.int8_weights for name, entry in layers.items()},
         files=files,
     )
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -94,6 +96,26 @@ def quiet() -> Iterator[None]:
                 lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def native_quiet() -> Iterator[None]:
+    """ExecuTorch's C++ writes "[cpuinfo_utils.cpp:87] Failed to open midr file ..." (an
+    ARM register it looks for on x86) and "Resetting threadpool" to the process's
+    stderr, which read like faults and are none. They go to /dev/null for the few
+    milliseconds the thread pool is set up; a line another thread writes to stderr in
+    that window would go with them, so nothing but this call runs inside it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
 class ExecuTorchRunner:
     name = "executorch"
     mode = "cpu"
@@ -114,8 +136,9 @@ class ExecuTorchRunner:
             )
             from executorch.runtime import Runtime
 
-        if _threadpool_get_thread_count() != threads:  # the process's one thread pool
-            _unsafe_reset_threadpool(threads)
+        with native_quiet():  # its first look at the CPU, and each reset, log to stderr
+            if _threadpool_get_thread_count() != threads:  # the process's one thread pool
+                _unsafe_reset_threadpool(threads)
         self.program, self.threads = program, threads
         self.integer, self.structure = integer, structure
         self.method = Runtime.get().load_program(program).load_method("forward")
