@@ -420,3 +420,13 @@ def test_the_report_of_a_compared_runtime_names_it_and_its_baseline(compared, tm
     theirs = run["sessions"][-1]["calibration"]["compared"]["torch"]["reference_ms"]
     assert "Measured in torch on" in page and f"baseline reference {theirs:.4f} ms" in page
     assert main([*args, "--target", "tflite"]) == 2  # one line, not a traceback
+
+
+def test_the_baseline_and_plans_of_its_structure_read_1x_against_it(root):
+    results = load_results(root / "tiny")
+    frame = results.trials[results.trials["state"] == "COMPLETE"]
+    base = frame[frame["baseline"]].iloc[0]
+    assert base["speedup"] == 1.0  # its pooled latency is the one ratios are read against
+    assert results.baseline["latency_ms"] == base["latency_ms"]
+    same = frame[frame["latency_structure"] == base["latency_structure"]]
+    assert (same["speedup"] == 1.0).all()

@@ -370,7 +370,7 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
         raise StudyError(
             f"{directory}: cannot open study {space['study']!r}: {type(exc).__name__}: {exc}"
         ) from None
-    baseline = metadata.get("baseline") or {}
+    baseline = _pooled_baseline(study, metadata.get("baseline") or {})
     frame = _with_confirmations(trials_frame(study, baseline or None), metadata, baseline)
     if len(frame):  # artifacts of trials off the front are removed when a search ends
         frame["artifact"] = [a if a and (directory / a).is_dir() else "" for a in frame["artifact"]]
@@ -398,6 +398,21 @@ def _runtimes(stored: Any) -> tuple[str, tuple[str, ...], str]:
     listed = target.get("compare") if isinstance(target.get("compare"), list) else []
     compared = tuple(r for r in listed if isinstance(r, str) and r != runtime)
     return runtime or "", compared, runtime or ""
+
+
+def _pooled_baseline(study: optuna.Study, baseline: dict[str, Any]) -> dict[str, Any]:
+    """The baseline with the latency of its structure's pool, which every trial of that
+    structure reports (the stored figure is the baseline trial's own timing, which made
+    a plan of the baseline's structure read 0.99x against itself)."""
+    records = [
+        stored_record(t.user_attrs) if t.state.name == "COMPLETE" else None
+        for t in study.get_trials(deepcopy=False)
+    ]
+    flags = [bool(t.user_attrs.get(BASELINE_ATTR)) for t in study.get_trials(deepcopy=False)]
+    for record, is_baseline in zip(pool_study(records), flags, strict=True):
+        if is_baseline and record is not None and baseline.get("latency_ms"):
+            return {**baseline, "latency_ms": record.latency_ms}
+    return baseline
 
 
 def _constraints(stored: Any) -> dict[str, Any]:
