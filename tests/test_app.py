@@ -396,6 +396,7 @@ def test_a_compared_study_reads_one_front_per_runtime(compared):
     assert set(view.pareto["number"]) <= set(done["number"])
     with pytest.raises(Exception, match="measured its trials in onnxruntime, torch, not in"):
         for_target(results, "openvino")
+    assert for_target(results, "Torch").shown_runtime == "torch"  # names in any case
 
 
 def test_the_explorer_switches_between_the_runtimes_of_a_compared_study(compared):

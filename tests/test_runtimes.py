@@ -480,7 +480,7 @@ def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
         .splitlines()[-1]
         .endswith(
             "--target: study 'tiny-compare' measured its trials in onnxruntime, openvino, "
-            "executorch, not in 'tflite' (target.compare lists the runtimes measured beside "
-            "target.runtime)"
+            "executorch, not in 'tflite'; choose one of those (the space file's target.runtime "
+            "and target.compare)"
         )
     )

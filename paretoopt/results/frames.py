@@ -207,13 +207,14 @@ def for_target(results: StudyResults, runtime: str | None) -> StudyResults:
     baseline there, its feasibility under the study's limits, and that runtime's front.
     The study's own runtime (or None) gives the study back. End-of-search confirmations
     were made in the study's runtime, so a compared view has none."""
+    runtime = runtime.strip().lower() if runtime else None  # runtimes are named in lowercase
     if runtime is None or runtime == results.runtime:
         return results
     if runtime not in results.compared:
         raise StudyError(
             f"--target: study {results.name!r} measured its trials in "
-            f"{', '.join(results.runtimes) or 'one runtime'}, not in {runtime!r} "
-            "(target.compare lists the runtimes measured beside target.runtime)"
+            f"{', '.join(results.runtimes) or 'one runtime'}, not in {runtime!r}; choose "
+            "one of those (the space file's target.runtime and target.compare)"
         )
     frame = results.trials.drop(columns=CONFIRM_COLUMNS, errors="ignore").copy()
     theirs = (results.baseline.get("compared") or {}).get(runtime)

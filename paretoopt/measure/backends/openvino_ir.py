@@ -177,9 +177,7 @@ class OpenVinoBackend:
         return runtime_structure(runner) if isinstance(runner, OpenVinoRunner) else None
 
     def version(self) -> str:
-        import openvino as ov
-
-        return str(ov.__version__)
+        return package_version()
 
 
 def write_ir(onnx_path: Path, xml: Path) -> dict[str, np.ndarray]:
@@ -220,6 +218,13 @@ def integer_constants(runner: OpenVinoRunner) -> set[str]:
             if name.endswith("_quantized") and kind == "Const":
                 found.add(name.removesuffix("_quantized"))
     return found
+
+
+def package_version() -> str:
+    """The release installed, e.g. 2026.4.1 (openvino.__version__ adds the build)."""
+    from importlib.metadata import version
+
+    return version("openvino")
 
 
 def runtime_structure(runner: OpenVinoRunner) -> str:
@@ -274,9 +279,7 @@ class IrFormat:
         return out
 
     def version(self) -> str:
-        import openvino as ov
-
-        return str(ov.__version__)
+        return package_version()
 
 
 OV_INPUTS = {"f32": "float32", "i64": "int64", "i32": "int32", "boolean": "bool"}
