@@ -393,6 +393,7 @@ def test_a_compared_study_reads_one_front_per_runtime(compared):
         assert row["accuracy"] == own.loc[row["number"], "accuracy@torch"]
         assert row["speedup"] == pytest.approx(base["latency_ms"] / row["latency_ms"])
         assert row["accuracy_change"] == pytest.approx(row["accuracy"] - base["accuracy"])
+        assert own.loc[row["number"], "speedup@torch"] == pytest.approx(row["speedup"])
     assert set(view.pareto["number"]) <= set(done["number"])
     with pytest.raises(Exception, match="measured its trials in onnxruntime, torch, not in"):
         for_target(results, "openvino")

@@ -147,6 +147,11 @@ def _row(
     row.update(_early(t))
     if baseline and (record is not None or row["stopped"]):
         row.update(ratios(row, baseline))  # accuracy_change, size_ratio, speedup, ...
+    for runtime, theirs in (baseline or {}).get("compared", {}).items():  # target.compare
+        tag = f"@{runtime}"
+        there = {k.removesuffix(tag): v for k, v in row.items() if k.endswith(tag)}
+        if there.get("accuracy") is not None and (theirs or {}).get("accuracy") is not None:
+            row.update({f"{k}{tag}": v for k, v in ratios(there, theirs).items()})
     for key, value in t.params.items():
         row[f"param.{key}"] = value
     return row
