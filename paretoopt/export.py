@@ -109,15 +109,15 @@ def export_trial(
         )
     number = _choose(results, trial, rule)
     record = _checked_record(results, number)
-    if target is not None and target in record.compared:
+    runtime = results.shown_runtime or record.runtime  # --target, as for_target names it
+    if runtime in record.compared:
         try:
-            record.in_runtime(target)
+            record.in_runtime(runtime)
         except ValueError as exc:
             raise StudyError(
-                f"--target: trial {number} could not be measured in {target} "
+                f"--target: trial {number} could not be measured in {runtime} "
                 f"({one_line(str(exc))[:200]}); export it without --target, or pick another"
             ) from None
-    runtime = results.shown_runtime or record.runtime
     formats = default_formats(runtime) if formats is None else formats
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
@@ -373,7 +373,8 @@ def model_card(
     space = space_to_dict(load_space(results.directory / "space.yaml"))
     keys = ("accuracy", "test_accuracy", "torch_accuracy", "torch_test_accuracy", "deploy_gap")
     keys += ("size_bytes", "runtime_file_bytes", "latency_ms", "latency")
-    own_named = named = _runtime_named(space["target"], results.metadata.get("versions") or {})
+    versions = results.metadata.get("versions") or {}
+    named = _runtime_named(space["target"], versions)
     confirmation = results.metadata.get("confirmations", {}).get(str(number))
     if runtime in record.compared:  # its figures there; confirmations were of the study's
         named = f"{runtime} {record.compared[runtime].version}".strip()
@@ -398,7 +399,7 @@ def model_card(
             **{k: stored[k] for k in ("params", "macs", "int_kernels", "layer_quant")},
         },
         # the same file measured in every runtime: the study's own and target.compare's
-        "compared": _every_runtime(record, own_named),
+        "compared": _every_runtime(record, str(versions.get(record.runtime, ""))),
         "baseline": results.baseline,
         "target": space["target"],
         "runtime": named,
@@ -408,13 +409,11 @@ def model_card(
     }
 
 
-def _every_runtime(record: TrialRecord, own_named: str) -> dict[str, Any]:
-    """Each runtime's figures of the trial, the study's own first (`own_named`: it with
-    its version, where known)."""
+def _every_runtime(record: TrialRecord, version: str) -> dict[str, Any]:
+    """Each runtime's figures of the trial, the study's own (at `version`) first."""
     keys = ("accuracy", "test_accuracy", "deploy_gap", "latency_ms", "latency")
     stored = record.to_attrs()
     own = {k: stored[k] for k in (*keys, "runtime_file_bytes", "int_kernels", "exact_weights")}
-    version = own_named.removeprefix(record.runtime).strip()
     return {
         record.runtime: {"runtime": record.runtime, "version": version, **own},
         **stored.get("compared", {}),

@@ -111,34 +111,41 @@ def test_a_runtime_that_is_not_installed_says_how_to_install_it(monkeypatch):
         backend_base.require("openvino")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", RUNTIMES)
-def test_a_search_measures_in_the_runtime_and_exports_the_file_it_timed(name, tmp_path, tiny_doc):
-    doc = {**tiny_doc, "study": f"tiny-{name}"}
-    doc["target"] = {**doc["target"], "runtime": name}
+CLI = [sys.executable, "-m", "paretoopt.cli"]
+
+
+def _search(tmp_path, tiny_doc, study, **target):
+    """Two trials of channel pruning with 4-bit int8 plans (4-bit codes fit every CPU's
+    s8 kernels: int8 kernels with or without VNNI), searched from the command line."""
+    doc = {**tiny_doc, "study": study, "target": {**tiny_doc["target"], **target}}
     doc["search"] = {"trials": 2, "seed": 0, "anchors": 0}
     doc["space"] = {
         "pruning": {"structure": ["channel"], "sparsity": {"low": 0.2, "high": 0.4}},
-        # 4-bit codes fit every CPU's s8 kernels: int8 kernels with or without VNNI
         "quantization": {"bits": [4], "activations": ["int8"]},
         "finetune": {"epochs": 1},
     }
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(doc))
-    cli = [sys.executable, "-m", "paretoopt.cli"]
     results = tmp_path / "results"
     run = subprocess.run(
-        [*cli, "search", "--space", str(space), "--results", str(results)],
+        [*CLI, "search", "--space", str(space), "--results", str(results)],
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stderr[-2000:]
+    return doc, results, run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RUNTIMES)
+def test_a_search_measures_in_the_runtime_and_exports_the_file_it_timed(name, tmp_path, tiny_doc):
+    doc, results, _ = _search(tmp_path, tiny_doc, f"tiny-{name}", runtime=name)
     trials = pd.read_csv(results / doc["study"] / "trials.csv")
     done = trials[trials["state"] == "COMPLETE"]
     assert len(done) == 2 and done[done["number"] == 1]["int_kernels"].all()  # 0: baseline
     out = tmp_path / "out"
     run = subprocess.run(
-        [*cli, "export", "--results", str(results), "--study", doc["study"], "--trial", "1"]
+        [*CLI, "export", "--results", str(results), "--study", doc["study"], "--trial", "1"]
         + ["--out", str(out), "--format", name],
         capture_output=True,
         text=True,
@@ -396,24 +403,9 @@ def test_a_study_on_an_agent_without_its_runtime_stops_before_any_trial(tmp_path
 def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
     from paretoopt.results.frames import for_target, load_results
 
-    doc = {**tiny_doc, "study": "tiny-compare"}
-    doc["target"] = {**doc["target"], "compare": ["openvino", "executorch"]}
-    doc["search"] = {"trials": 2, "seed": 0, "anchors": 0}
-    doc["space"] = {
-        "pruning": {"structure": ["channel"], "sparsity": {"low": 0.2, "high": 0.4}},
-        "quantization": {"bits": [4], "activations": ["int8"]},
-        "finetune": {"epochs": 1},
-    }
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(doc))
-    cli = [sys.executable, "-m", "paretoopt.cli"]
-    results_root = tmp_path / "results"
-    run = subprocess.run(
-        [*cli, "search", "--space", str(space), "--results", str(results_root)],
-        capture_output=True,
-        text=True,
+    doc, results_root, run = _search(
+        tmp_path, tiny_doc, "tiny-compare", compare=["openvino", "executorch"]
     )
-    assert run.returncode == 0, run.stderr[-2000:]
     assert "calibration: baseline latency in openvino" in run.stdout
     assert " | openvino acc " in run.stdout and " | executorch acc " in run.stdout
     assert f"the front in openvino: paretoopt show --study {doc['study']} --results" in run.stdout
@@ -433,7 +425,7 @@ def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
         assert view.baseline["latency_ms"] == base["latency_ms"] != results.baseline["latency_ms"]
         assert "confirm_latency_ms" not in view.trials  # confirmed in the study's runtime only
     shown = subprocess.run(
-        [*cli, "show", "--results", str(results_root), "--study", doc["study"]]
+        [*CLI, "show", "--results", str(results_root), "--study", doc["study"]]
         + ["--target", "executorch"],
         capture_output=True,
         text=True,
@@ -441,7 +433,7 @@ def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
     assert shown.returncode == 0 and "measured in executorch" in shown.stdout
     out = tmp_path / "out"
     run = subprocess.run(
-        [*cli, "export", "--results", str(results_root), "--study", doc["study"], "--trial", "1"]
+        [*CLI, "export", "--results", str(results_root), "--study", doc["study"], "--trial", "1"]
         + ["--out", str(out), "--target", "openvino"],
         capture_output=True,
         text=True,
@@ -469,7 +461,7 @@ def test_a_study_compares_runtimes_with_one_front_each(tmp_path, tiny_doc):
         or True
     )
     wrong = subprocess.run(
-        [*cli, "show", "--results", str(results_root), "--study", doc["study"]]
+        [*CLI, "show", "--results", str(results_root), "--study", doc["study"]]
         + ["--target", "tflite"],
         capture_output=True,
         text=True,

@@ -115,16 +115,39 @@ def is_interrupted(t: optuna.trial.FrozenTrial) -> bool:
     return t.state.name == "FAIL" and fail_reason(t).startswith("interrupted:")
 
 
-def trials_frame(study: optuna.Study, baseline: dict[str, Any] | None) -> pd.DataFrame:
-    """One row per trial: state, measurements, ratios against the baseline, plan."""
+def trials_frame(
+    study: optuna.Study, baseline: dict[str, Any] | None
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One row per trial: state, measurements, ratios against the baseline, plan; and
+    the baseline as the ratios read it (see `_pooled_baseline`)."""
     trials = study.get_trials(deepcopy=False)
     complete = [stored_record(t.user_attrs) if t.state.name == "COMPLETE" else None for t in trials]
     # trials of one deployed structure report one latency: the pool of all their sessions
-    rows = [_row(t, r, baseline) for t, r in zip(trials, pool_study(complete), strict=True)]
+    records = pool_study(complete)
+    base = _pooled_baseline(trials, records, baseline or {})
+    rows = [_row(t, r, base or None) for t, r in zip(trials, records, strict=True)]
     frame = pd.DataFrame(rows)
     if frame.empty:
-        return frame
-    return frame.sort_values("number").reset_index(drop=True)
+        return frame, base
+    return frame.sort_values("number").reset_index(drop=True), base
+
+
+def _pooled_baseline(
+    trials: list[optuna.trial.FrozenTrial],
+    records: list[TrialRecord | None],
+    baseline: dict[str, Any],
+) -> dict[str, Any]:
+    """The baseline with the latency of its structure's pool, which every trial of that
+    structure reports (the stored figure is the baseline trial's own timing, which made
+    a plan of the baseline's structure read 0.99x against itself)."""
+    for trial, record in zip(trials, records, strict=True):
+        if (
+            trial.user_attrs.get(BASELINE_ATTR)
+            and record is not None
+            and baseline.get("latency_ms")
+        ):
+            return {**baseline, "latency_ms": record.latency_ms}
+    return baseline
 
 
 def _row(
@@ -376,8 +399,8 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
         raise StudyError(
             f"{directory}: cannot open study {space['study']!r}: {type(exc).__name__}: {exc}"
         ) from None
-    baseline = _pooled_baseline(study, metadata.get("baseline") or {})
-    frame = _with_confirmations(trials_frame(study, baseline or None), metadata, baseline)
+    frame, baseline = trials_frame(study, metadata.get("baseline") or None)
+    frame = _with_confirmations(frame, metadata, baseline)
     if len(frame):  # artifacts of trials off the front are removed when a search ends
         frame["artifact"] = [a if a and (directory / a).is_dir() else "" for a in frame["artifact"]]
     metrics = list(space["objectives"])
@@ -404,21 +427,6 @@ def _runtimes(stored: Any) -> tuple[str, tuple[str, ...], str]:
     listed = target.get("compare") if isinstance(target.get("compare"), list) else []
     compared = tuple(r for r in listed if isinstance(r, str) and r != runtime)
     return runtime or "", compared, runtime or ""
-
-
-def _pooled_baseline(study: optuna.Study, baseline: dict[str, Any]) -> dict[str, Any]:
-    """The baseline with the latency of its structure's pool, which every trial of that
-    structure reports (the stored figure is the baseline trial's own timing, which made
-    a plan of the baseline's structure read 0.99x against itself)."""
-    records = [
-        stored_record(t.user_attrs) if t.state.name == "COMPLETE" else None
-        for t in study.get_trials(deepcopy=False)
-    ]
-    flags = [bool(t.user_attrs.get(BASELINE_ATTR)) for t in study.get_trials(deepcopy=False)]
-    for record, is_baseline in zip(pool_study(records), flags, strict=True):
-        if is_baseline and record is not None and baseline.get("latency_ms"):
-            return {**baseline, "latency_ms": record.latency_ms}
-    return baseline
 
 
 def _constraints(stored: Any) -> dict[str, Any]:

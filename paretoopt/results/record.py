@@ -342,16 +342,7 @@ def layer_rows(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 def frame_columns(record: TrialRecord | None) -> dict[str, Any]:
     """A trial's measured columns in the trials frame (None where it has no record)."""
     out: dict[str, Any] = {k: getattr(record, k) if record else None for k in FRAME_FIELDS}
-    latency = record.latency if record else None
-    # raw figures of the candidate's own rounds; latency_ms is drift-corrected
-    out["latency_raw_median_ms"] = latency.median_ms if latency else None
-    out["latency_raw_p90_ms"] = latency.p90_ms if latency else None
-    out["latency_spread"] = latency.spread if latency else None
-    # latency_ms pools every trial of the structure; this trial's own sessions alone:
-    out["latency_own_ms"] = latency.latency_ms if latency else None
-    out["latency_pooled_trials"] = latency.pooled_trials if latency else None
-    out["latency_quiet"] = latency.quiet if latency else None
-    out["latency_structure"] = latency.structure if latency else None
+    out |= latency_columns(record.latency if record else None)
     out["params"] = record.params if record else None
     out["macs"] = record.macs if record else None
     for name, figures in (record.compared if record else {}).items():
@@ -371,28 +362,24 @@ COMPARED_FIELDS = (
 )
 
 
-def compared_columns(runtime: str, figures: RuntimeFigures) -> dict[str, Any]:
-    """A compared runtime's columns, each named "<column>@<runtime>" after the column of
-    the study's runtime it stands for (see COMPARED_COLUMNS)."""
-    latency = figures.latency
-    out: dict[str, Any] = {k: getattr(figures, k) for k in COMPARED_FIELDS}
-    out |= {
-        "error": figures.error,
-        "latency_raw_median_ms": latency.median_ms if latency else None,
-        "latency_raw_p90_ms": latency.p90_ms if latency else None,
-        "latency_spread": latency.spread if latency else None,
-        "latency_own_ms": figures.latency_ms,  # compared figures are not pooled
-        "latency_pooled_trials": 1 if latency else None,
-        "latency_quiet": latency.quiet if latency else None,
-        "latency_structure": latency.structure if latency else None,
+def latency_columns(latency: Latency | None) -> dict[str, Any]:
+    """A latency's detail columns in the trials frame (None where there is none)."""
+    if latency is None:
+        return dict.fromkeys(LATENCY_COLUMNS)
+    return {
+        # raw figures of the candidate's own rounds; latency_ms is drift-corrected
+        "latency_raw_median_ms": latency.median_ms,
+        "latency_raw_p90_ms": latency.p90_ms,
+        "latency_spread": latency.spread,
+        # latency_ms pools every trial of the structure; this trial's own sessions alone:
+        "latency_own_ms": latency.latency_ms,
+        "latency_pooled_trials": latency.pooled_trials,
+        "latency_quiet": latency.quiet,
+        "latency_structure": latency.structure,
     }
-    return {f"{k}@{runtime}": v for k, v in out.items()}
 
 
-# every column a compared runtime gives the trials frame, under "<column>@<runtime>"
-COMPARED_COLUMNS = (
-    *COMPARED_FIELDS,
-    "error",
+LATENCY_COLUMNS = (
     "latency_raw_median_ms",
     "latency_raw_p90_ms",
     "latency_spread",
@@ -401,6 +388,19 @@ COMPARED_COLUMNS = (
     "latency_quiet",
     "latency_structure",
 )
+
+
+def compared_columns(runtime: str, figures: RuntimeFigures) -> dict[str, Any]:
+    """A compared runtime's columns, each named "<column>@<runtime>" after the column of
+    the study's runtime it stands for (see COMPARED_COLUMNS); its figures are not
+    pooled, so its own latency is its latency."""
+    out = {k: getattr(figures, k) for k in COMPARED_FIELDS}
+    out |= {"error": figures.error, **latency_columns(figures.latency)}
+    return {f"{k}@{runtime}": v for k, v in out.items()}
+
+
+# every column a compared runtime gives the trials frame, under "<column>@<runtime>"
+COMPARED_COLUMNS = (*COMPARED_FIELDS, "error", *LATENCY_COLUMNS)
 
 
 FRAME_FIELDS = (

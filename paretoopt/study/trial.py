@@ -43,6 +43,7 @@ from paretoopt.config.space import RecipeSpec, Space, section_to_dict, space_to_
 from paretoopt.errors import SpaceError, StudyError, TrialError, one_line
 from paretoopt.measure import Runner, runtime_quality
 from paretoopt.measure.backends import Deployment, DeployRequest
+from paretoopt.measure.backends.base import untimed
 from paretoopt.measure.backends.onnxruntime import ONNX_FILE
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.target import Target
@@ -471,7 +472,6 @@ def _run(
         latency = bench.timed("measure", settled_latency, ctx, runner, runtime_file, structure)
     latency["structure"] = structure
     layers = _layer_quant(plan, bench, ctx.target.integer_weights(deployment), exact)
-    integer = [n for n, e in layers.items() if e.format == "int"]
     compared = {
         name: bench.timed(
             "compare",
@@ -499,7 +499,7 @@ def _run(
         latency_ms=latency["latency_ms"],
         latency=Latency(**latency),
         runtime=runner.name,
-        int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
+        int_kernels=_int_kernels(layers),
         # False: some layer was re-rounded by the int8 converter, so the runtime model is
         # not the file's model
         exact_weights=all(kind is not None for kind in exact.values()),
@@ -549,7 +549,6 @@ def _measured_in(
         reason = f"{type(exc).__name__}: {one_line(str(exc))[:300]}"
         return RuntimeFigures(runtime, target.backend.version(), error=reason)
     layers = _layer_quant(plan, bench, integer_weights, deployment.int8_weights)
-    integer = [n for n, e in layers.items() if e.format == "int"]
     return RuntimeFigures(
         runtime,
         target.backend.version(),
@@ -559,13 +558,19 @@ def _measured_in(
         latency_ms=latency["latency_ms"],
         latency=Latency(**{**latency, "structure": structure}),
         runtime_file_bytes=file_bytes,
-        int_kernels=bool(integer) and all(layers[n].kernel == "int8" for n in integer),
+        int_kernels=_int_kernels(layers),
         exact_weights=all(kind is not None for kind in deployment.int8_weights.values()),
         kernels={name: entry.kernel for name, entry in layers.items()},
         exact_layers={name: entry.exact_weights for name, entry in layers.items()},
         int8_layers={name: entry.int8_weights for name, entry in layers.items()},
         files=files,
     )
+
+
+def _int_kernels(layers: dict[str, LayerQuant]) -> bool:
+    """Every integer-quantized layer ran in an integer kernel (and there is one)."""
+    integer = [n for n, e in layers.items() if e.format == "int"]
+    return bool(integer) and all(layers[n].kernel == "int8" for n in integer)
 
 
 def _rounds(plan: CompressionPlan) -> bool:
@@ -650,7 +655,7 @@ def _deploy(
 ) -> Deployment:
     """The model in the target's runtime (`target`: a compared one). Int8: activations
     calibrated on training samples, the plan's own weights."""
-    clock = bench.timed if target is None else _unclocked  # compared: counted under "compare"
+    clock = bench.timed if target is None else untimed  # compared: counted under "compare"
     target = target or ctx.target
     cfg = plan.quant
     request = DeployRequest(
@@ -663,10 +668,6 @@ def _deploy(
         int8=target.int8_recipe() if cfg.activations == "int8" else None,
     )
     return target.backend.deploy(request)
-
-
-def _unclocked(_stage: str, fn: Callable[..., Any], *args: Any) -> Any:
-    return fn(*args)
 
 
 def _layer_quant(

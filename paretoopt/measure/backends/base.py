@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from paretoopt.measure.protocol import Runner
 
 
-def _untimed(_stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+def untimed(_stage: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """A stage clock that runs the stage and records nothing."""
     return fn(*args)
 
 
@@ -39,7 +40,7 @@ class DeployRequest:
     quant: QuantConfig
     calibration: Any = None  # training samples: int8 activation ranges
     codes: Mapping[str, QTensor] = field(default_factory=dict)  # the plan's integer codes
-    timed: Callable[..., Any] = _untimed  # (stage, fn, *args): the trial's stage clock
+    timed: Callable[..., Any] = untimed  # (stage, fn, *args): the trial's stage clock
     int8: Int8Recipe | None = None  # the weight types the timing CPU's int8 kernels want
 
 

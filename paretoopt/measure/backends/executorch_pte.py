@@ -230,14 +230,10 @@ def _export(model: nn.Module, example: Inputs) -> Any:
     return torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
 
 
+@quiet()
 def lower(model: nn.Module, example: Inputs) -> tuple[bytes, frozenset[str], str]:
     """The model as an ExecuTorch program delegated to XNNPACK; with the weights that run
     in its integer kernels and the lowered program's structure."""
-    with quiet():
-        return _lower(model, example)
-
-
-def _lower(model: nn.Module, example: Inputs) -> tuple[bytes, frozenset[str], str]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -295,6 +291,7 @@ def _nodes(nodes: Iterable[Any]) -> list[list[Any]]:
 # --------------------------------------------------------------------------- int8
 
 
+@quiet()
 def quantize(
     model: nn.Module,
     example: Inputs,
@@ -305,18 +302,7 @@ def quantize(
     """The model with int8 weights and activations for XNNPACK, calibrated on
     `calibration`; per quantized weight, "s8" where it holds the plan's own codes, or
     None where the quantizer's re-rounded weight stayed. `floats`: layers kept float
-    (the other layers' operators are then quantized layer by layer, not all of them)."""
-    with quiet():
-        return _quantize(model, example, calibration, codes, floats)
-
-
-def _quantize(
-    model: nn.Module,
-    example: Inputs,
-    calibration: Inputs,
-    codes: dict[str, QTensor] | Any,
-    floats: list[str],
-) -> tuple[Any, dict[str, str | None]]:
+    (their nodes are filtered out; every other pattern is quantized)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
