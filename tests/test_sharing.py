@@ -9,6 +9,7 @@ real PostgreSQL server: ``.ci/run`` starts one and names it in PARETOOPT_TEST_PO
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import pytest
 from optuna.trial import TrialState
 
 from paretoopt.cli import main
-from paretoopt.results.frames import BASELINE_ATTR, STALE, fail_reason, redact
+from paretoopt.results.frames import BASELINE_ATTR, STALE, fail_reason, reading_study, redact
 from paretoopt.study import sharing
 from paretoopt.study.session import finished
 
@@ -161,9 +162,11 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "paretoopt.cli", *args]
 
 
-def _running_trial_of(url: str, name: str, pid: int) -> optuna.trial.FrozenTrial | None:
+def _running_trial_of(
+    storage: optuna.storages.BaseStorage, name: str, pid: int
+) -> optuna.trial.FrozenTrial | None:
     try:
-        study = optuna.load_study(study_name=name, storage=url)
+        study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         return None
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -192,10 +195,12 @@ def test_four_workers_share_a_study_and_a_killed_workers_trial_is_retried(
     workers = [subprocess.Popen(worker, **quiet) for _ in range(4)]
     victim, killed = workers[0], None
     deadline = time.monotonic() + 240
+    polled = optuna.storages.RDBStorage(postgres)  # one engine: a URL per poll is one each
     while killed is None and time.monotonic() < deadline and victim.poll() is None:
-        killed = _running_trial_of(postgres, name, victim.pid)
+        killed = _running_trial_of(polled, name, victim.pid)
         time.sleep(0.05)
     assert killed is not None, "the victim never ran a trial"
+    polled.engine.dispose()
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     for process in [search, *workers[1:]]:
@@ -264,3 +269,30 @@ def test_a_second_folder_cannot_reuse_a_study_name_with_another_space(
     err = capsys.readouterr().err
     assert "space.quantization.bits: [4, 8, 32] then, [2, 4] now" in err
     assert not (tmp_path / "r" / name / "trials").exists()
+
+
+def _connections(url: str) -> int:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(url, poolclass=NullPool)
+    with engine.connect() as connection:  # itself one of them; the same in every count
+        query = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        return int(connection.execute(text(query)).scalar_one())
+
+
+def test_reading_a_shared_study_leaves_no_connection_open(tmp_path, postgres, shared_doc):
+    """A process that reads a database study again and again (a search's tables after
+    each trial, the explorer) holds no connection after each read: engines left to the
+    garbage collector kept theirs and ran the server out of slots."""
+    name = shared_doc["study"]
+    optuna.create_study(study_name=name, storage=postgres).optimize(lambda t: 1.0, n_trials=1)
+    before = _connections(postgres)
+    gc.disable()  # a leak must not be hidden by a collection that happens to run
+    try:
+        for _ in range(5):
+            with reading_study(name, postgres, tmp_path) as study:
+                assert len(study.get_trials(deepcopy=False)) == 1
+        assert _connections(postgres) == before
+    finally:
+        gc.enable()

@@ -361,7 +361,27 @@ def open_storage(url: str | None, directory: Path) -> optuna.storages.BaseStorag
     """The study's storage: an Optuna URL, or the embedded journal file by default."""
     if url is None:
         return journal_storage(directory)
-    return optuna.storages.get_storage(url)
+    return optuna.storages.RDBStorage(url)  # its engine is ours to close (reading_study)
+
+
+@contextmanager
+def reading_study(name: str, url: str | None, directory: Path) -> Iterator[optuna.Study]:
+    """The study, read; a database's connections are closed when the block ends. Each
+    read opens its own engine, whose pooled connections otherwise stay open until the
+    garbage collector finds it: a process that reads a shared study often (a search's
+    tables after every trial, a polling client) ran the server out of connection slots."""
+    try:
+        storage = open_storage(url, directory)
+        study = optuna.load_study(study_name=name, storage=storage)
+    except Exception as exc:
+        raise StudyError(
+            f"{directory}: cannot open study {name!r}: {type(exc).__name__}: {exc}"
+        ) from None
+    try:
+        yield study
+    finally:
+        if isinstance(storage, optuna.storages.RDBStorage):
+            storage.engine.dispose()
 
 
 def load_results(directory: str | Path, storage: str | None = None) -> StudyResults:
@@ -393,13 +413,8 @@ def load_results(directory: str | Path, storage: str | None = None) -> StudyResu
         )
     if url is None and not (directory / JOURNAL_FILE).is_file():  # reading must not create it
         raise StudyError(f"{directory}: the study has no storage yet ({JOURNAL_FILE} is missing)")
-    try:
-        study = optuna.load_study(study_name=space["study"], storage=open_storage(url, directory))
-    except Exception as exc:
-        raise StudyError(
-            f"{directory}: cannot open study {space['study']!r}: {type(exc).__name__}: {exc}"
-        ) from None
-    frame, baseline = trials_frame(study, metadata.get("baseline") or None)
+    with reading_study(space["study"], url, directory) as study:
+        frame, baseline = trials_frame(study, metadata.get("baseline") or None)
     frame = _with_confirmations(frame, metadata, baseline)
     if len(frame):  # artifacts of trials off the front are removed when a search ends
         frame["artifact"] = [a if a and (directory / a).is_dir() else "" for a in frame["artifact"]]
@@ -465,10 +480,9 @@ def _with_confirmations(
 
 def trial_record(results: StudyResults, number: int) -> TrialRecord:
     """Everything a trial recorded (its plan, measurements, file hashes), read-only."""
-    study = optuna.load_study(
-        study_name=results.name, storage=open_storage(results.storage, results.directory)
-    )
-    for trial in study.get_trials(deepcopy=False):
+    with reading_study(results.name, results.storage, results.directory) as study:
+        trials = study.get_trials(deepcopy=False)
+    for trial in trials:
         if trial.number == number:
             record = stored_record(trial.user_attrs)
             if record is None:
@@ -515,11 +529,10 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def layers_frame(results: StudyResults) -> pd.DataFrame:
     """Every completed trial's per-layer records, one row per trial and layer (record.
     LAYER_COLUMNS after the trial number): what layers.csv holds."""
-    study = optuna.load_study(
-        study_name=results.name, storage=open_storage(results.storage, results.directory)
-    )
+    with reading_study(results.name, results.storage, results.directory) as study:
+        trials = study.get_trials(deepcopy=False)
     rows = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         record = stored_record(trial.user_attrs) if trial.state.name == "COMPLETE" else None
         if record is not None:
             rows += [{"trial": trial.number, **row} for row in layer_rows(record)]
