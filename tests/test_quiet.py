@@ -7,6 +7,7 @@ for the first runs and quiet after them, so every figure below is exact."""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from contextlib import nullcontext
 from types import SimpleNamespace
 
@@ -15,7 +16,9 @@ import pytest
 from paretoopt.config.space import TargetSpec
 from paretoopt.measure.protocol import (
     DeviceTime,
+    _Pair,
     quiet_reference,
+    ratio_error,
     round_medians,
     time_sessions,
 )
@@ -71,6 +74,47 @@ def test_rounds_go_on_until_enough_pairs_are_quiet_and_the_ratio_is_theirs():
     assert got.quiet_level_ms == pytest.approx(1.0)
     assert got.session_ratios == (pytest.approx(0.2),)
     assert got.ours.runs == 9 * SPEC.iterations  # every timed run is in the statistics
+
+
+def _wavering(iterations: int):
+    """Quiet all along, the candidate's rounds alternating 0.195 and 0.205 ms (a pair's
+    ratio varies by 2.5 %, as one quiet pair's did on the EPYC VMs)."""
+    runs = [0]
+
+    def candidate() -> DeviceTime:
+        runs[0] += 1
+        return DeviceTime(0.195 if (runs[0] - 1) // iterations % 2 == 0 else 0.205)
+
+    return lambda k: (candidate, lambda: DeviceTime(1.0))
+
+
+def test_a_quiet_reading_goes_on_until_its_ratio_is_known_to_the_precision_asked():
+    spec = dataclasses.replace(SPEC, repeats=2, quiet_precision=0.01)
+    got = time_sessions(_wavering(spec.iterations), spec, 1)
+    assert got.quiet and got.quiet_pairs == got.pairs > spec.quiet_rounds
+    ratios = [0.195 if i % 2 == 0 else 0.205 for i in range(got.pairs)]
+    pairs = [_Pair(r, 1.0, 0) for r in ratios]
+    assert got.error == pytest.approx(ratio_error(pairs)) and got.error <= 0.01
+    assert ratio_error(pairs[:-1]) > 0.01  # it stopped at the first pair that got there
+    assert got.ratio == pytest.approx(statistics.median(ratios))
+    exact = time_sessions(_wavering(spec.iterations), spec, 1)
+    assert exact.pairs == got.pairs  # the same machine, the same reading
+
+
+def test_precision_0_stops_at_quiet_rounds_and_no_time_left_still_reads_quiet():
+    spec = dataclasses.replace(SPEC, repeats=2, quiet_precision=0.0)
+    got = time_sessions(_wavering(spec.iterations), spec, 1)
+    assert (got.pairs, got.quiet_pairs) == (spec.quiet_rounds, spec.quiet_rounds)
+    hurried = dataclasses.replace(spec, repeats=6, quiet_precision=0.001, quiet_s=0.0)
+    got = time_sessions(_wavering(spec.iterations), hurried, 1)
+    # enough quiet pairs, not the precision: quiet, with the error it reached
+    assert got.quiet and got.pairs == 6 and got.error > 0.001
+
+
+def test_the_ratio_error_is_the_medians_standard_error_relative_to_it():
+    pairs = [_Pair(x, 1.0, 0) for x in (0.9, 1.0, 1.1, 1.0)]
+    assert ratio_error(pairs) == pytest.approx(1.2533 * statistics.stdev([0.9, 1.0, 1.1, 1.0]) / 2)
+    assert ratio_error(pairs[:1]) == float("inf")
 
 
 def test_a_machine_that_never_gets_quiet_is_read_from_every_pair_and_flagged():

@@ -120,6 +120,7 @@ BEFORE_IT_EXISTED = {
     "target.quiet_rounds": 0,
     "target.quiet_tolerance": 0.1,  # no pair was told apart then
     "target.quiet_s": 0.0,
+    "target.quiet_precision": 0.0,  # readings stopped at quiet_rounds pairs
 }
 
 
@@ -185,12 +186,21 @@ class TargetSpec:
     )
     quiet_s: float = setting(
         5.0,
-        "seconds of extra rounds at most, to find quiet_rounds quiet pairs (and at "
+        "seconds of extra rounds at most, to find quiet_rounds quiet pairs and reach "
+        "quiet_precision (and at "
         "calibration, to find the baseline's quiet level); a candidate that finds too few "
         "is read from all its pairs and flagged",
         kind=float,
         low=0.0,
         high=120.0,
+    )
+    quiet_precision: float = setting(
+        0.0075,
+        "after quiet_rounds quiet pairs, rounds go on (within quiet_s) until the quiet "
+        "ratio's standard error is at most this fraction of it (0: stop at quiet_rounds)",
+        kind=float,
+        low=0.0,
+        high=1.0,
     )
     max_spread: float = setting(
         0.10,

@@ -81,11 +81,12 @@ PROTOCOL_LIMITS = {  # what a /measure request may ask for
     "quiet_rounds": (0, 10_000),
     "quiet_tolerance": (0, 10),
     "quiet_s": (0, 120),  # well inside the client's timeout
+    "quiet_precision": (0, 1),
 }
 
 
 FED = ("float32", "int64", "int32", "bool")  # the input types an agent makes batches of
-FLOATS = {"warmup_s", "warmup_tolerance", "quiet_tolerance", "quiet_s"}
+FLOATS = {"warmup_s", "warmup_tolerance", "quiet_tolerance", "quiet_s", "quiet_precision"}
 
 
 class AgentError(ParetoError):
@@ -219,6 +220,7 @@ class Agent:
             "quiet_pairs": timing.quiet_pairs,
             "quiet": timing.quiet,
             "quiet_level_ms": timing.quiet_level_ms,
+            "error": timing.error,
         }
 
     def _runtime(self, sha: Any) -> str:
@@ -456,6 +458,12 @@ def _timings(
     )
 
 
+def _fraction(value: Any) -> float | None:
+    """A reading's standard error from the agent's answer (None from an agent before it)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    return float(value) if ok else None
+
+
 class AgentClient:
     """What a search uses to measure on an agent."""
 
@@ -524,6 +532,7 @@ class AgentClient:
             int(answer.get("quiet_pairs", 0)),
             answer.get("quiet"),
             answer.get("quiet_level_ms"),
+            error=_fraction(answer.get("error")),
         )
 
     def _measure(self, model: str, reference: str | None, target: TargetSpec) -> dict[str, Any]:

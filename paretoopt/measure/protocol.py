@@ -11,11 +11,13 @@ and an int8 model slowed by more than the float baseline in the other one (ratio
 0.203-0.209 quiet, 0.24-0.30 disturbed). The state is the machine's, not a session's: six
 sessions of one file, open at once and timed in turn, moved together. So the ratio is the
 median over round pairs whose reference round ran at the reference's quiet level, and
-rounds go on (for at most ``target.quiet_s``) until there are enough of them.
+rounds go on (for at most ``target.quiet_s``) until there are enough of them and their
+median is known to ``target.quiet_precision``.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -141,6 +143,7 @@ class PairedTiming:
     quiet: bool | None = None  # read from quiet pairs alone (None: quiet_rounds 0, nobody looked)
     quiet_level_ms: float | None = None  # the reference's fastest round on this machine
     candidate_level_ms: float | None = None  # ... and the candidate's (see time_sessions)
+    error: float | None = None  # the quiet ratio's standard error, relative (ratio_error)
 
 
 Timers = tuple[Callable[[], Any], Callable[[], Any]]  # (candidate, reference)
@@ -194,8 +197,9 @@ def time_sessions(
     fastest round in earlier timings on this machine, or the fastest of these rounds: a
     timing that never saw the quiet state then does not take its own slow rounds for
     quiet ones). Rounds go on, for at
-    most ``target.quiet_s`` seconds, until ``quiet_rounds`` pairs are quiet; the ratio is
-    then the median of the quiet pairs' ratios. A machine that never got quiet is read
+    most ``target.quiet_s`` seconds, until ``quiet_rounds`` pairs are quiet and their
+    median ratio's standard error is at most ``quiet_precision`` of it; the ratio is then
+    the median of the quiet pairs' ratios. A machine that never got quiet is read
     from all its pairs (``quiet`` False). With ``quiet_rounds`` 0 (``quiet`` None): the
     median of the sessions' ratios, each the median of its pairs'."""
     ours: list[list[float]] = []
@@ -214,24 +218,19 @@ def time_sessions(
         pairs += [_Pair(x, y, k) for x, y in medians]
     level = _quiet_level(quiet_level_ms, pairs)
     fastest = min([p.ours for p in pairs] + ([candidate_level_ms] if candidate_level_ms else []))
-    count = len(_quiet(pairs, level, fastest, target))
+    quiet = _quiet(pairs, level, fastest, target)
     session = pairs[-1].session
     index = len(_of(pairs, session))  # the ABBA order goes on within the last session
     deadline = time.perf_counter() + target.quiet_s
-    while (
-        last is not None
-        and target.quiet_rounds > 0
-        and count < target.quiet_rounds
-        and time.perf_counter() < deadline
-    ):
+    while last is not None and _wanting(quiet, target) and time.perf_counter() < deadline:
         new = _timed_pair(last, index, session, ours, theirs, target)
         pairs.append(new)
         index += 1
         if new.theirs < level or new.ours < fastest:  # a new quiet level: count again
             level, fastest = min(level, new.theirs), min(fastest, new.ours)
-            count = len(_quiet(pairs, level, fastest, target))
+            quiet = _quiet(pairs, level, fastest, target)
         else:
-            count += len(_quiet([new], level, fastest, target))
+            quiet += _quiet([new], level, fastest, target)
     stats = _stats(ours, target.batch_size), _stats(theirs, target.batch_size)
     return _reading(pairs, level, fastest, target, *stats)
 
@@ -253,6 +252,28 @@ def _timed_pair(
         ours.append(_round(run, target.iterations))
         theirs.append(_round(reference, target.iterations))
     return _Pair(statistics.median(ours[-1]), statistics.median(theirs[-1]), session)
+
+
+def _wanting(quiet: list[_Pair], target: TargetSpec) -> bool:
+    """Whether the reading needs more quiet pairs: fewer than ``quiet_rounds``, or a
+    median ratio not yet known to ``quiet_precision``. One quiet pair's ratio varied by
+    about 2 % (standard deviation) on the 2-core EPYC VMs, so 5 pairs left readings of
+    one file 3-7 % apart; the precision is what makes a reading repeatable."""
+    if target.quiet_rounds == 0:
+        return False
+    if len(quiet) < target.quiet_rounds:
+        return True
+    return target.quiet_precision > 0 and ratio_error(quiet) > target.quiet_precision
+
+
+def ratio_error(pairs: list[_Pair]) -> float:
+    """The standard error of the pairs' median ratio, as a fraction of it: 1.2533 (the
+    median's asymptotic efficiency against the mean, for normal errors) x SD / sqrt(n).
+    Infinite with fewer than two pairs."""
+    if len(pairs) < 2:
+        return math.inf
+    ratios = [p.ratio for p in pairs]
+    return 1.2533 * statistics.stdev(ratios) / math.sqrt(len(ratios)) / statistics.median(ratios)
 
 
 def _quiet_level(known: float | None, pairs: list[_Pair]) -> float:
@@ -285,7 +306,8 @@ def _reading(
     per_session = tuple(statistics.median(p.ratio for p in _of(chosen, k)) for k in sessions)
     ratio = statistics.median(p.ratio for p in chosen) if quiet else statistics.median(per_session)
     counts = len(pairs), len(quiet_pairs)
-    return PairedTiming(ours, theirs, ratio, per_session, *counts, quiet, level, fastest)
+    error = ratio_error(quiet_pairs) if quiet and len(quiet_pairs) > 1 else None
+    return PairedTiming(ours, theirs, ratio, per_session, *counts, quiet, level, fastest, error)
 
 
 def _of(pairs: list[_Pair], session: int) -> list[_Pair]:

@@ -216,6 +216,7 @@ class Target:
             "session_ratios": list(timing.session_ratios),
             "pairs": timing.pairs,
             "quiet_pairs": timing.quiet_pairs,
+            "error": timing.error,
             "quiet": timing.quiet,
             "baseline_median_ms": timing.theirs.median_ms,
             "reference_ms": self.calibration["reference_ms"],

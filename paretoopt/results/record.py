@@ -64,6 +64,9 @@ class Latency(_Readable):
     quiet_pairs: int = 0
     quiet: bool | None = None  # None: timed before quiet rounds existed, or switched off
     tries: int = 1  # timings taken: one more each time the machine was never quiet
+    # the quiet ratio's standard error, as a fraction of it (None: not a quiet reading,
+    # or timed before it was recorded); target.quiet_precision is what it aims for
+    error: float | None = None
     structure: str | None = None  # the deployed graph, weights aside (measure/structure)
     # the trial's latency_ms pools the sessions of every trial of its structure: how many
     pooled_trials: int = 1
@@ -290,7 +293,9 @@ def quiet_reading(latency: Mapping[str, Any], lead: str = "") -> str:
     pairs = latency.get("pairs", 0)
     if latency.get("quiet") is True:
         quiet = latency.get("quiet_pairs", 0)
-        return f"{lead}read from {quiet} of {pairs} round pairs at the machine's quiet level"
+        error = latency.get("error")
+        known = f" (standard error {error:.1%})" if isinstance(error, float) else ""
+        return f"{lead}read from {quiet} of {pairs} round pairs at the machine's quiet level{known}"
     if latency.get("quiet") is False:
         return f"{lead}the machine was never quiet while it was timed: read from all {pairs} pairs"
     return ""
