@@ -22,7 +22,14 @@ from paretoopt.config.plan import CompressionPlan
 from paretoopt.config.space import TargetSpec, parse_space
 from paretoopt.errors import SpaceError
 from paretoopt.measure import OrtRunner, TorchRunner, export_onnx, time_paired, time_runner
-from paretoopt.measure.agent import Agent, AgentClient, AgentError, Rejected, make_server
+from paretoopt.measure.agent import (
+    Agent,
+    AgentClient,
+    AgentError,
+    Rejected,
+    _fraction,
+    make_server,
+)
 from paretoopt.measure.gate import MeasurementGate
 from paretoopt.measure.protocol import time_sessions
 from paretoopt.study.trial import calibrate, check_inputs, prepare, run_trial
@@ -266,6 +273,7 @@ def test_the_agent_reads_at_its_quiet_level_and_keeps_it_per_reference(served, m
     key = (shallow, spec.batch_size, spec.threads)  # another batch or thread count: its own
     assert got.pairs >= spec.repeats and got.quiet_level_ms == state.quiet_levels[key]
     assert got.ratio > 1.8 and got.quiet == (got.quiet_pairs >= 3)
+    assert (got.error is not None) == bool(got.quiet)  # the reading's precision travels too
     again = client.paired(deep, shallow, spec)
     assert again.quiet_level_ms <= got.quiet_level_ms  # the level it knew, or a faster one
     older = {k: getattr(PROTOCOL, k) for k in ("batch_size", "threads", "warmup", "warmup_s")}
@@ -715,3 +723,9 @@ def test_at_most_two_upload_bodies_are_held_at_once(served, models):
     assert done.wait(30.0)
     state.upload_slots.release()
     thread.join()
+
+
+def test_an_agents_reading_error_is_taken_only_as_a_fraction():
+    assert _fraction(0.004) == 0.004 and _fraction(0) == 0.0
+    for answer in (None, True, -0.01, "0.01", [0.01]):  # an older agent, or a broken one
+        assert _fraction(answer) is None
