@@ -23,6 +23,7 @@ from paretoopt.config.space import TargetSpec, parse_space
 from paretoopt.errors import SpaceError
 from paretoopt.measure import OrtRunner, TorchRunner, export_onnx, time_paired, time_runner
 from paretoopt.measure.agent import (
+    PROTOCOL_LIMITS,
     Agent,
     AgentClient,
     AgentError,
@@ -274,6 +275,16 @@ def test_the_agent_reads_at_its_quiet_level_and_keeps_it_per_reference(served, m
     assert got.pairs >= spec.repeats and got.quiet_level_ms == state.quiet_levels[key]
     assert got.ratio > 1.8 and got.quiet == (got.quiet_pairs >= 3)
     assert (got.error is not None) == bool(got.quiet)  # the reading's precision travels too
+    assert got.candidate_level_ms is not None and got.candidate_level_ms > 0
+    # told its structure ran 10x faster before (a timing stuck in the slow state): no
+    # pair is quiet, and the level told comes back for the next timing
+    stuck = client.paired(deep, shallow, spec, candidate_level_ms=got.candidate_level_ms / 10)
+    assert stuck.quiet is False and stuck.quiet_pairs == 0
+    assert stuck.candidate_level_ms == pytest.approx(got.candidate_level_ms / 10)
+    job = {**{k: getattr(spec, k) for k in PROTOCOL_LIMITS}, "model": deep}
+    for level in (-1.0, True, "1", float("inf")):
+        with pytest.raises(Rejected, match="candidate_level_ms"):
+            state.measure({**job, "reference": shallow, "candidate_level_ms": level})
     again = client.paired(deep, shallow, spec)
     assert again.quiet_level_ms <= got.quiet_level_ms  # the level it knew, or a faster one
     older = {k: getattr(PROTOCOL, k) for k in ("batch_size", "threads", "warmup", "warmup_s")}

@@ -208,7 +208,8 @@ class Agent:
             return ours.timer(batch), theirs.timer(batch)
 
         key = (str(job["reference"]), target.batch_size, target.threads)
-        timing = time_sessions(timers, target, target.sessions, self.quiet_levels.get(key))
+        known = _level(job.get("candidate_level_ms"))  # its structure's fastest, client's
+        timing = time_sessions(timers, target, target.sessions, self.quiet_levels.get(key), known)
         if timing.quiet_level_ms is not None:
             self.quiet_levels[key] = timing.quiet_level_ms
         return {
@@ -220,6 +221,7 @@ class Agent:
             "quiet_pairs": timing.quiet_pairs,
             "quiet": timing.quiet,
             "quiet_level_ms": timing.quiet_level_ms,
+            "candidate_level_ms": timing.candidate_level_ms,
             "error": timing.error,
         }
 
@@ -257,6 +259,20 @@ def _protocol(job: dict[str, Any]) -> TargetSpec:
             f"{MAX_RUNS} per job",
         )
     return TargetSpec(**values)
+
+
+def _level(value: Any) -> float | None:
+    """The candidate structure's fastest round (ms) a client names: a positive finite
+    number, or None (a client from before it, or none known yet)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e7:
+        raise Rejected(
+            HTTPStatus.BAD_REQUEST,
+            "candidate_level_ms: a number of milliseconds above 0 (and below 10^7), or null, "
+            "is required",
+        )
+    return float(value)
 
 
 def _inputs(specs: list[InputSpec], batch_size: int) -> dict[str, np.ndarray]:
@@ -516,10 +532,19 @@ class AgentClient:
         each session (an agent from before sessions times one and sends its ratio)."""
         return _timings(self._measure(model, reference, target))
 
-    def paired(self, model: str, reference: str | None, target: TargetSpec) -> PairedTiming:
+    def paired(
+        self,
+        model: str,
+        reference: str | None,
+        target: TargetSpec,
+        candidate_level_ms: float | None = None,
+    ) -> PairedTiming:
         """The candidate timed against the reference on the agent, as time_sessions does
-        here (an agent from before quiet rounds reads every pair: quiet None, not known)."""
-        answer = self._measure(model, reference, target)
+        here (an agent from before quiet rounds reads every pair: quiet None, not known).
+        `candidate_level_ms`: the fastest round of the candidate's structure on the agent
+        so far, so that a timing stuck in the slow state is not read as quiet there
+        either."""
+        answer = self._measure(model, reference, target, candidate_level_ms)
         ours, theirs, ratio, sessions = _timings(answer)
         if theirs is None or ratio is None:
             raise AgentError(f"agent {self.base}: it returned no reference timing")
@@ -532,11 +557,20 @@ class AgentClient:
             int(answer.get("quiet_pairs", 0)),
             answer.get("quiet"),
             answer.get("quiet_level_ms"),
+            _fraction(answer.get("candidate_level_ms")) or None,
             error=_fraction(answer.get("error")),
         )
 
-    def _measure(self, model: str, reference: str | None, target: TargetSpec) -> dict[str, Any]:
-        job = {"model": model, "reference": reference}
+    def _measure(
+        self,
+        model: str,
+        reference: str | None,
+        target: TargetSpec,
+        candidate_level_ms: float | None = None,
+    ) -> dict[str, Any]:
+        job: dict[str, Any] = {"model": model, "reference": reference}
+        if candidate_level_ms is not None:  # an agent from before it ignores the key
+            job["candidate_level_ms"] = candidate_level_ms
         job.update({k: getattr(target, k) for k in PROTOCOL_LIMITS})
         body = json.dumps(job).encode()
         try:

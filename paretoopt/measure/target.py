@@ -192,23 +192,10 @@ class Target:
         level."""
         if self.reference is None or self.calibration is None:
             raise StudyError("no calibrated baseline to measure against (calibrate first)")
-        if self.agent is not None:
-            if runtime_file is None:
-                raise StudyError("target.agent: the agent times runtime files, and there is none")
-            sha = self.agent.upload(runtime_file, runtime=self.backend.name)
-            timing = self.agent.paired(sha, str(self.reference_sha), self.spec)
-        else:
-            known = self.candidate_levels.get(structure) if structure else None
-            with runtime_threads(runner), self.gate.measuring():
-                timing = self._time_sessions(runner, known)
-            self.quiet_level_ms = timing.quiet_level_ms
-            if structure and timing.candidate_level_ms:
-                self.candidate_levels[structure] = timing.candidate_level_ms
-            if runner.mode != self.reference.mode:  # e.g. a CUDA graph against eager launches
-                raise StudyError(
-                    f"the candidate was timed as {runner.mode!r} but the baseline as "
-                    f"{self.reference.mode!r}; their ratio would credit the difference"
-                )
+        known = self.candidate_levels.get(structure) if structure else None
+        timing = self._paired(runner, runtime_file, known)
+        if structure and timing.candidate_level_ms:  # where it was timed: here or the agent
+            self.candidate_levels[structure] = timing.candidate_level_ms
         return {
             **timing.ours.to_dict(),
             "latency_ms": self.calibration["reference_ms"] * timing.ratio,
@@ -223,6 +210,27 @@ class Target:
             "mode": self.mode(runner),
             "peak_memory_bytes": runner.peak_memory(self.batch),
         }
+
+    def _paired(
+        self, runner: Runner, runtime_file: Path | None, known: float | None
+    ) -> PairedTiming:
+        """The candidate against the baseline, on the agent or here; `known`: the fastest
+        round of the candidate's structure so far, on the machine that times it."""
+        assert self.reference is not None
+        if self.agent is not None:
+            if runtime_file is None:
+                raise StudyError("target.agent: the agent times runtime files, and there is none")
+            sha = self.agent.upload(runtime_file, runtime=self.backend.name)
+            return self.agent.paired(sha, str(self.reference_sha), self.spec, known)
+        with runtime_threads(runner), self.gate.measuring():
+            timing = self._time_sessions(runner, known)
+        self.quiet_level_ms = timing.quiet_level_ms
+        if runner.mode != self.reference.mode:  # e.g. a CUDA graph against eager launches
+            raise StudyError(
+                f"the candidate was timed as {runner.mode!r} but the baseline as "
+                f"{self.reference.mode!r}; their ratio would credit the difference"
+            )
+        return timing
 
     def _time_sessions(self, runner: Runner, known: float | None = None) -> PairedTiming:
         """Paired timing in `target.sessions` sessions: the first with the runners at
