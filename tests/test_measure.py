@@ -28,7 +28,7 @@ from paretoopt.measure.agent import (
     AgentClient,
     AgentError,
     Rejected,
-    _fraction,
+    _nonnegative,
     make_server,
 )
 from paretoopt.measure.gate import MeasurementGate
@@ -736,7 +736,7 @@ def test_at_most_two_upload_bodies_are_held_at_once(served, models):
     thread.join()
 
 
-def test_an_agents_reading_error_is_taken_only_as_a_fraction():
-    assert _fraction(0.004) == 0.004 and _fraction(0) == 0.0
+def test_an_agents_numbers_are_taken_only_when_they_are_nonnegative():
+    assert _nonnegative(0.004) == 0.004 and _nonnegative(0) == 0.0
     for answer in (None, True, -0.01, "0.01", [0.01]):  # an older agent, or a broken one
-        assert _fraction(answer) is None
+        assert _nonnegative(answer) is None

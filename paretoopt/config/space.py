@@ -187,9 +187,8 @@ class TargetSpec:
     quiet_s: float = setting(
         5.0,
         "seconds of extra rounds at most, to find quiet_rounds quiet pairs and reach "
-        "quiet_precision (and at "
-        "calibration, to find the baseline's quiet level); a candidate that finds too few "
-        "is read from all its pairs and flagged",
+        "quiet_precision (and at calibration, to find the baseline's quiet level); a "
+        "candidate that finds too few is read from all its pairs and flagged",
         kind=float,
         low=0.0,
         high=120.0,

@@ -474,8 +474,9 @@ def _timings(
     )
 
 
-def _fraction(value: Any) -> float | None:
-    """A reading's standard error from the agent's answer (None from an agent before it)."""
+def _nonnegative(value: Any) -> float | None:
+    """A number from the agent's answer (a reading's error, a level), or None where it
+    sent none (an agent from before it) or not a number of 0 or more."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
     return float(value) if ok else None
 
@@ -557,8 +558,8 @@ class AgentClient:
             int(answer.get("quiet_pairs", 0)),
             answer.get("quiet"),
             answer.get("quiet_level_ms"),
-            _fraction(answer.get("candidate_level_ms")) or None,
-            error=_fraction(answer.get("error")),
+            _nonnegative(answer.get("candidate_level_ms")) or None,
+            error=_nonnegative(answer.get("error")),
         )
 
     def _measure(
