@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -161,6 +162,31 @@ def test_factors_take_their_layer_s_bit_width_and_the_record_names_their_ranks(s
     rows = {r["layer"]: r for r in layer_rows(bench.records)}
     for layer, (rank, full) in bench.records["layer_rank"].items():
         assert (rows[layer]["rank"], rows[layer]["full_rank"]) == (rank, full)
+
+
+def test_the_explorer_shows_each_factor_s_rank_and_each_clustered_layer_s_values(splits):
+    from paretoopt.results.explore import layer_table
+    from paretoopt.results.figures import layers_figure
+    from paretoopt.study.trial import _layer_quant
+
+    bench, plan = (
+        _bench(splits),
+        CompressionPlan(LowRankConfig(rank=0.5), QuantConfig(4, grid="kmeans")),
+    )
+    apply_plan(bench, plan)
+    quant = {n: dataclasses.asdict(q) for n, q in _layer_quant(plan, bench, set(), {}).items()}
+    table = layer_table({**bench.records, "layer_quant": quant}).set_index("layer")
+    ranks = bench.records["layer_rank"]
+    assert ranks and set(ranks) <= set(table.index)
+    for name, row in table.iterrows():
+        assert row["rank"] == (f"{ranks[name][0]}/{ranks[name][1]}" if name in ranks else "")
+        assert row["clusters"] == 16 and row["bits"] == 4  # every layer shares 2^4 values
+    bars = layers_figure(table.reset_index()).data
+    labels = dict(
+        zip((x for b in bars for x in b.x), (t for b in bars for t in b.text), strict=True)
+    )
+    for name in table.index:
+        assert labels[name] == (f"r {table.loc[name, 'rank']} k 16" if name in ranks else "k 16")
 
 
 def test_a_quant_layer_name_that_is_no_layer_is_still_refused(splits):

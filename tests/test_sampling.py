@@ -194,6 +194,36 @@ def test_anchor_plans_go_from_light_to_strong_with_the_knobs_that_move_the_objec
     assert [a["prune.unstructured.sparsity"] for a in small] == pytest.approx([0.225, 0.45, 0.675])
 
 
+def test_anchors_factorize_more_as_they_grow_stronger_and_try_the_survey_s_first_options():
+    """Low-rank ranks fall with strength like bits; each choice of the newer techniques
+    starts where it helps (ratio ranks, Tucker-2, the linear grid, OBS on a mask), listed
+    last in the file on purpose."""
+    from paretoopt.study.anchors import anchor_params
+
+    for objectives, structure in ((None, "channel"), (["accuracy", "size"], "unstructured")):
+        doc = _conv_like(objectives)
+        doc["space"]["lowrank"] = {
+            "rank": {"low": 0.25, "high": 1.0},
+            "criterion": ["energy", "ratio"],
+            "energy": {"low": 0.5, "high": 1.0},
+            "conv": ["spatial", "tucker2"],
+        }
+        doc["space"]["quantization"]["grid"] = ["kmeans", "uniform"]
+        doc["space"]["pruning"]["reconstruction"] = ["none", "obs"]
+        anchors = anchor_params(parse_space(doc), ["conv1", "fc"])
+        assert [a["lowrank.rank"] for a in anchors] == pytest.approx([0.8125, 0.625, 0.4375])
+        for a in anchors:
+            assert (a["lowrank.criterion"], a["lowrank.conv"], a["quant.grid"]) == (
+                "ratio",
+                "tucker2",
+                "uniform",
+            )
+            assert "lowrank.energy" not in a  # asked only of the energy criterion
+            assert a["prune.structure"] == structure
+            # OBS updates the weights a mask leaves: asked of unstructured pruning only
+            assert a.get("prune.reconstruction") == ("obs" if structure == "unstructured" else None)
+
+
 def test_listed_values_are_taken_by_strength_and_per_layer_knobs_each_get_one():
     from paretoopt.study.anchors import anchor_params
 

@@ -108,23 +108,35 @@ def _focus_on_front(
 
 def layers_figure(layers: pd.DataFrame) -> go.Figure:
     """One trial's layers (explore.layer_table): sparsity as bars, bit-width as colour,
-    a factor's rank (kept/full) written on its bar."""
-    factorized = bool(layers["rank"].astype(bool).any()) if len(layers) else False
+    a factor's rank (kept/full) and a clustered layer's shared values written on its bar."""
+    labels = [
+        _layer_label(rank, clusters)
+        for rank, clusters in zip(layers.get("rank", []), layers.get("clusters", []), strict=True)
+    ]
+    labelled = any(labels)
     chart = px.bar(
-        layers,
+        layers.assign(label=labels),
         x="layer",
         y="sparsity",
         color="bits",
-        text="rank" if factorized else None,
+        text="label" if labelled else None,
         hover_data=["channels kept", "rank", "clusters", "kernel"],
         range_y=[0, 1],
         title="Per layer: sparsity (bar), bit-width (colour)"
-        + (", rank of each factor (label)" if factorized else ""),
+        + (", rank of a factor (r) and shared values (k) on the bar" if labelled else ""),
     )
     # layer names of an nn.Sequential ("0.0", "6") are names, not numbers: one bar each
     chart.update_xaxes(type="category", categoryorder="array", categoryarray=list(layers.layer))
     chart.update_layout(height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10})
     return chart
+
+
+def _layer_label(rank: str, clusters: int | str) -> str:
+    """The bar's label: "r 4/8" for a factor of rank 4 of 8, "k 16" for 16 shared values,
+    both, or nothing."""
+    return " ".join(
+        part for part in (f"r {rank}" if rank else "", f"k {clusters}" if clusters else "") if part
+    )
 
 
 def hypervolume_figure(history: pd.DataFrame) -> go.Figure:
