@@ -21,7 +21,8 @@ what isolation from training is worth.
    - every front trial's search-time latency within 5 % of its end-of-search
      confirmation.
 
-Writes results/bench/latency.csv and prints the tables for the README, with the CPU's
+Writes results/bench/latency.csv (with --study: latency_study.csv, and every reading of
+the one file in latency_readings.csv) and prints the tables for the README, with the CPU's
 int8 instruction set.
 """
 
@@ -145,34 +146,62 @@ def _start_trainer(setting: str) -> subprocess.Popen[str]:
     return trainer
 
 
-def fresh_sessions(ctx: StudyContext, results: StudyResults, work: Path) -> Record:
+def fresh_sessions(ctx: StudyContext, results: StudyResults, work: Path) -> list[Record]:
     """The fastest int8 front trial's model.onnx, timed REPEATS times with the study's
-    protocol (each time in fresh sessions against the baseline)."""
+    protocol (each time in fresh sessions against the baseline): one row per reading."""
     number, file = int8_file(ctx, results, work)
     structure = onnx_structure(file)  # as a trial and its confirmation pass it
-    measured, sessions, quiet, seconds = [], [], 0, []
+    readings = []
     for i in range(REPEATS):
         time.sleep(SPACING_S)  # not all in one stretch of the machine's state
+        level = ctx.target.candidate_levels.get(structure)  # None: this is its first timing
         runner = OrtRunner(file, ctx.space.target.threads)
         start = time.perf_counter()
         figure = settled_latency(ctx, runner, file, structure)
-        seconds.append(time.perf_counter() - start)
-        measured.append(figure["ratio_to_baseline"])
-        sessions += figure["session_ratios"]
-        quiet += bool(figure["quiet"])
-        progress(
-            f"trial {number}, measurement {i + 1}: ratio {measured[-1]:.4f}, "
-            f"{figure['quiet_pairs']} of {figure['pairs']} pairs quiet, {seconds[-1]:.2f} s, "
-            f"{figure['tries']} tries; candidate {figure['median_ms'] * 1e3:.1f} us, "
-            f"baseline {figure['baseline_median_ms'] * 1e3:.1f} us (medians of all rounds)"
+        readings.append(
+            {
+                "trial": number,
+                "reading": i + 1,
+                "ratio": round(figure["ratio_to_baseline"], 5),
+                "quiet": bool(figure["quiet"]),
+                "quiet_pairs": figure["quiet_pairs"],
+                "pairs": figure["pairs"],
+                "tries": figure["tries"],
+                "seconds": round(time.perf_counter() - start, 2),
+                "error": figure["error"],
+                "level_before_us": level and round(level * 1e3, 2),
+                "candidate_min_us": round(figure["min_ms"] * 1e3, 2),
+                "candidate_median_us": round(figure["median_ms"] * 1e3, 2),
+                "baseline_median_us": round(figure["baseline_median_ms"] * 1e3, 2),
+                "session_ratios": " ".join(f"{r:.5f}" for r in figure["session_ratios"]),
+            }
         )
+        r = readings[-1]
+        progress(
+            f"trial {number}, measurement {i + 1}: ratio {r['ratio']:.4f}, "
+            f"{r['quiet_pairs']} of {r['pairs']} pairs quiet, {r['seconds']:.2f} s, "
+            f"{r['tries']} tries; candidate {r['candidate_median_us']:.1f} us (fastest "
+            f"{r['candidate_min_us']:.1f}), baseline {r['baseline_median_us']:.1f} us "
+            "(medians of all rounds)"
+        )
+    return readings
+
+
+def repeat_summary(readings: list[Record]) -> Record:
+    """max/min of the readings, and of those not flagged (the spread the protocol itself
+    leaves, beside the machine's disturbed stretches)."""
+    measured = [r["ratio"] for r in readings]
+    kept = [r["ratio"] for r in readings if r["quiet"]]
+    sessions = [float(x) for r in readings for x in r["session_ratios"].split()]
+    seconds = [r["seconds"] for r in readings]
     return {
-        "trial": number,
+        "trial": readings[0]["trial"],
         "measurements": len(measured),
-        "quiet_measurements": quiet,
+        "quiet_measurements": len(kept),
         "sessions": len(sessions),
         "session_max_min": round(max(sessions) / min(sessions), 4),
         "max_min": round(max(measured) / min(measured), 4),
+        "quiet_max_min": round(max(kept) / min(kept), 4) if kept else None,
         "median_s": round(statistics.median(seconds), 2),
         "max_s": round(max(seconds), 2),
     }
@@ -236,7 +265,9 @@ def study_checks(study: Path, out: str) -> int:
     ctx = context(study / "space.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         calibrate(ctx, Path(tmp) / "calibration")
-        again = fresh_sessions(ctx, results, Path(tmp))
+        readings = fresh_sessions(ctx, results, Path(tmp))
+    write_csv(readings, "latency_readings.csv", out)  # kept: a failure is traced from these
+    again = repeat_summary(readings)
     shared, confirmed = structures(results), confirmations(results)
     isa, machine = this_machine()
     row = {"study": results.name, "int8_dot": int8_dot(isa, machine), **again}
@@ -247,7 +278,8 @@ def study_checks(study: Path, out: str) -> int:
         (
             again["max_min"] <= TARGET_MAX_MIN,
             f"one int8 file timed {REPEATS} times, {SPACING_S:.0f} s apart: max/min "
-            f"{again['max_min']:.3f}, {again['quiet_measurements']} read at the quiet level, "
+            f"{again['max_min']:.3f}, {again['quiet_measurements']} read at the quiet level "
+            f"(max/min of those: {again['quiet_max_min']}), "
             f"{again['median_s']} s each (at most {again['max_s']} s)",
         ),
         (
